@@ -1,11 +1,46 @@
 """orthofx: find SVD meta-layers and their Pre-SVD layers, and improve covariance conditioning.
 
-See README.md. The public API is re-exported here as the subpackages land.
+    gm, report = orthofx.transform(model, example_inputs, config="nog+ow+olr")
+    orthofx.attach(optimizer, gm)
+    plain = orthofx.strip(gm)
+
+Public names are imported lazily (PEP 562), so ``import orthofx`` stays cheap.
 """
 
 from __future__ import annotations
 
-from orthofx import errors, linalg  # noqa: F401
-from orthofx.errors import *  # noqa: F401,F403
+import importlib
+from typing import Any
+
+from orthofx.errors import (  # noqa: F401
+    AttachError,
+    ConfigError,
+    DTypeError,
+    InputError,
+    OrthofxError,
+    SolverError,
+    TraceFailure,
+    TreatmentError,
+)
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "OrthoConfig": "orthofx.config",
+    "PRESETS": "orthofx.config",
+}
+_SUBMODULES = ("linalg", "nn", "graph", "treatments", "config", "data", "testing", "monitor")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"orthofx.{name}")
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'orthofx' has no attribute {name!r}")
+    return getattr(importlib.import_module(mod), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
