@@ -1,0 +1,183 @@
+"""Raw symmetric eigensolvers with failure recovery (no autograd; callers wrap them).
+
+``robust_eigh(A)`` calls ``torch.linalg.eigh``; if that raises ``torch.linalg.LinAlgError``
+(non-convergence, or a NaN/Inf slipped through with ``validate=False``) it
+
+1. replaces non-finite batch elements by the identity (their outputs become NaN afterwards),
+2. walks the recovery chain, each step a fresh solver call:
+
+   * ``"float64"`` - the same matrix in float64 (skipped when the input already is float64);
+   * ``"jitter"``  - float64, ``A + δI`` with ``δ = 1e-6·‖A‖_F/√n`` (the RMS eigenvalue, which
+     is ≥ tr(A)/n for an SPD A); the eigenvalues are shifted back by ``−δ``, the eigenvectors of
+     ``A + δI`` are those of ``A``, so the result stays accurate to float64 rounding;
+   * ``"cpu"``     - float64 on the CPU (LAPACK), ``A + δ'I`` with ``δ' = 1e-4·‖A‖_F/√n``,
+     shifted back. Also run on CPU inputs, as a last, differently jittered try.
+
+Every exception increments ``solver_stats().failures``; the step that succeeds increments
+``solver_stats().fallbacks[step]``. If every step fails, :class:`~orthofx.errors.SolverError`.
+Outputs always have the input's dtype and device.
+
+``eigh_via_svd(A)`` is the SVD forward route: for a symmetric ``A = W S Vᵀ`` the right singular
+vectors are eigenvectors; eigenvalues are recovered as Rayleigh quotients ``λ_i = v_iᵀ A v_i``
+(correct sign also for negative eigenvalues) and sorted ascending. On CUDA it uses
+``driver="gesvda"``. A batch element is recomputed with ``robust_eigh`` when its relative
+residual ``‖AV − VΛ‖_F/‖A‖_F`` exceeds ``svd_residual_tol(n, dtype)`` or when it is indefinite
+beyond that tolerance (``λ_min < −tol·‖A‖_F``: for ``±λ`` pairs an SVD mixes eigenvectors);
+each such element counts as ``fallbacks["svd->eigh"]``. That check costs one host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from orthofx.errors import SolverError
+from orthofx.linalg.stats import maybe_inject_failure, solver_stats
+
+__all__ = ["robust_eigh", "robust_eigvalsh", "eigh_via_svd", "svd_residual_tol", "JITTER_REL", "CPU_JITTER_REL"]
+
+JITTER_REL = 1e-6
+CPU_JITTER_REL = 1e-4
+
+
+def _rms_scale(a: Tensor) -> Tensor:
+    """‖A‖_F/√n per batch element, shape (..., 1), never zero."""
+    n = a.shape[-1]
+    s = torch.linalg.matrix_norm(a) / math.sqrt(max(n, 1))
+    return s.clamp_min(torch.finfo(a.dtype).tiny).unsqueeze(-1)
+
+
+def _shift_diag(a: Tensor, delta: Tensor) -> Tensor:
+    """A + δI with δ of shape (..., 1)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return a + delta.unsqueeze(-1) * eye
+
+
+def _recover(a: Tensor, vectors: bool, first_error: Exception) -> tuple[Tensor, Tensor | None]:
+    stats = solver_stats()
+    dtype, device = a.dtype, a.device
+    fn: Callable[[Tensor], object] = torch.linalg.eigh if vectors else torch.linalg.eigvalsh
+
+    bad = ~torch.isfinite(a).flatten(-2).all(-1)
+    has_bad = bool(bad.any())
+    if has_bad:
+        eye = torch.eye(a.shape[-1], dtype=dtype, device=device)
+        a = torch.where(bad[..., None, None], eye, a)
+
+    a64 = a.to(torch.float64)
+
+    def plain64() -> tuple[Tensor, Tensor | None]:
+        return _split(fn(a64), vectors)
+
+    def jitter() -> tuple[Tensor, Tensor | None]:
+        delta = JITTER_REL * _rms_scale(a64)
+        lam, vec = _split(fn(_shift_diag(a64, delta)), vectors)
+        return lam - delta, vec
+
+    def cpu() -> tuple[Tensor, Tensor | None]:
+        c = a64.cpu()
+        delta = CPU_JITTER_REL * _rms_scale(c)
+        lam, vec = _split(fn(_shift_diag(c, delta)), vectors)
+        return lam - delta, vec
+
+    steps: list[tuple[str, Callable[[], tuple[Tensor, Tensor | None]]]] = []
+    if dtype != torch.float64:
+        steps.append(("float64", plain64))
+    steps += [("jitter", jitter), ("cpu", cpu)]
+
+    errors = [f"first try: {first_error}"]
+    for name, step in steps:
+        try:
+            maybe_inject_failure(f"eigh fallback {name}")
+            lam, vec = step()
+        except torch.linalg.LinAlgError as exc:
+            stats.record_failure()
+            errors.append(f"{name}: {exc}")
+            continue
+        stats.record_fallback(name)
+        lam = lam.to(device=device, dtype=dtype)
+        vec = vec.to(device=device, dtype=dtype) if vec is not None else None
+        if has_bad:
+            lam = torch.where(bad[..., None], torch.nan, lam)
+            if vec is not None:
+                vec = torch.where(bad[..., None, None], torch.nan, vec)
+        return lam, vec
+    raise SolverError(
+        f"symmetric eigensolver failed on a batch of shape {tuple(a.shape)} ({dtype}, {device}) "
+        "after every recovery step: " + "; ".join(errors)
+    )
+
+
+def _split(out: object, vectors: bool) -> tuple[Tensor, Tensor | None]:
+    if vectors:
+        lam, vec = out  # type: ignore[misc]
+        return lam, vec
+    return out, None  # type: ignore[return-value]
+
+
+def robust_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(L ascending, U) of a symmetric float32/float64 batch, with the recovery chain (module doc)."""
+    try:
+        maybe_inject_failure("eigh")
+        lam, vec = torch.linalg.eigh(a)
+        return lam, vec
+    except torch.linalg.LinAlgError as exc:
+        solver_stats().record_failure()
+        lam, vec = _recover(a, True, exc)
+        assert vec is not None
+        return lam, vec
+
+
+def robust_eigvalsh(a: Tensor) -> Tensor:
+    """Ascending eigenvalues of a symmetric float32/float64 batch, with the recovery chain."""
+    try:
+        maybe_inject_failure("eigvalsh")
+        return torch.linalg.eigvalsh(a)
+    except torch.linalg.LinAlgError as exc:
+        solver_stats().record_failure()
+        return _recover(a, False, exc)[0]
+
+
+def svd_residual_tol(n: int, dtype: torch.dtype) -> float:
+    """Relative residual above which an SVD-route eigenpair set is rejected: 64·√n·eps(dtype).
+
+    A backward-stable solver leaves ``‖AV − VΛ‖_F/‖A‖_F`` of order ``√n·eps``; a mixed ``±λ``
+    pair leaves O(|λ|/‖A‖_F).
+    """
+    return 64.0 * math.sqrt(max(n, 1)) * torch.finfo(dtype).eps
+
+
+def eigh_via_svd(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(L ascending, U) of a symmetric float32/float64 batch through an SVD (module doc)."""
+    stats = solver_stats()
+    n = a.shape[-1]
+    try:
+        maybe_inject_failure("svd")
+        driver = "gesvda" if a.is_cuda else None
+        _, _, vh = torch.linalg.svd(a, full_matrices=False, driver=driver)
+    except torch.linalg.LinAlgError:
+        stats.record_failure()
+        lam, vec = robust_eigh(a)
+        stats.record_fallback("svd->eigh")
+        return lam, vec
+    v = vh.mT
+    av = a @ v
+    lam = (v * av).sum(-2)
+    lam, order = torch.sort(lam, dim=-1)
+    v = torch.gather(v, -1, order.unsqueeze(-2).expand_as(v))
+    av = torch.gather(av, -1, order.unsqueeze(-2).expand_as(av))
+    norm_a = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
+    resid = torch.linalg.matrix_norm(av - v * lam.unsqueeze(-2)) / norm_a
+    tol = svd_residual_tol(n, a.dtype)
+    ok = (resid <= tol) & (lam[..., 0] >= -tol * norm_a) & torch.isfinite(lam).all(-1)
+    if not bool(ok.all()):  # one host sync
+        bad_idx = (~ok).reshape(-1).nonzero().squeeze(-1)
+        flat_a = a.reshape(-1, n, n)
+        lam_bad, v_bad = robust_eigh(flat_a[bad_idx])
+        lam = lam.reshape(-1, n).index_copy(0, bad_idx, lam_bad).reshape(lam.shape)
+        v = v.reshape(-1, n, n).index_copy(0, bad_idx, v_bad).reshape(v.shape)
+        stats.record_fallback("svd->eigh", int(bad_idx.numel()))
+    return lam, v
