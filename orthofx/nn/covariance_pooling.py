@@ -1,0 +1,129 @@
+"""Global covariance pooling (GCP): the matrix square root of each image's channel covariance."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from orthofx import linalg
+from orthofx.nn.meta import MetaLayer, MetaLayerInfo
+
+__all__ = ["CovariancePooling"]
+
+OUTPUTS = ("triu", "full")
+
+
+def _covariance_dtype(backend: str, compute_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the covariance itself is formed in: the spectral backends decompose in
+    float64 by default, and forming Σ in float32 would already perturb its eigenvalues near
+    1e-7·λ_max, so Σ is formed in the compute dtype too."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if backend in ("eigh", "svd", "auto") else dtype
+
+
+class CovariancePooling(MetaLayer):
+    r"""GCP head: optional 1×1 reduction, per-image covariance, matrix square root.
+
+    For features x of shape (N, C, H, W) (or (N, C, M)), with M = H·W positions:
+
+    * optional reduction ``x ← ReLU(BN(Conv1×1(x)))`` to ``reduced`` channels; this 1×1
+      conv (``self.reduce``) is a **Pre-SVD layer**;
+    * Σ = X J Xᵀ + εI (formed in the compute dtype: float64 for the spectral backends) with X the (C, M) feature matrix and J = (1/M)(I − 11ᵀ/M) the
+      centring matrix, i.e. the biased per-image covariance;
+    * Y = Σ^{1/2} by :func:`orthofx.linalg.sqrtm` (``backend="eigh"``: exact forward and the
+      exact Daleckii–Krein backward, float64 by default; ``"ns"``: Newton–Schulz, ``iters``);
+    * output ``"triu"``: the upper triangle flattened, C(C+1)/2 values per image (the usual
+      GCP representation); ``"full"``: the (C, C) matrix.
+
+    Args:
+        in_channels: channels of the incoming feature map.
+        reduced: channels after the 1×1 reduction, or None for no reduction.
+        eps: ε ≥ 0 added to the covariance (default 1e-5; Σ has rank ≤ M − 1, so without
+            it Σ is singular whenever M ≤ C).
+        backend / iters / compute_dtype: passed to :func:`orthofx.linalg.sqrtm`.
+        output: ``"triu"`` or ``"full"``.
+
+    The covariance and its square root are computed with autocast disabled, in float32 at
+    least, so the head is safe under AMP.
+    """
+
+    orthofx_meta = MetaLayerInfo(kind="sqrtm", input="features")
+
+    def __init__(
+        self,
+        in_channels: int,
+        reduced: int | None = None,
+        *,
+        eps: float = 1e-5,
+        backend: str = "eigh",
+        iters: int = 5,
+        compute_dtype: torch.dtype | None = None,
+        output: str = "triu",
+    ) -> None:
+        super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if in_channels < 1 or (reduced is not None and reduced < 1):
+            raise ValueError("in_channels and reduced must be positive")
+        self.in_channels = in_channels
+        self.reduced = reduced
+        self.eps = float(eps)
+        self.backend = backend
+        self.iters = iters
+        self.compute_dtype = compute_dtype
+        self.output = output
+        if reduced is not None:
+            self.reduce = nn.Conv2d(in_channels, reduced, kernel_size=1, bias=False)
+            self.bn = nn.BatchNorm2d(reduced)
+            self.relu = nn.ReLU(inplace=True)
+        c = self.channels
+        self.register_buffer(
+            "triu_index", torch.triu_indices(c, c).contiguous(), persistent=False
+        )
+
+    @property
+    def channels(self) -> int:
+        """C, the size of the covariance (after the reduction)."""
+        return self.reduced if self.reduced is not None else self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        """Length of the flattened output per image."""
+        c = self.channels
+        return c * (c + 1) // 2 if self.output == "triu" else c * c
+
+    def orthofx_internal_producer(self) -> str | None:
+        return "reduce" if self.reduced is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reduced is not None:
+            x = self.relu(self.bn(self.reduce(x)))
+        if x.dim() < 3:
+            raise ValueError(f"CovariancePooling expects (N, C, *spatial) features, got shape {tuple(x.shape)}")
+        n, c = x.shape[0], x.shape[1]
+        if c != self.channels:
+            raise ValueError(f"CovariancePooling built for {self.channels} channels, got {c}")
+        with torch.autocast(x.device.type, enabled=False):
+            feats = x.reshape(n, c, -1)
+            out_dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+            cov = linalg.covariance(feats.to(_covariance_dtype(self.backend, self.compute_dtype, out_dtype)))
+            y = self._spectral(
+                linalg.sqrtm,
+                cov,
+                backend=self.backend,
+                eps=self.eps,
+                iters=self.iters,
+                compute_dtype=self.compute_dtype,
+            )
+        y = y.to(out_dtype)
+        if self.output == "full":
+            return y.reshape(n, c * c)
+        i, j = self.triu_index
+        return y[:, i, j]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, reduced={self.reduced}, eps={self.eps}, backend={self.backend!r}, "
+            f"output={self.output!r}"
+        )

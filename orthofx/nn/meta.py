@@ -1,0 +1,75 @@
+"""The marker that makes a module an orthofx meta-layer.
+
+The graph tracer treats every module whose class carries ``orthofx_meta`` as a leaf and
+reports it as a meta-layer. Modules that keep ``orthofx_record = True`` store the detached
+eigenvalues of the matrix they decomposed in ``orthofx_last_eigenvalues``, which the
+conditioning monitor reads instead of decomposing the matrix a second time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["MetaLayerInfo", "MetaLayer", "is_meta_layer"]
+
+KINDS = ("sqrtm", "invsqrtm", "eigh", "eigvalsh", "svd", "svdvals")
+INPUTS = ("features", "covariance")
+
+
+@dataclass(frozen=True)
+class MetaLayerInfo:
+    """What a meta-layer module computes.
+
+    Attributes:
+        kind: ``"sqrtm"``, ``"invsqrtm"``, ``"eigh"``, ``"eigvalsh"``, ``"svd"`` or ``"svdvals"``.
+        input: ``"features"`` when the first argument is a feature map (N, C, *spatial) or
+            (N, C) whose covariance the module builds itself; ``"covariance"`` when the first
+            argument already is the (…, n, n) covariance.
+    """
+
+    kind: str
+    input: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.input not in INPUTS:
+            raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
+
+
+class MetaLayer(nn.Module):
+    """Base class of orthofx meta-layer modules (the marker plus eigenvalue recording)."""
+
+    orthofx_meta: ClassVar[MetaLayerInfo]
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: when True, forward stores the eigenvalues it computed (detached) for the monitor
+        self.orthofx_record: bool = False
+        self.orthofx_last_eigenvalues: torch.Tensor | None = None
+
+    def orthofx_internal_producer(self) -> str | None:
+        """Relative name of a Pre-SVD layer that lives inside this module, or None."""
+        return None
+
+    def _spectral(self, fn: Callable[..., Any], matrix: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Call an ``orthofx.linalg`` matrix function (validate=False: no host sync), keeping
+        its eigenvalues in ``orthofx_last_eigenvalues`` when recording is on."""
+        if not self.orthofx_record:
+            return fn(matrix, validate=False, **kwargs)
+        y, lam = fn(matrix, validate=False, return_eigenvalues=True, **kwargs)
+        self.orthofx_last_eigenvalues = lam.detach()
+        return y
+
+
+def is_meta_layer(module: nn.Module) -> bool:
+    """True when ``module``'s class carries the ``orthofx_meta`` marker.
+
+    Read the marker from the instance (``module.orthofx_meta``): an instance may refine its
+    class's default (``StableDecomposition`` records which decomposition it replaces).
+    """
+    return isinstance(getattr(type(module), "orthofx_meta", None), MetaLayerInfo)

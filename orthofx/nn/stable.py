@@ -1,0 +1,122 @@
+"""Stable drop-in replacements for raw ``torch.linalg`` meta-layer calls on a covariance.
+
+The rewrite swaps a call such as ``torch.linalg.eigh(cov)`` for a ``StableDecomposition``
+leaf module that computes the same forward with :func:`orthofx.linalg.eigh` (Taylor-K
+backward: bounded for repeated eigenvalues) and returns the same structure as the original
+(``torch.return_types`` named tuples). The module remembers the original callable so that
+``orthofx.strip`` can put it back for export.
+
+For a symmetric positive semi-definite covariance A = U Λ Uᵀ, the SVD is A = U Λ Uᵀ with
+the eigenvalues in descending order; numerically negative eigenvalues λ give singular value
+|λ| with the right singular vector's sign flipped (A = U |Λ| (U·sign Λ)ᵀ).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from orthofx import linalg
+from orthofx.nn.meta import MetaLayer, MetaLayerInfo
+
+__all__ = ["StableDecomposition", "STABLE_KINDS", "kind_of_target"]
+
+# original callable -> (kind, return convention)
+_TARGETS: dict[Callable[..., Any], tuple[str, str]] = {
+    torch.linalg.eigh: ("eigh", "linalg_eigh"),
+    torch.linalg.eigvalsh: ("eigvalsh", "tensor"),
+    torch.linalg.svd: ("svd", "linalg_svd"),
+    torch.linalg.svdvals: ("svdvals", "tensor"),
+    torch.svd: ("svd", "svd"),
+}
+STABLE_KINDS = ("eigh", "eigvalsh", "svd", "svdvals")
+
+
+def kind_of_target(target: Any) -> tuple[str, str] | None:
+    """(kind, return convention) of a raw torch decomposition callable, or None."""
+    try:
+        return _TARGETS.get(target)
+    except TypeError:  # unhashable
+        return None
+
+
+def _method_convention(name: str) -> tuple[str, str] | None:
+    return {"svd": ("svd", "svd")}.get(name)
+
+
+class StableDecomposition(MetaLayer):
+    """A stable-gradient stand-in for ``torch.linalg.eigh/eigvalsh/svd/svdvals`` or ``torch.svd``
+    applied to a symmetric PSD covariance.
+
+    Args:
+        kind: ``"eigh"``, ``"eigvalsh"``, ``"svd"`` or ``"svdvals"``.
+        convention: how results are returned: ``"linalg_eigh"``, ``"linalg_svd"`` (U, S, Vh),
+            ``"svd"`` (``torch.svd``'s U, S, V) or ``"tensor"``.
+        original: the replaced callable (or method name), restored by ``orthofx.strip``.
+        taylor_degree: degree of the Taylor-expanded K of the backward
+            (:func:`orthofx.linalg.eigh`).
+
+    Extra positional/keyword arguments of the original call (``UPLO``, ``full_matrices``,
+    ``some``, ``driver``) are accepted: the input is symmetrised, so ``UPLO`` has no effect,
+    and for a square input full and reduced SVDs coincide.
+    """
+
+    orthofx_meta = MetaLayerInfo(kind="eigh", input="covariance")
+
+    def __init__(
+        self,
+        kind: str,
+        convention: str,
+        original: Any = None,
+        taylor_degree: int | None = 9,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if kind not in STABLE_KINDS:
+            raise ValueError(f"kind must be one of {STABLE_KINDS}, got {kind!r}")
+        self.kind = kind
+        # per-instance marker: the class default says "eigh", an instance says what it replaces
+        self.orthofx_meta = MetaLayerInfo(kind=kind, input="covariance")
+        self.convention = convention
+        self.original = original
+        self.taylor_degree = taylor_degree
+        self.backend = backend
+
+    @classmethod
+    def for_target(cls, target: Any, **kwargs: Any) -> "StableDecomposition":
+        """The stand-in for a raw callable (``torch.linalg.eigh`` ...) or method name (``"svd"``)."""
+        spec = _method_convention(target) if isinstance(target, str) else kind_of_target(target)
+        if spec is None:
+            raise ValueError(f"no stable replacement for {target!r}")
+        return cls(spec[0], spec[1], original=target, **kwargs)
+
+    def forward(self, a: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.kind == "eigvalsh":
+            lam = linalg.eigvalsh(a, backend=self.backend, validate=False)
+            self._keep(lam)
+            return lam
+        lam, vec = linalg.eigh(a, taylor_degree=self.taylor_degree, backend=self.backend, validate=False)
+        self._keep(lam)
+        if self.kind == "eigh":
+            return torch.return_types.linalg_eigh((lam, vec))
+        # SVD of a symmetric matrix from its eigendecomposition, descending singular values
+        order = torch.argsort(lam.abs(), dim=-1, descending=True)
+        s = torch.gather(lam.abs(), -1, order)
+        u = torch.gather(vec, -1, order.unsqueeze(-2).expand_as(vec))
+        if self.kind == "svdvals":
+            return s
+        sign = torch.where(torch.gather(lam, -1, order) < 0, -1.0, 1.0).to(u.dtype)
+        v = u * sign.unsqueeze(-2)
+        if self.convention == "svd":
+            return torch.return_types.svd((u, s, v))
+        return torch.return_types.linalg_svd((u, s, v.mT))
+
+    def _keep(self, lam: Tensor) -> None:
+        if self.orthofx_record:
+            self.orthofx_last_eigenvalues = lam.detach()
+
+    def extra_repr(self) -> str:
+        name = getattr(self.original, "__name__", self.original)
+        return f"kind={self.kind!r}, replaces={name!r}, taylor_degree={self.taylor_degree}"
