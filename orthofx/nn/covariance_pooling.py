@@ -97,6 +97,9 @@ class CovariancePooling(MetaLayer):
         return "reduce" if self.reduced is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = self._traced_as_leaf(x)
+        if traced is not None:
+            return traced
         if self.reduced is not None:
             x = self.relu(self.bn(self.reduce(x)))
         if x.dim() < 3:

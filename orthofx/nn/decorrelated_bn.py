@@ -77,6 +77,9 @@ class DecorrelatedBatchNorm(MetaLayer):
             self.register_buffer("num_batches_tracked", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = self._traced_as_leaf(x)
+        if traced is not None:
+            return traced
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"DecorrelatedBatchNorm({self.num_features}) expects (N, {self.num_features}, ...), "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.fx
 from torch import nn
 
 __all__ = ["MetaLayerInfo", "MetaLayer", "is_meta_layer"]
@@ -55,6 +56,20 @@ class MetaLayer(nn.Module):
     def orthofx_internal_producer(self) -> str | None:
         """Relative name of a Pre-SVD layer that lives inside this module, or None."""
         return None
+
+    def _traced_as_leaf(self, *args: Any, **kwargs: Any) -> Any:
+        """Under any ``torch.fx`` tracer (including plain ``symbolic_trace``), record this
+        module as ONE ``call_module`` node instead of tracing its forward.
+
+        Tracing the forward would bake ``self.training`` and shape checks into the graph;
+        as a leaf, the GraphModule calls the real module, so train/eval modes keep working.
+        Returns None when no argument is an ``fx.Proxy`` (ordinary eager call).
+        """
+        proxy = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+        if proxy is None:
+            return None
+        tracer = proxy.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
 
     def _spectral(self, fn: Callable[..., Any], matrix: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Call an ``orthofx.linalg`` matrix function (validate=False: no host sync), keeping

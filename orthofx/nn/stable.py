@@ -93,6 +93,9 @@ class StableDecomposition(MetaLayer):
         return cls(spec[0], spec[1], original=target, **kwargs)
 
     def forward(self, a: Tensor, *args: Any, **kwargs: Any) -> Any:
+        traced = self._traced_as_leaf(a, *args, **kwargs)
+        if traced is not None:
+            return traced
         if self.kind == "eigvalsh":
             lam = linalg.eigvalsh(a, backend=self.backend, validate=False)
             self._keep(lam)
