@@ -1,0 +1,380 @@
+r"""Gradient treatments of the paper (Sec. 5) as small composable transforms (optax style).
+
+A transform is a pair of functions ``(init, update)``:
+
+* ``state = t.init(params)`` — ``params`` is the list of producer parameters (the tensors the
+  optimizer updates; for an OW-parametrized layer that is ``parametrizations.weight.original``);
+* ``new_grads = t.update(grads, params, state, **ctx)`` — ``grads[i]`` is the gradient of
+  ``params[i]`` (or ``None``: that producer is skipped and ``None`` is returned for it).
+  ``update`` never modifies ``grads`` in place; it returns new tensors and records counters
+  and learning rates in the mutable ``state`` (device tensors: no host synchronisation).
+
+Transforms:
+
+* :func:`nog` — Nearest Orthogonal Gradient: ``G ← U Vᵀ`` of the flattened gradient
+  (``G = U S Vᵀ``), all producers of one shape in one batched ``orthofx.linalg.polar`` call.
+* :func:`guard` — zero (and count) non-finite gradients; count zero gradients.
+* :func:`olr` — Optimal Learning Rate: computes
+  ``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` per producer and the lr to use; gradients pass
+  through unchanged (the lr is applied by :func:`orthofx.treatments.attach`).
+* :func:`chain` — compose: ``chain(nog(), olr())`` runs NOG, then OLR on the NOG gradient.
+
+``orthofx.treatments.attach`` installs a chain as an optimizer step pre-hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from orthofx.errors import ConfigError, TreatmentError
+from orthofx.treatments._common import POLAR_METHODS, flat_shape, polar
+
+__all__ = [
+    "GradientTransformation",
+    "GuardState",
+    "NOGState",
+    "OLRState",
+    "DeviceHistory",
+    "nog",
+    "guard",
+    "olr",
+    "chain",
+    "olr_eta",
+]
+
+Grads = list["Tensor | None"]
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(grads, params, state, **ctx) -> grads``."""
+
+    init: Callable[[Sequence[Tensor]], Any]
+    update: Callable[..., Grads]
+
+
+def _counter_device(params: Sequence[Tensor]) -> torch.device:
+    return params[0].device if len(params) else torch.device("cpu")
+
+
+def _check_grad(g: Tensor, i: int, what: str) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise TreatmentError(f"{what}: gradient #{i} is sparse; only dense gradients are supported")
+    if not g.is_floating_point():
+        raise TreatmentError(f"{what}: gradient #{i} has dtype {g.dtype}; a floating-point gradient is needed")
+
+
+# --------------------------------------------------------------------------- guard / NOG
+@dataclass
+class GuardState:
+    """Counters (0-d int64 device tensors, updated without host sync) and the step count.
+
+    ``zero``: gradients that were exactly zero; ``nonfinite``: gradients holding NaN/Inf
+    (replaced by zero). Read with ``int(state.zero)`` (one sync) when needed."""
+
+    zero: Tensor
+    nonfinite: Tensor
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "zero": int(self.zero), "nonfinite": int(self.nonfinite)}
+
+
+@dataclass
+class NOGState(GuardState):
+    """:class:`GuardState` plus the polar ``method``."""
+
+    method: str = "svd"
+
+
+def _new_counters(params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    dev = _counter_device(params)
+    return torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
+
+
+def guard() -> GradientTransformation:
+    """Replace a gradient holding NaN/Inf by zeros and count it; count all-zero gradients.
+
+    ``g ← g`` if every entry is finite, else ``0`` (so NaN is never written into a weight;
+    note that momentum and weight decay of the optimizer still act on a zero gradient).
+    """
+
+    def init(params: Sequence[Tensor]) -> GuardState:
+        z, nf = _new_counters(params)
+        return GuardState(zero=z, nonfinite=nf)
+
+    def update(grads: Sequence[Tensor | None], params: Sequence[Tensor], state: GuardState, **_: Any) -> Grads:
+        out: Grads = list(grads)
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            _check_grad(g, i, "guard")
+            finite = torch.isfinite(g).all()
+            out[i] = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            state.nonfinite.add_((~finite).to(state.nonfinite.device, torch.int64))
+            state.zero.add_((finite & (g == 0).all()).to(state.zero.device, torch.int64))
+        state.steps += 1
+        return out
+
+    return GradientTransformation(init, update)
+
+
+def nog(method: str = "svd") -> GradientTransformation:
+    r"""Nearest Orthogonal Gradient (paper Sec. 5.1, eqs. 14–17).
+
+    For each producer gradient ``g`` of shape (out, in, *k), with ``G = g.reshape(out, -1)``
+    (m × n) and thin SVD ``G = U S Vᵀ``:
+
+        G ← U Vᵀ = G (GᵀG)^{-1/2}      (reshaped back to g's shape)
+
+    the orthogonal matrix nearest to ``G`` in Frobenius norm. As in the authors' code there is
+    no rescaling: ‖U Vᵀ‖_F = √min(m, n), and with ``method="svd"`` the zero singular values of a
+    rank-deficient ``G`` also become 1. The optimizer then applies lr, momentum and weight
+    decay to this gradient as usual.
+
+    * Gradients of the same flattened shape, dtype and device are stacked and sent to
+      ``orthofx.linalg.polar(G, method=method)`` in **one** batched call.
+    * A zero gradient stays zero (no update from it) and is counted in ``state.zero``.
+    * A gradient holding NaN/Inf becomes zero and is counted in ``state.nonfinite``; it never
+      reaches the SVD. The counters are device tensors (no host sync).
+    * dtype: as ``orthofx.linalg.polar`` (half precision is decomposed in float32); the result
+      has the gradient's dtype. No ε is involved.
+    * Rank-deficient gradients are not counted: ``polar`` returns only U Vᵀ, and detecting
+      them would need the singular values (an extra decomposition).
+
+    Args:
+        method: an ``orthofx.linalg.polar`` method: ``"svd"`` (exact, the paper), ``"eigh"``,
+            ``"ns"``, ``"polar_express"`` or ``"auto"``.
+    """
+    if not isinstance(method, str) or method not in POLAR_METHODS:
+        raise ConfigError(f"nog: method={method!r}; use one of {POLAR_METHODS}")
+
+    def init(params: Sequence[Tensor]) -> NOGState:
+        z, nf = _new_counters(params)
+        return NOGState(zero=z, nonfinite=nf, method=method)
+
+    def update(grads: Sequence[Tensor | None], params: Sequence[Tensor], state: NOGState, **_: Any) -> Grads:
+        out: Grads = list(grads)
+        groups: dict[tuple[int, int, torch.dtype, torch.device], list[int]] = {}
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            _check_grad(g, i, "NOG")
+            if g.ndim < 2:
+                raise TreatmentError(
+                    f"NOG: gradient #{i} has shape {tuple(g.shape)}; a weight gradient with >= 2 dims is needed"
+                )
+            m, n = flat_shape(g.shape)
+            groups.setdefault((m, n, g.dtype, g.device), []).append(i)
+        for (m, n, dtype, dev), idxs in groups.items():
+            G = torch.stack([grads[i].reshape(m, n) for i in idxs])  # type: ignore[union-attr]
+            finite = torch.isfinite(G).all(dim=(-2, -1))
+            zero = torch.zeros((), dtype=dtype, device=dev)
+            G = torch.where(finite[:, None, None], G, zero)
+            nonzero = (G != 0).any(dim=(-2, -1))
+            R = polar(G, state.method)
+            # zero (and sanitised non-finite) gradients stay exactly zero
+            R = torch.where(nonzero[:, None, None], R.to(dtype), zero)
+            state.nonfinite.add_((~finite).sum().to(state.nonfinite.device))
+            state.zero.add_((finite & ~nonzero).sum().to(state.zero.device))
+            for j, i in enumerate(idxs):
+                out[i] = R[j].reshape(grads[i].shape)  # type: ignore[union-attr]
+        state.steps += 1
+        return out
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- OLR
+class DeviceHistory:
+    """An append-only log of equally-shaped device tensors with no host sync on append.
+
+    Rows are copied into a preallocated device buffer that doubles when full (or, with
+    ``max_len``, a ring buffer keeping the last ``max_len`` rows). :meth:`read` returns a
+    ``(T, *row_shape)`` tensor in append order."""
+
+    def __init__(self, max_len: int | None = None) -> None:
+        if max_len is not None and int(max_len) < 1:
+            raise ConfigError(f"max_len must be >= 1 or None, got {max_len!r}")
+        self.max_len = None if max_len is None else int(max_len)
+        self._buf: Tensor | None = None
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n if self.max_len is None else min(self._n, self.max_len)
+
+    def append(self, row: Tensor) -> None:
+        row = row.detach()
+        if self._buf is None:
+            cap = 64 if self.max_len is None else min(64, self.max_len)
+            self._buf = row.new_empty((cap, *row.shape))
+        if self.max_len is not None and self._n >= self.max_len:
+            self._buf[self._n % self.max_len].copy_(row)
+        else:
+            if self._n == self._buf.shape[0]:
+                cap = 2 * self._n if self.max_len is None else min(2 * self._n, self.max_len)
+                new = self._buf.new_empty((cap, *self._buf.shape[1:]))
+                new[: self._n].copy_(self._buf)
+                self._buf = new
+            self._buf[self._n].copy_(row)
+        self._n += 1
+
+    def read(self) -> Tensor:
+        if self._buf is None:
+            return torch.empty(0)
+        if self.max_len is None or self._n <= self.max_len:
+            return self._buf[: self._n].clone()
+        k = self._n % self.max_len
+        return torch.cat([self._buf[k:], self._buf[:k]])
+
+    def clear(self) -> None:
+        self._buf, self._n = None, 0
+
+
+@dataclass
+class OLRState:
+    """Latest OLR values (shape (P,), ``dtype``, on ``device``; NaN ``eta`` for producers
+    without a gradient) and their history (rows ``[eta, lr, base]``, shape (3, P))."""
+
+    device: torch.device
+    dtype: torch.dtype
+    eta: Tensor | None = None
+    lr: Tensor | None = None
+    base: Tensor | None = None
+    steps: int = 0
+    history: DeviceHistory | None = None
+    _base_key: tuple[float, ...] | None = field(default=None, repr=False)
+    _base_dev: Tensor | None = field(default=None, repr=False)
+    _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
+
+    def read_history(self) -> dict[str, Tensor]:
+        """``{"eta", "lr", "base"}`` → (T, P) tensors (copies, on ``device``)."""
+        if self.history is None or len(self.history) == 0:
+            return {k: torch.empty(0, 0) for k in ("eta", "lr", "base")}
+        h = self.history.read()
+        return {"eta": h[:, 0], "lr": h[:, 1], "base": h[:, 2]}
+
+
+def olr_eta(w: Tensor, l: Tensor) -> Tensor:
+    r"""``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` over the last dim (paper eq. 20).
+
+    ``w``, ``l``: (..., N) flattened weights and gradients. 0/0 (w = 0 and l = 0, or l = 0)
+    gives NaN, which the lr switch treats as "use the scheduled lr"."""
+    ww = (w * w).sum(-1)
+    lw = (l * w).sum(-1)
+    ll = (l * l).sum(-1)
+    return ww * lw / (ww * ll + 2.0 * lw * lw)
+
+
+def _upload(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def olr(
+    *, dtype: torch.dtype = torch.float64, history: bool = True, max_history: int | None = None
+) -> GradientTransformation:
+    r"""Optimal Learning Rate (paper Sec. 5.2, eqs. 18–21). Gradients pass through unchanged.
+
+    Per producer, with ``w`` the flattened parameter and ``l`` its flattened (incoming, e.g.
+    post-NOG) gradient:
+
+        η* = (wᵀw · lᵀw) / (wᵀw · lᵀl + 2 (lᵀw)²)
+        lr = η*   if 0 < η* < base   else   base,
+
+    where ``base`` is the scheduled lr (``update(..., lrs=[...])``, one float or 0-d tensor
+    per producer). η* ≤ 0, η* ≥ base, and NaN (from l = 0) all give ``base``.
+
+    The dot products are computed in ``dtype`` (float64 by default: lᵀw is a cancelling sum
+    and its sign decides the switch) on the producers' device, under no grad, without host
+    sync: ``state.eta``, ``state.lr``, ``state.base`` are (P,) device tensors and each step is
+    appended to ``state.history`` (unless ``history=False``; ``max_history`` keeps the last
+    rows only). Float ``lrs`` are uploaded only when they change (pinned, non-blocking).
+    """
+    if not dtype.is_floating_point:
+        raise ConfigError(f"olr: dtype must be floating point, got {dtype}")
+
+    def init(params: Sequence[Tensor]) -> OLRState:
+        dev = _counter_device(params)
+        dt = torch.float32 if (dtype == torch.float64 and dev.type == "mps") else dtype
+        return OLRState(device=dev, dtype=dt, history=DeviceHistory(max_history) if history else None)
+
+    @torch.no_grad()
+    def update(
+        grads: Sequence[Tensor | None],
+        params: Sequence[Tensor],
+        state: OLRState,
+        *,
+        lrs: Sequence[float | Tensor] | None = None,
+        **_: Any,
+    ) -> Grads:
+        P = len(params)
+        if lrs is None or len(lrs) != P:
+            raise ConfigError(f"olr.update needs lrs= with one scheduled lr per producer ({P})")
+        dev, cd = state.device, state.dtype
+        eta = torch.full((P,), math.nan, dtype=cd, device=dev)
+        groups: dict[tuple[int, torch.device], list[int]] = {}
+        for i, g in enumerate(grads):
+            if g is not None:
+                _check_grad(g, i, "OLR")
+                groups.setdefault((g.numel(), g.device), []).append(i)
+        for (_, gdev), idxs in groups.items():
+            W = torch.stack([params[i].detach().reshape(-1) for i in idxs]).to(cd)
+            L = torch.stack([grads[i].reshape(-1) for i in idxs]).to(cd)  # type: ignore[union-attr]
+            e = olr_eta(W, L).to(dev)
+            if len(idxs) == P and idxs == list(range(P)):
+                eta = e
+            else:
+                eta.index_copy_(0, _index(state, idxs), e)
+        if all(not isinstance(x, Tensor) for x in lrs):
+            key = tuple(float(x) for x in lrs)  # type: ignore[arg-type]
+            if state._base_key != key or state._base_dev is None:
+                state._base_dev = _upload(key, cd, dev)
+                state._base_key = key
+            base = state._base_dev
+        else:
+            base = torch.stack([torch.as_tensor(x).detach().to(device=dev, dtype=cd).reshape(()) for x in lrs])
+        chosen = torch.where((eta > 0) & (eta < base), eta, base)
+        state.eta, state.lr, state.base = eta, chosen, base
+        state.steps += 1
+        if state.history is not None:
+            state.history.append(torch.stack([eta, chosen, base]))
+        return list(grads)
+
+    return GradientTransformation(init, update)
+
+
+def _index(state: OLRState, idxs: list[int]) -> Tensor:
+    key = tuple(idxs)
+    t = state._index.get(key)
+    if t is None:
+        t = torch.tensor(idxs, dtype=torch.long).to(state.device)
+        state._index[key] = t
+    return t
+
+
+# --------------------------------------------------------------------------- chain
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    Keyword context (``lrs=...``) is passed to every transform."""
+    for t in transforms:
+        if not isinstance(t, GradientTransformation):
+            raise ConfigError(f"chain: expected GradientTransformation objects, got {type(t).__name__}")
+
+    def init(params: Sequence[Tensor]) -> tuple[Any, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(grads: Sequence[Tensor | None], params: Sequence[Tensor], state: tuple[Any, ...], **ctx: Any) -> Grads:
+        out: Grads = list(grads)
+        for t, s in zip(transforms, state):
+            out = t.update(out, params, s, **ctx)
+        return out
+
+    return GradientTransformation(init, update)

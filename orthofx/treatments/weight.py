@@ -1,0 +1,411 @@
+r"""Weight treatments of the paper (Sec. 4.2) on the *flattened* Pre-SVD weight.
+
+Every treatment here sees a weight of shape ``(out, in, *kernel)`` as the matrix
+``W ∈ R^{out × n}`` with ``n = in·∏kernel`` (``W = weight.reshape(out, -1)``), the matrix whose
+rows produce the channels of the covariance. This differs from
+``torch.nn.utils.parametrizations.orthogonal``, which treats a conv weight as a batch of
+``kh × kw`` matrices.
+
+* **OW** :class:`FlatOrthogonal` / :func:`register_orthogonal` — hard orthogonality by the
+  exponential (or Cayley) map of a skew-symmetric matrix.
+* **SN** :class:`FlatSpectralNorm` / :func:`register_spectral_norm` — ``W / σ_max(W)``.
+* **OL** :func:`orthogonality_loss` — ``Σ ‖W Wᵀ − I‖_F``.
+* :func:`bake`, :func:`treatment_of`, :func:`plain_state_dict` — for strip/export.
+
+Registration functions return ``True`` when they registered something and ``False`` when the
+same treatment was already there (a second call never stacks a second parametrization).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from orthofx.errors import ConfigError, TreatmentError
+from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
+
+__all__ = [
+    "FlatOrthogonal",
+    "FlatSpectralNorm",
+    "register_orthogonal",
+    "register_spectral_norm",
+    "orthogonality_loss",
+    "bake",
+    "bake_all",
+    "treatment_of",
+    "plain_state_dict",
+]
+
+OWMethod = Literal["expm", "cayley"]
+_OW_METHODS = ("expm", "cayley")
+
+
+# --------------------------------------------------------------------------- OW
+class FlatOrthogonal(nn.Module):
+    r"""Orthogonal weight (OW) on the flattened weight, a ``torch.nn.utils.parametrize``
+    parametrization.
+
+    Let ``W ∈ R^{out×n}`` be the flattened weight, ``k = min(out, n)``, ``n' = max(out, n)``,
+    and write matrices in their *tall* form (``n' × k``: ``W`` itself when ``out ≥ n``, else
+    ``Wᵀ``). With the trainable parameter ``A`` (tall form ``a ∈ R^{n'×k}``; stored with the
+    weight's own shape, zero at registration) and the buffer ``base = Y₀ ∈ R^{n'×k}`` with
+    orthonormal columns,
+
+        S = a Y₀ᵀ − Y₀ aᵀ          (n'×n', skew-symmetric)
+        W_tall = f(S) Y₀,           f = exp ("expm")  or  f(S) = (I − S/2)⁻¹(I + S/2) ("cayley").
+
+    ``f(S)`` is orthogonal, so ``W_tall`` has orthonormal columns: **for a wide weight
+    (out ≤ n) the rows of W are orthonormal (W Wᵀ = I_out); for a tall weight (out > n) the
+    columns are (Wᵀ W = I_n)**. For a square weight this is the paper's ``exp(A' − A'ᵀ)``
+    rotated by the base: ``W = Y₀ exp(Y₀ᵀa − aᵀY₀)``. The generators ``a Y₀ᵀ − Y₀ aᵀ`` span the
+    whole tangent space of the Stiefel manifold at ``Y₀``, so every nearby orthonormal ``W``
+    is reachable.
+
+    ``base`` is set by :meth:`right_inverse`, which ``parametrize`` calls at registration (and
+    on ``module.weight = value``): ``Y₀`` = the exact polar factor ``U Vᵀ`` of the given weight
+    (float64 thin SVD), i.e. the **nearest orthogonal matrix** to it, and ``A = 0``. The
+    parametrized weight right after registration is therefore the nearest orthogonal matrix
+    to the original weight (its Frobenius norm becomes √k).
+
+    Cost. ``S`` has rank ≤ 2k: with ``L = [a/t, Y₀]``, ``R = [t·Y₀, −a]`` (``S = L Rᵀ``, ``t``
+    a balancing scalar) every analytic/rational ``f`` obeys ``f(L Rᵀ) L = L f(Rᵀ L)``, and
+    ``Y₀`` is the second block of ``L``, so ``W_tall = L · f(M)[:, k:]`` with the 2k×2k matrix
+    ``M = Rᵀ L``. This low-rank route costs O(n'k² + k³) instead of O(n'³) — for a 512×4608
+    weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve). It is used when
+    ``2k < n'`` (``lowrank=None``) and is exact up to rounding (checked against the dense route
+    in the tests). ``t = max(‖a‖_F, 1)`` (detached) keeps the blocks of ``M`` of similar size.
+
+    dtype: float16/bfloat16 weights are computed in float32; float32/float64 in their own
+    dtype. The output has the weight's dtype. No ε is involved.
+
+    Args:
+        shape: shape of the weight (out, in, *kernel).
+        method: ``"expm"`` (torch.linalg.matrix_exp, the paper) or ``"cayley"``
+            (torch.linalg.solve; cheaper, also orthogonal).
+        lowrank: force (``True``) or forbid (``False``) the low-rank route; ``None`` = auto.
+    """
+
+    base: Tensor
+
+    def __init__(
+        self, shape: torch.Size | tuple[int, ...], method: OWMethod = "expm", lowrank: bool | None = None
+    ) -> None:
+        super().__init__()
+        if method not in _OW_METHODS:
+            raise ConfigError(f"FlatOrthogonal: method={method!r}; use one of {_OW_METHODS}")
+        self.shape = torch.Size(shape)
+        self.out, self.n = flat_shape(self.shape)
+        self.k, self.n_big = min(self.out, self.n), max(self.out, self.n)
+        self.wide = self.out < self.n
+        self.method = method
+        self.lowrank = (2 * self.k < self.n_big) if lowrank is None else bool(lowrank)
+        self.register_buffer("base", torch.zeros(self.n_big, self.k))
+
+    def extra_repr(self) -> str:
+        return (
+            f"flat=({self.out}, {self.n}), method={self.method!r}, lowrank={self.lowrank}, "
+            f"orthonormal={'rows' if self.out <= self.n else 'columns'}"
+        )
+
+    # tall form <-> weight shape
+    def _to_tall(self, X: Tensor) -> Tensor:
+        X = X.reshape(self.out, self.n)
+        return X.mT if self.wide else X
+
+    def _from_tall(self, T: Tensor) -> Tensor:
+        return (T.mT if self.wide else T).reshape(self.shape)
+
+    def forward(self, A: Tensor) -> Tensor:
+        cd = compute_dtype(A.dtype)
+        a = self._to_tall(A).to(cd)
+        Y0 = self.base.to(cd)
+        Q = _stiefel_map(a, Y0, self.method, self.lowrank)
+        return self._from_tall(Q).to(A.dtype)
+
+    @torch.no_grad()
+    def right_inverse(self, W: Tensor) -> Tensor:
+        """Set ``base`` to the polar factor of ``W`` (nearest orthogonal matrix) and return A = 0."""
+        check_weight(W, f"a weight of shape {tuple(W.shape)}", "OW")
+        if W.shape != self.shape:
+            raise TreatmentError(
+                f"OW: assigned a weight of shape {tuple(W.shape)} to a parametrization of shape "
+                f"{tuple(self.shape)}"
+            )
+        if not torch.isfinite(W).all():
+            raise TreatmentError("OW: the weight holds NaN/Inf; cannot take its polar factor")
+        # The exact polar factor through a float64 thin SVD. orthofx.linalg.polar maps a zero
+        # matrix to zero by contract, but the base must always have orthonormal columns; the
+        # thin SVD gives orthonormal U, V even for a rank-deficient (or zero) weight.
+        T = self._to_tall(W).to(torch.float64)
+        U, _, Vh = torch.linalg.svd(T, full_matrices=False)
+        self.base = (U @ Vh).to(device=W.device, dtype=W.dtype)
+        return torch.zeros_like(W)
+
+
+def _stiefel_map(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> Tensor:
+    """f(a Y₀ᵀ − Y₀ aᵀ) Y₀ for f = exp or the Cayley map (see FlatOrthogonal)."""
+    k = a.shape[-1]
+    if lowrank:
+        t = torch.linalg.matrix_norm(a.detach()).clamp_min(1.0)
+        L = torch.cat([a / t, Y0], dim=-1)  # n' × 2k
+        R = torch.cat([t * Y0, -a], dim=-1)  # n' × 2k,  S = L Rᵀ
+        M = R.mT @ L  # 2k × 2k
+        if method == "expm":
+            F = torch.linalg.matrix_exp(M)[..., k:]
+        else:
+            I2 = torch.eye(2 * k, dtype=M.dtype, device=M.device)
+            F = torch.linalg.solve(I2 - 0.5 * M, I2[:, k:] + 0.5 * M[..., k:])
+        return L @ F
+    S = a @ Y0.mT - Y0 @ a.mT
+    if method == "expm":
+        return torch.linalg.matrix_exp(S) @ Y0
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    return torch.linalg.solve(eye - 0.5 * S, Y0 + 0.5 * (S @ Y0))
+
+
+# --------------------------------------------------------------------------- SN
+class FlatSpectralNorm(nn.Module):
+    r"""Spectral normalisation (SN) of the flattened weight: ``W / max(σ_max(W), eps)``.
+
+    ``σ_max`` is exact: ``torch.linalg.matrix_norm(W.reshape(out, -1), ord=2)`` (the largest
+    singular value, from ``svdvals``), differentiated by autograd (∂σ_max/∂W = u₁v₁ᵀ). So after
+    every forward ``σ_max`` of the result is 1 up to rounding (≈1e-6 relative in float32).
+    float16/bfloat16 are computed in float32. ``eps = 1e-12`` guards a zero weight.
+    Unlike torch's power-iteration spectral norm, there is no state and train/eval agree.
+    """
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def extra_repr(self) -> str:
+        return f"sigma=exact, eps={self.eps}"
+
+    def forward(self, W: Tensor) -> Tensor:
+        Wc = W.to(compute_dtype(W.dtype))
+        sigma = torch.linalg.matrix_norm(Wc.reshape(W.shape[0], -1), ord=2)
+        return (Wc / sigma.clamp_min(self.eps)).to(W.dtype)
+
+
+# --------------------------------------------------------------------------- registration
+def _label(module: nn.Module, name: str, qualname: str | None) -> str:
+    return f"{qualname}.{name}" if qualname else f"{type(module).__name__}.{name}"
+
+
+def _current_tensor(module: nn.Module, name: str, label: str) -> Tensor:
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    t = getattr(module, name, None)
+    if t is None:
+        raise TreatmentError(f"{label}: the module has no tensor named {name!r}")
+    return t
+
+
+def _existing(module: nn.Module, name: str) -> list[nn.Module]:
+    if parametrize.is_parametrized(module, name):
+        return list(module.parametrizations[name])
+    return []
+
+
+def _describe(ps: list[nn.Module]) -> str:
+    return ", ".join(type(p).__name__ for p in ps)
+
+
+def register_orthogonal(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    method: OWMethod = "expm",
+    lowrank: bool | None = None,
+    qualname: str | None = None,
+) -> bool:
+    """Register :class:`FlatOrthogonal` on ``module.<name>`` (OW). Idempotent.
+
+    After registration ``module.<name>`` is the nearest orthogonal matrix to the old weight
+    (rows orthonormal if out ≤ in·k·k, else columns), the trainable tensor is
+    ``module.parametrizations.<name>.original`` (same Parameter object as before, now holding
+    ``A = 0``, same shape) and the buffer ``...<name>.0.base`` holds ``Y₀``.
+
+    Returns ``True`` if registered now, ``False`` if an identical OW was already there.
+    Raises :class:`TreatmentError` for a non-float or 1-D weight, or when ``<name>`` already
+    carries another parametrization (bake or remove it first — they are never stacked);
+    :class:`ConfigError` for an unknown method. ``qualname`` only improves messages.
+    """
+    label = _label(module, name, qualname)
+    if method not in _OW_METHODS:
+        raise ConfigError(f"OW on {label}: method={method!r}; use one of {_OW_METHODS}")
+    existing = _existing(module, name)
+    if existing:
+        if len(existing) == 1 and isinstance(existing[0], FlatOrthogonal):
+            if existing[0].method == method and (lowrank is None or existing[0].lowrank == lowrank):
+                return False
+            raise TreatmentError(
+                f"OW on {label}: already registered with method={existing[0].method!r}; "
+                "bake() it before registering another method"
+            )
+        raise TreatmentError(
+            f"OW on {label}: it already carries parametrization(s) {_describe(existing)}; "
+            "orthofx never stacks parametrizations (bake() or remove them first)"
+        )
+    W = _current_tensor(module, name, label)
+    check_weight(W, label, "OW")
+    parametrize.register_parametrization(module, name, FlatOrthogonal(W.shape, method, lowrank))
+    return True
+
+
+def register_spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    method: Literal["exact", "power"] = "exact",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    qualname: str | None = None,
+) -> bool:
+    """Register spectral normalisation of the flattened weight (SN). Idempotent.
+
+    * ``method="exact"``: :class:`FlatSpectralNorm` (σ_max from ``svdvals``; σ_max of the
+      result is 1 to rounding after every forward).
+    * ``method="power"``: ``torch.nn.utils.parametrizations.spectral_norm(module, name,
+      n_power_iterations, eps, dim=0)``. Torch reshapes the weight to ``(out, -1)`` for
+      ``dim=0`` (``_SpectralNorm._reshape_weight_to_matrix``: ``weight.flatten(1)``), i.e. the
+      same flattened matrix. Its σ estimate comes from ``n_power_iterations`` power iterations
+      per training forward (15 at registration), so σ_max of the result is ≥ 1 and approaches 1
+      as the iteration converges; in eval mode the last estimate is reused.
+
+    Returns ``True`` if registered now, ``False`` if the same SN was already there. Raises
+    :class:`TreatmentError` for a non-float/1-D weight or another parametrization already on
+    ``<name>``; :class:`ConfigError` for bad options.
+    """
+    label = _label(module, name, qualname)
+    if method not in ("exact", "power"):
+        raise ConfigError(f"SN on {label}: method={method!r}; use 'exact' or 'power'")
+    if int(n_power_iterations) < 1:
+        raise ConfigError(f"SN on {label}: n_power_iterations must be >= 1")
+    torch_sn = torch.nn.utils.parametrizations._SpectralNorm
+    wanted = FlatSpectralNorm if method == "exact" else torch_sn
+    existing = _existing(module, name)
+    if existing:
+        if len(existing) == 1 and isinstance(existing[0], wanted):
+            return False
+        raise TreatmentError(
+            f"SN on {label}: it already carries parametrization(s) {_describe(existing)}; "
+            "orthofx never stacks parametrizations (bake() or remove them first)"
+        )
+    W = _current_tensor(module, name, label)
+    check_weight(W, label, "SN")
+    if method == "exact":
+        parametrize.register_parametrization(module, name, FlatSpectralNorm(eps))
+    else:
+        torch.nn.utils.parametrizations.spectral_norm(
+            module, name, n_power_iterations=int(n_power_iterations), eps=eps, dim=0
+        )
+    return True
+
+
+# --------------------------------------------------------------------------- OL
+def orthogonality_loss(
+    weights: Tensor | nn.Module | Iterable[Tensor | nn.Module], weight: float = 1.0
+) -> Tensor:
+    r"""Orthogonality loss (OL): ``weight · Σ_W ‖G(W) − I‖_F`` over the flattened weights.
+
+    ``W = w.reshape(out, -1)`` (out × n); ``G(W) = W Wᵀ`` (out × out) when ``out ≤ n`` (the
+    paper's eq. 12), and ``G(W) = Wᵀ W`` (n × n) for a tall weight (``out > n``), where
+    ``W Wᵀ`` has rank n < out and could never reach I. The gradient is plain autograd of this
+    formula: ``2 (W Wᵀ − I) W / ‖W Wᵀ − I‖_F`` per wide weight (0 where the norm is exactly 0,
+    torch's subgradient). Not squared, as in the paper.
+
+    Items may be tensors or modules (their ``.weight``, parametrized value included).
+    float16/bfloat16 weights are computed in float32; the result is a 0-d tensor in the
+    (promoted) compute dtype. An empty iterable gives ``tensor(0.)``.
+    """
+    if isinstance(weights, (Tensor, nn.Module)):
+        weights = [weights]
+    total: Tensor | None = None
+    for i, w in enumerate(weights):
+        if isinstance(w, nn.Module):
+            w = w.weight
+        check_weight(w, f"weight #{i} of orthogonality_loss (shape {tuple(getattr(w, 'shape', ()))})", "OL")
+        Wf = w.reshape(w.shape[0], -1).to(compute_dtype(w.dtype))
+        m, n = Wf.shape
+        G = Wf @ Wf.mT if m <= n else Wf.mT @ Wf
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        term = torch.linalg.matrix_norm(G - eye)
+        total = term if total is None else total + term.to(total.device)
+    if total is None:
+        return torch.zeros(())
+    return total * weight
+
+
+# --------------------------------------------------------------------------- baking
+_OURS = (FlatOrthogonal, FlatSpectralNorm)
+
+
+def treatment_of(module: nn.Module, name: str = "weight") -> str | None:
+    """Which weight treatment ``module.<name>`` carries: ``"ow"``, ``"sn"``, ``"other"`` (a
+    parametrization orthofx did not make) or ``None``."""
+    existing = _existing(module, name)
+    if not existing:
+        return None
+    if len(existing) == 1:
+        p = existing[0]
+        if isinstance(p, FlatOrthogonal):
+            return "ow"
+        if isinstance(p, (FlatSpectralNorm, torch.nn.utils.parametrizations._SpectralNorm)):
+            return "sn"
+    return "other"
+
+
+def bake(module: nn.Module, name: str = "weight") -> bool:
+    """Replace the parametrization of ``module.<name>`` by its current value.
+
+    ``parametrize.remove_parametrizations(module, name, leave_parametrized=True)``: the
+    Parameter object that was ``parametrizations.<name>.original`` becomes ``module.<name>``
+    again holding the parametrized value (so the state-dict key is ``<name>`` again and
+    optimizers still hold the same object). Returns ``False`` if there was nothing to bake.
+    """
+    if not parametrize.is_parametrized(module, name):
+        return False
+    with torch.no_grad():
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return True
+
+
+def bake_all(model: nn.Module, *, only_orthofx: bool = True) -> list[str]:
+    """:func:`bake` every parametrized tensor in ``model`` (by default only OW/SN made by
+    orthofx or torch's spectral norm); returns the qualified names baked."""
+    baked: list[str] = []
+    for qn, m in list(model.named_modules()):
+        if not parametrize.is_parametrized(m):
+            continue
+        for tname in list(m.parametrizations.keys()):
+            if only_orthofx and treatment_of(m, tname) not in ("ow", "sn"):
+                continue
+            bake(m, tname)
+            baked.append(f"{qn}.{tname}" if qn else tname)
+    return baked
+
+
+def plain_state_dict(model: nn.Module, *, keep_vars: bool = False) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every parametrized tensor replaced by its value under its
+    original key (``conv.weight``) and the ``parametrizations.*`` entries (``original``,
+    ``0.base``, SN's ``_u``/``_v``) dropped — what :func:`bake_all` would give, without
+    mutating ``model``. Note that ``original`` of OW is the generator A, not the weight, so
+    keys must never be renamed without computing the value."""
+    sd = model.state_dict(keep_vars=keep_vars)
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if ".parametrizations." in f".{k}":
+            continue
+        out[k] = v
+    for qn, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for tname in m.parametrizations.keys():
+            with torch.no_grad():
+                val = getattr(m, tname)
+            out[f"{qn}.{tname}" if qn else tname] = val if keep_vars else val.detach()
+    return out
