@@ -22,13 +22,14 @@ differentiable**; tall inputs are transposed to wide and back):
 * ``"auto"`` ``"svd"`` on CPU or when ``min(m, n) ≤ 64`` (launch-bound there, exact is as fast);
   ``"polar_express"`` on CUDA otherwise.
 
-The iterations run in ``compute_dtype``: None = bfloat16 on CUDA (as in Muon), float32
-elsewhere (bf16 matmuls are slow on CPUs). Measured relative Frobenius distance to the exact
-factor, float32 iteration, random Gaussian G (64×27, 256×512, 512×4608): "ns" 0.15–0.22 (not
-convergent), "polar_express" without polish ≈ 0.10, with the default 3 polish steps ≤ 1e-5
-(float32 iteration) / ≤ 1e-2 (bf16 iteration: bf16 has 8 mantissa bits, polish in float32
-corrects most of it). An ill-conditioned G (σ_min/σ_max below ~1e-3) needs more polish steps:
-each step multiplies a tiny singular value by only 1.875.
+The iterations run in ``compute_dtype``: None = float32 (float64 for float64 input);
+``torch.bfloat16`` is accepted (as in Muon) but its rounding perturbs the singular *vectors*,
+which the float32 polish steps cannot undo: measured distance ≈ 3.5e-2 with bf16 against
+≈ 1e-6 in float32. Measured relative Frobenius distance to the exact factor, float32 iteration,
+random Gaussian G (64×27, 256×512, 512×4608): "ns" 0.15–0.27 (not convergent),
+"polar_express" without polish ≈ 0.10, with the default 3 polish steps ≤ 1e-5. An
+ill-conditioned G (σ_min/σ_max below ~1e-3) needs more polish steps: each step multiplies a
+tiny singular value by only 1.875.
 
 **Zero input gives zero output**, per batch element, without a host sync. Output dtype = input.
 """
@@ -138,8 +139,8 @@ def polar(
         steps: iteration steps for "ns"/"polar_express" (default 5).
         polish: convergent polishing steps appended (default 0 for "ns", 3 for
             "polar_express"); ignored by "svd"/"eigh".
-        compute_dtype: dtype of the "ns"/"polar_express" iteration; None = bfloat16 on CUDA,
-            float32 elsewhere.
+        compute_dtype: dtype of the "ns"/"polar_express" iteration; None = float32 (float64
+            for float64 input); torch.bfloat16 is faster on GPUs but limits the accuracy.
         validate: raise InputError on NaN/Inf (one host sync). With ``validate=False`` a
             non-finite batch element gives a NaN output (counted in ``solver_stats().nonfinite``).
 
@@ -167,7 +168,7 @@ def polar(
         elif resolved == "eigh":
             q = _eigh_factor(x.to(base))
         else:
-            it_dtype = compute_dtype or (torch.bfloat16 if x.is_cuda else base)
+            it_dtype = compute_dtype or base
             n_steps = 5 if steps is None else steps
             if resolved == "ns":
                 coeffs = [NS_COEFFS] * n_steps

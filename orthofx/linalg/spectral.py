@@ -14,11 +14,21 @@ is exact and bounded for repeated eigenvalues (the εI block of a rank-deficient
 
 *Eigenvalue floor.* ``λ = eig(A) + ε`` (ε is added to the computed eigenvalues, which equals
 decomposing ``A + εI`` and is more accurate than adding ε to the diagonal). Then
-``λ̃ = max(λ, floor)`` with ``floor = max(λ_max·eps(compute dtype), finfo.tiny)``
-(float64: 2.2e-16·λ_max, float32: 1.2e-7·λ_max), i.e. we compute ``g(λ) = f(max(λ, floor))``.
+``λ̃ = max(λ, floor)``, i.e. we compute ``g(λ) = f(max(λ, floor))``, with
+
+    floor = n·eps(compute dtype)·λ_max          (numpy's matrix_rank tolerance)
+    floor = min(floor, ε/2)                     when ε > 0
+    floor = max(floor, finfo.tiny)
+
+(float64, n=256: 5.7e-14·λ_max). Below ``n·eps·λ_max`` a computed eigenvalue is rounding noise
+(measured: the null eigenvalues of rank-deficient covariances reach ≈ 0.12·√n·eps·λ_max);
+flooring there keeps ``f`` and its gradient smooth when ``ε = 0``. The cap at ``ε/2`` guarantees
+that, for a PSD ``A``, no eigenvalue the ε shift provides is clamped (relevant only for
+``compute_dtype=torch.float32``, whose noise at GCP settings is comparable to ε).
 The backward is the exact Daleckii–Krein derivative of this clamped ``g``: closed forms between
 unclamped eigenvalues; ``(g(λ_i) − g(λ_j))/(λ_i − λ_j)`` when one of the pair is clamped; 0 when
-both are (``g`` is flat there). Zero eigenvalues with ``eps=0`` thus give finite gradients.
+both are (``g`` is flat there). The floor itself is treated as a constant (no gradient flows
+through ``λ_max``). Zero eigenvalues with ``eps=0`` thus give finite gradients.
 Negative eigenvalues (non-PSD input) are clamped the same way.
 
 *Compute dtype.* ``compute_dtype=None`` means **float64** for "eigh" and "svd" on every device
@@ -66,11 +76,17 @@ __all__ = ["sqrtm", "invsqrtm", "spectral_floor", "dk_matrix", "SPECTRAL_BACKEND
 SPECTRAL_BACKENDS = ("eigh", "svd", "ns", "auto")
 
 
-def spectral_floor(lam: Tensor) -> Tensor:
-    """``max(λ_max·eps(dtype), finfo.tiny)`` per batch element, shape (..., 1)."""
+def spectral_floor(lam: Tensor, eps: float = 0.0) -> Tensor:
+    """The eigenvalue floor of the module doc per batch element, shape (..., 1).
+
+    ``lam``: (..., n) eigenvalues of ``A + εI``; ``eps``: that ε.
+    """
     finfo = torch.finfo(lam.dtype)
     top = lam.max(dim=-1, keepdim=True).values.clamp_min(0.0)
-    return (top * finfo.eps).clamp_min(finfo.tiny)
+    floor = top * (lam.shape[-1] * finfo.eps)
+    if eps > 0:
+        floor = floor.clamp_max(eps / 2)
+    return floor.clamp_min(finfo.tiny)
 
 
 def _f(s: Tensor, inverse: bool) -> Tensor:
@@ -99,7 +115,7 @@ class _SpectralFunction(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, inverse: bool, eps: float, solver: str) -> tuple[Tensor, Tensor]:
         lam, vec = eigh_via_svd(a) if solver == "svd" else robust_eigh(a)
         lam = lam + eps
-        floor = spectral_floor(lam)
+        floor = spectral_floor(lam, eps)
         s = torch.maximum(lam, floor).sqrt()
         y = (vec * _f(s, inverse).unsqueeze(-2)) @ vec.mT
         y = symmetrize(y)
