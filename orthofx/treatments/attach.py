@@ -277,7 +277,8 @@ class AttachHandle:
 
     @torch.no_grad()
     def _pre_hook(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if (args and args[0] is not None) or kwargs.get("closure") is not None:
+        # args = (optimizer, *step_args): step(closure) puts the closure at args[1]
+        if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
             raise AttachError(
                 "orthofx.attach does not support optimizer.step(closure): the gradient is "
                 "computed inside step(), after the treatments would run"
