@@ -1,0 +1,445 @@
+"""What the analysis found, as data and as views.
+
+:class:`AnalysisReport` holds one :class:`MetaLayerEntry` per meta-layer whose Pre-SVD
+layer (producer) was determined, one :class:`SkippedEntry` per meta-layer whose producer
+could not be determined (with the reason), and the automatic decisions of the tracer.
+
+Views: ``str(report)`` (a table), ``report.to_dict()`` (JSON-serialisable),
+``report.to_dot()`` (Graphviz DOT text of each producer → meta-layer chain) and
+``report.to_png(path)`` (the same picture drawn with networkx + matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+__all__ = [
+    "ProducerInfo",
+    "CovarianceInfo",
+    "ChainStep",
+    "MetaLayerEntry",
+    "SkippedEntry",
+    "AnalysisReport",
+]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class ProducerInfo:
+    """The Pre-SVD layer: the weighted linear map whose output becomes the covariance.
+
+    Attributes:
+        name: qualified name of the module that owns the weight (``"head.reduce"``).
+        type: its class name (``"Conv2d"``).
+        param: qualified name of the weight parameter (``"head.reduce.weight"``).
+        weight_shape: shape of the weight.
+        flat_shape: the weight as the (out, in·k·k) matrix the treatments act on.
+        node: name of the fx node that applies the weight (the ``call_module`` node, the
+            functional call, or for an internal producer the meta-layer module's node).
+        form: ``"module"`` (nn.Conv*/nn.Linear), ``"functional"`` (F.conv*/F.linear/matmul
+            with an nn.Parameter weight) or ``"internal"`` (inside an orthofx meta module).
+        op: the op, e.g. ``"Conv2d"``, ``"F.conv2d"``, ``"F.linear"``, ``"matmul"``.
+        transposed: True when the stored weight is the transpose of the (out, in) map
+            (``X @ W`` with W of shape (in, out)).
+        groups: convolution groups (1 otherwise).
+    """
+
+    name: str
+    type: str
+    param: str
+    weight_shape: tuple[int, ...]
+    flat_shape: tuple[int, int]
+    node: str
+    form: str = "module"
+    op: str = ""
+    transposed: bool = False
+    groups: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "type": self.type, "param": self.param,
+            "weight_shape": list(self.weight_shape), "flat_shape": list(self.flat_shape),
+            "node": self.node, "form": self.form, "op": self.op,
+            "transposed": self.transposed, "groups": self.groups,
+        }
+
+
+@dataclass(frozen=True)
+class CovarianceInfo:
+    """How the decomposed matrix is built from the features X.
+
+    Attributes:
+        form: ``"matmul"``, ``"bmm"``, ``"mm"``, ``"einsum"``, ``"torch.cov"``,
+            ``"orthofx.linalg.covariance"``, ``"module"`` (built inside a meta-layer module
+            that takes features), ``"none"`` (an SVD of the feature matrix itself) or the name
+            of a registered covariance function.
+        node: name of the node that forms it (None when inside a module).
+        expression: e.g. ``"X Xᵀ"``, ``"Xᵀ X"``, ``"X J Xᵀ"``, or the einsum equation.
+        centered: the mean is removed (``X - mean``, a centring matrix J, torch.cov, ...).
+        scaled: the product is scaled (``/ M``, ``* c``, torch.cov, ...).
+        eps: the value of an added ``ε·I`` when it can be read, ``True`` when a constant
+            is added whose value cannot be read, ``None`` when nothing is added.
+        symmetrized: ``(A + Aᵀ)`` appears on the way to the meta-layer.
+    """
+
+    form: str
+    node: str | None = None
+    expression: str = ""
+    centered: bool = False
+    scaled: bool = False
+    eps: float | bool | None = None
+    symmetrized: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "form": self.form, "node": self.node, "expression": self.expression,
+            "centered": self.centered, "scaled": self.scaled, "eps": self.eps,
+            "symmetrized": self.symmetrized,
+        }
+
+    def describe(self) -> str:
+        parts = [self.form]
+        if self.expression:
+            parts.append(self.expression)
+        flags = [name for name, on in (("centred", self.centered), ("scaled", self.scaled),
+                                        ("sym", self.symmetrized)) if on]
+        if self.eps is True:
+            flags.append("+const")
+        elif self.eps is not None:
+            flags.append(f"+{self.eps:g}I")
+        if flags:
+            parts.append(",".join(flags))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One op between the producer and the meta-layer.
+
+    Attributes:
+        node: fx node name (in the graph named by ``graph``).
+        op: fx opcode (``call_module``, ``call_function``, ``call_method``, ...).
+        target: readable target (``"BatchNorm2d head.bn"``, ``"torch.flatten"``, ``".transpose"``).
+        role: what it does on the walk (see ``orthofx.graph.patterns.Role``).
+        text: a one-line description.
+        shape: the output shape when example inputs were given.
+        graph: ``""`` for the analysed GraphModule; ``"<Function>.forward"`` for a step inside
+            an autograd.Function's forward (traced on its own).
+    """
+
+    node: str
+    op: str
+    target: str
+    role: str
+    text: str = ""
+    shape: tuple[int, ...] | None = None
+    graph: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node, "op": self.op, "target": self.target, "role": self.role,
+            "text": self.text, "shape": list(self.shape) if self.shape is not None else None,
+            "graph": self.graph,
+        }
+
+    def short(self) -> str:
+        return f"{self.node}[{self.role}]"
+
+
+@dataclass(frozen=True)
+class MetaLayerEntry:
+    """A meta-layer whose producer was found.
+
+    Attributes:
+        node: fx node name of the meta-layer call in the analysed GraphModule.
+        kind: ``"eigh"``, ``"eigvalsh"``, ``"svd"``, ``"svdvals"``, ``"sqrtm"`` or ``"invsqrtm"``.
+        usage: how the result is used: ``"sqrtm"`` (U diag(√λ) Uᵀ), ``"invsqrtm"``
+            (U diag(1/√λ) Uᵀ), ``"eigenvalues"`` (only the values), ``"unknown"``.
+        scope: qualified name of the module whose forward made the call.
+        target: readable call target (``"torch.linalg.eigh"``, ``"CovariancePooling"``).
+        source: ``"torch"``, ``"orthofx"``, ``"config"`` or ``"autograd.Function"``.
+        input: ``"covariance"`` or ``"features"`` (what the first argument is).
+        covariance: how the decomposed matrix is formed.
+        producer: the Pre-SVD layer.
+        chain: ops from the producer (first) to the meta-layer (last), both included.
+        graph: ``""``: ``node`` is in ``report.graph_module``; for a partial report, the
+            qualified name of the submodule whose own trace holds ``node``.
+    """
+
+    node: str
+    kind: str
+    usage: str
+    scope: str
+    target: str
+    source: str
+    input: str
+    covariance: CovarianceInfo
+    producer: ProducerInfo
+    chain: tuple[ChainStep, ...] = ()
+    graph: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
+            "target": self.target, "source": self.source, "input": self.input,
+            "covariance": self.covariance.to_dict(), "producer": self.producer.to_dict(),
+            "chain": [s.to_dict() for s in self.chain], "graph": self.graph,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    """A meta-layer whose producer could not be determined.
+
+    Attributes:
+        node, kind, usage, scope, target, source, input: as in :class:`MetaLayerEntry`.
+        reason: why the walk stopped.
+        stop_node: the node where it stopped (None when it never started).
+        chain: the ops crossed, from the stop node (first) to the meta-layer (last).
+        graph: as in :class:`MetaLayerEntry`.
+    """
+
+    node: str
+    kind: str
+    scope: str
+    target: str
+    reason: str
+    stop_node: str | None = None
+    usage: str = "unknown"
+    source: str = "torch"
+    input: str = "covariance"
+    chain: tuple[ChainStep, ...] = ()
+    graph: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
+            "target": self.target, "source": self.source, "input": self.input,
+            "reason": self.reason, "stop_node": self.stop_node,
+            "chain": [s.to_dict() for s in self.chain], "graph": self.graph,
+        }
+
+
+@dataclass
+class AnalysisReport:
+    """The result of ``orthofx.analyze`` (pure: the model is not modified).
+
+    Attributes:
+        model: class name of the analysed model.
+        entries: one per meta-layer with a determined producer.
+        skipped: meta-layers whose producer could not be determined, with the reason.
+        auto_leaves: submodules made fx leaves automatically (``AutoLeafRecord``).
+        notes: other things worth knowing (autograd.Functions kept as leaves, shapes, ...).
+        partial: True when the model could not be traced as a whole and its submodules were
+            analysed on their own (each entry's ``graph`` then names the submodule whose own
+            trace holds its ``node``).
+        graph_module: the traced GraphModule the node names refer to (not serialised;
+            None for a partial report).
+    """
+
+    model: str
+    entries: list[MetaLayerEntry] = field(default_factory=list)
+    skipped: list[SkippedEntry] = field(default_factory=list)
+    auto_leaves: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    partial: bool = False
+    graph_module: Any = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def producers(self) -> list[str]:
+        """Qualified names of the Pre-SVD modules, unique, in order of first appearance."""
+        return list(dict.fromkeys(e.producer.name for e in self.entries))
+
+    @property
+    def producer_params(self) -> list[str]:
+        """Qualified names of the Pre-SVD weight parameters, unique, in order."""
+        return list(dict.fromkeys(e.producer.param for e in self.entries))
+
+    def entry(self, node: str) -> MetaLayerEntry:
+        """The entry of the meta-layer node called ``node``."""
+        for e in self.entries:
+            if e.node == node:
+                return e
+        raise KeyError(node)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``json.dumps(report.to_dict())`` works)."""
+        return {
+            "model": self.model,
+            "producers": self.producers,
+            "entries": [e.to_dict() for e in self.entries],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "auto_leaves": [_jsonable(a) for a in self.auto_leaves],
+            "notes": list(self.notes),
+            "partial": self.partial,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    # ------------------------------------------------------------------ table
+    def __str__(self) -> str:
+        lines = [
+            f"orthofx analysis of {self.model}: {len(self.entries)} meta-layer(s) with a "
+            f"Pre-SVD layer, {len(self.skipped)} skipped"
+            + (" (partial: per-submodule traces)" if self.partial else "")
+        ]
+        if self.entries:
+            header = ("#", "meta-layer", "kind", "usage", "scope", "covariance", "producer",
+                      "type", "flat weight", "ops")
+            rows = [header]
+            for i, e in enumerate(self.entries):
+                p = e.producer
+                rows.append((
+                    str(i), e.node, e.kind, e.usage, e.scope or "<root>",
+                    e.covariance.describe(), p.name or "<root>", p.op or p.type,
+                    "x".join(map(str, p.flat_shape)), str(max(len(e.chain) - 2, 0)),
+                ))
+            lines += _table(rows)
+            lines.append("")
+            lines.append("chains (producer -> meta-layer):")
+            for i, e in enumerate(self.entries):
+                lines.append(f"  [{i}] " + " -> ".join(s.short() for s in e.chain))
+        if self.skipped:
+            lines.append("")
+            lines.append("skipped (producer not determined):")
+            for s in self.skipped:
+                where = f" at {s.stop_node}" if s.stop_node else ""
+                lines.append(f"  - {s.node} ({s.kind}, scope {s.scope or '<root>'}): stopped{where}: {s.reason}")
+        if self.auto_leaves:
+            lines.append("")
+            lines.append("modules traced as opaque leaves automatically (fx cannot trace them; "
+                         "make it explicit with AnalysisConfig(leaf_modules=...)):")
+            for a in self.auto_leaves:
+                lines.append(f"  - {a.name} ({a.type}): {a.error}")
+        if self.notes:
+            lines.append("")
+            lines.append("notes:")
+            lines += [f"  - {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ pictures
+    def to_networkx(self) -> Any:
+        """A ``networkx.DiGraph`` of every chain: nodes ``"<entry>:<node>"`` with attributes
+        ``label``, ``role``, ``entry``, ``column``; edges producer → … → meta-layer."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        chains: list[tuple[str, Sequence[ChainStep], bool]] = [
+            (f"e{i}", e.chain, True) for i, e in enumerate(self.entries)
+        ] + [(f"s{i}", s.chain, False) for i, s in enumerate(self.skipped)]
+        for row, (tag, chain, ok) in enumerate(chains):
+            prev = None
+            for col, step in enumerate(chain):
+                key = f"{tag}:{step.graph + '/' if step.graph else ''}{step.node}"
+                g.add_node(key, label=_step_label(step), role=step.role, entry=tag,
+                           row=row, column=col, ok=ok)
+                if prev is not None:
+                    g.add_edge(prev, key)
+                prev = key
+        return g
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text: one cluster per entry (producer → … → meta-layer) and per
+        skipped meta-layer (stop node → … → meta-layer, in red)."""
+        out = ["digraph orthofx {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];']
+        blocks = [(f"e{i}", f"[{i}] {e.node}: {e.kind} / {e.usage} (scope {e.scope or '<root>'})",
+                   e.chain, True) for i, e in enumerate(self.entries)]
+        blocks += [(f"s{i}", f"skipped {s.node}: {s.reason}", s.chain, False)
+                   for i, s in enumerate(self.skipped)]
+        for tag, label, chain, ok in blocks:
+            out.append(f"  subgraph cluster_{tag} {{")
+            out.append(f"    label={_dot_str(label)};")
+            out.append(f"    color={'black' if ok else 'red'};")
+            keys = []
+            for step in chain:
+                key = f"{tag}:{step.graph + '/' if step.graph else ''}{step.node}"
+                keys.append(key)
+                color = _ROLE_COLORS.get(step.role, "#ffffff")
+                out.append(f"    {_dot_str(key)} [label={_dot_str(_step_label(step))}, "
+                           f'style=filled, fillcolor="{color}"];')
+            for a, b in zip(keys, keys[1:]):
+                out.append(f"    {_dot_str(a)} -> {_dot_str(b)};")
+            out.append("  }")
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+    def to_png(self, path: str, *, dpi: int = 120) -> str:
+        """Draw the chains with networkx + matplotlib (Agg) into ``path``; returns ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        import networkx as nx
+
+        g = self.to_networkx()
+        n_rows = max((d["row"] for _, d in g.nodes(data=True)), default=0) + 1
+        n_cols = max((d["column"] for _, d in g.nodes(data=True)), default=0) + 1
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.9 * n_cols), max(2.0, 1.3 * n_rows)))
+        pos = {k: (d["column"], -d["row"]) for k, d in g.nodes(data=True)}
+        colors = [_ROLE_COLORS.get(d["role"], "#ffffff") for _, d in g.nodes(data=True)]
+        edge_colors = ["black" if g.nodes[u]["ok"] else "red" for u, _ in g.edges()]
+        if g.number_of_nodes():
+            nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colors, node_shape="s",
+                                   node_size=1800, edgecolors="black")
+            nx.draw_networkx_edges(g, pos, ax=ax, edge_color=edge_colors, arrows=True,
+                                   node_size=1800)
+            labels = {k: d["label"] for k, d in g.nodes(data=True)}
+            nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=6)
+        else:
+            ax.text(0.5, 0.5, "no meta-layers found", ha="center", va="center")
+        ax.set_title(f"orthofx: {self.model}", fontsize=9)
+        ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        return path
+
+
+_ROLE_COLORS = {
+    "producer": "#ffd27f",
+    "covariance": "#9fd5ff",
+    "meta": "#c7a4ff",
+    "stop": "#ff9f9f",
+}
+
+
+def _step_label(step: ChainStep) -> str:
+    label = f"{step.node}\n{step.target}"
+    if step.role not in ("producer", "meta"):
+        label += f"\n[{step.role}]"
+    if step.shape is not None:
+        label += "\n" + "x".join(map(str, step.shape))
+    return label
+
+
+def _dot_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _table(rows: Iterable[Sequence[str]]) -> list[str]:
+    rows = [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
