@@ -21,8 +21,9 @@ Outputs always have the input's dtype and device.
 vectors are eigenvectors; eigenvalues are recovered as Rayleigh quotients ``λ_i = v_iᵀ A v_i``
 (correct sign also for negative eigenvalues) and sorted ascending. On CUDA it uses
 ``driver="gesvda"``. A batch element is recomputed with ``robust_eigh`` when its relative
-residual ``‖AV − VΛ‖_F/‖A‖_F`` exceeds ``svd_residual_tol(n, dtype)`` or when it is indefinite
-beyond that tolerance (``λ_min < −tol·‖A‖_F``: for ``±λ`` pairs an SVD mixes eigenvectors);
+residual ``‖AV − VΛ‖_F/‖A‖_F`` or its loss of orthonormality ``‖VᵀV − I‖_F/√n`` exceeds
+``svd_residual_tol(n, dtype)``, or when it is indefinite beyond that tolerance
+(``λ_min < −tol·‖A‖_F``: for ``±λ`` pairs an SVD mixes eigenvectors);
 each such element counts as ``fallbacks["svd->eigh"]``. That check costs one host sync.
 """
 
@@ -171,8 +172,10 @@ def eigh_via_svd(a: Tensor) -> tuple[Tensor, Tensor]:
     av = torch.gather(av, -1, order.unsqueeze(-2).expand_as(av))
     norm_a = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
     resid = torch.linalg.matrix_norm(av - v * lam.unsqueeze(-2)) / norm_a
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    orth = torch.linalg.matrix_norm(v.mT @ v - eye) / math.sqrt(max(n, 1))
     tol = svd_residual_tol(n, a.dtype)
-    ok = (resid <= tol) & (lam[..., 0] >= -tol * norm_a) & torch.isfinite(lam).all(-1)
+    ok = (resid <= tol) & (orth <= tol) & (lam[..., 0] >= -tol * norm_a) & torch.isfinite(lam).all(-1)
     if not bool(ok.all()):  # one host sync
         bad_idx = (~ok).reshape(-1).nonzero().squeeze(-1)
         flat_a = a.reshape(-1, n, n)

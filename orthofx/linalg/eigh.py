@@ -47,12 +47,16 @@ __all__ = ["eigh", "eigvalsh", "stable_k", "resolve_eigh_backend", "EIGH_BACKEND
 EIGH_BACKENDS = ("auto", "eigh", "svd")
 
 
-def resolve_eigh_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "svd" on CUDA (gesvda, residual-checked), "eigh" elsewhere."""
+def resolve_eigh_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """"auto" -> "svd" on CUDA for float32 work (gesvda, residual-checked), "eigh" otherwise.
+
+    Measured on an H200 (64 × 256², GCP-like, + 1e-5·I): cusolver eigh float32 338 ms,
+    float64 128 ms, gesvda float32 11.8 ms with smaller eigenvalue errors than eigh float32.
+    """
     if backend not in EIGH_BACKENDS:
         raise ConfigError(f"unknown eigh backend {backend!r}; choose one of {EIGH_BACKENDS}")
     if backend == "auto":
-        return "svd" if device.type == "cuda" else "eigh"
+        return "svd" if device.type == "cuda" and dtype == torch.float32 else "eigh"
     return backend
 
 
@@ -139,7 +143,7 @@ def eigh(
             ``None`` = exact ``1/(λ_i − λ_j)`` with ties regularised.
         backend: "eigh" (``torch.linalg.eigh``), "svd" (``torch.linalg.svd``, gesvda on CUDA,
             Rayleigh-quotient eigenvalues, residual check with eigh fallback: one host sync),
-            "auto" ("svd" on CUDA, "eigh" otherwise).
+            "auto" ("svd" on CUDA for float32/half input, "eigh" otherwise).
         validate: raise :class:`~orthofx.errors.InputError` on NaN/Inf (one host sync).
 
     Returns:
@@ -151,7 +155,7 @@ def eigh(
     """
     check_square(A, "eigh input")
     _check_degree(taylor_degree)
-    resolved = resolve_eigh_backend(backend, A.device)
+    resolved = resolve_eigh_backend(backend, A.device, working_dtype(A.dtype))
     if A.numel() == 0:
         return A.new_empty(A.shape[:-1]), A.new_empty(A.shape)
     if validate:
@@ -171,7 +175,7 @@ def eigvalsh(A: Tensor, *, backend: str = "auto", validate: bool = True) -> Tens
     only eigenvalues are computed (``torch.linalg.eigvalsh``).
     """
     check_square(A, "eigvalsh input")
-    resolved = resolve_eigh_backend(backend, A.device)
+    resolved = resolve_eigh_backend(backend, A.device, working_dtype(A.dtype))
     if A.numel() == 0:
         return A.new_empty(A.shape[:-1])
     if validate:

@@ -12,8 +12,10 @@ with the cancellation-free closed forms ``F_ij = 1/(√λ_i + √λ_j)`` (sqrt) 
 ``F_ij = −1/(√λ_i √λ_j (√λ_i + √λ_j))`` (inverse sqrt). Unlike the Taylor-K eigen backward, this
 is exact and bounded for repeated eigenvalues (the εI block of a rank-deficient covariance).
 
-*Eigenvalue floor.* ``λ = eig(A) + ε`` (ε is added to the computed eigenvalues, which equals
-decomposing ``A + εI`` and is more accurate than adding ε to the diagonal). Then
+*Eigenvalue floor.* "eigh": ``λ = eig(A) + ε`` (ε is added to the computed eigenvalues, which
+equals decomposing ``A + εI`` and is more accurate than adding ε to the diagonal); "svd":
+``λ = eig(A + εI)`` (gesvda's vectors for the null space of a singular A are unreliable: on an
+H200 every GCP-like singular batch element failed the residual check). Then
 ``λ̃ = max(λ, floor)``, i.e. we compute ``g(λ) = f(max(λ, floor))``, with
 
     floor = n·eps(compute dtype)·λ_max          (numpy's matrix_rank tolerance)
@@ -113,8 +115,12 @@ def dk_matrix(lam: Tensor, floor: Tensor, inverse: bool) -> Tensor:
 class _SpectralFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, inverse: bool, eps: float, solver: str) -> tuple[Tensor, Tensor]:
-        lam, vec = eigh_via_svd(a) if solver == "svd" else robust_eigh(a)
-        lam = lam + eps
+        if solver == "svd":  # decompose A + εI: an SVD of a singular A has unreliable null vectors
+            shifted = a + eps * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) if eps else a
+            lam, vec = eigh_via_svd(shifted)
+        else:
+            lam, vec = robust_eigh(a)
+            lam = lam + eps
         floor = spectral_floor(lam, eps)
         s = torch.maximum(lam, floor).sqrt()
         y = (vec * _f(s, inverse).unsqueeze(-2)) @ vec.mT
@@ -164,7 +170,7 @@ def _matrix_function(
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ConfigError(f"iters must be an int >= 1, got {iters!r}")
     spectral = resolved in ("eigh", "svd")
-    cdtype = resolve_dtype(compute_dtype, A.dtype, torch.float64 if spectral else None)
+    cdtype = resolve_dtype(compute_dtype, A.dtype, torch.float64 if resolved == "eigh" else None)
     if A.numel() == 0:
         y = A.new_empty(A.shape)
         return (y, A.new_empty(A.shape[:-1], dtype=cdtype)) if return_eigenvalues else y
