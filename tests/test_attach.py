@@ -184,8 +184,8 @@ def test_nog_then_olr_matches_float64(device: torch.device) -> None:
         ws, ts, v, s, steps=4, lrs=[0.5] * 4, mu=0.9, wd=1e-3, nesterov=False, use_nog=True
     )
     torch.testing.assert_close(h.olr_history()["lr"].cpu(), torch.tensor(ref_lr, dtype=torch.float64), rtol=1e-5, atol=1e-9)
-    for p, r in zip(model.ws, ref_ws):
-        torch.testing.assert_close(p.detach().double().cpu(), r, rtol=1e-5, atol=1e-6)
+    for p, r in zip(model.ws, ref_ws):  # float32 trajectory vs float64: entries of size ~1
+        torch.testing.assert_close(p.detach().double().cpu(), r, rtol=1e-5, atol=5e-6)
     stats = h.stats()
     assert stats["steps"] == 4 and stats["nonfinite_grads"] == 0
     assert set(stats["last_lr"]) == {f"producer[{i}]" for i in range(4)}
@@ -405,3 +405,12 @@ def test_ow_parameter_is_the_producer() -> None:
     torch.testing.assert_close(W @ W.T, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
     assert h.stats()["steps"] == 3
     assert math.isfinite(h.stats()["last_lr"][h.names[0]])
+
+
+def test_lr_mode_auto_resolution() -> None:
+    m = Net()
+    h = attach(torch.optim.SGD(m.parameters(), lr=0.1), [m.conv1.weight], olr=True)
+    assert h.lr_mode == ("fold" if m.conv1.weight.is_cuda else "float")
+    m2 = Net()
+    h2 = attach(torch.optim.SGD(m2.parameters(), lr=0.1, fused=True), [m2.conv1.weight], olr=True)
+    assert h2.lr_mode == "tensor"

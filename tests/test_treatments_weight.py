@@ -202,7 +202,7 @@ def _ol_reference(ws: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tens
     total = torch.zeros((), dtype=torch.float64)
     grads = []
     for w in ws:
-        W = _flat(w).detach().double()
+        W = _flat(w).detach().double().cpu()
         if W.shape[0] <= W.shape[1]:
             E = W @ W.T - torch.eye(W.shape[0], dtype=torch.float64)
             nrm = torch.linalg.matrix_norm(E)

@@ -43,7 +43,6 @@ __all__ = ["attach", "AttachHandle", "resolve_producers"]
 
 LRMode = Literal["auto", "float", "tensor", "fold"]
 _LR_MODES = ("auto", "float", "tensor", "fold")
-ProducerSpec = "Tensor | tuple[nn.Module, str]"
 
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle]" = weakref.WeakKeyDictionary()
 _FOLD_MIN_RATIO = math.sqrt(torch.finfo(torch.float32).tiny)  # ≈ 1.1e-19

@@ -74,9 +74,12 @@ class FlatOrthogonal(nn.Module):
     a balancing scalar) every analytic/rational ``f`` obeys ``f(L Rᵀ) L = L f(Rᵀ L)``, and
     ``Y₀`` is the second block of ``L``, so ``W_tall = L · f(M)[:, k:]`` with the 2k×2k matrix
     ``M = Rᵀ L``. This low-rank route costs O(n'k² + k³) instead of O(n'³) — for a 512×4608
-    weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve). It is used when
-    ``2k < n'`` (``lowrank=None``) and is exact up to rounding (checked against the dense route
-    in the tests). ``t = max(‖a‖_F, 1)`` (detached) keeps the blocks of ``M`` of similar size.
+    weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve) — and is exact up
+    to rounding (checked against the dense route in the tests). ``t = max(‖a‖_F, 1)`` (detached) keeps the blocks of ``M`` of similar size.
+    Auto (``lowrank=None``) uses it when ``4k ≤ n'`` (aspect ratio ≥ 4): measured on an H200,
+    float32 forward+backward, expm: 512×4608 9.1 ms low-rank vs 481 ms dense (torch's
+    ``orthogonal``: 509 ms), 256×2048 4.5 vs 43 ms; Cayley: 4.9 vs 24 ms and 3.2 vs 7.9 ms;
+    at 64×27 (launch-bound) dense is a little faster (2.3 vs 3.2 ms expm).
 
     dtype: float16/bfloat16 weights are computed in float32; float32/float64 in their own
     dtype. The output has the weight's dtype. No ε is involved.
@@ -101,7 +104,7 @@ class FlatOrthogonal(nn.Module):
         self.k, self.n_big = min(self.out, self.n), max(self.out, self.n)
         self.wide = self.out < self.n
         self.method = method
-        self.lowrank = (2 * self.k < self.n_big) if lowrank is None else bool(lowrank)
+        self.lowrank = (4 * self.k <= self.n_big) if lowrank is None else bool(lowrank)
         self.register_buffer("base", torch.zeros(self.n_big, self.k))
 
     def extra_repr(self) -> str:
