@@ -414,3 +414,50 @@ def test_lr_mode_auto_resolution() -> None:
     m2 = Net()
     h2 = attach(torch.optim.SGD(m2.parameters(), lr=0.1, fused=True), [m2.conv1.weight], olr=True)
     assert h2.lr_mode == "tensor"
+
+
+def _ddp_worker(rank: int, world: int, port: int, init_state: dict, x: torch.Tensor, y: torch.Tensor, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = Net()
+        model.load_state_dict(init_state)
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        attach(opt, [(model.conv1, "weight")], nog=True, olr=True)
+        _train(ddp, opt, x.chunk(world)[rank], y.chunk(world)[rank], 2)
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_hook_sees_the_all_reduced_gradient(tmp_path) -> None:
+    """2 gloo ranks with half a batch each == one process with the whole batch: NOG/OLR act
+    on the averaged gradient, after DDP's all-reduce."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(8)
+    ref = Net()
+    init = copy.deepcopy(ref.state_dict())
+    x, y = _data(torch.device("cpu"), n=16)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_ddp_worker, args=(2, port, init, x, y, out), nprocs=2, join=True)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    attach(opt, [(ref.conv1, "weight")], nog=True, olr=True)
+    _train(ref, opt, x, y, 2)
+    got = torch.load(out)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-5, msg=k)

@@ -328,7 +328,7 @@ class AttachHandle:
                 if g is None:
                     continue
                 p = s.param
-                c = ratio[i].to(device=p.device, dtype=torch.float32)
+                c = ratio[i].to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
                 wd = orig.get("weight_decay", 0.0)
                 sign = -1.0 if orig.get("maximize", False) else 1.0
                 gu = g if scale is None else g.float() / scale.to(g.device)
