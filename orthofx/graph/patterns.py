@@ -312,9 +312,10 @@ def is_meta_module(module: nn.Module) -> bool:
 
 
 def _module_meta_spec(module: nn.Module) -> MetaSpec | None:
-    info = getattr(type(module), "orthofx_meta", None)
-    if info is None:
+    if not hasattr(type(module), "orthofx_meta"):
         return None
+    # an instance may refine its class's marker (e.g. which decomposition it replaces)
+    info = getattr(module, "orthofx_meta", None) or getattr(type(module), "orthofx_meta")
     kind = getattr(info, "kind", None)
     inp = getattr(info, "input", "covariance")
     return MetaSpec(kind, inp)

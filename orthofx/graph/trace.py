@@ -204,12 +204,15 @@ class OrthoTracer(fx.Tracer):
         #: (qualified name, class name, exception) of the innermost module that raised
         self.failure: tuple[str, str, BaseException] | None = None
         self.functions: dict[type, None] = {}
+        #: qualified names of the modules made leaves by name or class (config / auto_leaf)
+        self.config_leaves: dict[str, None] = {}
 
     # -- leaves ---------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_meta_module(m):
             return True
         if module_qualified_name in self.leaf_names or _class_keys(type(m)) & self.leaf_classes:
+            self.config_leaves[module_qualified_name] = None
             return True
         if self.patterns.config.meta_modules and self.patterns.is_config_meta_module(
             m, module_qualified_name
@@ -364,15 +367,30 @@ def trace(
                 auto.append(AutoLeafRecord(name, tname, reason))
                 continue
             raise _failure(model, name, tname, reason, cfg) from exc
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    try:
+        gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        clash = sorted(set(dict(model.named_children())) & _GRAPH_MODULE_ATTRS)
+        if clash:
+            raise TraceFailure(
+                f"{type(model).__name__} has a submodule named {clash[0]!r}, which collides with "
+                f"the torch.fx.GraphModule attribute of that name; rename the submodule",
+                module=clash[0], hint=f"rename the submodule {clash[0]!r}",
+            ) from exc
+        raise TraceFailure(f"torch.fx could not build a GraphModule for "
+                           f"{type(model).__name__}: {_first_line(exc)}") from exc
     gm.meta[TRACE_META_KEY] = TraceInfo(
-        leaf_modules=tuple(sorted(leaf_names)),
+        leaf_modules=tuple(sorted(set(leaf_names) | set(tracer.config_leaves))),
         auto_leaves=tuple(auto),
         module_types={n: type(m).__name__ for n, m in model.named_modules()},
         functions=tuple(tracer.functions),
         model_type=type(model).__name__,
     )
     return gm
+
+
+#: attributes of fx.GraphModule that a root submodule must not shadow
+_GRAPH_MODULE_ATTRS = frozenset({"meta", "graph", "code", "forward", "recompile"})
 
 
 def _failure(model: nn.Module, name: str, tname: str, reason: str,
