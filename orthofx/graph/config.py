@@ -75,10 +75,17 @@ def callable_name(obj: Any) -> str:
     if isinstance(obj, str):
         return obj
     mod = getattr(obj, "__module__", None)
-    qual = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    if not mod or not qual:
+    names = [getattr(obj, "__qualname__", None), getattr(obj, "__name__", None)]
+    names = [n for n in names if n]
+    if not mod or not names:
         raise ConfigError(f"cannot name {obj!r}; register functions and classes, not instances")
-    return f"{mod}:{qual}"
+    for name in names:  # torch builtins: __qualname__ is "_VariableFunctionsClass.cumsum"
+        try:
+            if resolve_callable_name(f"{mod}:{name}") is obj:
+                return f"{mod}:{name}"
+        except ConfigError:
+            continue
+    return f"{mod}:{names[0]}"
 
 
 def resolve_callable_name(name: str) -> Any:
@@ -189,6 +196,11 @@ class AnalysisConfig:
                 )
         if int(self.max_auto_leaves) < 0:
             raise ConfigError("max_auto_leaves must be >= 0")
+
+    def __hash__(self) -> int:  # the mapping fields are not hashable themselves
+        import json
+
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def replace(self, **changes: Any) -> "AnalysisConfig":
         """A copy with ``changes`` applied."""

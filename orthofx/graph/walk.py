@@ -562,7 +562,9 @@ class Walker:
             + (" Xᵀ" if pb == 1 else " X")
         form = {operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "bmm",
                 torch.mm: "mm"}.get(n.target, str(n.target) if n.op == "call_method" else "matmul")
-        return Step(n, Role.COVARIANCE, xa, f"{text} ({expr})", info={"cov": {
+        # continue through the un-transposed factor (keeps its casts in the chain)
+        src = self._strip_centring(a, "left") if pa == 0 else self._strip_centring(b, "right")
+        return Step(n, Role.COVARIANCE, src, f"{text} ({expr})", info={"cov": {
             "form": form, "expression": expr, "centered": ja is not None or jb is not None,
         }})
 
@@ -591,6 +593,15 @@ class Walker:
                     continue
             break
         return n, parity, J
+
+    def _strip_centring(self, n: Any, side: str) -> Any:
+        """``X @ J`` (left factor) / ``J @ Xᵀ`` (right factor) → the data operand; else ``n``."""
+        if isinstance(n, fx.Node) and _is_matmul(n):
+            x, y = _matmul_operands(n)
+            const, data = (y, x) if side == "left" else (x, y)
+            if self.ng.is_data(data) and not self.ng.is_data(const):
+                return data
+        return n
 
     def _same(self, a: Any, b: Any, depth: int = 8) -> bool:
         """Same node, or the same computation repeated (``(x - m) @ (x - m).T``)."""
@@ -621,7 +632,7 @@ class Walker:
             if self.ng.is_data(a) and self.ng.is_data(b):
                 xa, xb = _strip_casts(a), _strip_casts(b)
                 if self._same(xa, xb) and _einsum_is_gram(eq):
-                    return Step(n, Role.COVARIANCE, xa, f"{text} ({eq})", info={"cov": {
+                    return Step(n, Role.COVARIANCE, a, f"{text} ({eq})", info={"cov": {
                         "form": "einsum", "expression": eq.replace(" ", ""), "centered": False}})
         data_ops = [o for o in ops if self.ng.is_data(o)]
         if len(data_ops) == 1 and len(ops) == 2:
@@ -652,14 +663,14 @@ class Walker:
                     "pow": Role.POINTWISE}[op]
             step = self._transparent(n, role, a, text)
             if role == Role.SHIFT and step.role == Role.SHIFT:
-                step.info["eps"] = _eps_value(b, negate=(op == "sub"))
+                step.info["eps"] = self._eps_value(b, negate=(op == "sub"))
             return step
         if db and not da:
             role = {"add": Role.SHIFT, "sub": Role.SHIFT, "mul": Role.SCALE,
                     "div": Role.POINTWISE, "pow": Role.POINTWISE}[op]
             step = self._transparent(n, role, b, text)
             if role == Role.SHIFT and step.role == Role.SHIFT and op == "add":
-                step.info["eps"] = _eps_value(a)
+                step.info["eps"] = self._eps_value(a)
             return step
         if not da and not db:
             return Step(n, Role.STOP, text=text, reason=f"{text} of constants")
@@ -684,6 +695,9 @@ class Walker:
         return Step(n, Role.STOP, text=text, reason=(
             f"{text} {verb} another tensor ({getattr(other, 'name', other)}; "
             f"{a.name} and {b.name} are both data)"))
+
+    def _eps_value(self, c: Any, negate: bool = False) -> float | bool:
+        return _eps_value(c, negate, self.ng.gm)
 
     def _is_mean_of(self, m: Any, x: Any) -> bool:
         for _ in range(8):
@@ -859,7 +873,7 @@ def _einsum_is_gram(eq: str) -> bool:
     return bool(contracted) and set(out) <= shared | {c, d}
 
 
-def _eps_value(c: Any, negate: bool = False) -> float | bool:
+def _eps_value(c: Any, negate: bool = False, gm: fx.GraphModule | None = None) -> float | bool:
     """The ε of ``ε·I`` (a number), or True when a constant whose value is unknown is added."""
     sign = -1.0 if negate else 1.0
     if isinstance(c, (int, float)) and not isinstance(c, bool):
@@ -871,6 +885,9 @@ def _eps_value(c: Any, negate: bool = False) -> float | bool:
             return True
         if node.op == "call_function" and node.target is torch.eye:
             return sign * scale
+        if node.op == "get_attr" and gm is not None:  # a constant folded while tracing
+            eps = _scaled_identity(gm, str(node.target))
+            return True if eps is None else sign * scale * eps
         if (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
                 node.op == "call_method" and node.target == "mul"):
             x, y = node.args[0], _arg(node, 1, "other")
@@ -889,6 +906,22 @@ def _eps_value(c: Any, negate: bool = False) -> float | bool:
             continue
         return True
     return True
+
+
+def _scaled_identity(gm: fx.GraphModule, target: str) -> float | None:
+    """c when the attribute ``target`` is c·I (possibly with leading broadcast dims)."""
+    t: Any = gm
+    try:
+        for part in target.split("."):
+            t = getattr(t, part)
+    except AttributeError:
+        return None
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[-1] != t.shape[-2] \
+            or t.numel() > 1 << 20:
+        return None
+    t = t.detach().reshape(-1, t.shape[-1], t.shape[-1])[0].double()
+    c = float(t[0, 0])
+    return c if torch.equal(t, c * torch.eye(t.shape[-1], dtype=t.dtype)) else None
 
 
 # --------------------------------------------------------------------------- covariance info
