@@ -10,7 +10,14 @@ Public names are imported lazily (PEP 562), so ``import orthofx`` stays cheap.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
+    from orthofx.config import PRESETS, OrthoConfig  # noqa: F401
+    from orthofx.export import checkpoint, load_checkpoint, save_checkpoint, strip  # noqa: F401
+    from orthofx.graph import AnalysisConfig, analyze  # noqa: F401
+    from orthofx.monitor import ConditioningMonitor  # noqa: F401
+    from orthofx.transform import TransformReport, attach, orthogonality_loss, transform  # noqa: F401
 
 from orthofx.errors import (  # noqa: F401
     AttachError,
@@ -29,8 +36,19 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "OrthoConfig": "orthofx.config",
     "PRESETS": "orthofx.config",
+    "analyze": "orthofx.graph",
+    "AnalysisConfig": "orthofx.graph",
+    "transform": "orthofx.transform",
+    "attach": "orthofx.transform",
+    "orthogonality_loss": "orthofx.transform",
+    "TransformReport": "orthofx.transform",
+    "strip": "orthofx.export",
+    "checkpoint": "orthofx.export",
+    "save_checkpoint": "orthofx.export",
+    "load_checkpoint": "orthofx.export",
+    "ConditioningMonitor": "orthofx.monitor",
 }
-_SUBMODULES = ("linalg", "nn", "graph", "treatments", "config", "data", "testing", "monitor")
+_SUBMODULES = ("linalg", "nn", "graph", "treatments", "config", "data", "testing", "monitor", "export", "rewrite", "experiment")
 
 
 def __getattr__(name: str) -> Any:

@@ -50,7 +50,9 @@ class OrthoConfig:
             ((I − S/2)⁻¹(I + S/2), much cheaper for wide weights).
         ol_weight: multiplier of the orthogonality loss returned by
             ``orthofx.orthogonality_loss`` (only with ``weight="ol"``).
-        sn_power_iterations: power iterations per forward for SN.
+        sn_method: ``"exact"`` (σ_max from ``svdvals`` every forward: σ_max(W) = 1 to
+            rounding) or ``"power"`` (torch's power-iteration spectral norm).
+        sn_power_iterations: power iterations per forward for ``sn_method="power"``.
         nog: replace each producer's weight gradient by the polar factor U Vᵀ of its
             flattened gradient (nearest orthogonal gradient).
         nog_method: ``orthofx.linalg.polar`` method; ``"svd"`` is exact.
@@ -68,6 +70,7 @@ class OrthoConfig:
     weight: str | None = None
     ow_method: str = "expm"
     ol_weight: float = 1e-2
+    sn_method: str = "exact"
     sn_power_iterations: int = 1
     nog: bool = False
     nog_method: str = "svd"
@@ -88,6 +91,8 @@ class OrthoConfig:
             raise ConfigError(f"nog_method={self.nog_method!r}; use one of {_POLAR_METHODS}")
         if not (self.ol_weight >= 0.0):
             raise ConfigError(f"ol_weight must be >= 0, got {self.ol_weight!r}")
+        if self.sn_method not in ("exact", "power"):
+            raise ConfigError(f"sn_method={self.sn_method!r}; use 'exact' or 'power'")
         if int(self.sn_power_iterations) < 1:
             raise ConfigError("sn_power_iterations must be >= 1")
 

@@ -372,9 +372,24 @@ def bake(module: nn.Module, name: str = "weight") -> bool:
     """
     if not parametrize.is_parametrized(module, name):
         return False
+    _private_class(module)
     with torch.no_grad():
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return True
+
+
+def _private_class(module: nn.Module) -> None:
+    """Give ``module`` its own copy of its parametrized class.
+
+    ``parametrize`` injects one class per module, but ``copy.deepcopy`` of a parametrized
+    module keeps that class object, so the original and the copy share it, and
+    ``remove_parametrizations`` deletes the tensor's property *from the class*: baking a deep
+    copy would break the original (torch behaviour, reproduced in tests/test_transform.py).
+    A sibling class with the same attributes makes the removal local to ``module``.
+    """
+    cls = type(module)
+    attrs = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, attrs)
 
 
 def bake_all(model: nn.Module, *, only_orthofx: bool = True) -> list[str]:

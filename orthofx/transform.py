@@ -1,0 +1,235 @@
+"""``orthofx.transform``: trace → find → plan → rewrite → report, and the training-time API.
+
+    gm, report = orthofx.transform(model, example_inputs, config="nog+ow+olr")
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    orthofx.attach(opt, gm)                                # NOG / OLR at every opt.step()
+    loss = task_loss + orthofx.orthogonality_loss(gm)      # OL (zero unless configured)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from orthofx.config import OrthoConfig, resolve_config
+from orthofx.errors import AttachError, ConfigError
+from orthofx.graph import AnalysisReport, analyze, analyze_graph
+from orthofx.rewrite import META_KEY, Plan, apply_plan
+from orthofx.treatments import attach as _attach_params
+from orthofx.treatments.attach import AttachHandle
+from orthofx.treatments.weight import orthogonality_loss as _ol
+
+__all__ = ["transform", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap"]
+
+
+@dataclass
+class TransformReport:
+    """What :func:`transform` found and did.
+
+    Attributes:
+        analysis: the pure :class:`~orthofx.graph.AnalysisReport` (entries, skipped, chains).
+        plan: the applied :class:`~orthofx.rewrite.Plan` (config, producers, swaps).
+        modified: False when the call changed nothing (no meta-layer, or an already
+            transformed model with the same config).
+        actions: human-readable list of the changes made.
+        notes: anything the user should know (no meta-layer found, partial trace, ...).
+    """
+
+    analysis: AnalysisReport
+    plan: Plan
+    modified: bool
+    actions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # analysis views ---------------------------------------------------------------------
+    @property
+    def entries(self) -> list[Any]:
+        return self.analysis.entries
+
+    @property
+    def skipped(self) -> list[Any]:
+        return self.analysis.skipped
+
+    @property
+    def producers(self) -> list[str]:
+        return self.analysis.producers
+
+    @property
+    def swapped(self) -> list[Any]:
+        return self.plan.swaps
+
+    def to_dot(self) -> str:
+        return self.analysis.to_dot()
+
+    def to_png(self, path: str, **kwargs: Any) -> str:
+        return self.analysis.to_png(path, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modified": self.modified,
+            "config": self.plan.config.name,
+            "plan": self.plan.to_dict(),
+            "actions": list(self.actions),
+            "notes": list(self.notes),
+            "analysis": self.analysis.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        lines = [str(self.analysis), ""]
+        cfg = self.plan.config
+        lines.append(f"orthofx transform: config {cfg.name!r}, modified={self.modified}")
+        for p in self.plan.producers:
+            treat = "+".join(p.treatments) or "none"
+            lines.append(f"  producer {p.param} {tuple(p.weight_shape)} -> flat {tuple(p.flat_shape)}: {treat}")
+        for s in self.plan.swaps:
+            lines.append(f"  swapped {s.original} at {s.node} -> {s.module} (stable {s.kind} backward)")
+        for a in self.actions:
+            if not a.startswith("stable "):
+                lines.append(f"  {a}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    """The plan stored by :func:`transform` in ``gm.meta``, or None for an untransformed model."""
+    m = unwrap(model)
+    meta = getattr(m, "meta", None)
+    if not isinstance(meta, dict) or META_KEY not in meta:
+        meta = getattr(m, "_orthofx_meta", None)
+        if not isinstance(meta, dict) or META_KEY not in meta:
+            return None
+    return Plan.from_dict(meta[META_KEY]["plan"])
+
+
+def _store(root: nn.Module, plan: Plan, report: TransformReport) -> None:
+    payload = {"plan": plan.to_dict(), "report": report.to_dict()}
+    if isinstance(root, fx.GraphModule):
+        root.meta[META_KEY] = payload
+    else:  # partial trace: a plain module carries the plan in an attribute
+        root._orthofx_meta = {META_KEY: payload}
+
+
+def transform(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Any = None,
+    config: OrthoConfig | str | Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, TransformReport]:
+    """Trace ``model``, find its meta-layers and Pre-SVD layers, apply the configured
+    treatments, and return ``(gm, report)``.
+
+    Args:
+        model: an unmodified ``nn.Module`` (it is deep-copied unless ``config.inplace``).
+        example_inputs: optional example inputs, used only to record shapes in the report.
+        config: an :class:`~orthofx.config.OrthoConfig`, a preset name (``"nog+ow+olr"``,
+            see :data:`~orthofx.config.PRESETS`) or a dict; None = ``"svd"`` (stabilise only).
+
+    Returns:
+        ``gm``: a ``torch.fx.GraphModule`` (a deep-copied plain module when the root could
+        not be traced and only submodules were analysed) whose producers carry OW/SN and
+        whose raw covariance decompositions are stable; the plan is in ``gm.meta["orthofx"]``.
+        ``report``: a :class:`TransformReport` (print it).
+
+    Transforming an already transformed module with the same config returns it unchanged
+    (``report.modified is False``); a different config raises :class:`ConfigError`.
+    OW re-initialises each producer weight to its nearest orthogonal matrix (U Vᵀ of its
+    flattened weight), so outputs change; SN rescales it; the other treatments leave the
+    forward untouched.
+    """
+    cfg = resolve_config(config)
+    previous = plan_of(model)
+    if previous is not None:
+        if previous.config != cfg:
+            raise ConfigError(
+                f"this model was already transformed with {previous.config.name!r}; transforming it again "
+                f"with {cfg.name!r} would stack treatments. Transform the original model, or orthofx.strip() first."
+            )
+        root = unwrap(model)
+        if isinstance(root, fx.GraphModule):
+            analysis = analyze_graph(root, cfg.analysis)
+        else:
+            analysis = analyze(root, None, cfg.analysis)
+        note = "already transformed with this config: nothing to do"
+        return model, TransformReport(analysis, previous, modified=False, notes=[note])
+
+    work = model if cfg.inplace else copy.deepcopy(model)
+    analysis = analyze(work, example_inputs, cfg.analysis)
+    root: nn.Module = analysis.graph_module if analysis.graph_module is not None else work
+    notes: list[str] = []
+    if analysis.graph_module is None:
+        notes.append("the root module could not be traced; treatments were applied to the analysed submodules "
+                     "and raw meta-layers were not swapped")
+    if not analysis.entries:
+        notes.append("no meta-layer with a Pre-SVD layer was found; the model is unchanged"
+                     + (f" ({len(analysis.skipped)} meta-layer(s) skipped, see report)" if analysis.skipped else ""))
+    plan, actions = apply_plan(root, analysis, cfg)
+    modified = bool(actions) or any(p.treatments for p in plan.producers)
+    report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
+    _store(root, plan, report)
+    return root, report
+
+
+def _producer_specs(gm: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
+    return {p.param: ((gm.get_submodule(p.name) if p.name else gm), p.attr) for p in plan.producers}
+
+
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any) -> AttachHandle | None:
+    """Install the plan's NOG/OLR on ``optimizer`` (an optimizer step pre-hook, so they see
+    the gradient the optimizer uses: after DDP all-reduce, ``GradScaler.unscale_`` and
+    accumulation). ``model``: the transformed module (DDP/compile wrappers are unwrapped).
+
+    Returns the :class:`~orthofx.treatments.attach.AttachHandle`, or None when the plan has
+    neither NOG nor OLR (nothing to install). ``overrides`` go to
+    :func:`orthofx.treatments.attach` (``lr_mode``, ``nog_method``, ``history``, ...).
+
+    Raises :class:`AttachError` for an untransformed model or an optimizer that does not hold
+    the producer parameters.
+    """
+    plan = plan_of(model)
+    if plan is None:
+        raise AttachError(
+            "attach() needs a model returned by orthofx.transform (no orthofx plan found on "
+            f"{type(model).__name__})"
+        )
+    cfg = plan.config
+    if not (cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")):
+        return None
+    if not plan.producers:
+        warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so NOG/OLR have nothing to act on",
+                      stacklevel=2)
+        return None
+    return _attach_params(optimizer, _producer_specs(unwrap(model), plan), cfg, **overrides)
+
+
+def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
+    """OL: ``ol_weight · Σ_producers ‖W Wᵀ − I‖_F`` on the flattened producer weights
+    (``WᵀW − I`` for tall weights), when the plan's config has ``weight="ol"``; otherwise a
+    zero 0-d tensor (so ``loss + orthogonality_loss(gm)`` is always valid).
+
+    ``weight`` overrides the config's ``ol_weight``.
+    """
+    plan = plan_of(model)
+    root = unwrap(model)
+    if plan is None or plan.config.weight != "ol" or not plan.producers:
+        p = next(root.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    w = plan.config.ol_weight if weight is None else float(weight)
+    tensors = [getattr(m, attr) for m, attr in _producer_specs(root, plan).values()]
+    return _ol(tensors, weight=w)
