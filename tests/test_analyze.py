@@ -596,3 +596,25 @@ def test_analysis_config_round_trip_and_validation() -> None:
     with pytest.raises(ConfigError):
         AnalysisConfig.from_dict({"nope": 1})
     hash(cfg)
+
+
+def test_registered_function_called_through_its_module_stays_one_node() -> None:
+    import orthofx.testing.models as tm
+
+    original = tm.user_sqrtm
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return tm.user_sqrtm(y @ y.mT)  # attribute form, not a global of this module
+
+    report = analyze(M(), config=AnalysisConfig(meta_functions={tm.user_sqrtm: "sqrtm"}))
+    (e,) = report.entries
+    assert (e.kind, e.source, e.usage) == ("sqrtm", "config", "sqrtm")
+    assert sum(n.target is tm.user_sqrtm for n in report.graph_module.graph.nodes) == 1
+    assert tm.user_sqrtm is original  # the module attribute was restored after tracing
+    assert not any(n.target is torch.linalg.eigh for n in report.graph_module.graph.nodes)

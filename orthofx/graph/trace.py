@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -193,11 +194,18 @@ class OrthoTracer(fx.Tracer):
             autowrap_modules=(math,),
             autowrap_functions=tuple(self.patterns.leaf_functions),
         )
-        # also patch attribute-style calls such as ``orthofx.linalg.eigh(x)``
+        # also patch attribute-style calls such as ``orthofx.linalg.eigh(x)`` or
+        # ``mylib.my_sqrtm(x)``: search the modules that define the leaf functions
+        for fn in self.patterns.leaf_functions:
+            mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+            if mod is not None and getattr(mod, getattr(fn, "__name__", ""), None) is fn \
+                    and mod not in self._autowrap_search:
+                self._autowrap_search.append(mod)
         if self.patterns.linalg:
             import orthofx.linalg as _linalg
 
-            self._autowrap_search.append(_linalg)
+            if _linalg not in self._autowrap_search:
+                self._autowrap_search.append(_linalg)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_classes = frozenset(leaf_classes)
         self._scope: tuple[str, str] = ("", "")

@@ -334,7 +334,7 @@ class Head(nn.Module):
         if name == "contiguous":
             return y.contiguous()
         if name == "cast":
-            return y.float()
+            return y.to(y.dtype)
         if name == "unsqueeze_squeeze":
             return y.unsqueeze(0).squeeze(0) if form == "method" else torch.squeeze(torch.unsqueeze(y, 0), 0)
         if name == "flatten":  # NCHW -> NCM
