@@ -42,6 +42,9 @@ def scipy_sqrtm(a: torch.Tensor) -> torch.Tensor:
 def test_exact_backends_ill_conditioned(backend: str, cond: float, tol_sqrt: float, tol_inv: float, device: torch.device) -> None:
     a, sq, isq = known_spectrum_case(24, cond, seed=1)
     a = a.to(device)
+    if backend == "svd" and device.type == "cuda":
+        # gesvda is an approximate SVD: measured 5.7e-10 in float64 at κ = 1e4 on an H200
+        tol_sqrt, tol_inv = max(tol_sqrt, 1e-8), max(tol_inv, 1e-8 * cond**0.5)
     assert rel(ol.sqrtm(a, backend=backend), sq) < tol_sqrt
     assert rel(ol.invsqrtm(a, backend=backend), isq) < tol_inv
 
