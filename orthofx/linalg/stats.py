@@ -7,7 +7,7 @@
   ``"cpu"`` (see :mod:`orthofx.linalg._solver`), plus ``"svd->eigh"`` when the SVD forward route
   rejected batch elements and recomputed them with eigh;
 * ``nonfinite``  - number of batch elements whose result (eigenvalues, matrix function, polar
-  factor) was non-finite. It is accumulated **on the device** without a host sync, and only
+  factor) or custom-backward gradient (eigh, sqrtm/invsqrtm) was non-finite. It is accumulated **on the device** without a host sync, and only
   read (one sync per device) when the property is accessed.
 
 The success path never syncs: ``failures``/``fallbacks`` only move inside an exception handler,
