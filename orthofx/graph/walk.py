@@ -312,10 +312,14 @@ class Walker:
                 after, direct = False, True  # svd(f(X)): decomposes the features directly
                 allowed = Role.BEFORE_COV
             if role not in allowed:
-                where = "covariance matrix" if after else "feature map"
+                if after:
+                    return self._stop(crossed, (
+                        f"no covariance (X Xᵀ, torch.cov, ...) was recognised before {step.text} "
+                        f"({role}), which is not an op on a covariance matrix (only scaling, "
+                        f"+ εI, symmetrising, casts and reshapes are)"))
                 return self._stop(crossed, (
-                    f"{step.text} ({role}) acts on the {where}; orthofx does not treat it as "
-                    f"transparent there"))
+                    f"{step.text} ({role}) acts on the feature map before the covariance; orthofx "
+                    f"does not treat it as transparent there"))
             if step.source is None:  # defensive: a transparent step always has a source
                 return self._stop(crossed, f"{step.text}: no input to continue from")
         raise AssertionError("walk path did not end at a root")  # pragma: no cover
@@ -450,7 +454,8 @@ class Walker:
 
     def _known_stop(self, n: fx.Node, reason: str, text: str) -> Step:
         others = [a.name for a in n.all_input_nodes if self.ng.is_data(a)]
-        extra = f" ({', '.join(others)})" if len(others) > 1 else ""
+        shown = ", ".join(others[:3]) + (f", ... {len(others) - 3} more" if len(others) > 3 else "")
+        extra = f" ({shown})" if len(others) > 1 else ""
         return Step(n, Role.STOP, text=text, reason=f"{text}: {reason}{extra}")
 
     def _getitem(self, n: fx.Node, text: str) -> Step:
