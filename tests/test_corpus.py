@@ -232,8 +232,10 @@ CORPUS = {
 }
 
 
-#: corpus entries whose forward is expensive on CPU (a 1280×1280 eigh, ViT-B)
-HEAVY = {"efficientnet_spectrum", "vit_whitening"}
+#: corpus entries whose forward is expensive on CPU (eigh of 512² to 1280² covariances,
+#: DenseNet-121, ViT-B): their run check is marked slow; their analysis is always tested
+HEAVY = {"efficientnet_spectrum", "vit_whitening", "densenet_gcp", "densenet_gcp_no_reduction",
+         "resnet18_gcp_no_reduction", "vgg11_svd_pooling", "mobilenet_v3_gcp"}
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
