@@ -618,3 +618,36 @@ def test_registered_function_called_through_its_module_stays_one_node() -> None:
     assert sum(n.target is tm.user_sqrtm for n in report.graph_module.graph.nodes) == 1
     assert tm.user_sqrtm is original  # the module attribute was restored after tracing
     assert not any(n.target is torch.linalg.eigh for n in report.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("form", ["conv2d", "linear", "matmul", "matmul_t"])
+def test_parametrized_producers_are_still_found_under_their_user_names(form) -> None:
+    """After a rewrite registers a parametrization (OW/SN) on the weight, a second analysis
+    finds the same producer and parameter name (idempotence of the pass)."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    model = Functional(form)
+    before = analyze(model).to_dict()
+    parametrize.register_parametrization(model.proj, "w", Twice())
+    parametrize.register_parametrization(model.stem, "weight", Twice())
+    after = analyze(model)
+    (e,) = after.entries
+    assert (e.producer.name, e.producer.param) == ("proj", "proj.w")
+    assert before["entries"][0]["producer"] == e.producer.to_dict()
+
+
+def test_parametrized_module_producer_keeps_its_class_name() -> None:
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    model = Net(lambda x: torch.linalg.eigvalsh(cov(x)))
+    parametrize.register_parametrization(model.conv, "weight", Twice())
+    (e,) = analyze(model).entries
+    assert (e.producer.name, e.producer.type, e.producer.param) == ("conv", "Conv2d", "conv.weight")

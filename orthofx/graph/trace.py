@@ -37,6 +37,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.proxy import Proxy
+from torch.nn.utils import parametrize
 
 from orthofx.errors import ConfigError, TraceFailure
 from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
@@ -168,7 +169,7 @@ def trace_info(gm: fx.GraphModule) -> TraceInfo:
     info = meta.get(TRACE_META_KEY) if isinstance(meta, dict) else None
     if isinstance(info, TraceInfo):
         return info
-    types = {name: type(m).__name__ for name, m in gm.named_modules()}
+    types = {name: user_class(m).__name__ for name, m in gm.named_modules()}
     return TraceInfo(module_types=types, model_type=type(gm).__name__)
 
 
@@ -272,6 +273,14 @@ class OrthoTracer(fx.Tracer):
         self.failure = None
         with _FunctionApplyPatch():
             return super().trace(root, concrete_args)
+
+
+def user_class(m: nn.Module) -> type:
+    """The class the user wrote: a parametrized module's class is a generated subclass."""
+    cls = type(m)
+    if parametrize.is_parametrized(m) and cls.__name__.startswith("Parametrized"):
+        return cls.__bases__[0]
+    return cls
 
 
 def _class_keys(cls: type) -> frozenset[str]:
@@ -390,7 +399,7 @@ def trace(
     gm.meta[TRACE_META_KEY] = TraceInfo(
         leaf_modules=tuple(sorted(set(leaf_names) | set(tracer.config_leaves))),
         auto_leaves=tuple(auto),
-        module_types={n: type(m).__name__ for n, m in model.named_modules()},
+        module_types={n: user_class(m).__name__ for n, m in model.named_modules()},
         functions=tuple(tracer.functions),
         model_type=type(model).__name__,
     )

@@ -27,10 +27,11 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from orthofx.graph import patterns as P
 from orthofx.graph.patterns import Patterns, Role
-from orthofx.graph.trace import FUNCTION_KEY, TraceInfo, function_of, trace_info
+from orthofx.graph.trace import FUNCTION_KEY, TraceInfo, function_of, trace_info, user_class
 from orthofx.report import CovarianceInfo, ProducerInfo
 
 __all__ = ["NodeGraph", "Step", "WalkOutcome", "Walker", "describe_target", "detect_usage",
@@ -88,6 +89,18 @@ class NodeGraph:
 
     def module(self, target: str) -> nn.Module:
         return self.gm.get_submodule(target)
+
+    def weight(self, qualname: str) -> torch.Tensor:
+        """The tensor a weight name stands for (a parameter, or a parametrized attribute)."""
+        if qualname in self.params:
+            return self.params[qualname]
+        owner, _, name = qualname.rpartition(".")
+        plist = f"{owner}.parametrizations.{name}" if owner else f"parametrizations.{name}"
+        with torch.no_grad():
+            try:
+                return getattr(self.gm.get_submodule(owner) if owner else self.gm, name)
+            except AttributeError:  # the GraphModule copied only the ParametrizationList
+                return self.gm.get_submodule(plist)()
 
     def module_type(self, name: str) -> str:
         """Class name of the model's module ``name`` (from the trace records)."""
@@ -396,10 +409,11 @@ class Walker:
         w = mod.weight
         shape = tuple(int(s) for s in w.shape)
         groups = int(getattr(mod, "groups", 1))
+        cls = user_class(mod)  # not the generated Parametrized* subclass
         return ProducerInfo(
-            name=target, type=type(mod).__name__, param=f"{target}.weight",
+            name=target, type=cls.__name__, param=f"{target}.weight",
             weight_shape=shape, flat_shape=(shape[0], math.prod(shape[1:])),
-            node=n.name, form="module", op=type(mod).__name__, groups=groups,
+            node=n.name, form="module", op=cls.__name__, groups=groups,
         )
 
     # -- functions --------------------------------------------------------------------
@@ -484,7 +498,7 @@ class Walker:
             return Step(n, Role.STOP, text=text, reason=(
                 f"the weight of {text} is {what}; the walk stops at the nearest weighted layer"))
         _, qual, _ = found
-        param = self.ng.params[qual]
+        param = self.ng.weight(qual)
         shape = tuple(int(s) for s in param.shape)
         groups = _arg(n, 6, "groups") if name.startswith("conv") else 1
         owner = qual.rsplit(".", 1)[0] if "." in qual else ""
@@ -496,10 +510,22 @@ class Walker:
         return Step(n, Role.PRODUCER, None, text, info={"producer": info})
 
     def _param_of(self, w: Any, allow_transpose: bool = True) -> tuple[str, str, int] | None:
-        """Resolve a weight operand to ``("param"|"buffer", qualified name, transpose parity)``."""
+        """Resolve a weight operand to ``("param"|"buffer", qualified name, transpose parity)``.
+
+        A parametrized weight (``torch.nn.utils.parametrize``, e.g. after orthofx's own
+        rewrite) appears as a call of its ``ParametrizationList``; it resolves to the
+        user-facing name (``"head.w"``, not ``"head.parametrizations.w.original"``)."""
         parity = 0
         for _ in range(16):
             if not isinstance(w, fx.Node):
+                return None
+            if w.op == "call_module" and not w.args and not w.kwargs:
+                target = str(w.target)
+                owner, _, name = target.rpartition(".")
+                if owner.endswith("parametrizations") and isinstance(
+                        self.ng.module(target), parametrize.ParametrizationList):
+                    base = owner[: -len("parametrizations")].rstrip(".")
+                    return ("param", f"{base}.{name}" if base else name, parity)
                 return None
             if w.op == "get_attr":
                 qual = str(w.target)
@@ -540,7 +566,7 @@ class Walker:
         if kind != "param":
             return Step(n, Role.STOP, text=text, reason=(
                 f"{text} multiplies by the buffer {qual!r}, a fixed (non-trainable) linear map"))
-        param = self.ng.params[qual]
+        param = self.ng.weight(qual)
         if param.dim() != 2:
             return Step(n, Role.STOP, text=text, reason=(
                 f"{text} multiplies by the {param.dim()}-d parameter {qual!r}; only 2-d weights "
