@@ -383,7 +383,7 @@ def trace(
                 leaf_names.add(name)
                 auto.append(AutoLeafRecord(name, tname, reason))
                 continue
-            raise _failure(model, name, tname, reason, cfg) from exc
+            raise _failure(model, name, tname, reason, cfg, already_leaf=name in leaf_names) from exc
     try:
         gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     except (TypeError, AttributeError, RuntimeError) as exc:
@@ -411,12 +411,12 @@ _GRAPH_MODULE_ATTRS = frozenset({"meta", "graph", "code", "forward", "recompile"
 
 
 def _failure(model: nn.Module, name: str, tname: str, reason: str,
-             cfg: AnalysisConfig) -> TraceFailure:
+             cfg: AnalysisConfig, already_leaf: bool = False) -> TraceFailure:
     if name:
         hint = f"AnalysisConfig(leaf_modules=({name!r},))"
         why = (
-            "auto_leaf is off" if not cfg.auto_leaf or cfg.strict
-            else "it is already a leaf" if name in cfg.leaf_modules
+            "it already is a leaf (the call itself fails)" if already_leaf
+            else "auto_leaf is off" if not cfg.auto_leaf or cfg.strict
             else f"the automatic-leaf limit (max_auto_leaves={cfg.max_auto_leaves}) was reached"
         )
         return TraceFailure(
