@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
     from orthofx.export import checkpoint, load_checkpoint, save_checkpoint, strip  # noqa: F401
     from orthofx.graph import AnalysisConfig, analyze  # noqa: F401
     from orthofx.monitor import ConditioningMonitor  # noqa: F401
-    from orthofx.transform import TransformReport, attach, orthogonality_loss, transform  # noqa: F401
+    from orthofx.pipeline import TransformReport, attach, orthogonality_loss, transform  # noqa: F401
 
 from orthofx.errors import (  # noqa: F401
     AttachError,
@@ -38,10 +38,10 @@ _LAZY: dict[str, str] = {
     "PRESETS": "orthofx.config",
     "analyze": "orthofx.graph",
     "AnalysisConfig": "orthofx.graph",
-    "transform": "orthofx.transform",
-    "attach": "orthofx.transform",
-    "orthogonality_loss": "orthofx.transform",
-    "TransformReport": "orthofx.transform",
+    "transform": "orthofx.pipeline",
+    "attach": "orthofx.pipeline",
+    "orthogonality_loss": "orthofx.pipeline",
+    "TransformReport": "orthofx.pipeline",
     "strip": "orthofx.export",
     "checkpoint": "orthofx.export",
     "save_checkpoint": "orthofx.export",

@@ -21,7 +21,7 @@ from torch import nn
 from orthofx.errors import ConfigError
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan
-from orthofx.transform import plan_of, transform, unwrap
+from orthofx.pipeline import plan_of, transform, unwrap
 from orthofx.treatments.weight import bake_all
 
 __all__ = ["strip", "save_checkpoint", "load_checkpoint", "checkpoint"]

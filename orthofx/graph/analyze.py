@@ -298,7 +298,11 @@ def _internal_entry(site: MetaSite, rel: str, common: dict[str, Any], ng: NodeGr
 def _shapes(gm: fx.GraphModule, example_inputs: Any, notes: list[str]
             ) -> dict[fx.Node, tuple[int, ...]]:
     """Output shapes of every node, from one run on fake tensors (eval mode, restored)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+    except ImportError:  # pragma: no cover - private torch API
+        notes.append("shapes not recorded: this torch has no FakeTensorMode")
+        return {}
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     shapes: dict[fx.Node, tuple[int, ...]] = {}

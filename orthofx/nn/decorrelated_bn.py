@@ -26,6 +26,13 @@ class DecorrelatedBatchNorm(MetaLayer):
       ``running_whitening ← (1 − m)·running_whitening + m·W`` (m = ``momentum``);
     * eval: y = running_whitening · (X − running_mean).
 
+    ``running="covariance"`` keeps ``running_covariance ← (1 − m)·running_covariance + m·Σ``
+    instead and whitens in eval mode with ``(running_covariance + εI)^{-1/2}`` (computed once
+    per change of the statistics). Averaging W is the classic DBN/IterNorm choice, but when Σ is
+    rank-deficient and its null space rotates during training (a 3×3 stem with more output
+    channels than in·k·k), an average of W's mixes stale ε^{-1/2} null-space gains into live
+    directions; averaging Σ does not.
+
     Then ``y·weight + bias`` per channel when ``affine``. ε is added to the covariance
     (default 1e-5, as in BatchNorm; the paper's authors used 1e-2). Σ is formed in the
     compute dtype and autocast is disabled inside, so whitening is safe under AMP.
@@ -45,10 +52,13 @@ class DecorrelatedBatchNorm(MetaLayer):
         iters: int = 5,
         compute_dtype: torch.dtype | None = None,
         track_running_stats: bool = True,
+        running: str = "whitening",
     ) -> None:
         super().__init__()
         if num_features < 1 or groups < 1 or num_features % groups:
             raise ValueError(f"num_features={num_features} must be a positive multiple of groups={groups}")
+        if running not in ("whitening", "covariance"):
+            raise ValueError(f"running must be 'whitening' or 'covariance', got {running!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.num_features = num_features
@@ -60,6 +70,8 @@ class DecorrelatedBatchNorm(MetaLayer):
         self.iters = iters
         self.compute_dtype = compute_dtype
         self.track_running_stats = track_running_stats
+        self.running = running
+        self._eval_cache: tuple[tuple[int, int, torch.dtype], Tensor] | None = None
         c = num_features // groups
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
@@ -69,7 +81,8 @@ class DecorrelatedBatchNorm(MetaLayer):
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(groups, c, 1))
-            self.register_buffer("running_whitening", torch.eye(c).expand(groups, c, c).clone())
+            # "whitening": EMA of W = Σ^{-1/2}; "covariance": EMA of Σ, W computed at eval time
+            self.register_buffer(f"running_{running}", torch.eye(c).expand(groups, c, c).clone())
             self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         else:
             self.register_buffer("running_mean", None)
@@ -113,17 +126,38 @@ class DecorrelatedBatchNorm(MetaLayer):
                     with torch.no_grad():
                         m = self.momentum
                         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-                        self.running_whitening.lerp_(whitening.detach().to(self.running_whitening.dtype), m)
+                        stat = whitening if self.running == "whitening" else cov
+                        buf = self._running_buffer()
+                        buf.lerp_(stat.detach().to(buf.dtype), m)
                         self.num_batches_tracked.add_(1)
             else:
                 centred = feats - self.running_mean.to(work_dtype)
-                whitening = self.running_whitening.to(work_dtype)
+                whitening = self._eval_whitening().to(work_dtype)
             y = whitening @ centred
             y = y.reshape(self.num_features, shape[0], *shape[2:]).transpose(0, 1)
             if self.affine:
                 view = (1, self.num_features) + (1,) * (len(shape) - 2)
                 y = y * self.weight.to(work_dtype).view(view) + self.bias.to(work_dtype).view(view)
         return y.to(in_dtype).contiguous()
+
+    def _running_buffer(self) -> Tensor:
+        return self.running_whitening if self.running == "whitening" else self.running_covariance
+
+    def _eval_whitening(self) -> Tensor:
+        """W used in eval mode: the running whitening matrix, or (Σ_running + εI)^{-1/2} computed
+        once per change of the running covariance (cached on the buffer's version counter)."""
+        if self.running == "whitening":
+            return self.running_whitening
+        buf = self.running_covariance
+        key = (buf._version, buf.data_ptr(), buf.dtype)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                w = linalg.invsqrtm(
+                    buf, backend=self.backend, eps=self.eps, iters=self.iters,
+                    compute_dtype=self.compute_dtype, validate=False,
+                )
+            self._eval_cache = (key, w)
+        return self._eval_cache[1]
 
     def extra_repr(self) -> str:
         return (

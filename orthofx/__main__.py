@@ -1,0 +1,5 @@
+"""``python -m orthofx`` = the ``orthofx`` command."""
+
+from orthofx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""The training loop behind ``orthofx demo`` and ``orthofx train``.
+
+One function, :func:`run`, takes an :class:`ExperimentConfig` and does, in order: load data,
+build the (unmodified) model, ``orthofx.transform`` it with the configured treatments, build
+SGD + MultiStepLR, ``orthofx.attach`` NOG/OLR, train with the conditioning monitor on,
+evaluate, and write a results JSON. It checkpoints every epoch and resumes from the last
+checkpoint, and runs unchanged under ``torchrun`` (DDP; gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ExperimentConfig", "run", "load_config"]
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs (JSON/TOML friendly).
+
+    Attributes:
+        dataset: "fashion-mnist", "cifar10", "cifar100", "imagefolder" (``data_dir`` with
+            ``train/`` and ``val/``) or "synthetic" (random tensors, for tests).
+        data_dir: local dataset directory (None: the standard places, see orthofx.data).
+        download: let torchvision download the dataset when it is not on disk.
+        model: "small-resnet-dbn", "resnet50-dbn" or "resnet18-gcp".
+        treatment: an orthofx preset ("svd", "nog", "olr", "ow", "nog+ow+olr", ...).
+        backend: meta-layer backend, "eigh" (exact SVD meta-layer) or "ns" (Newton–Schulz).
+        eps: ε of the meta-layer's covariance.
+        epochs, batch_size, lr, momentum, weight_decay, milestones (epochs at which the lr
+        is multiplied by ``gamma``): the SGD recipe.
+        train_limit / test_limit: use a fixed random subset (None = all).
+        seed: seeds python, torch and the data order.
+        monitor_every: record κ every k steps.
+        amp: autocast (bf16 on CPU, fp16 + GradScaler on CUDA).
+        out: output directory (results.json, kappa.csv, checkpoint.pt).
+        resume: continue from ``out/checkpoint.pt`` when it exists.
+        device: "auto", "cpu" or "cuda".
+        progress: show tqdm progress bars.
+        num_workers: DataLoader workers for torchvision datasets.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    model: str = "small-resnet-dbn"
+    treatment: str = "svd"
+    backend: str = "eigh"
+    eps: float = 1e-5
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    train_limit: int | None = None
+    test_limit: int | None = None
+    seed: int = 0
+    monitor_every: int = 10
+    amp: bool = False
+    out: str = "out/run"
+    resume: bool = True
+    device: str = "auto"
+    progress: bool = True
+    num_workers: int = 2
+    image_size: int = 224
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        self.milestones = tuple(int(m) for m in self.milestones)
+
+    @property
+    def run_name(self) -> str:
+        """Label of this run in tables and plots."""
+        if self.name:
+            return self.name
+        return "NS" if self.backend == "ns" else self.treatment.upper().replace("+", "+")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> ExperimentConfig:
+    """Read an :class:`ExperimentConfig` from JSON or TOML; ``overrides`` win (None skipped)."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError as e:  # Python 3.10
+            raise ValueError("TOML configs need Python >= 3.11; use JSON") from e
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(ExperimentConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{p}: unknown config keys {unknown}; known: {sorted(known)}")
+    return ExperimentConfig(**data)
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class _Data:
+    train: Any
+    test: Any
+    in_channels: int
+    num_classes: int
+    example: torch.Tensor
+
+
+class _TensorBatches:
+    """Mini-batches of in-memory tensors with a seeded shuffle, sharded across DDP ranks."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, d: _Dist, seed: int) -> None:
+        self.x, self.y, self.bs, self.shuffle, self.d, self.seed = x, y, batch_size, shuffle, d, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        per_rank = self.x.shape[0] // self.d.world
+        return max(1, per_rank // self.bs) if self.shuffle else math.ceil(per_rank / self.bs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.x.shape[0]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        per_rank = n // self.d.world
+        order = order[self.d.rank * per_rank : (self.d.rank + 1) * per_rank]
+        for i in range(len(self)):
+            idx = order[i * self.bs : (i + 1) * self.bs]
+            if idx.numel() == 0:
+                break
+            yield self.x[idx], self.y[idx]
+
+
+def _load_data(cfg: ExperimentConfig, d: _Dist) -> _Data:
+    from orthofx import data as odata
+
+    if cfg.dataset in ("fashion-mnist", "synthetic"):
+        if cfg.dataset == "fashion-mnist":
+            xtr, ytr = odata.fashion_mnist_tensors(cfg.data_dir, True, cfg.train_limit, cfg.download, cfg.seed)
+            xte, yte = odata.fashion_mnist_tensors(cfg.data_dir, False, cfg.test_limit, cfg.download, cfg.seed)
+        else:
+            g = torch.Generator().manual_seed(cfg.seed)
+            ntr, nte = cfg.train_limit or 512, cfg.test_limit or 128
+            xtr, ytr = torch.randn(ntr, 1, 28, 28, generator=g), torch.randint(0, 10, (ntr,), generator=g)
+            xte, yte = torch.randn(nte, 1, 28, 28, generator=g), torch.randint(0, 10, (nte,), generator=g)
+        train = _TensorBatches(xtr, ytr, cfg.batch_size, True, d, cfg.seed)
+        test = _TensorBatches(xte, yte, 512, False, _Dist(), cfg.seed)
+        return _Data(train, test, 1, 10, xtr[: min(8, xtr.shape[0])])
+    return _torchvision_data(cfg, d)
+
+
+def _torchvision_data(cfg: ExperimentConfig, d: _Dist) -> _Data:
+    import torchvision
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from orthofx.data import DatasetNotFound
+
+    root = cfg.data_dir or os.path.expanduser("~/.cache/orthofx")
+    if cfg.dataset in ("cifar10", "cifar100"):
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        tr = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        te = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            train_ds = cls(root, train=True, transform=tr, download=cfg.download)
+            test_ds = cls(root, train=False, transform=te, download=cfg.download)
+        except RuntimeError as e:
+            raise DatasetNotFound(
+                f"{cfg.dataset} not found in {root} ({e}). Fix: pass --download (online) or "
+                f"--data DIR holding the extracted torchvision {cls.__name__} folder"
+            ) from e
+        num_classes = 10 if cfg.dataset == "cifar10" else 100
+    else:
+        s = cfg.image_size
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        tr = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        te = T.Compose([T.Resize(int(s * 256 / 224)), T.CenterCrop(s), T.ToTensor(), T.Normalize(mean, std)])
+        tdir, vdir = Path(root) / "train", Path(root) / "val"
+        if not tdir.is_dir() or not vdir.is_dir():
+            raise DatasetNotFound(
+                f"ImageFolder dataset needs {tdir} and {vdir} (one sub-folder per class). "
+                "Fix: pass --data DIR pointing at such a directory (e.g. ImageNet's train/val)"
+            )
+        train_ds = torchvision.datasets.ImageFolder(str(tdir), tr)
+        test_ds = torchvision.datasets.ImageFolder(str(vdir), te)
+        num_classes = len(train_ds.classes)
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.train_limit:
+        train_ds = Subset(train_ds, torch.randperm(len(train_ds), generator=g)[: cfg.train_limit].tolist())
+    if cfg.test_limit:
+        test_ds = Subset(test_ds, torch.randperm(len(test_ds), generator=g)[: cfg.test_limit].tolist())
+    sampler = DistributedSampler(train_ds, d.world, d.rank, seed=cfg.seed) if d.world > 1 else None
+    train = DataLoader(
+        train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=True, generator=g, pin_memory=torch.cuda.is_available(),
+    )
+    test = DataLoader(test_ds, 256, shuffle=False, num_workers=cfg.num_workers)
+    example = next(iter(DataLoader(train_ds, 4)))[0]
+    return _Data(train, test, example.shape[1], num_classes, example)
+
+
+# ---------------------------------------------------------------------------- run
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _device(cfg: ExperimentConfig, d: _Dist) -> torch.device:
+    if cfg.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = cfg.device
+    if kind == "cuda":
+        return torch.device("cuda", d.local_rank)
+    return torch.device(kind)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        total += y.numel()
+    model.train()
+    return {"test_error": 100.0 * (1 - correct / max(total, 1)), "test_loss": loss_sum / max(total, 1)}
+
+
+def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
+    """Train one configuration and return (and write to ``out/results.json``) its results:
+    test error, κ summary (median/final), solver failures, ms per step, OLR/NOG statistics."""
+    import orthofx
+    from orthofx.experiment.models import build_model
+    from orthofx.monitor import ConditioningMonitor
+
+    device_kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    d = _init_distributed(device_kind)
+    device = _device(cfg, d)
+    _seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    data = _load_data(cfg, d)
+
+    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.backend, cfg.eps)
+    gm, report = orthofx.transform(model, (data.example,), config=cfg.treatment)
+    gm.to(device)
+    net: nn.Module = gm
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(gm, device_ids=[device.index] if device.type == "cuda" else None)
+
+    opt = torch.optim.SGD(gm.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    handle = orthofx.attach(opt, gm)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.gamma)
+    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if cfg.amp else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    monitor = ConditioningMonitor(gm, every=cfg.monitor_every, run=cfg.run_name)
+
+    ckpt_path = out / "checkpoint.pt"
+    start_epoch, history = 0, []
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck.get("config", {}).get("treatment") != cfg.treatment or ck.get("config", {}).get("model") != cfg.model:
+            raise ValueError(f"{ckpt_path} was written by a different run ({ck.get('config')}); use another --out")
+        gm.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"])
+        monitor.records.extend(ck["monitor"])
+        start_epoch, history = ck["epoch"], ck["history"]
+        monitor._step = ck["step"]
+        if d.main:
+            log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    use_tqdm = cfg.progress and d.main
+    if use_tqdm:
+        from tqdm.auto import tqdm
+    step_times: list[float] = []
+    gm.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(data.train, "set_epoch"):
+            data.train.set_epoch(epoch)
+        elif hasattr(getattr(data.train, "sampler", None), "set_epoch"):
+            data.train.sampler.set_epoch(epoch)
+        it = data.train
+        if use_tqdm:
+            it = tqdm(it, desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        loss_acc = torch.zeros((), device=device)
+        nb = 0
+        for x, y in it:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=cfg.amp):
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+                loss = loss + orthofx.orthogonality_loss(gm)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - t0)
+            monitor.step()
+            loss_acc += loss.detach()
+            nb += 1
+        sched.step()
+        ev = _evaluate(gm, data.test, device, amp_dtype)
+        ev.update(epoch=epoch + 1, train_loss=float(loss_acc) / max(nb, 1), lr=opt.param_groups[0]["lr"])
+        history.append(ev)
+        monitor.flush()
+        if d.main:
+            log(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs}: train loss {ev['train_loss']:.4f}, "
+                f"test error {ev['test_error']:.2f}%")
+            torch.save(
+                {
+                    "config": cfg.to_dict(),
+                    "orthofx": gm.meta.get("orthofx"),
+                    "model": gm.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "monitor": monitor.records,
+                    "epoch": epoch + 1,
+                    "step": monitor._step,
+                    "history": history,
+                },
+                ckpt_path,
+            )
+
+    summary = monitor.summary()
+    warm = step_times[min(5, len(step_times) // 4):] or step_times
+    results = {
+        "run": cfg.run_name,
+        "config": cfg.to_dict(),
+        "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
+        "history": history,
+        "final_test_error": history[-1]["test_error"] if history else None,
+        "kappa": summary,
+        "ms_per_step": 1000.0 * sum(warm) / max(len(warm), 1) if warm else None,
+        "treatment_stats": handle.stats() if handle is not None else {},
+        "world_size": d.world,
+    }
+    if d.main:
+        monitor.to_csv(out / "kappa.csv")
+        (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    monitor.close()
+    if handle is not None:
+        handle.remove()
+    return results
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
