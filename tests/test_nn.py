@@ -222,3 +222,25 @@ def test_stable_decomposition_matches_torch_forward_and_is_finite_on_repeated_ei
     lam, vec = StableDecomposition.for_target(torch.linalg.eigh)(a)
     (vec[..., -3:].square().sum() + lam.sum()).backward()
     assert torch.isfinite(a.grad).all()
+
+
+def test_dbn_running_covariance_mode(device):
+    x1 = _correlated((32, 6, 3, 3), seed=12).to(device)
+    x2 = _correlated((8, 6, 3, 3), seed=13).to(device)
+    dbn = DecorrelatedBatchNorm(6, eps=1e-3, momentum=1.0, affine=False, running="covariance").to(device, torch.float64)
+    assert "running_covariance" in dict(dbn.named_buffers()) and "running_whitening" not in dict(dbn.named_buffers())
+    y_train = dbn(x1)
+    dbn.eval()
+    # momentum 1: eval with batch 1's statistics reproduces the training-mode output exactly
+    torch.testing.assert_close(dbn(x1), y_train)
+    ref2 = DecorrelatedBatchNorm(6, eps=1e-3, momentum=1.0, affine=False).to(device, torch.float64)
+    ref2(x1)
+    ref2.eval()
+    torch.testing.assert_close(dbn(x2), ref2(x2))
+    # the cached eval whitening follows new statistics
+    dbn.train()
+    dbn(x2)
+    dbn.eval()
+    torch.testing.assert_close(dbn(x2), DecorrelatedBatchNorm(6, eps=1e-3, affine=False).to(device, torch.float64)(x2))
+    with pytest.raises(ValueError, match="running"):
+        DecorrelatedBatchNorm(6, running="cov")

@@ -42,7 +42,12 @@ class _BasicBlock(nn.Module):
 class SmallResNetDBN(nn.Module):
     """ResNet (3 stages of ``blocks`` basic blocks, widths ``widths``) with ZCA whitening
     after its 3×3 stem conv. ``whitening_backend`` "eigh" is the paper's SVD meta-layer
-    (exact, stable gradient); "ns" is the Newton–Schulz baseline."""
+    (exact, stable gradient); "ns" is the Newton–Schulz baseline.
+
+    Whitening uses the authors' ε = 1e-2 and running covariance statistics: the 1→16 stem
+    makes Σ rank ≤ 9, and with ε = 1e-5 (or an EMA of whitening matrices) eval-mode outputs
+    blow up along the rotating null space (measured: 65–95 % test error in eval mode against
+    21 % in train mode after two epochs)."""
 
     def __init__(
         self,
@@ -51,12 +56,15 @@ class SmallResNetDBN(nn.Module):
         widths: tuple[int, int, int] = (16, 32, 64),
         blocks: int = 1,
         whitening_backend: str = "eigh",
-        whitening_eps: float = 1e-5,
+        whitening_eps: float = 1e-2,
         ns_iters: int = 5,
+        whitening_running: str = "covariance",
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = DecorrelatedBatchNorm(widths[0], eps=whitening_eps, backend=whitening_backend, iters=ns_iters)
+        self.bn1 = DecorrelatedBatchNorm(
+            widths[0], eps=whitening_eps, backend=whitening_backend, iters=ns_iters, running=whitening_running
+        )
         stages = []
         cin = widths[0]
         for i, w in enumerate(widths):
@@ -75,7 +83,7 @@ class SmallResNetDBN(nn.Module):
 
 
 def cifar_resnet50_dbn(
-    num_classes: int = 10, whitening_backend: str = "eigh", whitening_eps: float = 1e-5, in_channels: int = 3
+    num_classes: int = 10, whitening_backend: str = "eigh", whitening_eps: float = 1e-2, in_channels: int = 3
 ) -> nn.Module:
     """torchvision ResNet-50, CIFAR stem (3×3, stride 1, no max-pool), ``bn1`` → ZCA whitening."""
     import torchvision
@@ -83,7 +91,7 @@ def cifar_resnet50_dbn(
     m = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     m.maxpool = nn.Identity()
-    m.bn1 = DecorrelatedBatchNorm(64, eps=whitening_eps, backend=whitening_backend)
+    m.bn1 = DecorrelatedBatchNorm(64, eps=whitening_eps, backend=whitening_backend, running="covariance")
     return m
 
 
@@ -109,8 +117,13 @@ MODELS = {
 }
 
 
-def build_model(name: str, num_classes: int, in_channels: int, backend: str = "eigh", eps: float = 1e-5) -> nn.Module:
-    """One of :data:`MODELS` by name, sized for the dataset."""
+def build_model(
+    name: str, num_classes: int, in_channels: int, backend: str = "eigh", eps: float | None = None
+) -> nn.Module:
+    """One of :data:`MODELS` by name, sized for the dataset; ``eps`` None = the model's default
+    (1e-2 for whitening, the authors' value; 1e-5 for GCP)."""
+    if eps is None:
+        eps = 1e-5 if name == "resnet18-gcp" else 1e-2
     if name == "small-resnet-dbn":
         return SmallResNetDBN(in_channels, num_classes, whitening_backend=backend, whitening_eps=eps)
     if name == "resnet50-dbn":

@@ -40,7 +40,8 @@ class ExperimentConfig:
         model: "small-resnet-dbn", "resnet50-dbn" or "resnet18-gcp".
         treatment: an orthofx preset ("svd", "nog", "olr", "ow", "nog+ow+olr", ...).
         backend: meta-layer backend, "eigh" (exact SVD meta-layer) or "ns" (Newton–Schulz).
-        eps: ε of the meta-layer's covariance.
+        eps: ε of the meta-layer's covariance (None: 1e-2 for whitening, the authors' value;
+            1e-5 for GCP).
         epochs, batch_size, lr, momentum, weight_decay, milestones (epochs at which the lr
         is multiplied by ``gamma``): the SGD recipe.
         train_limit / test_limit: use a fixed random subset (None = all).
@@ -60,7 +61,7 @@ class ExperimentConfig:
     model: str = "small-resnet-dbn"
     treatment: str = "svd"
     backend: str = "eigh"
-    eps: float = 1e-5
+    eps: float | None = None
     epochs: int = 2
     batch_size: int = 128
     lr: float = 0.1
