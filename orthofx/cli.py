@@ -33,9 +33,13 @@ def build_spec(spec: str, head: str | None = None, stem: str | None = None, num_
             obj = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
             raise SystemExit(f"orthofx: cannot load {spec!r}: {e}") from e
-        model = obj() if callable(obj) and not hasattr(obj, "forward") else obj
+        from torch import nn
+
+        model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
         if isinstance(model, tuple):
             model, example = model
+        if not isinstance(model, nn.Module):
+            raise SystemExit(f"orthofx: {spec!r} gave a {type(model).__name__}, not an nn.Module")
     else:
         import torchvision
 

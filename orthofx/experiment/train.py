@@ -396,6 +396,13 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
                 ckpt_path,
             )
 
+    replicas_identical = None
+    if d.world > 1:  # DDP: every rank must end with bit-identical weights
+        flat = torch.cat([p.detach().reshape(-1).float() for p in gm.parameters()])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        replicas_identical = bool(torch.equal(hi, lo))
     summary = monitor.summary()
     warm = step_times[min(5, len(step_times) // 4):] or step_times
     results = {
@@ -408,6 +415,7 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
         "ms_per_step": 1000.0 * sum(warm) / max(len(warm), 1) if warm else None,
         "treatment_stats": handle.stats() if handle is not None else {},
         "world_size": d.world,
+        "replicas_identical": replicas_identical,
     }
     if d.main:
         monitor.to_csv(out / "kappa.csv")

@@ -59,7 +59,7 @@ class SolverStats:
         ``event_dims`` trailing dims form one element (1 for eigenvalues (..., n), 2 for
         matrices (..., m, n)).
         """
-        if not self.track_nonfinite or x.numel() == 0:
+        if not self.track_nonfinite or x.numel() == 0 or _untracked(x):
             return
         with torch.no_grad():
             bad = ~torch.isfinite(x.detach())
@@ -94,6 +94,19 @@ class SolverStats:
         nf = self.nonfinite
         with self._lock:
             return {"failures": self.failures, "fallbacks": dict(self.fallbacks), "nonfinite": nf}
+
+
+def _untracked(x: Tensor) -> bool:
+    """Tensors that must not reach the global accumulators: fake/meta tensors (shape
+    propagation, ``torch.export`` tracing) and anything under ``torch.compile`` tracing
+    (counters are not updated inside compiled regions)."""
+    if x.device.type == "meta" or torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover - private torch API
+        return False
+    return isinstance(x, FakeTensor)
 
 
 _STATS = SolverStats()
