@@ -244,3 +244,18 @@ def test_dbn_running_covariance_mode(device):
     torch.testing.assert_close(dbn(x2), DecorrelatedBatchNorm(6, eps=1e-3, affine=False).to(device, torch.float64)(x2))
     with pytest.raises(ValueError, match="running"):
         DecorrelatedBatchNorm(6, running="cov")
+
+
+def test_dbn_cumulative_average_with_momentum_none(device):
+    xs = [_correlated((16, 4), seed=20 + i).to(device) for i in range(3)]
+    dbn = DecorrelatedBatchNorm(4, momentum=None, affine=False, running="covariance").to(device, torch.float64)
+    dbn.reset_running_stats()
+    for x in xs:
+        dbn(x)
+    covs = []
+    for x in xs:
+        xc = x - x.mean(0)
+        covs.append(xc.T @ xc / x.shape[0])
+    torch.testing.assert_close(dbn.running_covariance[0], sum(covs) / 3)
+    torch.testing.assert_close(dbn.running_mean[0, :, 0], sum(x.mean(0) for x in xs) / 3)
+    assert int(dbn.num_batches_tracked) == 3

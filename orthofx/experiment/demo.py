@@ -42,9 +42,11 @@ ROWS: tuple[DemoRow, ...] = (
 )
 
 #: Full-length default: ≈ 10 minutes on 2 CPU cores for all seven rows and one seed.
-FULL = dict(epochs=3, train_limit=20000, test_limit=10000, batch_size=128, milestones=(2,), monitor_every=10)
+FULL = dict(epochs=4, train_limit=30000, test_limit=10000, batch_size=128, milestones=(3,), monitor_every=10,
+            recalibrate_batches=40)
 #: ``--quick``: a smoke run (well under 50 s on 2 CPU cores) that still writes PNG + JSON.
-QUICK = dict(epochs=1, train_limit=640, test_limit=500, batch_size=64, milestones=(), monitor_every=2)
+QUICK = dict(epochs=1, train_limit=640, test_limit=500, batch_size=64, milestones=(), monitor_every=2,
+             recalibrate_batches=5)
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:

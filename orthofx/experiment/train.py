@@ -53,6 +53,11 @@ class ExperimentConfig:
         device: "auto", "cpu" or "cuda".
         progress: show tqdm progress bars.
         num_workers: DataLoader workers for torchvision datasets.
+        recalibrate_batches: before each evaluation, re-estimate the running statistics of
+            every BatchNorm and whitening layer as the plain average over this many training
+            batches with the current weights ("precise BN"; 0 = use the training EMAs, as the
+            paper). Short CPU runs need it: their weights move too fast for EMA statistics.
+        image_size: crop size for ImageFolder datasets.
     """
 
     dataset: str = "fashion-mnist"
@@ -80,6 +85,7 @@ class ExperimentConfig:
     progress: bool = True
     num_workers: int = 2
     image_size: int = 224
+    recalibrate_batches: int = 0
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -275,6 +281,39 @@ def _device(cfg: ExperimentConfig, d: _Dist) -> torch.device:
 
 
 @torch.no_grad()
+def recalibrate_statistics(model: nn.Module, loader: Any, device: torch.device, batches: int) -> int:
+    """Reset the running statistics of every BatchNorm / DecorrelatedBatchNorm in ``model`` and
+    re-estimate them as the cumulative average over ``batches`` training batches (train-mode
+    forwards without gradient). Returns the number of batches used."""
+    from orthofx.nn import DecorrelatedBatchNorm
+
+    norms = [
+        m for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, DecorrelatedBatchNorm)) and m.track_running_stats
+    ]
+    if not norms or batches <= 0:
+        return 0
+    saved = {m: m.momentum for m in norms}
+    was_training = model.training
+    used = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for x, _ in loader:
+            if used >= batches:
+                break
+            model(x.to(device, non_blocking=True))
+            used += 1
+    finally:
+        for m, mom in saved.items():
+            m.momentum = mom
+        model.train(was_training)
+    return used
+
+
+@torch.no_grad()
 def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
     model.eval()
     correct = total = 0
@@ -372,6 +411,8 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
             loss_acc += loss.detach()
             nb += 1
         sched.step()
+        if cfg.recalibrate_batches:
+            recalibrate_statistics(gm, data.train, device, cfg.recalibrate_batches)
         ev = _evaluate(gm, data.test, device, amp_dtype)
         ev.update(epoch=epoch + 1, train_loss=float(loss_acc) / max(nb, 1), lr=opt.param_groups[0]["lr"])
         history.append(ev)

@@ -31,7 +31,8 @@ class DecorrelatedBatchNorm(MetaLayer):
     per change of the statistics). Averaging W is the classic DBN/IterNorm choice, but when Σ is
     rank-deficient and its null space rotates during training (a 3×3 stem with more output
     channels than in·k·k), an average of W's mixes stale ε^{-1/2} null-space gains into live
-    directions; averaging Σ does not.
+    directions; averaging Σ does not. ``momentum=None`` takes the cumulative average over all
+    batches since :meth:`reset_running_stats` (as ``BatchNorm``; one host sync per step).
 
     Then ``y·weight + bias`` per channel when ``affine``. ε is added to the covariance
     (default 1e-5, as in BatchNorm; the paper's authors used 1e-2). Σ is formed in the
@@ -45,7 +46,7 @@ class DecorrelatedBatchNorm(MetaLayer):
         num_features: int,
         groups: int = 1,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         *,
         backend: str = "eigh",
@@ -59,12 +60,12 @@ class DecorrelatedBatchNorm(MetaLayer):
             raise ValueError(f"num_features={num_features} must be a positive multiple of groups={groups}")
         if running not in ("whitening", "covariance"):
             raise ValueError(f"running must be 'whitening' or 'covariance', got {running!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
         self.num_features = num_features
         self.groups = groups
         self.eps = float(eps)
-        self.momentum = float(momentum)
+        self.momentum = None if momentum is None else float(momentum)
         self.affine = affine
         self.backend = backend
         self.iters = iters
@@ -124,7 +125,8 @@ class DecorrelatedBatchNorm(MetaLayer):
                 ).to(work_dtype)
                 if self.training and self.track_running_stats:
                     with torch.no_grad():
-                        m = self.momentum
+                        # momentum None: cumulative average over the batches seen (as BatchNorm)
+                        m = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
                         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
                         stat = whitening if self.running == "whitening" else cov
                         buf = self._running_buffer()
@@ -139,6 +141,16 @@ class DecorrelatedBatchNorm(MetaLayer):
                 view = (1, self.num_features) + (1,) * (len(shape) - 2)
                 y = y * self.weight.to(work_dtype).view(view) + self.bias.to(work_dtype).view(view)
         return y.to(in_dtype).contiguous()
+
+    def reset_running_stats(self) -> None:
+        """Running mean ← 0, running whitening/covariance ← I, batch count ← 0."""
+        if not self.track_running_stats:
+            return
+        with torch.no_grad():
+            self.running_mean.zero_()
+            buf = self._running_buffer()
+            buf.copy_(torch.eye(buf.shape[-1], dtype=buf.dtype, device=buf.device).expand_as(buf))
+            self.num_batches_tracked.zero_()
 
     def _running_buffer(self) -> Tensor:
         return self.running_whitening if self.running == "whitening" else self.running_covariance
