@@ -1,0 +1,204 @@
+"""Per-step cost of the treatments and of the exact meta-layer, measured side by side.
+
+    python benchmarks/overhead.py [--quick] [--device cpu|cuda] [--json PATH]
+
+Sections (all in one run, so ratios compare like with like):
+
+1. ``step``: training-step time (forward, backward, SGD with momentum 0.9 and weight decay
+   5e-4, orthofx.attach hooks) of each treatment preset against the same transformed model
+   with preset "svd" (``plain_ms``), for two workloads:
+   * ``dbn``: CIFAR ResNet-50, batch 128, 32×32, ZCA whitening after the 3×3 stem;
+   * ``gcp``: ResNet-18, batch 256, 224², 1×1 reduction to 256 + covariance pooling (bf16
+     autocast on CUDA).
+   Presets are timed in interleaved rounds (plain, nog, olr, ... , plain, nog, ...) and each
+   reports the median, so drifting clocks and noisy neighbours hit every row alike.
+   ``--quick`` uses small stand-ins (a small whitening ResNet at 28×28, a GCP ResNet-18 at 64²
+   reducing to 32 channels) and finishes in well under 50 s on 2 CPU cores.
+2. ``metalayer``: forward+backward of every sqrtm/invsqrtm backend (benchmarks/linalg_bench.py).
+3. ``polar``: every polar method (the NOG direction), time and distance to the exact factor.
+4. ``transform``: orthofx.analyze / orthofx.transform time against torch.fx.symbolic_trace.
+
+Absolute times mean something only on a GPU; on the 2-core CPU here, read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import orthofx  # noqa: E402
+from linalg_bench import bench_polar, bench_spectral, print_table  # noqa: E402
+from orthofx.experiment.models import SmallResNetDBN, cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
+
+PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _workloads(quick: bool, device: torch.device) -> dict[str, dict[str, Any]]:
+    backend = "auto"  # gesvda route on CUDA, float64 eigh on CPU
+    if quick:
+        return {
+            "dbn": dict(build=lambda: SmallResNetDBN(1, 10, whitening_backend=backend), batch=64, shape=(1, 28, 28),
+                        classes=10, amp=None, desc="small whitening ResNet, bs64, 28²"),
+            "gcp": dict(build=lambda: resnet18_gcp(10, reduced=32, backend=backend), batch=8, shape=(3, 64, 64),
+                        classes=10, amp=None, desc="ResNet-18 GCP (reduce to 32), bs8, 64²"),
+        }
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    return {
+        "dbn": dict(build=lambda: cifar_resnet50_dbn(10, backend), batch=128, shape=(3, 32, 32), classes=10,
+                    amp=None, desc="CIFAR ResNet-50 + whitening stem, bs128, 32²"),
+        "gcp": dict(build=lambda: resnet18_gcp(1000, reduced=256, backend=backend), batch=256, shape=(3, 224, 224),
+                    classes=1000, amp=amp, desc="ResNet-18 + GCP (1×1 to 256), bs256, 224²"),
+    }
+
+
+def _make_step(wl: dict[str, Any], preset: str, device: torch.device) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = wl["build"]()
+    x = torch.randn(wl["batch"], *wl["shape"], device=device)
+    y = torch.randint(0, wl["classes"], (wl["batch"],), device=device)
+    gm, _ = orthofx.transform(model, config=preset)
+    gm.to(device).train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    orthofx.attach(opt, gm)
+    amp = wl["amp"]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(gm(x).float(), y) + orthofx.orthogonality_loss(gm)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _time_once(fn: Callable[[], None], device: torch.device, iters: int) -> float:
+    """ms per call over ``iters`` back-to-back calls (CUDA events on GPU)."""
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def bench_steps(device: torch.device, quick: bool, rounds: int, iters: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name, wl in _workloads(quick, device).items():
+        steps = {p: _make_step(wl, p, device) for p in PRESETS}
+        for fn in steps.values():  # warm-up: allocator, cuDNN autotune, lazy init
+            for _ in range(2):
+                fn()
+        samples: dict[str, list[float]] = {p: [] for p in PRESETS}
+        for _ in range(rounds):
+            for p, fn in steps.items():
+                samples[p].append(_time_once(fn, device, iters))
+        plain = statistics.median(samples["svd"])
+        for p in PRESETS:
+            ms = statistics.median(samples[p])
+            rows.append({
+                "group": "step", "workload": name, "treatment": p, "plain_ms": round(plain, 3),
+                "step_ms": round(ms, 3), "ratio": round(ms / plain, 4),
+                "overhead_pct": round(100 * (ms / plain - 1), 2), "desc": wl["desc"],
+            })
+        del steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_transform(quick: bool, repeats: int) -> list[dict[str, Any]]:
+    import torchvision
+
+    rows = []
+    models = {"resnet18-gcp": lambda: resnet18_gcp(10, reduced=32), "resnet50-dbn": lambda: cifar_resnet50_dbn(10)}
+    if not quick:
+        models["mobilenet_v3_large"] = lambda: torchvision.models.mobilenet_v3_large(weights=None)
+    for name, build in models.items():
+        model = build()
+        fx.symbolic_trace(model)
+        orthofx.transform(model, config="nog+ow+olr")
+        t_fx, t_an, t_tr = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fx.symbolic_trace(model)
+            t1 = time.perf_counter()
+            orthofx.analyze(model)
+            t2 = time.perf_counter()
+            orthofx.transform(model, config="nog+ow+olr")
+            t3 = time.perf_counter()
+            t_fx.append(t1 - t0)
+            t_an.append(t2 - t1)
+            t_tr.append(t3 - t2)
+        fx_ms = statistics.median(t_fx) * 1e3
+        an_ms = statistics.median(t_an) * 1e3
+        tr_ms = statistics.median(t_tr) * 1e3
+        rows.append({"group": "transform", "model": name, "fx_ms": round(fx_ms, 2), "analyze_ms": round(an_ms, 2),
+                     "transform_ms": round(tr_ms, 2), "analyze_ratio": round(an_ms / fx_ms, 3),
+                     "transform_ratio": round(tr_ms / fx_ms, 3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small workloads (< 50 s on 2 CPU cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--only", choices=["step", "metalayer", "polar", "transform"], action="append", default=None)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    only = set(a.only or ["step", "metalayer", "polar", "transform"])
+    rounds = a.rounds or (3 if a.quick else 7)
+    iters = 2 if a.quick else (10 if device.type == "cuda" else 3)
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    if "step" in only:
+        rows += bench_steps(device, a.quick, rounds, iters)
+    if "metalayer" in only:
+        rows += [dict(r, group="metalayer") for r in bench_spectral(device, a.quick, 3 if a.quick else 10)]
+    if "polar" in only:
+        rows += [dict(r, group="polar") for r in bench_polar(device, a.quick, 3 if a.quick else 10)]
+    if "transform" in only:
+        rows += bench_transform(a.quick, 3 if a.quick else 7)
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    elapsed = time.perf_counter() - t0
+    print(f"# orthofx overhead benchmark on {dev}, torch {torch.__version__}, {'quick' if a.quick else 'full'}, "
+          f"{elapsed:.1f} s")
+    print_table(rows)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick,
+                                      "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
