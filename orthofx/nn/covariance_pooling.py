@@ -13,13 +13,20 @@ __all__ = ["CovariancePooling"]
 OUTPUTS = ("triu", "full")
 
 
-def _covariance_dtype(backend: str, compute_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the covariance itself is formed in: the spectral backends decompose in
-    float64 by default, and forming Σ in float32 would already perturb its eigenvalues near
-    1e-7·λ_max, so Σ is formed in the compute dtype too."""
+def _covariance_dtype(
+    backend: str, compute_dtype: torch.dtype | None, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.dtype:
+    """The dtype the covariance itself is formed in: that of the decomposition.
+
+    ``"eigh"`` decomposes in float64 by default, and forming Σ in float32 would already perturb
+    its eigenvalues near 1e-7·λ_max, so Σ is formed in float64 too. ``"svd"`` and ``"ns"`` work
+    in the input's dtype; ``"auto"`` is "svd" on CUDA and "eigh" elsewhere.
+    """
     if compute_dtype is not None:
         return compute_dtype
-    return torch.float64 if backend in ("eigh", "svd", "auto") else dtype
+    if backend == "auto":
+        backend = "svd" if device is not None and device.type == "cuda" else "eigh"
+    return torch.float64 if backend == "eigh" else dtype
 
 
 class CovariancePooling(MetaLayer):
@@ -29,7 +36,7 @@ class CovariancePooling(MetaLayer):
 
     * optional reduction ``x ← ReLU(BN(Conv1×1(x)))`` to ``reduced`` channels; this 1×1
       conv (``self.reduce``) is a **Pre-SVD layer**;
-    * Σ = X J Xᵀ + εI (formed in the compute dtype: float64 for the spectral backends) with X the (C, M) feature matrix and J = (1/M)(I − 11ᵀ/M) the
+    * Σ = X J Xᵀ + εI (formed in the decomposition's dtype: float64 for "eigh") with X the (C, M) feature matrix and J = (1/M)(I − 11ᵀ/M) the
       centring matrix, i.e. the biased per-image covariance;
     * Y = Σ^{1/2} by :func:`orthofx.linalg.sqrtm` (``backend="eigh"``: exact forward and the
       exact Daleckii–Krein backward, float64 by default; ``"ns"``: Newton–Schulz, ``iters``);
@@ -110,7 +117,7 @@ class CovariancePooling(MetaLayer):
         with torch.autocast(x.device.type, enabled=False):
             feats = x.reshape(n, c, -1)
             out_dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
-            cov = linalg.covariance(feats.to(_covariance_dtype(self.backend, self.compute_dtype, out_dtype)))
+            cov = linalg.covariance(feats.to(_covariance_dtype(self.backend, self.compute_dtype, out_dtype, x.device)))
             y = self._spectral(
                 linalg.sqrtm,
                 cov,

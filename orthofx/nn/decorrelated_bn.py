@@ -112,7 +112,7 @@ class DecorrelatedBatchNorm(MetaLayer):
                     raise ValueError("DecorrelatedBatchNorm needs more than one sample per channel in training")
                 mean = feats.mean(dim=-1, keepdim=True)
                 centred = feats - mean
-                cdt = _covariance_dtype(self.backend, self.compute_dtype, work_dtype)
+                cdt = _covariance_dtype(self.backend, self.compute_dtype, work_dtype, x.device)
                 xc = centred.to(cdt)
                 cov = xc @ xc.mT / xc.shape[-1]
                 whitening = self._spectral(
