@@ -34,7 +34,7 @@ class RawGCP(nn.Module):
         n, c, h, w = x.shape
         f = x.reshape(n, c, h * w)
         f = f - f.mean(dim=-1, keepdim=True)
-        cov = f @ f.transpose(1, 2) / (h * w) + 1e-5 * torch.eye(c)
+        cov = f @ f.transpose(1, 2) / (h * w) + 1e-5 * torch.eye(c, device=x.device)
         lam, u = torch.linalg.eigh(cov)
         root = u @ torch.diag_embed(lam.clamp_min(1e-12).sqrt()) @ u.transpose(1, 2)
         return self.fc(root.flatten(1))
@@ -316,6 +316,17 @@ def test_grad_scaler_and_accumulation_through_the_pass():
     base = run(1, False)
     torch.testing.assert_close(run(4, False), base, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run(1, True), base, rtol=1e-5, atol=1e-6)
+
+
+def test_ow_and_sn_under_bf16_autocast(device):
+    for preset in ("ow", "sn"):
+        gm, _ = orthofx.transform(RawGCP(), config=preset)
+        gm.to(device)
+        x, y = _batch()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(gm(x.to(device)).float(), y.to(device))
+        loss.backward()
+        assert torch.isfinite(loss) and gm.reduce.parametrizations.weight.original.grad is not None
 
 
 def test_devices_training_stays_finite(device):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from orthofx.errors import ConfigError, TreatmentError
+from orthofx.linalg._checks import no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
 
 __all__ = [
@@ -123,9 +124,10 @@ class FlatOrthogonal(nn.Module):
 
     def forward(self, A: Tensor) -> Tensor:
         cd = compute_dtype(A.dtype)
-        a = self._to_tall(A).to(cd)
-        Y0 = self.base.to(cd)
-        Q = _stiefel_map(a, Y0, self.method, self.lowrank)
+        with no_autocast(A.device.type):  # matrix_exp/solve in ≥ float32, also under AMP
+            a = self._to_tall(A).to(cd)
+            Y0 = self.base.to(cd)
+            Q = _stiefel_map(a, Y0, self.method, self.lowrank)
         return self._from_tall(Q).to(A.dtype)
 
     @torch.no_grad()
@@ -188,9 +190,10 @@ class FlatSpectralNorm(nn.Module):
         return f"sigma=exact, eps={self.eps}"
 
     def forward(self, W: Tensor) -> Tensor:
-        Wc = W.to(compute_dtype(W.dtype))
-        sigma = torch.linalg.matrix_norm(Wc.reshape(W.shape[0], -1), ord=2)
-        return (Wc / sigma.clamp_min(self.eps)).to(W.dtype)
+        with no_autocast(W.device.type):  # σ_max in ≥ float32, also under AMP
+            Wc = W.to(compute_dtype(W.dtype))
+            sigma = torch.linalg.matrix_norm(Wc.reshape(W.shape[0], -1), ord=2)
+            return (Wc / sigma.clamp_min(self.eps)).to(W.dtype)
 
 
 # --------------------------------------------------------------------------- registration
