@@ -145,6 +145,53 @@ def bench_spectral(device: torch.device, quick: bool, repeats: int) -> list[dict
     return rows
 
 
+GCP_HEAD_CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("ns", {"backend": "ns", "iters": 5}),
+    ("gram-auto", {"gram": True}),
+    ("gram-fp64", {"gram": True, "compute_dtype": torch.float64}),
+    ("dense-auto", {"backend": "auto"}),
+    ("dense-eigh-fp64", {"backend": "eigh"}),
+]
+
+
+def bench_gcp_head(device: torch.device, quick: bool, repeats: int) -> list[dict[str, Any]]:
+    """The whole GCP meta-layer from features: X (batch, 256, 49) -> (Σ + 1e-5 I)^{1/2}, forward +
+    backward, for the Newton–Schulz head, the Gram route and the dense routes; errors against a
+    float64 dense eigh reference on the same float32-rounded features."""
+    batch, c, m, eps = (4 if quick else 64), 256, 49, 1e-5
+    gen = torch.Generator().manual_seed(5)
+    x64 = torch.randn(batch, c, m, generator=gen, dtype=torch.float64).float().double()
+    up64 = torch.randn(batch, c, c, generator=gen, dtype=torch.float64)
+    xr = x64.clone().requires_grad_()
+    y_ref = ol.sqrtm(ol.covariance(xr), eps=eps, backend="eigh")
+    (y_ref * up64).sum().backward()
+    g_ref, y_ref = xr.grad, y_ref.detach()
+    x32, up32 = x64.float().to(device), up64.float().to(device)
+    rows: list[dict[str, Any]] = []
+    for label, kw in GCP_HEAD_CONFIGS:
+        def step(kw: dict[str, Any] = kw) -> tuple[torch.Tensor, torch.Tensor]:
+            x = x32.clone().requires_grad_()
+            if kw.get("gram"):
+                y = ol.covariance_sqrtm(x, eps=eps, compute_dtype=kw.get("compute_dtype"), validate=False)
+            else:
+                y = ol.sqrtm(ol.covariance(x, validate=False), eps=eps, validate=False, **kw)
+            (y * up32).sum().backward()
+            assert x.grad is not None
+            return y.detach(), x.grad
+
+        try:
+            (y, grad), t = timed(step, device, repeats, quick)
+            fwd_err, grad_err, note = rel(y.cpu(), y_ref), rel(grad.cpu(), g_ref), ""
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not crash
+            t, fwd_err, grad_err, note = float("nan"), float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:80]
+        rows.append(dict(group="gcp_head", case=f"{batch}x{c}x{m}", config=label, time_ms=t, fwd_err=fwd_err,
+                         grad_err=grad_err, note=note))
+    base = rows[0]["time_ms"]
+    for r in rows:
+        r["ratio"] = r["time_ms"] / base
+    return rows
+
+
 def bench_eigh_forward(device: torch.device, quick: bool, repeats: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for case, make, eps in (("gcp", lambda: gcp_like(batch=4 if quick else 64, eps=1e-5, seed=0), 1e-5),
@@ -271,16 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, help="write {device, torch, rows} here")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--only", choices=["spectral", "eigh", "svd_route", "polar"], action="append", default=None)
+    p.add_argument("--only", choices=["spectral", "gcp_head", "eigh", "svd_route", "polar"], action="append",
+                   default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     repeats = args.repeats or 10
-    only = set(args.only or ["spectral", "eigh", "svd_route", "polar"])
+    only = set(args.only or ["spectral", "gcp_head", "eigh", "svd_route", "polar"])
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if "spectral" in only:
         rows += bench_spectral(device, args.quick, repeats)
+    if "gcp_head" in only:
+        rows += bench_gcp_head(device, args.quick, repeats)
     if "eigh" in only:
         rows += bench_eigh_forward(device, args.quick, repeats)
     if "svd_route" in only:

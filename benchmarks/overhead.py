@@ -14,7 +14,9 @@ Sections (all in one run, so ratios compare like with like):
    reports the median, so drifting clocks and noisy neighbours hit every row alike.
    ``--quick`` uses small stand-ins (a small whitening ResNet at 28×28, a GCP ResNet-18 at 64²
    reducing to 32 channels) and finishes in well under 50 s on 2 CPU cores.
-2. ``metalayer``: forward+backward of every sqrtm/invsqrtm backend (benchmarks/linalg_bench.py).
+2. ``metalayer``: forward+backward of every sqrtm/invsqrtm backend (benchmarks/linalg_bench.py),
+   and ``gcp_head``: the whole GCP meta-layer from features (Newton–Schulz vs the exact Gram
+   route ``covariance_sqrtm`` vs the dense exact routes).
 3. ``polar``: every polar method (the NOG direction), time and distance to the exact factor.
 4. ``transform``: orthofx.analyze / orthofx.transform time against torch.fx.symbolic_trace.
 
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orthofx  # noqa: E402
-from linalg_bench import bench_polar, bench_spectral, print_table  # noqa: E402
+from linalg_bench import bench_gcp_head, bench_polar, bench_spectral, print_table  # noqa: E402
 from orthofx.experiment.models import SmallResNetDBN, cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
 
 PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_steps(device, a.quick, rounds, iters)
     if "metalayer" in only:
         rows += [dict(r, group="metalayer") for r in bench_spectral(device, a.quick, 3 if a.quick else 10)]
+        rows += bench_gcp_head(device, a.quick, 3 if a.quick else 10)
     if "polar" in only:
         rows += [dict(r, group="polar") for r in bench_polar(device, a.quick, 3 if a.quick else 10)]
     if "transform" in only:

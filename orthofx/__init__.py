@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
     from orthofx.config import PRESETS, OrthoConfig  # noqa: F401
     from orthofx.export import checkpoint, load_checkpoint, save_checkpoint, strip  # noqa: F401
-    from orthofx.graph import AnalysisConfig, analyze  # noqa: F401
+    from orthofx.graph import AnalysisConfig, AnalysisReport, analyze, analyze_graph, trace  # noqa: F401
     from orthofx.monitor import ConditioningMonitor  # noqa: F401
     from orthofx.pipeline import TransformReport, attach, orthogonality_loss, transform  # noqa: F401
 
@@ -37,7 +37,10 @@ _LAZY: dict[str, str] = {
     "OrthoConfig": "orthofx.config",
     "PRESETS": "orthofx.config",
     "analyze": "orthofx.graph",
+    "analyze_graph": "orthofx.graph",
+    "trace": "orthofx.graph",
     "AnalysisConfig": "orthofx.graph",
+    "AnalysisReport": "orthofx.graph",
     "transform": "orthofx.pipeline",
     "attach": "orthofx.pipeline",
     "orthogonality_loss": "orthofx.pipeline",

@@ -259,3 +259,17 @@ def test_dbn_cumulative_average_with_momentum_none(device):
     torch.testing.assert_close(dbn.running_covariance[0], sum(covs) / 3)
     torch.testing.assert_close(dbn.running_mean[0, :, 0], sum(x.mean(0) for x in xs) / 3)
     assert int(dbn.num_batches_tracked) == 3
+
+
+def test_gcp_gram_backend_matches_scipy_and_records(device):
+    x = _correlated((3, 12, 3, 3), seed=14).to(device)
+    head = CovariancePooling(12, eps=1e-4, backend="gram", output="full").to(device)
+    head.orthofx_record = True
+    y = head(x).cpu()
+    ref = torch.from_numpy(_gcp_reference(x.cpu().numpy(), 1e-4)).reshape(3, -1)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    assert head.orthofx_last_eigenvalues.shape == (3, 12)
+    with pytest.raises(ValueError, match="eps > 0"):
+        CovariancePooling(12, eps=0.0, backend="gram")
+    auto = CovariancePooling(12, eps=1e-4, backend="auto", output="full").to(device)
+    torch.testing.assert_close(auto(x).cpu(), ref, rtol=1e-5, atol=1e-6)

@@ -341,3 +341,24 @@ def test_devices_training_stays_finite(device):
         loss.backward()
         opt.step()
     assert all(torch.isfinite(p).all() for p in gm.parameters())
+
+
+def test_torch_compile_gives_the_same_losses_as_eager():
+    def losses(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        gm, _ = orthofx.transform(RawGCP(), config="nog+ow+olr")
+        opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        orthofx.attach(opt, gm)
+        fwd = torch.compile(gm) if compiled else gm
+        out = []
+        for s in range(3):
+            x, y = _batch(seed=s, n=8)
+            loss = F.cross_entropy(fwd(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    torch._dynamo.reset()
+    np.testing.assert_allclose(losses(True), losses(False), rtol=1e-4, atol=1e-5)

@@ -454,7 +454,7 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
         "final_test_error": history[-1]["test_error"] if history else None,
         "kappa": summary,
         "ms_per_step": 1000.0 * sum(warm) / max(len(warm), 1) if warm else None,
-        "treatment_stats": handle.stats() if handle is not None else {},
+        "treatment_stats": _treatment_stats(handle),
         "world_size": d.world,
         "replicas_identical": replicas_identical,
     }
@@ -465,6 +465,23 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
     if handle is not None:
         handle.remove()
     return results
+
+
+def _treatment_stats(handle: Any) -> dict[str, Any]:
+    """The attach handle's counters plus an OLR summary: how often η* was used (0 < η* < lr)
+    and its median, which shows whether OLR effectively freezes the Pre-SVD layer."""
+    if handle is None:
+        return {}
+    stats = dict(handle.stats())
+    if handle.olr:
+        hist = handle.olr_history()
+        eta, lr, base = (hist[k].double().cpu() for k in ("eta", "lr", "base"))
+        if eta.numel():
+            active = (eta > 0) & (eta < base)
+            stats["olr_active_fraction"] = float(active.double().mean())
+            stats["olr_eta_median"] = float(eta.median())
+            stats["olr_lr_over_scheduled_median"] = float((lr / base).median())
+    return stats
 
 
 def _jsonable(x: Any) -> Any:

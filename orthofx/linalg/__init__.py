@@ -11,6 +11,8 @@ default; one host sync). Symmetric functions symmetrise their input, ``(A + Aᵀ
   Newton–Schulz
 * :func:`polar`                      - polar factor ``U Vᵀ`` (svd / eigh / ns / polar_express)
 * :func:`covariance`                 - ``Xc Xcᵀ/M + εI``
+* :func:`covariance_sqrtm`           - ``(Σ + εI)^{±1/2}`` of features through the M×M Gram matrix
+  (exact, cheap when M < C: covariance pooling)
 * :func:`condition_number`           - float64 ``λ_max/λ_min``
 * :func:`solver_stats`, :func:`inject_failures` - failure/fallback/non-finite counters
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 from orthofx.linalg.conditioning import condition_number, condition_number_from_eigenvalues
 from orthofx.linalg.covariance import covariance
 from orthofx.linalg.eigh import eigh, eigvalsh, stable_k
+from orthofx.linalg.gram import covariance_sqrtm
 from orthofx.linalg.polar import polar
 from orthofx.linalg.spectral import invsqrtm, sqrtm
 from orthofx.linalg.stats import SolverStats, inject_failures, solver_stats
@@ -30,6 +33,7 @@ __all__ = [
     "stable_k",
     "sqrtm",
     "invsqrtm",
+    "covariance_sqrtm",
     "polar",
     "covariance",
     "condition_number",

@@ -48,7 +48,11 @@ class CovariancePooling(MetaLayer):
         reduced: channels after the 1×1 reduction, or None for no reduction.
         eps: ε ≥ 0 added to the covariance (default 1e-5; Σ has rank ≤ M − 1, so without
             it Σ is singular whenever M ≤ C).
-        backend / iters / compute_dtype: passed to :func:`orthofx.linalg.sqrtm`.
+        backend / iters / compute_dtype: passed to :func:`orthofx.linalg.sqrtm`; ``"gram"``
+            instead uses :func:`orthofx.linalg.covariance_sqrtm`, exact and much cheaper when
+            M = H·W < C (a 49×49 instead of a 256×256 problem at 7×7; needs eps > 0);
+            ``"auto"`` takes "gram" when eps > 0 and M < C, else sqrtm's "auto" (gesvda route on
+            CUDA, float64 eigh elsewhere).
         output: ``"triu"`` or ``"full"``.
 
     The covariance and its square root are computed with autocast disabled, in float32 at
@@ -69,6 +73,8 @@ class CovariancePooling(MetaLayer):
         output: str = "triu",
     ) -> None:
         super().__init__()
+        if backend == "gram" and not eps > 0:
+            raise ValueError("backend='gram' needs eps > 0")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if in_channels < 1 or (reduced is not None and reduced < 1):
@@ -117,6 +123,10 @@ class CovariancePooling(MetaLayer):
         with torch.autocast(x.device.type, enabled=False):
             feats = x.reshape(n, c, -1)
             out_dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+            if self.backend == "gram" or (self.backend == "auto" and self.eps > 0 and feats.shape[-1] < c):
+                y = self._gram(feats.to(out_dtype))
+                i, j = self.triu_index
+                return y.reshape(n, c * c) if self.output == "full" else y[:, i, j]
             cov = linalg.covariance(feats.to(_covariance_dtype(self.backend, self.compute_dtype, out_dtype, x.device)))
             y = self._spectral(
                 linalg.sqrtm,
@@ -131,6 +141,17 @@ class CovariancePooling(MetaLayer):
             return y.reshape(n, c * c)
         i, j = self.triu_index
         return y[:, i, j]
+
+    def _gram(self, feats: Tensor) -> Tensor:
+        """The "gram" backend: :func:`orthofx.linalg.covariance_sqrtm` (exact, M×M problem)."""
+        out = linalg.covariance_sqrtm(
+            feats, eps=self.eps, compute_dtype=self.compute_dtype, validate=False,
+            return_eigenvalues=self.orthofx_record,
+        )
+        if self.orthofx_record:
+            out, lam = out
+            self.orthofx_last_eigenvalues = lam
+        return out
 
     def extra_repr(self) -> str:
         return (
