@@ -479,7 +479,8 @@ def _treatment_stats(handle: Any) -> dict[str, Any]:
         if eta.numel():
             active = (eta > 0) & (eta < base)
             stats["olr_active_fraction"] = float(active.double().mean())
-            stats["olr_eta_median"] = float(eta.median())
+            stats["olr_eta_median"] = float(eta.nanmedian())  # η* is NaN where w = 0 (OW generator at step 0)
+            stats["olr_eta_nan_fraction"] = float(torch.isnan(eta).double().mean())
             stats["olr_lr_over_scheduled_median"] = float((lr / base).median())
     return stats
 
