@@ -109,14 +109,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def plan_of(model: nn.Module) -> Plan | None:
-    """The plan stored by :func:`transform` in ``gm.meta``, or None for an untransformed model."""
+    """The plan stored by :func:`transform` in ``gm.meta``, or None for an untransformed model.
+
+    Parsed once per stored payload and cached on the module, because ``orthogonality_loss``
+    and ``attach`` call it from the training loop.
+    """
     m = unwrap(model)
     meta = getattr(m, "meta", None)
     if not isinstance(meta, dict) or META_KEY not in meta:
         meta = getattr(m, "_orthofx_meta", None)
         if not isinstance(meta, dict) or META_KEY not in meta:
             return None
-    return Plan.from_dict(meta[META_KEY]["plan"])
+    payload = meta[META_KEY]
+    cached = m.__dict__.get("_orthofx_plan_cache")
+    if cached is not None and cached[0] is payload:
+        return cached[1]
+    plan = Plan.from_dict(payload["plan"])
+    m.__dict__["_orthofx_plan_cache"] = (payload, plan)
+    return plan
 
 
 def _store(root: nn.Module, plan: Plan, report: TransformReport) -> None:
