@@ -150,7 +150,7 @@ class CovariancePooling(MetaLayer):
         )
         if self.orthofx_record:
             out, lam = out
-            self.orthofx_last_eigenvalues = lam
+            self._remember(lam)
         return out
 
     def extra_repr(self) -> str:

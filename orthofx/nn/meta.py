@@ -77,8 +77,13 @@ class MetaLayer(nn.Module):
         if not self.orthofx_record:
             return fn(matrix, validate=False, **kwargs)
         y, lam = fn(matrix, validate=False, return_eigenvalues=True, **kwargs)
-        self.orthofx_last_eigenvalues = lam.detach()
+        self._remember(lam)
         return y
+
+    def _remember(self, eigenvalues: torch.Tensor) -> None:
+        """Keep the eigenvalues of the decomposed matrix for the monitor, when recording."""
+        if self.orthofx_record:
+            self.orthofx_last_eigenvalues = eigenvalues.detach()
 
 
 def is_meta_layer(module: nn.Module) -> bool:

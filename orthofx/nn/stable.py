@@ -98,10 +98,10 @@ class StableDecomposition(MetaLayer):
             return traced
         if self.kind == "eigvalsh":
             lam = linalg.eigvalsh(a, backend=self.backend, validate=False)
-            self._keep(lam)
+            self._remember(lam)
             return lam
         lam, vec = linalg.eigh(a, taylor_degree=self.taylor_degree, backend=self.backend, validate=False)
-        self._keep(lam)
+        self._remember(lam)
         if self.kind == "eigh":
             return torch.return_types.linalg_eigh((lam, vec))
         # SVD of a symmetric matrix from its eigendecomposition, descending singular values
@@ -115,10 +115,6 @@ class StableDecomposition(MetaLayer):
         if self.convention == "svd":
             return torch.return_types.svd((u, s, v))
         return torch.return_types.linalg_svd((u, s, v.mT))
-
-    def _keep(self, lam: Tensor) -> None:
-        if self.orthofx_record:
-            self.orthofx_last_eigenvalues = lam.detach()
 
     def extra_repr(self) -> str:
         name = getattr(self.original, "__name__", self.original)
