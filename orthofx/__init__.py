@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
     from orthofx.graph import AnalysisConfig, AnalysisReport, analyze, analyze_graph, trace  # noqa: F401
     from orthofx.monitor import ConditioningMonitor  # noqa: F401
     from orthofx.pipeline import TransformReport, attach, orthogonality_loss, transform  # noqa: F401
+    from orthofx.syncs import cuda_policy, sync_audit  # noqa: F401
 
 from orthofx.errors import (  # noqa: F401
     AttachError,
@@ -50,8 +51,10 @@ _LAZY: dict[str, str] = {
     "save_checkpoint": "orthofx.export",
     "load_checkpoint": "orthofx.export",
     "ConditioningMonitor": "orthofx.monitor",
+    "sync_audit": "orthofx.syncs",
+    "cuda_policy": "orthofx.syncs",
 }
-_SUBMODULES = ("linalg", "nn", "graph", "treatments", "config", "data", "testing", "monitor", "export", "rewrite", "experiment")
+_SUBMODULES = ("linalg", "nn", "graph", "treatments", "config", "data", "testing", "monitor", "export", "rewrite", "experiment", "syncs")
 
 
 def __getattr__(name: str) -> Any:

@@ -55,7 +55,10 @@ class OrthoConfig:
         sn_power_iterations: power iterations per forward for ``sn_method="power"``.
         nog: replace each producer's weight gradient by the polar factor U Vᵀ of its
             flattened gradient (nearest orthogonal gradient).
-        nog_method: ``orthofx.linalg.polar`` method; ``"svd"`` is exact.
+        nog_method: ``orthofx.linalg.polar`` method. ``"auto"`` (default): Polar Express
+            + 5 polish steps on CUDA (no host sync; ≤ 1e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
+            float64 Gram ``"eigh"`` on the CPU (2.5e-8); ``"svd"`` is the paper's literal
+            U Vᵀ (synchronises on CUDA).
         olr: per-step optimal learning rate
             η* = (wᵀw·lᵀw)/(wᵀw·lᵀl + 2(lᵀw)²), used when 0 < η* < the scheduled lr.
         stabilize: swap raw ``torch.linalg.eigh``/``svd`` meta-layers that decompose a
@@ -73,7 +76,7 @@ class OrthoConfig:
     sn_method: str = "exact"
     sn_power_iterations: int = 1
     nog: bool = False
-    nog_method: str = "svd"
+    nog_method: str = "auto"
     olr: bool = False
     stabilize: bool = True
     inplace: bool = False

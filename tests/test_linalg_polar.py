@@ -139,3 +139,53 @@ def test_positive_scale_invariance(shape: tuple[int, int], seed: int, c: float, 
     torch.testing.assert_close(q1, q2, rtol=1e-6, atol=1e-6)
     # and polar(-G) = -polar(G)
     torch.testing.assert_close(ol.polar(-g, method=method), -q1, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- "auto" policy
+def test_auto_resolution_by_device() -> None:
+    from orthofx.linalg.polar import resolve_method
+
+    assert resolve_method("auto", "cuda") == "polar_express"
+    assert resolve_method("auto", "cpu") == "eigh"
+    assert resolve_method("auto", "meta") == "svd"
+    assert resolve_method("svd", "cuda") == "svd"
+
+
+def _log_spectrum(m: int, n: int, lo: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0.0, float(torch.log10(torch.tensor(lo))), k, dtype=torch.float64)
+    return (u * s) @ v.mT, u @ v.mT
+
+
+@pytest.mark.parametrize("shape", [(64, 27), (27, 64), (256, 512)])
+@pytest.mark.parametrize("lo", [1e-1, 1e-2, 1e-3])
+def test_auto_cuda_policy_accuracy_claim(shape: tuple[int, int], lo: float, device: torch.device) -> None:
+    """The documented bound of "auto" on CUDA (Polar Express + 5 polish steps, float32):
+    ≤ 1e-5 from U Vᵀ whenever σ_min ≥ 1.5e-4·‖G‖_F. Run on every device with the CUDA policy."""
+    g, ref = _log_spectrum(*shape, lo, seed=shape[0] + int(1 / lo))
+    smin_rel = lo / g.norm().item()
+    assert smin_rel >= 1.5e-4
+    q = ol.polar(g.float().to(device), method="polar_express", polish=5, validate=False)
+    assert ((q.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_auto_gives_partial_isometry_for_rank_deficient(device: torch.device) -> None:
+    """"auto" maps the zero singular values to 0 on every device (eigh on CPU, the iteration on
+    CUDA), unlike "svd", which lifts them to 1 along arbitrary directions."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(32, 5, generator=gen), torch.randn(5, 20, generator=gen)
+    g = (a @ b).to(device)  # rank 5
+    u, _, vh = torch.linalg.svd((a @ b).double(), full_matrices=False)
+    partial = u[:, :5] @ vh[:5]
+    for method in ("auto", "eigh"):
+        q = ol.polar(g, method=method, validate=False)
+        assert ((q.double().cpu() - partial).norm() / partial.norm()).item() < 1e-5
+    # float32 rounding leaves the null singular values at ~1e-7·‖G‖; the iteration amplifies
+    # them (×~2e4) but they stay far below 1
+    q = ol.polar(g.float(), method="polar_express", polish=5, validate=False)
+    assert ((q.double().cpu() - partial).norm() / partial.norm()).item() < 5e-3
+    svdq = ol.polar(g, method="svd", validate=False)
+    assert torch.linalg.matrix_rank(svdq.double().cpu()).item() == 20  # lifted to full rank

@@ -10,6 +10,7 @@ default; one host sync). Symmetric functions symmetrise their input, ``(A + Aᵀ
 * :func:`sqrtm`, :func:`invsqrtm`    - ``(A + εI)^{±1/2}``: exact Daleckii–Krein backward, or
   Newton–Schulz
 * :func:`polar`                      - polar factor ``U Vᵀ`` (svd / eigh / ns / polar_express)
+* :func:`expm`                       - ``exp(A)``, squarings decided on the device (no host sync)
 * :func:`covariance`                 - ``Xc Xcᵀ/M + εI``
 * :func:`covariance_sqrtm`           - ``(Σ + εI)^{±1/2}`` of features through the M×M Gram matrix
   (exact, cheap when M < C: covariance pooling)
@@ -22,6 +23,7 @@ from __future__ import annotations
 from orthofx.linalg.conditioning import condition_number, condition_number_from_eigenvalues
 from orthofx.linalg.covariance import covariance
 from orthofx.linalg.eigh import eigh, eigvalsh, stable_k
+from orthofx.linalg.expm import expm
 from orthofx.linalg.gram import covariance_sqrtm
 from orthofx.linalg.polar import polar
 from orthofx.linalg.spectral import invsqrtm, sqrtm
@@ -34,6 +36,7 @@ __all__ = [
     "sqrtm",
     "invsqrtm",
     "covariance_sqrtm",
+    "expm",
     "polar",
     "covariance",
     "condition_number",

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
+from orthofx.syncs import sync_free_preferred
 from orthofx.treatments._common import POLAR_METHODS
 from orthofx.treatments.gradient import (
     GradientTransformation,
@@ -375,7 +376,8 @@ def attach(
             (:func:`orthofx.treatments.gradient.olr`), computed on the NOG gradient when NOG
             is on. ``lr_sched`` is the **current** lr of the producer's original param group,
             read at every step, so LR schedulers keep working.
-        nog_method: ``orthofx.linalg.polar`` method (default ``"svd"``, exact).
+        nog_method: ``orthofx.linalg.polar`` method (default ``"auto"``: sync-free Polar
+            Express on CUDA, float64 Gram eigh on the CPU; ``"svd"`` is the paper's literal one).
         lr_mode: how the OLR lr reaches the optimizer (the η* computation itself never syncs):
 
             * ``"float"``: one host transfer per step for all producers
@@ -391,7 +393,8 @@ def attach(
               linear in (grad, buf), the update is exactly ``−lr_olr·(…)`` and the buffer is
               the one plain SGD would hold (up to rounding; c is clamped at ≥ 1.1e-19);
             * ``"auto"``: ``"tensor"`` for fused/capturable groups, ``"fold"`` for SGD with
-              CUDA parameters, else ``"float"`` (free on the CPU).
+              CUDA parameters (or inside ``orthofx.syncs.cuda_policy()``), else ``"float"``
+              (free on the CPU).
         history: keep every step's η*, lr and scheduled lr (device tensors).
         max_history: keep only the last ``max_history`` steps.
 
@@ -423,7 +426,7 @@ def attach(
         config = resolve_config(config)
     use_nog = bool(_option(config, "nog", nog, False))
     use_olr = bool(_option(config, "olr", olr, False))
-    method = _option(config, "nog_method", nog_method, "svd")
+    method = _option(config, "nog_method", nog_method, "auto")
     if use_nog and method not in POLAR_METHODS:
         raise ConfigError(f"nog_method={method!r}; use one of {POLAR_METHODS}")
     if lr_mode not in _LR_MODES:
@@ -499,7 +502,9 @@ def _resolve_lr_mode(opt: torch.optim.Optimizer, slots: list[_Slot], lr_mode: st
         return lr_mode
     if any(g.get("fused") or g.get("capturable") for g in groups):
         return "tensor"
-    if is_sgd and all(s.param.is_cuda for s in slots) and not any(g.get("differentiable", False) for g in groups):
+    if is_sgd and all(sync_free_preferred(s.param.device) for s in slots) and not any(
+        g.get("differentiable", False) for g in groups
+    ):
         return "fold"
     return "float"
 
