@@ -14,11 +14,18 @@ Sections (all in one run, so ratios compare like with like):
    reports the median, so drifting clocks and noisy neighbours hit every row alike.
    ``--quick`` uses small stand-ins (a small whitening ResNet at 28×28, a GCP ResNet-18 at 64²
    reducing to 32 channels) and finishes in well under 50 s on 2 CPU cores.
-2. ``metalayer``: forward+backward of every sqrtm/invsqrtm backend (benchmarks/linalg_bench.py),
+   Next to the presets: ``nog(svd)`` (the paper's literal SVD polar factor, which synchronises
+   on CUDA) and ``ow(cayley)``.
+2. ``hook``: ``optimizer.step()`` alone with the NOG/OLR hooks on fixed gradients, minus the
+   plain SGD step, as a share of the plain training step (low noise on a shared CPU).
+3. ``audit``: per step, the synchronising ops and the kernel-launching ops each preset
+   dispatches (``orthofx.sync_audit`` under ``cuda_policy``; on CUDA also the syncs that
+   ``torch.cuda.set_sync_debug_mode`` sees) — the structural reason for the step times.
+4. ``metalayer``: forward+backward of every sqrtm/invsqrtm backend (benchmarks/linalg_bench.py),
    and ``gcp_head``: the whole GCP meta-layer from features (Newton–Schulz vs the exact Gram
    route ``covariance_sqrtm`` vs the dense exact routes).
-3. ``polar``: every polar method (the NOG direction), time and distance to the exact factor.
-4. ``transform``: orthofx.analyze / orthofx.transform time against torch.fx.symbolic_trace.
+5. ``polar``: every polar method (the NOG direction), time and distance to the exact factor.
+6. ``transform``: orthofx.analyze / orthofx.transform time against torch.fx.symbolic_trace.
 
 Absolute times mean something only on a GPU; on the 2-core CPU here, read the ratios.
 """
@@ -45,6 +52,27 @@ from linalg_bench import bench_gcp_head, bench_polar, bench_spectral, print_tabl
 from orthofx.experiment.models import SmallResNetDBN, cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
 
 PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
+# variants timed next to the presets: the paper's literal SVD polar factor, the Cayley map
+VARIANTS = {"nog(svd)": ("nog", {"nog_method": "svd"}), "ow(cayley)": ("ow", {"ow_method": "cayley"})}
+ROWS = PRESETS + tuple(VARIANTS)
+# ops that only create views or metadata (no kernel launch)
+_VIEW_OPS = frozenset({
+    "aten.view", "aten._unsafe_view", "aten.transpose", "aten.t", "aten.unsqueeze", "aten.squeeze",
+    "aten.detach", "aten.expand", "aten.as_strided", "aten.slice", "aten.select", "aten.permute",
+    "aten.alias", "aten.reshape", "aten.split", "aten.unbind", "aten.lift_fresh", "aten.empty",
+    "aten.empty_like", "aten.new_empty", "aten.empty_strided", "aten.new_empty_strided",
+})
+
+
+def _config(row: str) -> Any:
+    import dataclasses
+
+    from orthofx.config import resolve_config
+
+    if row in VARIANTS:
+        base, changes = VARIANTS[row]
+        return dataclasses.replace(resolve_config(base), **changes)
+    return resolve_config(row)
 
 
 def _sync(device: torch.device) -> None:
@@ -75,7 +103,7 @@ def _make_step(wl: dict[str, Any], preset: str, device: torch.device) -> Callabl
     model = wl["build"]()
     x = torch.randn(wl["batch"], *wl["shape"], device=device)
     y = torch.randint(0, wl["classes"], (wl["batch"],), device=device)
-    gm, _ = orthofx.transform(model, config=preset)
+    gm, _ = orthofx.transform(model, config=_config(preset))
     gm.to(device).train()
     opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     orthofx.attach(opt, gm)
@@ -111,16 +139,17 @@ def _time_once(fn: Callable[[], None], device: torch.device, iters: int) -> floa
 def bench_steps(device: torch.device, quick: bool, rounds: int, iters: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, wl in _workloads(quick, device).items():
-        steps = {p: _make_step(wl, p, device) for p in PRESETS}
+        steps = {p: _make_step(wl, p, device) for p in ROWS}
         for fn in steps.values():  # warm-up: allocator, cuDNN autotune, lazy init
             for _ in range(2):
                 fn()
-        samples: dict[str, list[float]] = {p: [] for p in PRESETS}
-        for _ in range(rounds):
-            for p, fn in steps.items():
-                samples[p].append(_time_once(fn, device, iters))
+        samples: dict[str, list[float]] = {p: [] for p in ROWS}
+        order = list(steps)
+        for r in range(rounds):  # rotate the order each round: no row is always first
+            for p in order[r % len(order):] + order[: r % len(order)]:
+                samples[p].append(_time_once(steps[p], device, iters))
         plain = statistics.median(samples["svd"])
-        for p in PRESETS:
+        for p in ROWS:
             ms = statistics.median(samples[p])
             rows.append({
                 "group": "step", "workload": name, "treatment": p, "plain_ms": round(plain, 3),
@@ -130,6 +159,81 @@ def bench_steps(device: torch.device, quick: bool, rounds: int, iters: int) -> l
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def bench_hooks(device: torch.device, quick: bool, repeats: int) -> list[dict[str, Any]]:
+    """``optimizer.step()`` alone (SGD + the attach pre/post hooks: NOG, OLR) on fixed gradients.
+
+    Low-noise view of the gradient treatments: ``extra_ms`` = hook time − plain SGD step time,
+    ``pct_of_step`` = extra_ms / the plain training step of the same workload."""
+    rows: list[dict[str, Any]] = []
+    for name, wl in _workloads(quick, device).items():
+        plain_step = statistics.median(_time_once(_make_step(wl, "svd", device), device, 2) for _ in range(5))
+        times: dict[str, float] = {}
+        for p in ("svd", "nog", "olr", "nog+olr", "nog(svd)"):
+            torch.manual_seed(0)
+            gm, _ = orthofx.transform(wl["build"](), config=_config(p))
+            gm.to(device).train()
+            opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            orthofx.attach(opt, gm)
+            x = torch.randn(wl["batch"], *wl["shape"], device=device)
+            y = torch.randint(0, wl["classes"], (wl["batch"],), device=device)
+            with torch.autocast(device.type, dtype=wl["amp"] or torch.float32, enabled=wl["amp"] is not None):
+                loss = F.cross_entropy(gm(x).float(), y)
+            loss.backward()
+            for _ in range(3):
+                opt.step()
+            times[p] = statistics.median(_time_once(opt.step, device, 5) for _ in range(repeats))
+            del gm, opt
+        for p, ms in times.items():
+            extra = ms - times["svd"]
+            rows.append({"group": "hook", "workload": name, "treatment": p, "opt_step_ms": round(ms, 4),
+                         "extra_ms": round(extra, 4), "plain_step_ms": round(plain_step, 3),
+                         "pct_of_step": round(100 * extra / plain_step, 2)})
+    return rows
+
+
+def bench_audit(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    """Per training step: synchronising ops and kernel-launching ops dispatched, per preset.
+
+    Structural (independent of timing noise): run under ``orthofx.syncs.cuda_policy()`` so the
+    CPU takes the code path CUDA takes. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")``
+    additionally counts the synchronisations the driver actually sees (``cuda_syncs``)."""
+    import warnings
+
+    from orthofx.syncs import cuda_policy, sync_audit
+
+    rows: list[dict[str, Any]] = []
+    for name, wl in _workloads(True if device.type == "cpu" else quick, device).items():
+        base: dict[str, Any] = {}
+        for p in ROWS:
+            with cuda_policy():
+                step = _make_step(wl, p, device)
+                step()
+                step()
+                with sync_audit() as audit:
+                    step()
+            cuda_syncs = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
+            kernels = sum(n for op, n in audit.ops.items() if op not in _VIEW_OPS)
+            if p == "svd":
+                base = {"syncs": audit.count, "kernels": kernels}
+            rows.append({
+                "group": "audit", "workload": name, "treatment": p, "sync_ops": audit.count,
+                "extra_sync_ops": audit.count - base["syncs"], "which": ",".join(sorted(audit.syncs)),
+                "kernel_ops": kernels, "extra_kernel_ops": kernels - base["kernels"],
+                "cuda_syncs": cuda_syncs,
+            })
     return rows
 
 
@@ -171,34 +275,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--only", choices=["step", "metalayer", "polar", "transform"], action="append", default=None)
+    p.add_argument("--only", choices=["step", "hook", "audit", "metalayer", "polar", "transform"], action="append",
+                   default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    only = set(a.only or ["step", "metalayer", "polar", "transform"])
-    rounds = a.rounds or (3 if a.quick else 7)
-    iters = 2 if a.quick else (10 if device.type == "cuda" else 3)
+    only = set(a.only or ["step", "hook", "audit", "metalayer", "polar", "transform"])
+    rounds = a.rounds or (12 if a.quick else 7)
+    iters = 1 if a.quick else (10 if device.type == "cuda" else 3)
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    if "step" in only:
-        rows += bench_steps(device, a.quick, rounds, iters)
-    if "metalayer" in only:
-        rows += [dict(r, group="metalayer") for r in bench_spectral(device, a.quick, 3 if a.quick else 10)]
-        rows += bench_gcp_head(device, a.quick, 3 if a.quick else 10)
-    if "polar" in only:
-        rows += [dict(r, group="polar") for r in bench_polar(device, a.quick, 3 if a.quick else 10)]
-    if "transform" in only:
-        rows += bench_transform(a.quick, 3 if a.quick else 7)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rows: list[dict[str, Any]] = []
+    sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
+        ("step", lambda: bench_steps(device, a.quick, rounds, iters)),
+        ("hook", lambda: bench_hooks(device, a.quick, 15 if a.quick else 30)),
+        ("audit", lambda: bench_audit(device, a.quick)),
+        ("metalayer", lambda: [dict(r, group="metalayer") for r in bench_spectral(device, a.quick, 3 if a.quick else 10)]
+         + bench_gcp_head(device, a.quick, 3 if a.quick else 10)),
+        ("polar", lambda: [dict(r, group="polar") for r in bench_polar(device, a.quick, 3 if a.quick else 10)]),
+        ("transform", lambda: bench_transform(a.quick, 3 if a.quick else 7)),
+    ]
+    for name, run in sections:
+        if name not in only:
+            continue
+        new = run()
+        rows += new
+        print_table(new)
+        sys.stdout.flush()
+        if a.json:  # written after every section, so a run cut short keeps what it measured
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick,
+                                          "elapsed_s": round(time.perf_counter() - t0, 1), "rows": rows}, indent=1))
     elapsed = time.perf_counter() - t0
     print(f"# orthofx overhead benchmark on {dev}, torch {torch.__version__}, {'quick' if a.quick else 'full'}, "
           f"{elapsed:.1f} s")
-    print_table(rows)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick,
-                                      "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
         print(f"wrote {a.json}")
     return 0
 

@@ -434,6 +434,7 @@ def _ddp_worker(rank: int, world: int, port: int, init_state: dict, x: torch.Ten
         _train(ddp, opt, x.chunk(world)[rank], y.chunk(world)[rank], 2)
         if rank == 0:
             torch.save(model.state_dict(), out)
+        dist.barrier()  # no rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 

@@ -142,10 +142,16 @@ def _eigh_factor(x: Tensor) -> Tensor:
 
 
 def _odd_poly_steps(x: Tensor, coeffs: list[tuple[float, float, float]]) -> Tensor:
+    """``x ← a x + (b g + c g²) x`` with ``g = x xᵀ``: three fused GEMMs per step (baddbmm)."""
+    if not coeffs:
+        return x
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])
     for a, b, c in coeffs:
-        g = x @ x.mT
-        x = a * x + (b * g + c * (g @ g)) @ x
-    return x
+        g = torch.bmm(x, x.mT)
+        p = torch.baddbmm(g, g, g, beta=b, alpha=c)
+        x = torch.baddbmm(x, p, x, beta=a)
+    return x.reshape(shape)
 
 
 def polar(

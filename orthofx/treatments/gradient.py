@@ -329,9 +329,13 @@ def olr(
                 _check_grad(g, i, "OLR")
                 groups.setdefault((g.numel(), g.device), []).append(i)
         for (_, gdev), idxs in groups.items():
-            W = torch.stack([params[i].detach().reshape(-1) for i in idxs]).to(cd)
-            L = torch.stack([grads[i].reshape(-1) for i in idxs]).to(cd)  # type: ignore[union-attr]
-            e = olr_eta(W, L).to(dev)
+            # (P, 2, N) rows [w; l] -> one batched Gram [[wᵀw, wᵀl], [lᵀw, lᵀl]] in dtype cd
+            X = torch.stack(
+                [t for i in idxs for t in (params[i].detach().reshape(-1), grads[i].reshape(-1))]  # type: ignore[union-attr]
+            ).to(cd).reshape(len(idxs), 2, -1)
+            gram = torch.bmm(X, X.mT)
+            ww, lw, ll = gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1]
+            e = (ww * lw / (ww * ll + 2.0 * lw * lw)).to(dev)
             if len(idxs) == P and idxs == list(range(P)):
                 eta = e
             else:
