@@ -11,6 +11,6 @@ cat "$OUT/gpu.txt"
 timeout 260 python3 benchmarks/overhead.py --device cuda --rounds 5 --json "$OUT/overhead_gpu.json" > "$OUT/overhead_gpu.txt" 2>&1
 echo "overhead rc=$?"; tail -75 "$OUT/overhead_gpu.txt"
 timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_nn.py tests/test_monitor.py tests/test_transform.py \
-  tests/test_linalg_expm.py tests/test_linalg_polar.py tests/test_attach.py \
-  -k "cuda or device" > "$OUT/pytest_cuda.txt" 2>&1
+  tests/test_linalg_expm.py tests/test_linalg_polar.py tests/test_attach.py tests/test_cuda_graphs.py \
+  -k "cuda or device or graph" > "$OUT/pytest_cuda.txt" 2>&1
 echo "pytest rc=$?"; tail -5 "$OUT/pytest_cuda.txt"
