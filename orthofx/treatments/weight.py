@@ -86,6 +86,11 @@ class FlatOrthogonal(nn.Module):
     dtype: float16/bfloat16 weights are computed in float32; float32/float64 in their own
     dtype. The output has the weight's dtype. No ε is involved.
 
+    Per step the map runs once per forward (and its backward once): no host sync on CUDA (the
+    exponential's squarings are decided on the device, Cayley uses ``solve_ex``). A forward
+    that reads the weight several times can share one evaluation with
+    ``torch.nn.utils.parametrize.cached()``.
+
     Args:
         shape: shape of the weight (out, in, *kernel).
         method: ``"expm"`` (the paper; :func:`orthofx.linalg.expm.expm`, scaling and
