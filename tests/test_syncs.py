@@ -119,3 +119,27 @@ def test_exact_svd_variants_do_synchronise(config: str, extra: str) -> None:
         plain = _syncs_of(build, "svd", shape)
         treated = _syncs_of(build, cfg, shape)
     assert treated.get(extra, 0) == plain.get(extra, 0) + 1
+
+
+def test_monitor_step_adds_no_synchronising_op() -> None:
+    """κ is recorded into device buffers; only reading it (summary/plots/logs) synchronises."""
+    build, shape = WORKLOADS["dbn"]
+    torch.manual_seed(0)
+    gm, _ = orthofx.transform(build(), config="nog+ow+olr")
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    orthofx.attach(opt, gm)
+    monitor = orthofx.ConditioningMonitor(gm, every=2)
+    x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    counts = []
+    with cuda_policy():
+        for _ in range(5):
+            with sync_audit() as audit:
+                loss = F.cross_entropy(gm(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                monitor.step()
+            counts.append(audit.syncs)
+    assert all(c == {"aten._linalg_eigh": 1} for c in counts), counts
+    rows = monitor.flush()  # the read: host values of the recorded steps
+    assert len(rows) >= 2 and all(r["kappa"] > 1 for r in rows if "kappa" in r), rows
