@@ -10,8 +10,9 @@ Sections (all in one run, so ratios compare like with like):
    * ``dbn``: CIFAR ResNet-50, batch 128, 32×32, ZCA whitening after the 3×3 stem;
    * ``gcp``: ResNet-18, batch 256, 224², 1×1 reduction to 256 + covariance pooling (bf16
      autocast on CUDA).
-   Presets are timed in interleaved rounds (plain, nog, olr, ... , plain, nog, ...) and each
-   reports the median, so drifting clocks and noisy neighbours hit every row alike.
+   Presets are timed in interleaved rounds (plain, nog, olr, ... , plain, nog, ...; the order
+   rotates each round); ``ratio`` is the median over rounds of the row's time over the same
+   round's plain time, so drifting clocks and noisy neighbours hit every row alike.
    ``--quick`` uses small stand-ins (a small whitening ResNet at 28×28, a GCP ResNet-18 at 64²
    reducing to 32 channels) and finishes in well under 50 s on 2 CPU cores.
    Next to the presets: ``nog(svd)`` (the paper's literal SVD polar factor, which synchronises
@@ -151,10 +152,14 @@ def bench_steps(device: torch.device, quick: bool, rounds: int, iters: int) -> l
         plain = statistics.median(samples["svd"])
         for p in ROWS:
             ms = statistics.median(samples[p])
+            # paired: each round's time over the same round's plain time, then the median, so
+            # slow drifts of a shared machine cancel
+            paired = statistics.median(a / b for a, b in zip(samples[p], samples["svd"]))
             rows.append({
                 "group": "step", "workload": name, "treatment": p, "plain_ms": round(plain, 3),
-                "step_ms": round(ms, 3), "ratio": round(ms / plain, 4),
-                "overhead_pct": round(100 * (ms / plain - 1), 2), "desc": wl["desc"],
+                "step_ms": round(ms, 3), "ratio": round(paired, 4),
+                "overhead_pct": round(100 * (paired - 1), 2), "ratio_of_medians": round(ms / plain, 4),
+                "desc": wl["desc"],
             })
         del steps
         if device.type == "cuda":

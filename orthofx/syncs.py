@@ -16,7 +16,9 @@ calling thread) and optimizer code alike — and counts the ones that synchronis
   ``aten.unique_consecutive``, ``aten.index`` with a bool mask (recorded as ``aten.nonzero``
   by torch), ``aten.repeat_interleave`` without ``output_size``;
 * comparisons to the host: ``aten.equal``, ``aten.is_nonzero``, ``aten.allclose``;
-* copies to the CPU of a CUDA tensor (``aten._to_copy`` / ``aten.copy_`` across devices).
+* blocking copies between the CPU and a CUDA device in either direction (``aten._to_copy`` /
+  ``aten.copy_``; torch synchronises the stream after a host→device copy with
+  ``non_blocking=False`` too). Seen only where a CUDA device exists.
 
 It runs on any device, so the sync-freedom of a code path is checked on the CPU too (the op
 names are the same; CPU-only ops such as ``.tolist()`` that bypass dispatch are not seen).
@@ -67,15 +69,25 @@ SYNC_OPS: frozenset[str] = frozenset(
 )
 
 
-def _is_d2h(func: Any, args: tuple, kwargs: dict) -> bool:
+def _is_transfer(func: Any, args: tuple, kwargs: dict) -> bool:
+    """A blocking copy between the CPU and a CUDA device: torch synchronises the stream after
+    it in both directions (``non_blocking=False``); device→host always waits for the data."""
     name = str(func.overloadpacket)
     if name == "aten._to_copy":
         src = args[0] if args else None
         dev = kwargs.get("device")
-        return isinstance(src, torch.Tensor) and src.is_cuda and dev is not None and torch.device(dev).type == "cpu"
+        if not isinstance(src, torch.Tensor) or dev is None:
+            return False
+        dst_cuda = torch.device(dev).type == "cuda"
+        if src.is_cuda and not dst_cuda:
+            return True
+        return dst_cuda and not src.is_cuda and not kwargs.get("non_blocking", False)
     if name == "aten.copy_" and len(args) >= 2:
         dst, src = args[0], args[1]
-        return isinstance(src, torch.Tensor) and src.is_cuda and isinstance(dst, torch.Tensor) and not dst.is_cuda
+        if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)) or src.is_cuda == dst.is_cuda:
+            return False
+        non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
+        return src.is_cuda or not non_blocking
     return False
 
 
@@ -91,7 +103,7 @@ class SyncAudit(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
         self.ops[name] += 1
-        sync = name in SYNC_OPS or _is_d2h(func, args, kwargs)
+        sync = name in SYNC_OPS or _is_transfer(func, args, kwargs)
         if name == "aten.repeat_interleave" and kwargs.get("output_size") is None:
             sync = True
         if sync:

@@ -60,7 +60,8 @@ def test_exp_of_skew_is_orthogonal(n: int, scale: float, seed: int) -> None:
     a = _skew(n, scale, seed).float()
     q = expm(a, sync_free=bool(seed % 2))
     err = (q.mT @ q - torch.eye(n)).abs().max().item()
-    assert err < 2e-6 * max(1.0, scale)
+    # rounding of the squarings grows like ‖A‖₁·u (u = 6e-8); measured worst constant ≈ 4
+    assert err < 6e-8 * 16 * max(1.0, a.abs().sum(0).max().item())
 
 
 @given(st.integers(1, 12), st.floats(0.0, 5.0), st.integers(0, 10_000))

@@ -5,11 +5,12 @@ r"""Matrix exponential ``exp(A)`` whose CUDA path never synchronises with the ho
 same way), so every call stalls the stream. :func:`expm` uses one fixed degree and decides
 the squarings on the device:
 
-1. ``s = clamp(⌈log₂(‖A‖₁/θ)⌉, 0, max_squarings)`` (a device tensor), ``X = 2^{−s} A``, θ = 1/2;
-2. ``T = Σ_{k≤m} X^k/k!`` by Paterson–Stockmeyer (5 matmuls in float32, 7 in float64),
-   degree ``m = 8`` (float32) or ``m = 14`` (float64): for ``‖X‖₁ ≤ 1/2`` the truncation error
-   is ``≤ θ^{m+1}/(m+1)! · e^θ`` relative, 1.0e-8 (float32) and 4e-17 (float64), below the
-   unit roundoff of each dtype;
+1. ``s = clamp(⌈log₂(‖A‖₁/θ)⌉, 0, max_squarings)`` (a device tensor), ``X = 2^{−s} A``, θ = 2;
+2. ``T = Σ_{k≤m} X^k/k!`` by Paterson–Stockmeyer (7 matmuls in float32, 9 in float64),
+   degree ``m = 16`` (float32) or ``m = 25`` (float64): for ``‖X‖₁ ≤ θ`` the truncation error
+   relative to ``‖e^X‖`` is ``≤ θ^{m+1}/(m+1)! · e^{2θ}``, 2.0e-8 (float32) and 9e-18
+   (float64), below the unit roundoff of each dtype. The large θ keeps the squarings — whose
+   rounding errors double at every step — two fewer than a θ = 1/2 scheme;
 3. ``exp(A) = T^{2^s}``. With ``sync_free=True`` the loop always runs ``max_squarings``
    times and step ``i`` is ``T ← T² if i < s else T`` (``torch.where``, per batch element);
    with ``sync_free=False`` ``s`` is read on the host (free on the CPU) and exactly
@@ -19,10 +20,10 @@ Backward (a custom ``autograd.Function``): the exact adjoint Fréchet derivative
 ``∂⟨exp(A), Ḡ⟩/∂A = L_exp(Aᵀ, Ḡ)``, read off the block exponential
 ``exp([[Aᵀ, Ḡ], [0, Aᵀ]]) = [[e^{Aᵀ}, L_exp(Aᵀ, Ḡ)], [0, e^{Aᵀ}]]`` (Higham, *Functions of
 Matrices*, Thm. 3.6), computed by the same sync-free routine, so the backward costs one 2n×2n
-exponential (≈ 60 kernels at the default 16 squarings instead of ≈ 190 for autograd through
+exponential (≈ 60 kernels at the default 14 squarings instead of ≈ 190 for autograd through
 the loop) and is twice differentiable (the backward calls :func:`expm` again).
 
-``‖A‖₁ > θ·2^max_squarings`` (default 16: ‖A‖₁ > 32768) is beyond the scaling range and
+``‖A‖₁ > θ·2^max_squarings`` (default 14: ‖A‖₁ > 32768) is beyond the scaling range and
 the result is inaccurate; with ``sync_free=False`` such matrices are counted in
 ``solver_stats().fallbacks["expm-range"]`` (the sync-free path cannot see it without a sync).
 NaN/Inf input gives NaN output (counted in ``solver_stats().nonfinite``). float16/bfloat16 are
@@ -44,38 +45,48 @@ from orthofx.syncs import sync_free_preferred
 
 __all__ = ["expm", "EXPM_THETA", "expm_degree"]
 
-EXPM_THETA = 0.5
-_DEGREE = {torch.float32: 8, torch.float64: 14}
+EXPM_THETA = 2.0
+_DEGREE = {torch.float32: 16, torch.float64: 25}
 
 
 def expm_degree(dtype: torch.dtype) -> int:
-    """Taylor degree used for ``dtype`` (8 for float32 and below, 14 for float64)."""
+    """Taylor degree used for ``dtype`` (16 for float32 and below, 25 for float64)."""
     return _DEGREE[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
+_COEF_CACHE: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _coefficients(m: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(m//q + 1, q) matrix of 1/k! (k = j·q + i), cached per device: the host→device copy
+    (which synchronises) happens once, at the first call, not every step."""
+    key = (m, q, dtype, device)
+    c = _COEF_CACHE.get(key)
+    if c is None:
+        c = torch.zeros(m // q + 1, q, dtype=torch.float64)
+        for k in range(m + 1):
+            c[k // q, k % q] = 1.0 / math.factorial(k)
+        c = c.to(dtype=dtype, device=device)
+        _COEF_CACHE[key] = c
+    return c
+
+
 def _taylor(x: Tensor, m: int) -> Tensor:
-    """Σ_{k=0}^{m} x^k/k! for x of shape (B, n, n), Paterson–Stockmeyer with block size
-    q = ⌈√(m+1)⌉; scale-and-add and multiply-and-add fused (torch.add alpha, baddbmm)."""
+    """Σ_{k=0}^{m} x^k/k! for x of shape (B, n, n) by Paterson–Stockmeyer with block size
+    q = ⌈√(m+1)⌉: all blocks ``B_j = Σ_{i<q} c_{jq+i} x^i`` in one small matmul over the stacked
+    powers, then Horner in x^q with fused multiply-adds (baddbmm)."""
     q = max(2, math.ceil(math.sqrt(m + 1)))
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    b, n = x.shape[0], x.shape[-1]
+    eye = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
     powers = [eye, x]
     for _ in range(2, q + 1):
         powers.append(torch.bmm(powers[-1], x))
-    xq = powers[q]
-    coef = [1.0 / math.factorial(k) for k in range(m + 1)]
-    blocks = []
-    for start in range(0, m + 1, q):
-        count = min(q, m + 1 - start)
-        if count == 1:
-            b = (coef[start] * eye).expand_as(x)
-        else:
-            b = torch.add(coef[start] * eye, powers[1], alpha=coef[start + 1])
-            for i in range(2, count):
-                b = torch.add(b, powers[i], alpha=coef[start + i])
-        blocks.append(b)
-    out = blocks[-1]
-    for b in reversed(blocks[:-1]):
-        out = torch.baddbmm(b, xq, out)
+    nblocks = m // q + 1
+    stacked = torch.stack(powers[:q], dim=1).reshape(b, q, n * n)  # (B, q, n²)
+    blocks = torch.matmul(_coefficients(m, q, x.dtype, x.device), stacked).reshape(b, nblocks, n, n)
+    out = blocks[:, -1]
+    for j in range(nblocks - 2, -1, -1):
+        out = torch.baddbmm(blocks[:, j], powers[q], out)
     return out
 
 
@@ -124,12 +135,12 @@ class _Expm(torch.autograd.Function):
         return e[..., :n, n:], None, None
 
 
-def expm(A: Tensor, *, max_squarings: int = 16, sync_free: bool | None = None, validate: bool = False) -> Tensor:
+def expm(A: Tensor, *, max_squarings: int = 14, sync_free: bool | None = None, validate: bool = False) -> Tensor:
     """``exp(A)`` of a batch of square matrices (..., n, n) by scaling and squaring (module doc).
 
     Args:
         A: float tensor (..., n, n); differentiable.
-        max_squarings: upper bound on the squarings, so ``‖A‖₁ ≤ 2^max_squarings / 2`` is
+        max_squarings: upper bound on the squarings, so ``‖A‖₁ ≤ 2·2^max_squarings`` is
             computed to full accuracy.
         sync_free: ``True`` runs ``max_squarings`` masked squarings (no host sync: the CUDA
             default); ``False`` reads ``s`` on the host and squares exactly that often (the

@@ -125,12 +125,16 @@ class DecorrelatedBatchNorm(MetaLayer):
                 ).to(work_dtype)
                 if self.training and self.track_running_stats:
                     with torch.no_grad():
-                        # momentum None: cumulative average over the batches seen (as BatchNorm)
-                        m = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
-                        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                        # momentum None: cumulative average over the batches seen (as BatchNorm),
+                        # weight 1/(n+1) computed on the device (no host sync)
                         stat = whitening if self.running == "whitening" else cov
                         buf = self._running_buffer()
-                        buf.lerp_(stat.detach().to(buf.dtype), m)
+                        for run, new in ((self.running_mean, mean), (buf, stat)):
+                            if self.momentum is not None:
+                                run.lerp_(new.detach().to(run.dtype), self.momentum)
+                            else:
+                                w = 1.0 / (self.num_batches_tracked.to(run.dtype) + 1.0)
+                                run.lerp_(new.detach().to(run.dtype), w)
                         self.num_batches_tracked.add_(1)
             else:
                 centred = feats - self.running_mean.to(work_dtype)
