@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:  # written after every section, so a run cut short keeps what it measured
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick,
+                                          "date": time.strftime("%Y-%m-%d"),
                                           "elapsed_s": round(time.perf_counter() - t0, 1), "rows": rows}, indent=1))
     elapsed = time.perf_counter() - t0
     print(f"# orthofx overhead benchmark on {dev}, torch {torch.__version__}, {'quick' if a.quick else 'full'}, "
