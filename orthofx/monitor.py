@@ -53,9 +53,33 @@ FIELDS = (
 class _Pending:
     step: int
     layer: str
-    lam: torch.Tensor  # (..., n) float64 eigenvalues, on the device
+    summary: torch.Tensor  # (4,) float64 on the device: κ median, κ max, λ_max, λ_min
     solver: dict[str, int]  # solver counters at this step (host ints: no sync)
     nonfinite: torch.Tensor | None  # running count of non-finite outputs (device tensor)
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[Any]:
+    """``[t.tolist() for t in tensors]`` with one device→host transfer per device."""
+    out: list[Any] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idxs in by_device.values():
+        for i, v in zip(idxs, torch.stack([tensors[i] for i in idxs]).tolist()):
+            out[i] = v
+    return out
+
+
+def _summarize(lam: torch.Tensor) -> torch.Tensor | None:
+    """(4,) float64 device tensor [κ median, κ max, λ_max, λ_min] over the batch of ascending
+    eigenvalues ``lam`` (..., n); computed on the device (no host sync), so a pending record
+    holds 4 numbers instead of the whole spectrum."""
+    if lam.dim() == 0 or lam.shape[-1] == 0:
+        return None
+    with torch.no_grad():
+        lam2 = lam.detach().to(torch.float64).reshape(-1, lam.shape[-1])
+        kap = condition_number_from_eigenvalues(lam2)
+        return torch.stack([kap.median(), kap.max(), lam2[:, -1].max(), lam2[:, 0].min()])
 
 
 @dataclass
@@ -77,6 +101,9 @@ class ConditioningMonitor:
         run: a label written into every record (one line per run in :func:`plot`).
         tensorboard_dir: also log ``kappa/<layer>`` scalars there when tensorboard is installed.
         layers: restrict to these qualified module names (default: every meta-layer).
+        max_pending: records kept on the device (4 numbers each) before :meth:`step` flushes
+            them to the host by itself (one sync every ``max_pending`` records; reading with
+            :meth:`flush`, :meth:`summary`, :meth:`to_csv`... syncs once as well).
     """
 
     model: nn.Module
@@ -84,11 +111,14 @@ class ConditioningMonitor:
     run: str = "run"
     tensorboard_dir: str | os.PathLike | None = None
     layers: Sequence[str] | None = None
+    max_pending: int = 1024
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if int(self.every) < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        if int(self.max_pending) < 1:
+            raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
         found = {name: m for name, m in self.model.named_modules() if is_meta_layer(m)}
         if self.layers is not None:
             missing = sorted(set(self.layers) - set(found))
@@ -153,31 +183,34 @@ class ConditioningMonitor:
             snap = self._solver_snapshot()
             for name, m in self._modules.items():
                 lam = getattr(m, "orthofx_last_eigenvalues", None)
-                if lam is not None:
-                    self._pending.append(_Pending(self._step, name, lam.detach().to(torch.float64), snap, self._nonfinite_out.get(name)))
+                summary = None if lam is None else _summarize(lam)
+                if summary is not None:
+                    self._pending.append(_Pending(self._step, name, summary, snap, self._nonfinite_out.get(name)))
         self._step += 1
         self._arm()
+        if len(self._pending) >= int(self.max_pending):
+            self.flush()
 
     def flush(self) -> list[dict[str, Any]]:
-        """Turn pending device-side eigenvalues into records (one host sync) and return the new records."""
+        """Turn the pending device-side summaries into records (one host sync) and return them."""
         new: list[dict[str, Any]] = []
         stats = solver_stats()
         solver_nonfinite = stats.nonfinite
-        for p in self._pending:
-            lam = p.lam.reshape(-1, p.lam.shape[-1]) if p.lam.dim() > 0 and p.lam.shape[-1] > 0 else None
-            if lam is None:
-                continue
-            kap = condition_number_from_eigenvalues(lam)
-            nf = p.nonfinite
+        if not self._pending:
+            return new
+        values = _to_host([p.summary for p in self._pending])
+        zero = torch.zeros((), dtype=torch.int64)
+        nonfinite = _to_host([zero if p.nonfinite is None else p.nonfinite for p in self._pending])
+        for p, (kappa, kappa_max, lam_max, lam_min), nf in zip(self._pending, values, nonfinite):
             rec = {
                 "run": self.run,
                 "step": p.step,
                 "layer": p.layer,
-                "kappa": float(kap.median()),
-                "kappa_max": float(kap.max()),
-                "lambda_max": float(lam[:, -1].max()),
-                "lambda_min": float(lam[:, 0].min()),
-                "nonfinite_outputs": int(nf) if nf is not None else 0,
+                "kappa": kappa,
+                "kappa_max": kappa_max,
+                "lambda_max": lam_max,
+                "lambda_min": lam_min,
+                "nonfinite_outputs": int(nf),
                 "solver_failures": p.solver["failures"] - self._solver_base["failures"],
                 "solver_fallbacks": p.solver["fallbacks"] - self._solver_base["fallbacks"],
                 "solver_nonfinite": solver_nonfinite,

@@ -133,3 +133,24 @@ def test_solver_stats_reset_between_tests_is_not_needed():
     model(torch.randn(4, 1, 8, 8))
     mon.step()
     assert mon.flush()[0]["solver_failures"] == 0
+
+
+def test_pending_records_are_small_and_bounded(device):
+    """A pending record holds 4 device numbers (not the spectrum), and step() flushes by itself
+    after max_pending records, so memory stays bounded on long runs without flush()."""
+    model = _stem(device)
+    mon = ConditioningMonitor(model, every=1, max_pending=3)
+    x = torch.randn(8, 1, 10, 10, device=device)
+    for _ in range(7):
+        model(x)
+        mon.step()
+        assert len(mon._pending) < 3
+        assert all(p.summary.shape == (4,) and p.summary.device.type == device.type for p in mon._pending)
+    assert len(mon.records) == 6  # two automatic flushes of 3
+    recs = mon.flush()
+    assert len(recs) == 1 and len(mon.records) == 7
+    assert [r["step"] for r in mon.records] == list(range(7))
+    expected = _reference_kappa(model, x, 1e-2)
+    assert all(r["kappa"] == pytest.approx(expected, rel=1e-6) for r in mon.records)
+    with pytest.raises(ValueError):
+        ConditioningMonitor(model, max_pending=0)
