@@ -4,6 +4,7 @@ step when device choices resolve as on CUDA (``cuda_policy``), checked on the CP
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -143,3 +144,23 @@ def test_monitor_step_adds_no_synchronising_op() -> None:
     assert all(c == {"aten._linalg_eigh": 1} for c in counts), counts
     rows = monitor.flush()  # the read: host values of the recorded steps
     assert len(rows) >= 2 and all(r["kappa"] > 1 for r in rows if "kappa" in r), rows
+
+
+def test_olr_warns_when_auto_lr_mode_would_synchronise_on_cuda() -> None:
+    model = torch.nn.Linear(4, 4)
+    with cuda_policy():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        with pytest.warns(UserWarning, match="one host sync per step"):
+            h = attach_producers(opt, [(model, "weight")], olr=True)
+        assert h.lr_mode == "float"
+        h.remove()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            h = attach_producers(opt, [(model, "weight")], olr=True)
+        assert h.lr_mode == "tensor"
+        h.remove()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # free on the CPU: no warning
+        attach_producers(opt, [(model, "weight")], olr=True).remove()

@@ -19,6 +19,7 @@ gradient the optimizer is about to use, i.e.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -394,7 +395,7 @@ def attach(
               the one plain SGD would hold (up to rounding; c is clamped at ≥ 1.1e-19);
             * ``"auto"``: ``"tensor"`` for fused/capturable groups, ``"fold"`` for SGD with
               CUDA parameters (or inside ``orthofx.syncs.cuda_policy()``), else ``"float"``
-              (free on the CPU).
+              (free on the CPU; on CUDA it warns, since it costs one sync per step).
         history: keep every step's η*, lr and scheduled lr (device tensors).
         max_history: keep only the last ``max_history`` steps.
 
@@ -473,6 +474,14 @@ def attach(
 
     slots = [_Slot(name=n, param=p, orig=where[id(p)][0], pos=where[id(p)][1]) for n, p in items]
     mode = _resolve_lr_mode(optimizer, slots, lr_mode, use_olr)
+    if use_olr and lr_mode == "auto" and mode == "float" and any(sync_free_preferred(s.param.device) for s in slots):
+        warnings.warn(
+            f"orthofx.attach: OLR with {type(optimizer).__name__} on CUDA hands the learning rate to the "
+            "optimizer as a float, one host sync per step. For a sync-free step use torch.optim.SGD "
+            "(lr_mode='fold') or an optimizer with fused=True / capturable=True (lr_mode='tensor'); "
+            "pass lr_mode='float' to silence this.",
+            stacklevel=2,
+        )
     handle = AttachHandle(
         optimizer, slots, nog=use_nog, olr=use_olr, nog_method=method, lr_mode=mode,
         history=history, max_history=max_history,
