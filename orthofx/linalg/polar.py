@@ -162,6 +162,7 @@ def polar(
     polish: int | None = None,
     compute_dtype: torch.dtype | None = None,
     validate: bool = True,
+    track_nonfinite: bool = True,
 ) -> Tensor:
     """Polar factor ``U Vᵀ`` of a batch ``G`` (..., m, n) (module doc for the methods).
 
@@ -175,6 +176,8 @@ def polar(
             for float64 input); torch.bfloat16 is faster on GPUs but limits the accuracy.
         validate: raise InputError on NaN/Inf (one host sync). With ``validate=False`` a
             non-finite batch element gives a NaN output (counted in ``solver_stats().nonfinite``).
+        track_nonfinite: count non-finite outputs in ``solver_stats()`` (a few small kernels;
+            callers that sanitise their input, like NOG, turn it off).
 
     Returns:
         (..., m, n) in ``G``'s dtype; rows (m ≤ n) or columns (m > n) orthonormal for full-rank
@@ -216,5 +219,6 @@ def polar(
             xs = _odd_poly_steps(xs, coeffs)
             q = _odd_poly_steps(xs.to(base), [POLISH_COEFFS] * n_polish)
         q = torch.where(zero, 0.0, q).to(G.dtype)
-        solver_stats().record_nonfinite(q, event_dims=2)
+        if track_nonfinite:
+            solver_stats().record_nonfinite(q, event_dims=2)
         return q.mT if tall else q

@@ -43,7 +43,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def polar(G: Tensor, method: str) -> Tensor:
-    """``orthofx.linalg.polar`` without validation (no host sync; callers sanitise NaN/Inf)."""
+    """``orthofx.linalg.polar`` without validation or non-finite tracking (no host sync; the
+    caller has replaced NaN/Inf already). Zero input gives zero output."""
     from orthofx.linalg.polar import polar as _polar
 
-    return _polar(G, method=method, validate=False)
+    return _polar(G, method=method, validate=False, track_nonfinite=False)

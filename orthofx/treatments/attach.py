@@ -333,9 +333,14 @@ class AttachHandle:
                 c = ratio[i].to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
                 wd = orig.get("weight_decay", 0.0)
                 sign = -1.0 if orig.get("maximize", False) else 1.0
-                gu = g if scale is None else g.float() / scale.to(g.device)
-                folded = c * (gu + (sign * wd) * p) if wd else c * gu
-                g.copy_(folded if scale is None else folded * scale.to(g.device))
+                if scale is None:  # in place: g ← c·(g + wd·w), two kernels
+                    if wd:
+                        g.add_(p, alpha=sign * wd)
+                    g.mul_(c)
+                else:
+                    gu = g.float() / scale.to(g.device)
+                    folded = c * (gu + (sign * wd) * p) if wd else c * gu
+                    g.copy_(folded * scale.to(g.device))
                 buf = opt.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
                     buf.mul_(c)

@@ -96,6 +96,15 @@ def _new_counters(params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
 
 
+def _norm_of(g: Tensor, dim: tuple[int, ...] | None) -> Tensor:
+    """Frobenius norm accumulated in float64 (float32 on MPS): one reduction gives both masks
+    the guards need — finite iff every entry is finite (a float64 sum of squares of float32 or
+    half values cannot overflow; a float64 gradient with entries beyond ~1e154 counts as
+    non-finite) and zero iff every entry is 0."""
+    acc = torch.float32 if g.device.type == "mps" else torch.float64
+    return torch.linalg.vector_norm(g, dim=dim, dtype=acc)
+
+
 def guard() -> GradientTransformation:
     """Replace a gradient holding NaN/Inf by zeros and count it; count all-zero gradients.
 
@@ -113,10 +122,11 @@ def guard() -> GradientTransformation:
             if g is None:
                 continue
             _check_grad(g, i, "guard")
-            finite = torch.isfinite(g).all()
+            norm = _norm_of(g, dim=None)
+            finite = norm < math.inf  # norm ≥ 0: False exactly for NaN/Inf entries
             out[i] = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
             state.nonfinite.add_((~finite).to(state.nonfinite.device, torch.int64))
-            state.zero.add_((finite & (g == 0).all()).to(state.zero.device, torch.int64))
+            state.zero.add_((norm == 0).to(state.zero.device, torch.int64))
         state.steps += 1
         return out
 
@@ -180,16 +190,18 @@ def nog(method: str = "auto") -> GradientTransformation:
             m, n = flat_shape(g.shape)
             groups.setdefault((m, n, g.dtype, g.device), []).append(i)
         for (m, n, dtype, dev), idxs in groups.items():
-            G = torch.stack([grads[i].reshape(m, n) for i in idxs])  # type: ignore[union-attr]
-            finite = torch.isfinite(G).all(dim=(-2, -1))
-            zero = torch.zeros((), dtype=dtype, device=dev)
-            G = torch.where(finite[:, None, None], G, zero)
-            nonzero = (G != 0).any(dim=(-2, -1))
-            R = polar(G, state.method)
-            # zero (and sanitised non-finite) gradients stay exactly zero
-            R = torch.where(nonzero[:, None, None], R.to(dtype), zero)
+            if len(idxs) == 1:
+                G = grads[idxs[0]].reshape(1, m, n)  # type: ignore[union-attr]
+            else:
+                G = torch.stack([grads[i].reshape(m, n) for i in idxs])  # type: ignore[union-attr]
+            norm = _norm_of(G, dim=(-2, -1))
+            finite = norm < math.inf
+            is_zero = norm == 0
+            G = torch.where(finite[:, None, None], G, torch.zeros((), dtype=dtype, device=dev))
+            # polar maps zero (and sanitised non-finite) gradients to exactly zero
+            R = polar(G, state.method).to(dtype)
             state.nonfinite.add_((~finite).sum().to(state.nonfinite.device))
-            state.zero.add_((finite & ~nonzero).sum().to(state.zero.device))
+            state.zero.add_(is_zero.sum().to(state.zero.device))
             for j, i in enumerate(idxs):
                 out[i] = R[j].reshape(grads[i].shape)  # type: ignore[union-attr]
         state.steps += 1
