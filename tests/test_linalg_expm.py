@@ -137,3 +137,20 @@ def test_sync_free_path_dispatches_no_synchronising_op() -> None:
     with sync_audit() as audit:
         torch.linalg.matrix_exp(a.detach())
     assert "aten.linalg_matrix_exp" in audit.syncs
+
+
+@pytest.mark.parametrize("g_scale", [1e-30, 1e-8, 1.0, 1e8, 1e30])
+def test_gradient_is_independent_of_the_gradient_scale(g_scale: float) -> None:
+    """The backward scales Ḡ to ‖A‖ before the block exponential: huge or tiny upstream
+    gradients give the same relative accuracy and no extra squarings."""
+    a = _skew(10, 2.0, 13)
+    c = torch.randn(10, 10, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    _, ref = sl.expm_frechet(a.T.numpy(), c.numpy())
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 3e-5)):
+        x = a.to(dtype).detach().clone().requires_grad_()
+        expm(x, sync_free=True).backward((c * g_scale).to(dtype))
+        assert torch.isfinite(x.grad).all()
+        assert _rel(x.grad / g_scale, torch.from_numpy(ref)) < tol
+    zero = a.clone().requires_grad_()
+    expm(zero).backward(torch.zeros_like(a))
+    assert (zero.grad == 0).all()
