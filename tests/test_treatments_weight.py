@@ -266,3 +266,21 @@ def test_bake_keeps_value_identity_and_plain_keys() -> None:
         torch.testing.assert_close(v, expected[k])
     torch.testing.assert_close(model(x), y)
     copy.deepcopy(model)  # a baked model is an ordinary module again
+
+
+@pytest.mark.parametrize("method", ["expm", "cayley"])
+def test_ow_module_exports_and_traces(method: str) -> None:
+    """The OW map has no data-dependent host control flow under tracing (expm switches to its
+    sync-free squaring loop), so an OW-parametrized module exports with torch.export and
+    traces with torch.jit.trace, giving the eager result."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    register_orthogonal(m[0], "weight", method=method)
+    with torch.no_grad():  # move away from A = 0 so that squarings are needed
+        m[0].parametrizations.weight.original.add_(torch.randn(8, 1, 3, 3) * 3)
+    x = torch.randn(2, 1, 8, 8)
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-6)
+    traced = torch.jit.trace(m, (x,), check_trace=False)
+    x2 = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(traced(x2), m(x2), rtol=1e-5, atol=1e-6)

@@ -151,7 +151,8 @@ def expm(A: Tensor, *, max_squarings: int = 14, sync_free: bool | None = None, v
         sync_free: ``True`` runs ``max_squarings`` masked squarings (no host sync: the CUDA
             default); ``False`` reads ``s`` on the host and squares exactly that often (the
             CPU default); ``None`` = :func:`orthofx.syncs.sync_free_preferred` (CUDA, or
-            inside ``orthofx.syncs.cuda_policy()``).
+            inside ``orthofx.syncs.cuda_policy()``), and always while ``torch.compile``,
+            ``torch.export`` or ``torch.jit.trace`` trace the call.
         validate: raise InputError on NaN/Inf (one host sync). Default False: NaN/Inf give NaN.
 
     Returns:
@@ -164,7 +165,8 @@ def expm(A: Tensor, *, max_squarings: int = 14, sync_free: bool | None = None, v
         return A.clone()
     if validate:
         check_finite(A, "expm input")
-    sync_free = sync_free_preferred(A.device) if sync_free is None else bool(sync_free)
+    if sync_free is None:  # traced/compiled graphs must not depend on data on the host
+        sync_free = sync_free_preferred(A.device) or torch.compiler.is_compiling() or torch.jit.is_tracing()
     cd = working_dtype(A.dtype)
     with no_autocast(A.device.type):
         y = _Expm.apply(A.to(cd), max_squarings, sync_free)
