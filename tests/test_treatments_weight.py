@@ -268,6 +268,7 @@ def test_bake_keeps_value_identity_and_plain_keys() -> None:
     copy.deepcopy(model)  # a baked model is an ordinary module again
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("method", ["expm", "cayley"])
 def test_ow_module_exports_and_traces(method: str) -> None:
     """The OW map has no data-dependent host control flow under tracing (expm switches to its
