@@ -291,6 +291,37 @@ def bench_polar(device: torch.device, quick: bool, repeats: int) -> list[dict[st
     return rows
 
 
+def bench_expm(device: torch.device, quick: bool, repeats: int) -> list[dict[str, Any]]:
+    """OW's exponential, forward+backward: torch.linalg.matrix_exp against orthofx.linalg.expm
+    (device-decided squarings, block-matrix backward), float32, on skew-symmetric S with
+    ‖S‖₁ ≈ 8 (a few squarings); error = distance to the float64 exponential, orth = ‖QᵀQ − I‖_max."""
+    import scipy.linalg as sla
+
+    rows: list[dict[str, Any]] = []
+    for n in ((64, 128) if quick else (64, 512, 1024)):
+        gen = torch.Generator().manual_seed(n)
+        a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        s64 = (a - a.T) * (8.0 / (a - a.T).abs().sum(0).max())
+        ref = torch.from_numpy(sla.expm(s64.numpy()))
+        up = torch.randn(n, n, generator=gen).to(device)
+        group = []
+        for label, fn in (("torch.matrix_exp", torch.linalg.matrix_exp), ("orthofx.expm", ol.expm)):
+            def call(fn: Callable[[torch.Tensor], torch.Tensor] = fn) -> torch.Tensor:
+                x = s64.float().to(device).requires_grad_()
+                q = fn(x)
+                (q * up).sum().backward()
+                return q.detach()
+
+            q, t = timed(call, device, max(repeats, 5), False)  # cheap: always the median
+            q = q.double().cpu()
+            orth = float((q.T @ q - torch.eye(n, dtype=torch.float64)).abs().max())
+            group.append(dict(group="expm", case=f"{n}x{n}", config=label, time_ms=t, err=rel(q, ref), orth=orth))
+        for r in group:
+            r["ratio"] = r["time_ms"] / group[0]["time_ms"]
+        rows += group
+    return rows
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

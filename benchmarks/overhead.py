@@ -26,7 +26,8 @@ Sections (all in one run, so ratios compare like with like):
    and ``gcp_head``: the whole GCP meta-layer from features (Newton–Schulz vs the exact Gram
    route ``covariance_sqrtm`` vs the dense exact routes).
 5. ``polar``: every polar method (the NOG direction), time and distance to the exact factor.
-6. ``transform``: orthofx.analyze / orthofx.transform time against torch.fx.symbolic_trace.
+6. ``expm``: OW's exponential, torch.linalg.matrix_exp against orthofx.linalg.expm.
+7. ``transform``: orthofx.analyze / orthofx.transform time against torch.fx.symbolic_trace.
 
 Absolute times mean something only on a GPU; on the 2-core CPU here, read the ratios.
 """
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orthofx  # noqa: E402
-from linalg_bench import bench_gcp_head, bench_polar, bench_spectral, print_table  # noqa: E402
+from linalg_bench import bench_expm, bench_gcp_head, bench_polar, bench_spectral, print_table  # noqa: E402
 from orthofx.experiment.models import SmallResNetDBN, cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
 
 PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
@@ -284,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--only", choices=["step", "hook", "audit", "metalayer", "polar", "transform"], action="append",
+    p.add_argument("--only", choices=["step", "hook", "audit", "metalayer", "polar", "expm", "transform"],
+                   action="append",
                    default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    only = set(a.only or ["step", "hook", "audit", "metalayer", "polar", "transform"])
+    only = set(a.only or ["step", "hook", "audit", "metalayer", "polar", "expm", "transform"])
     rounds = a.rounds or (12 if a.quick else 7)
     iters = 1 if a.quick else (10 if device.type == "cuda" else 3)
     t0 = time.perf_counter()
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         ("metalayer", lambda: [dict(r, group="metalayer") for r in bench_spectral(device, a.quick, 3 if a.quick else 10)]
          + bench_gcp_head(device, a.quick, 3 if a.quick else 10)),
         ("polar", lambda: [dict(r, group="polar") for r in bench_polar(device, a.quick, 3 if a.quick else 10)]),
+        ("expm", lambda: bench_expm(device, a.quick, 3 if a.quick else 10)),
         ("transform", lambda: bench_transform(a.quick, 3 if a.quick else 7)),
     ]
     for name, run in sections:

@@ -81,6 +81,14 @@ def render(data: dict[str, Any]) -> str:
                 f"{r['grad_err']:.1e} |" for r in head]
         out.append("")
 
+    ex = [r for r in rows if r["group"] == "expm"]
+    if ex:
+        out += ["## OW exponential forward+backward (float32)", "",
+                "| n | config | ms | ratio | error vs float64 | ‖QᵀQ − I‖_max |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['case']} | {r['config']} | {r['time_ms']:.3f} | {r['ratio']:.2f} | {r['err']:.1e} | "
+                f"{r['orth']:.1e} |" for r in ex]
+        out.append("")
+
     # targets
     out += ["## Targets of issue 6", ""]
     if gpu:

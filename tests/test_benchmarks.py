@@ -27,17 +27,20 @@ def bench_modules():
 def test_overhead_audit_and_report(tmp_path: Path, bench_modules) -> None:
     overhead, report = bench_modules
     out = tmp_path / "o.json"
-    assert overhead.main(["--quick", "--device", "cpu", "--only", "audit", "--json", str(out)]) == 0
+    assert overhead.main(["--quick", "--device", "cpu", "--only", "audit", "--only", "expm", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"device", "torch", "quick", "date", "rows"} <= set(data)
-    rows = {(r["workload"], r["treatment"]): r for r in data["rows"]}
+    ex = [r for r in data["rows"] if r["group"] == "expm"]
+    assert {r["config"] for r in ex} == {"torch.matrix_exp", "orthofx.expm"}
+    assert all(r["err"] < 1e-5 and r["orth"] < 1e-4 for r in ex), ex
+    rows = {(r["workload"], r["treatment"]): r for r in data["rows"] if r["group"] == "audit"}
     for wl in ("dbn", "gcp"):
         for t in ("nog", "olr", "nog+olr", "ow", "nog+ow+olr", "ow(cayley)"):
             assert rows[(wl, t)]["extra_sync_ops"] == 0, rows[(wl, t)]
             assert rows[(wl, t)]["extra_kernel_ops"] > 0
         assert rows[(wl, "nog(svd)")]["extra_sync_ops"] == 1
     text = report.render(data)
-    assert "Per-step op audit" in text and "Targets of issue 6" in text
+    assert "Per-step op audit" in text and "OW exponential" in text and "Targets of issue 6" in text
 
 
 def test_report_marks_gpu_targets(bench_modules) -> None:
