@@ -19,9 +19,10 @@ class DecorrelatedBatchNorm(MetaLayer):
     c = C/groups. For each group, with X the (c, M) matrix of all N·H·W samples:
 
     * training: μ = mean over the M samples, Σ = (X − μ)(X − μ)ᵀ/M + εI,
-      W = Σ^{-1/2} by :func:`orthofx.linalg.invsqrtm` (``backend="eigh"``: exact forward and
-      exact Daleckii–Krein backward, float64 by default; ``"ns"``: Newton–Schulz with
-      ``iters`` steps); y = W(X − μ). Running statistics are updated by EMA:
+      W = Σ^{-1/2} by :func:`orthofx.linalg.invsqrtm` (``backend="auto"``, the default: the
+      float32 gesvda route on CUDA, float64 ``"eigh"`` elsewhere — both exact forward and
+      exact Daleckii–Krein backward; ``"ns"``: Newton–Schulz with ``iters`` steps);
+      y = W(X − μ). Running statistics are updated by EMA:
       ``running_mean ← (1 − m)·running_mean + m·μ`` and
       ``running_whitening ← (1 − m)·running_whitening + m·W`` (m = ``momentum``);
     * eval: y = running_whitening · (X − running_mean).
@@ -32,7 +33,7 @@ class DecorrelatedBatchNorm(MetaLayer):
     rank-deficient and its null space rotates during training (a 3×3 stem with more output
     channels than in·k·k), an average of W's mixes stale ε^{-1/2} null-space gains into live
     directions; averaging Σ does not. ``momentum=None`` takes the cumulative average over all
-    batches since :meth:`reset_running_stats` (as ``BatchNorm``; one host sync per step).
+    batches since :meth:`reset_running_stats` (as ``BatchNorm``; weight 1/(n+1) on the device).
 
     Then ``y·weight + bias`` per channel when ``affine``. ε is added to the covariance
     (default 1e-5, as in BatchNorm; the paper's authors used 1e-2). Σ is formed in the
@@ -49,7 +50,7 @@ class DecorrelatedBatchNorm(MetaLayer):
         momentum: float | None = 0.1,
         affine: bool = True,
         *,
-        backend: str = "eigh",
+        backend: str = "auto",
         iters: int = 5,
         compute_dtype: torch.dtype | None = None,
         track_running_stats: bool = True,
