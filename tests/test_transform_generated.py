@@ -33,7 +33,14 @@ def test_transform_train_step_idempotence_and_round_trip(model: GeneratedModel, 
     opt.zero_grad()
     loss.backward()
     opt.step()
-    assert all(torch.isfinite(p).all() for p in gm.parameters()), report
+    finite = all(torch.isfinite(p).all() for p in gm.parameters())
+    if not report.analysis.skipped and not any(spec.meta in _USER_OWNED for spec in model.specs):
+        # every decomposition is orthofx's stable one; a skipped meta-layer (e.g. behind a
+        # distractor) or a user-owned one (a module or autograd.Function with a raw eigh
+        # inside, which orthofx recognises but never rewrites) may legitimately give NaN
+        assert finite, report
+    if not finite:
+        return  # the user's own decomposition made NaN: the round trip has nothing to compare
 
     # idempotent: a second transform changes nothing and never stacks parametrizations
     before = {k: v.clone() for k, v in gm.state_dict().items()}
@@ -52,10 +59,28 @@ def test_transform_train_step_idempotence_and_round_trip(model: GeneratedModel, 
     # the stable eigh symmetrises its input, so eigenvalues move by O(eps·λmax) and square
     # roots of near-zero eigenvalues by more: compare on the scale of the output
     tol = 1e-3 * max(1.0, float(ref.abs().max()))
-    torch.testing.assert_close(plain(x), ref, rtol=1e-3, atol=tol)
+    comparable = not any(_sign_ambiguous(spec) for spec in model.specs)
+    if comparable:
+        torch.testing.assert_close(plain(x), ref, rtol=1e-3, atol=tol)
     if _exportable(model, x):  # e.g. torch.cov is not exportable by torch itself
         exported = torch.export.export(plain, (x,))
-        torch.testing.assert_close(exported.module()(x), ref, rtol=1e-3, atol=tol)
+        if comparable:
+            torch.testing.assert_close(exported.module()(x), ref, rtol=1e-3, atol=tol)
+
+
+# meta-layers that belong to the user: recognised (their producers are treated) but not swapped
+_USER_OWNED = frozenset({"standin_cov", "standin_features", "standin_internal", "function", "user_function",
+                         "user_module"})
+
+
+def _sign_ambiguous(spec) -> bool:
+    """``U f(S) Vᵀ`` from an SVD with f(0) ≠ 0 (the clamped inverse square roots) on a
+    covariance without +εI: when the covariance is singular, the null-space columns of U and
+    V are independent sign choices of the SVD, so the raw call that ``strip`` restores gives
+    ±f(0)·P_null, while the stable swap (U = V) gives +f(0)·P_null. Neither is a reference
+    for the other."""
+    svd_family = spec.meta in ("svd", "torch.svd", "method.svd")
+    return svd_family and spec.use.startswith("invsqrt") and "eps" not in spec.post
 
 
 def _exportable(model: torch.nn.Module, x: torch.Tensor) -> bool:
