@@ -77,6 +77,14 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm())
 
 
+def with_ratios(group: list[dict[str, Any]], base: float | None = None) -> list[dict[str, Any]]:
+    """Set ``ratio`` = time_ms / base on every row (base: the first row's time) and return them."""
+    base = group[0]["time_ms"] if base is None else base
+    for r in group:
+        r["ratio"] = r["time_ms"] / base
+    return group
+
+
 SPECTRAL_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("ns", {"backend": "ns", "iters": 5}),
     ("ns-10", {"backend": "ns", "iters": 10}),
@@ -138,10 +146,7 @@ def bench_spectral(device: torch.device, quick: bool, repeats: int) -> list[dict
                     t, fwd_err, grad_err, note = float("nan"), float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:80]
                 group.append(dict(group="spectral", case=case, fn=fname, config=label, batch=int(a32.shape[0]),
                                   n=int(a32.shape[-1]), time_ms=t, fwd_err=fwd_err, grad_err=grad_err, note=note))
-            base = next(r["time_ms"] for r in group if r["config"] == "ns")
-            for r in group:
-                r["ratio"] = r["time_ms"] / base
-            rows += group
+            rows += with_ratios(group, next(r["time_ms"] for r in group if r["config"] == "ns"))
     return rows
 
 
@@ -186,10 +191,7 @@ def bench_gcp_head(device: torch.device, quick: bool, repeats: int) -> list[dict
             t, fwd_err, grad_err, note = float("nan"), float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:80]
         rows.append(dict(group="gcp_head", case=f"{batch}x{c}x{m}", config=label, time_ms=t, fwd_err=fwd_err,
                          grad_err=grad_err, note=note))
-    base = rows[0]["time_ms"]
-    for r in rows:
-        r["ratio"] = r["time_ms"] / base
-    return rows
+    return with_ratios(rows)
 
 
 def bench_eigh_forward(device: torch.device, quick: bool, repeats: int) -> list[dict[str, Any]]:
@@ -213,10 +215,7 @@ def bench_eigh_forward(device: torch.device, quick: bool, repeats: int) -> list[
                 group.append(dict(group="eigh_forward", case=case, config=f"{backend}-{str(dtype)[6:]}",
                                   batch=int(a.shape[0]), n=int(a.shape[-1]), time_ms=t, eig_rel_err=err,
                                   svd_rejected=rejected))
-        base = group[0]["time_ms"]
-        for r in group:
-            r["ratio"] = r["time_ms"] / base
-        rows += group
+        rows += with_ratios(group)
     return rows
 
 
@@ -284,10 +283,7 @@ def bench_polar(device: torch.device, quick: bool, repeats: int) -> list[dict[st
                 return ol.polar(gd, validate=False, **kw)
             q, t = timed(call, device, repeats, quick)
             group.append(dict(group="polar", case=f"{m}x{n}", config=label, time_ms=t, err=rel(q.cpu(), ref)))
-        base = group[0]["time_ms"]
-        for r in group:
-            r["ratio"] = r["time_ms"] / base
-        rows += group
+        rows += with_ratios(group)
     return rows
 
 
@@ -316,9 +312,7 @@ def bench_expm(device: torch.device, quick: bool, repeats: int) -> list[dict[str
             q = q.double().cpu()
             orth = float((q.T @ q - torch.eye(n, dtype=torch.float64)).abs().max())
             group.append(dict(group="expm", case=f"{n}x{n}", config=label, time_ms=t, err=rel(q, ref), orth=orth))
-        for r in group:
-            r["ratio"] = r["time_ms"] / group[0]["time_ms"]
-        rows += group
+        rows += with_ratios(group)
     return rows
 
 

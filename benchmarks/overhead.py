@@ -101,6 +101,11 @@ def _workloads(quick: bool, device: torch.device) -> dict[str, dict[str, Any]]:
 
 
 def _make_step(wl: dict[str, Any], preset: str, device: torch.device) -> Callable[[], None]:
+    return _setup(wl, preset, device)[0]
+
+
+def _setup(wl: dict[str, Any], preset: str, device: torch.device) -> tuple[Callable[[], None], torch.optim.Optimizer, Any]:
+    """(training step, its SGD optimizer, the attach handle) of ``preset`` on workload ``wl``."""
     torch.manual_seed(0)
     model = wl["build"]()
     x = torch.randn(wl["batch"], *wl["shape"], device=device)
@@ -108,7 +113,7 @@ def _make_step(wl: dict[str, Any], preset: str, device: torch.device) -> Callabl
     gm, _ = orthofx.transform(model, config=_config(preset))
     gm.to(device).train()
     opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    orthofx.attach(opt, gm)
+    handle = orthofx.attach(opt, gm)
     amp = wl["amp"]
 
     def step() -> None:
@@ -118,7 +123,7 @@ def _make_step(wl: dict[str, Any], preset: str, device: torch.device) -> Callabl
         loss.backward()
         opt.step()
 
-    return step
+    return step, opt, handle
 
 
 def _time_once(fn: Callable[[], None], device: torch.device, iters: int) -> float:
@@ -176,20 +181,14 @@ def bench_hooks(device: torch.device, quick: bool, repeats: int) -> list[dict[st
     of OLR's extra param group inside SGD shows in the ``step`` rows."""
     rows: list[dict[str, Any]] = []
     for name, wl in _workloads(quick, device).items():
-        plain_step = statistics.median(_time_once(_make_step(wl, "svd", device), device, 2) for _ in range(5))
+        plain = _make_step(wl, "svd", device)
+        plain()  # warm-up
+        plain_step = statistics.median(_time_once(plain, device, 2) for _ in range(5))
+        del plain
         for p in ("nog", "olr", "nog+olr", "nog(svd)"):
-            torch.manual_seed(0)
-            gm, _ = orthofx.transform(wl["build"](), config=_config(p))
-            gm.to(device).train()
-            opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            handle = orthofx.attach(opt, gm)
-            x = torch.randn(wl["batch"], *wl["shape"], device=device)
-            y = torch.randint(0, wl["classes"], (wl["batch"],), device=device)
-            with torch.autocast(device.type, dtype=wl["amp"] or torch.float32, enabled=wl["amp"] is not None):
-                loss = F.cross_entropy(gm(x).float(), y)
-            loss.backward()
-            for _ in range(2):
-                opt.step()
+            step, opt, handle = _setup(wl, p, device)
+            step()
+            step()  # gradients and optimizer state exist; the hooks are timed on them
 
             def hooks(h: Any = handle, o: torch.optim.Optimizer = opt) -> None:
                 h._pre_hook(o, (o,), {})
@@ -200,7 +199,7 @@ def bench_hooks(device: torch.device, quick: bool, repeats: int) -> list[dict[st
             rows.append({"group": "hook", "workload": name, "treatment": p, "hook_ms": round(ms, 4),
                          "plain_step_ms": round(plain_step, 3), "pct_of_step": round(100 * ms / plain_step, 2),
                          "lr_mode": handle.lr_mode, "nog_method": handle.nog_method if handle.nog else None})
-            del gm, opt, handle
+            del step, opt, handle
     return rows
 
 

@@ -66,6 +66,7 @@ from orthofx.errors import ConfigError, SolverError
 from orthofx.linalg._checks import check_finite, check_matrix, no_autocast
 from orthofx.linalg._solver import robust_eigh
 from orthofx.linalg.stats import maybe_inject_failure, solver_stats
+from orthofx.syncs import sync_free_preferred
 
 __all__ = ["polar", "resolve_method", "POLAR_METHODS", "NS_COEFFS", "POLAR_EXPRESS_COEFFS", "POLISH_COEFFS"]
 
@@ -90,8 +91,6 @@ def resolve_method(method: str, device: torch.device | str) -> str:
         raise ConfigError(f"unknown polar method {method!r}; choose one of {POLAR_METHODS}")
     if method != "auto":
         return method
-    from orthofx.syncs import sync_free_preferred
-
     if sync_free_preferred(device):
         return "polar_express"
     return "eigh" if torch.device(device).type == "cpu" else "svd"
