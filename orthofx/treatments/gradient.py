@@ -285,9 +285,11 @@ def olr_eta(w: Tensor, l: Tensor) -> Tensor:
 
     ``w``, ``l``: (..., N) flattened weights and gradients. 0/0 (w = 0 and l = 0, or l = 0)
     gives NaN, which the lr switch treats as "use the scheduled lr"."""
-    ww = (w * w).sum(-1)
-    lw = (l * w).sum(-1)
-    ll = (l * l).sum(-1)
+    return _eta_from_dots((w * w).sum(-1), (l * w).sum(-1), (l * l).sum(-1))
+
+
+def _eta_from_dots(ww: Tensor, lw: Tensor, ll: Tensor) -> Tensor:
+    """η* from the dot products wᵀw, lᵀw, lᵀl (eq. 20)."""
     return ww * lw / (ww * ll + 2.0 * lw * lw)
 
 
@@ -352,7 +354,7 @@ def olr(
             ).to(cd).reshape(len(idxs), 2, -1)
             gram = torch.bmm(X, X.mT)
             ww, lw, ll = gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1]
-            e = (ww * lw / (ww * ll + 2.0 * lw * lw)).to(dev)
+            e = _eta_from_dots(ww, lw, ll).to(dev)
             if len(idxs) == P and idxs == list(range(P)):
                 eta = e
             else:
