@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from orthofx.errors import ConfigError
+from orthofx.errors import ConfigError, OptionError
 
-__all__ = ["OrthoConfig", "PRESETS", "resolve_config"]
+__all__ = [
+    "OrthoConfig",
+    "PRESETS",
+    "resolve_config",
+    "check_bool",
+    "check_int",
+    "check_float",
+    "check_weight",
+    "check_choice",
+]
 
 #: The paper's table rows, in the order they appear there.
 PRESETS: tuple[str, ...] = (
@@ -37,6 +48,93 @@ _TOKENS = ("svd", "nog", "olr") + _WEIGHT_TOKENS
 
 _POLAR_METHODS = ("svd", "eigh", "ns", "polar_express", "auto")
 _OW_METHODS = ("expm", "cayley")
+
+
+# ---------------------------------------------------------------------------- validators
+# Shared by OrthoConfig, the experiment config and the CLI: every failure is an OptionError
+# (a ConfigError) naming the field and the value. Booleans accept bool and the strings
+# "true"/"false" (any case); numbers accept int/float only (never bool, never strings: a
+# quoted number in a JSON/TOML file is refused with the field named).
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: ``True``/``False`` or the strings ``"true"``/``"false"`` (any
+    case, surrounding blanks ignored); anything else (``"yes"``, ``1``, ``"0"``, None)
+    raises :class:`OptionError`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise OptionError(name, value, "must be a boolean (true or false)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    min: float | None = None,
+    min_inclusive: bool = True,
+    max: float | None = None,
+    optional: bool = False,
+) -> float | None:
+    """``value`` as a finite float in ``[min, max]`` (``(min, max]`` when not
+    ``min_inclusive``); ``None`` passes when ``optional``. Strings, bools, NaN and ±inf
+    raise :class:`OptionError`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        raise OptionError(name, value, "must be a number, not a string (write it without quotes)")
+    if not _is_number(value):
+        raise OptionError(name, value, "must be a number")
+    v = float(value)
+    if not math.isfinite(v):
+        raise OptionError(name, value, "must be finite")
+    if min is not None and (v < min or (v == min and not min_inclusive)):
+        raise OptionError(name, value, f"must be {'>=' if min_inclusive else '>'} {min:g}")
+    if max is not None and v > max:
+        raise OptionError(name, value, f"must be <= {max:g}")
+    return v
+
+
+def check_int(
+    value: Any, name: str, *, min: int | None = None, max: int | None = None, optional: bool = False
+) -> int | None:
+    """``value`` as an int in ``[min, max]``; an integral float (``2.0``) is accepted,
+    ``2.7``, bools, strings and non-finite values raise :class:`OptionError`. ``None`` passes
+    when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        raise OptionError(name, value, "must be an integer, not a string (write it without quotes)")
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        v = int(value)
+    elif _is_number(value) and math.isfinite(float(value)) and float(value).is_integer():
+        v = int(value)
+    else:
+        raise OptionError(name, value, "must be an integer")
+    if min is not None and v < min:
+        raise OptionError(name, value, f"must be >= {min}")
+    if max is not None and v > max:
+        raise OptionError(name, value, f"must be <= {max}")
+    return v
+
+
+def check_choice(value: Any, name: str, choices: tuple[Any, ...]) -> Any:
+    """``value`` if it is one of ``choices`` (compared by equality, type included), else
+    :class:`OptionError` listing them."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise OptionError(name, value, f"must be one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_weight(value: Any, name: str = "weight") -> float:
+    """A loss multiplier: a finite float >= 0 (``orthogonality_loss(gm, weight=...)``,
+    ``ol_weight``); raises :class:`OptionError` otherwise."""
+    return check_float(value, name, min=0.0)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -84,20 +182,23 @@ class OrthoConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.weight is not None and self.weight not in _WEIGHT_TOKENS:
-            raise ConfigError(
-                f"weight={self.weight!r} is not a weight treatment; use one of {_WEIGHT_TOKENS} or None"
+        # validate every field and store its normalised value ("false" -> False, 2.0 -> 2)
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.weight is not None and not (isinstance(self.weight, str) and self.weight in _WEIGHT_TOKENS):
+            raise OptionError(
+                "weight", self.weight, f"not a weight treatment; use one of {_WEIGHT_TOKENS} or None"
             )
-        if self.ow_method not in _OW_METHODS:
-            raise ConfigError(f"ow_method={self.ow_method!r}; use one of {_OW_METHODS}")
-        if self.nog_method not in _POLAR_METHODS:
-            raise ConfigError(f"nog_method={self.nog_method!r}; use one of {_POLAR_METHODS}")
-        if not (self.ol_weight >= 0.0):
-            raise ConfigError(f"ol_weight must be >= 0, got {self.ol_weight!r}")
-        if self.sn_method not in ("exact", "power"):
-            raise ConfigError(f"sn_method={self.sn_method!r}; use 'exact' or 'power'")
-        if int(self.sn_power_iterations) < 1:
-            raise ConfigError("sn_power_iterations must be >= 1")
+        check_choice(self.ow_method, "ow_method", _OW_METHODS)
+        check_choice(self.nog_method, "nog_method", _POLAR_METHODS)
+        check_choice(self.sn_method, "sn_method", ("exact", "power"))
+        put("ol_weight", check_weight(self.ol_weight, "ol_weight"))
+        put("sn_power_iterations", check_int(self.sn_power_iterations, "sn_power_iterations", min=1))
+        for name in ("nog", "olr", "stabilize", "inplace"):
+            put(name, check_bool(getattr(self, name), name))
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise OptionError("preset", self.preset, "must be a preset name or None")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -132,6 +233,7 @@ class OrthoConfig:
             olr="olr" in tokens,
             preset=canonical,
         )
+        _check_names(overrides, "from_preset override")
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -154,7 +256,9 @@ class OrthoConfig:
         return "+".join(self.treatments) or "svd"
 
     def replace(self, **changes: Any) -> "OrthoConfig":
-        """A copy with ``changes`` applied (dataclasses.replace)."""
+        """A copy with ``changes`` applied (dataclasses.replace); unknown names raise
+        :class:`ConfigError`."""
+        _check_names(changes, "replace()")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,18 +271,31 @@ class OrthoConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OrthoConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        """Inverse of :meth:`to_dict`. Values are checked like the constructor's (booleans
+        accept ``"true"``/``"false"``, numbers must be numbers); unknown keys, a non-mapping
+        and an ``analysis`` that is not a mapping raise :class:`ConfigError`."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"an OrthoConfig dict must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ConfigError(f"unknown OrthoConfig keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown OrthoConfig keys: {sorted(map(str, unknown))}")
         kw = dict(d)
         a = kw.get("analysis")
         if isinstance(a, Mapping):
             from orthofx.graph.config import AnalysisConfig  # local: graph imports are heavier
 
             kw["analysis"] = AnalysisConfig.from_dict(a)
+        elif a is not None:
+            raise OptionError("analysis", a, "must be a mapping (AnalysisConfig.to_dict()) or None")
         return cls(**kw)
+
+
+def _check_names(kwargs: Mapping[str, Any], what: str) -> None:
+    names = {f.name for f in dataclasses.fields(OrthoConfig)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown OrthoConfig fields {unknown}; known: {sorted(names)}")
 
 
 def resolve_config(config: "OrthoConfig | str | Mapping[str, Any] | None") -> OrthoConfig:

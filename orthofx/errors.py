@@ -17,6 +17,7 @@ __all__ = [
     "AttachError",
     "TreatmentError",
     "SolverError",
+    "OptionError",
 ]
 
 
@@ -60,3 +61,22 @@ class TreatmentError(OrthofxError, TypeError):
 
 class SolverError(OrthofxError, RuntimeError):
     """A linear-algebra solver failed even after every recovery strategy."""
+
+
+class OptionError(ConfigError):
+    """One named option or config field holds an invalid value.
+
+    Attributes:
+        option: the field or command-line option (``"ol_weight"``, ``"--batch-size"``).
+        value: the offending value.
+        problem: what is wrong with it, e.g. ``"must be >= 1"``.
+    """
+
+    def __init__(self, option: str, value: object, problem: str) -> None:
+        super().__init__(f"{option}={value!r}: {problem}")
+        self.option = option
+        self.value = value
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type, tuple[str, object, str]]:
+        return (type(self), (self.option, self.value, self.problem))
