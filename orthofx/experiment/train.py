@@ -23,9 +23,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from orthofx.config import check_bool, check_choice, check_float, check_int
+from orthofx.errors import ConfigError, OptionError
+
 __all__ = ["ExperimentConfig", "run", "load_config"]
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+MODEL_NAMES = ("small-resnet-dbn", "resnet50-dbn", "resnet18-gcp")
+#: meta-layer backends (orthofx.linalg.SPECTRAL_BACKENDS); "gram" only for the GCP head
+BACKENDS = ("auto", "eigh", "svd", "ns")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -90,9 +97,45 @@ class ExperimentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        self.milestones = tuple(int(m) for m in self.milestones)
+        """Check every field and normalise it (``"false"`` → False, ``2.0`` → 2, a path → str);
+        any invalid value raises :class:`orthofx.errors.OptionError` naming the field."""
+        from orthofx.config import OrthoConfig
+
+        check_choice(self.dataset, "dataset", DATASETS)
+        check_choice(self.model, "model", MODEL_NAMES)
+        check_choice(self.backend, "backend", BACKENDS + (("gram",) if self.model == "resnet18-gcp" else ()))
+        check_choice(self.device, "device", DEVICES)
+        if not isinstance(self.treatment, str):
+            raise OptionError("treatment", self.treatment, "must be a preset name such as 'nog+ow+olr'")
+        try:
+            OrthoConfig.from_preset(self.treatment)
+        except ConfigError as e:
+            raise OptionError("treatment", self.treatment, str(e)) from None
+        self.data_dir = _path_field(self.data_dir, "data_dir", optional=True)
+        self.out = _path_field(self.out, "out")
+        for name in ("download", "amp", "resume", "progress"):
+            setattr(self, name, check_bool(getattr(self, name), name))
+        self.eps = check_float(self.eps, "eps", min=0.0, min_inclusive=False, optional=True)
+        self.lr = check_float(self.lr, "lr", min=0.0)
+        self.momentum = check_float(self.momentum, "momentum", min=0.0)
+        self.weight_decay = check_float(self.weight_decay, "weight_decay", min=0.0)
+        self.gamma = check_float(self.gamma, "gamma", min=0.0, min_inclusive=False)
+        self.epochs = check_int(self.epochs, "epochs", min=1)
+        self.batch_size = check_int(self.batch_size, "batch_size", min=1)
+        self.train_limit = check_int(self.train_limit, "train_limit", min=1, optional=True)
+        self.test_limit = check_int(self.test_limit, "test_limit", min=1, optional=True)
+        self.seed = check_int(self.seed, "seed", min=0)
+        self.monitor_every = check_int(self.monitor_every, "monitor_every", min=1)
+        self.num_workers = check_int(self.num_workers, "num_workers", min=0)
+        self.image_size = check_int(self.image_size, "image_size", min=1)
+        self.recalibrate_batches = check_int(self.recalibrate_batches, "recalibrate_batches", min=0)
+        if isinstance(self.milestones, (str, bytes, Mapping)) or not isinstance(self.milestones, (list, tuple)):
+            raise OptionError("milestones", self.milestones, "must be a list of epoch numbers")
+        self.milestones = tuple(check_int(m, f"milestones[{i}]", min=1) for i, m in enumerate(self.milestones))
+        if self.name is not None and not isinstance(self.name, str):
+            raise OptionError("name", self.name, "must be a string or None")
+        if not isinstance(self.extra, Mapping):
+            raise OptionError("extra", self.extra, "must be a mapping")
 
     @property
     def run_name(self) -> str:
@@ -107,23 +150,50 @@ class ExperimentConfig:
         return d
 
 
+def _path_field(value: Any, name: str, optional: bool = False) -> str | None:
+    """A path field as a non-empty ``str`` (``os.PathLike`` accepted)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(name, value, "must be a non-empty path")
+    return value
+
+
 def load_config(path: str | os.PathLike, **overrides: Any) -> ExperimentConfig:
-    """Read an :class:`ExperimentConfig` from JSON or TOML; ``overrides`` win (None skipped)."""
+    """Read an :class:`ExperimentConfig` from JSON or TOML (``.toml``); ``overrides`` win
+    (None skipped). A missing or unreadable file, malformed JSON/TOML, a top level that is
+    not an object, unknown keys and invalid values raise :class:`ConfigError` naming the file
+    and, for values, the field (:class:`OptionError`)."""
     p = Path(path)
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from None
     if p.suffix == ".toml":
         try:
             import tomllib
-        except ModuleNotFoundError as e:  # Python 3.10
-            raise ValueError("TOML configs need Python >= 3.11; use JSON") from e
-        data = tomllib.loads(text)
+        except ModuleNotFoundError:  # Python 3.10
+            raise ConfigError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be an object of config keys, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(ExperimentConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{p}: unknown config keys {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"{p}: unknown config keys {unknown}; known: {sorted(known)}")
     return ExperimentConfig(**data)
 
 
