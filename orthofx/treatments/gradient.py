@@ -96,13 +96,14 @@ def _new_counters(params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
 
 
-def _norm_of(g: Tensor, dim: tuple[int, ...] | None) -> Tensor:
-    """Frobenius norm accumulated in float64 (float32 on MPS): one reduction gives both masks
-    the guards need — finite iff every entry is finite (a float64 sum of squares of float32 or
-    half values cannot overflow; a float64 gradient with entries beyond ~1e154 counts as
-    non-finite) and zero iff every entry is 0."""
-    acc = torch.float32 if g.device.type == "mps" else torch.float64
-    return torch.linalg.vector_norm(g, dim=dim, dtype=acc)
+def _absmax(g: Tensor, dim: tuple[int, ...] | None) -> Tensor:
+    """max|g| over ``dim`` (all dims for None) in g's own dtype: one reduction gives both masks
+    the guards need, exactly and for every dtype — finite iff ``max|g| < inf`` (NaN propagates
+    through the max, Inf is the max) and zero iff ``max|g| == 0``. Unlike a sum of squares a
+    max never under- or overflows, so a 1e-30 or 1e30 float32/bfloat16 gradient (and a float64
+    one of any finite size) is neither "zero" nor "non-finite"."""
+    a = g.abs()
+    return a.amax() if dim is None else a.amax(dim=dim)
 
 
 def guard() -> GradientTransformation:
@@ -122,11 +123,11 @@ def guard() -> GradientTransformation:
             if g is None:
                 continue
             _check_grad(g, i, "guard")
-            norm = _norm_of(g, dim=None)
-            finite = norm < math.inf  # norm ≥ 0: False exactly for NaN/Inf entries
+            amax = _absmax(g, dim=None)
+            finite = amax < math.inf  # amax ≥ 0: False exactly for NaN/Inf entries
             out[i] = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
             state.nonfinite.add_((~finite).to(state.nonfinite.device, torch.int64))
-            state.zero.add_((norm == 0).to(state.zero.device, torch.int64))
+            state.zero.add_((amax == 0).to(state.zero.device, torch.int64))
         state.steps += 1
         return out
 
@@ -155,6 +156,10 @@ def nog(method: str = "auto") -> GradientTransformation:
       reaches the SVD. The counters are device tensors (no host sync).
     * dtype: as ``orthofx.linalg.polar`` (half precision is decomposed in float32); the result
       has the gradient's dtype. No ε is involved.
+    * Scale-safe: the zero/non-finite masks use max|G| in G's dtype (never under/overflows)
+      and polar divides G by max|G| before any norm, so every finite nonzero gradient —
+      float32/bfloat16 from 1e-30 to 1e30 and beyond — gets its U Vᵀ, on the CPU and CUDA
+      paths alike (tests/test_nog_scale.py).
     * NOG training is sensitive to tiny differences: every step has the fixed size √min(m, n)
       whatever ‖G‖, so a 1e-6 relative change of one gradient (rounding, another polar
       method, another device) grows to ~1e-2 in the weights within 5 steps (measured on the
@@ -194,9 +199,9 @@ def nog(method: str = "auto") -> GradientTransformation:
                 G = grads[idxs[0]].reshape(1, m, n)  # type: ignore[union-attr]
             else:
                 G = torch.stack([grads[i].reshape(m, n) for i in idxs])  # type: ignore[union-attr]
-            norm = _norm_of(G, dim=(-2, -1))
-            finite = norm < math.inf
-            is_zero = norm == 0
+            amax = _absmax(G, dim=(-2, -1))
+            finite = amax < math.inf
+            is_zero = amax == 0
             G = torch.where(finite[:, None, None], G, torch.zeros((), dtype=dtype, device=dev))
             # polar maps zero (and sanitised non-finite) gradients to exactly zero
             R = polar(G, state.method).to(dtype)
@@ -283,9 +288,33 @@ class OLRState:
 def olr_eta(w: Tensor, l: Tensor) -> Tensor:
     r"""``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` over the last dim (paper eq. 20).
 
-    ``w``, ``l``: (..., N) flattened weights and gradients. 0/0 (w = 0 and l = 0, or l = 0)
-    gives NaN, which the lr switch treats as "use the scheduled lr"."""
-    return _eta_from_dots((w * w).sum(-1), (l * w).sum(-1), (l * l).sum(-1))
+    ``w``, ``l``: (..., N) flattened weights and gradients, computed in their promoted dtype.
+    Scale-safe (:func:`_eta_scaled`): any finite w, l give a finite or NaN η*, never an
+    overflowed one. 0/0 (w = 0 or l = 0) gives NaN, which the lr switch treats as "use the
+    scheduled lr"."""
+    dt = torch.promote_types(w.dtype, l.dtype)
+    return _eta_scaled(torch.stack(torch.broadcast_tensors(w.to(dt), l.to(dt)), dim=-2), dt)
+
+
+def _eta_scaled(X: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""η* of rows ``X[..., 0, :] = w``, ``X[..., 1, :] = l``, with the dot products in ``dtype``.
+
+    η* is homogeneous: ``η*(a·w, b·l) = (a/b)·η*(w, l)`` (numerator ∝ a³b, denominator ∝ a²b²).
+    So w and l are each divided by their max-abs entry ``s_w``, ``s_l`` (exact; a zero row is
+    left as is) before the dot products — which then lie in [0, N] and can neither under- nor
+    overflow, also in float32 — and η* = (s_w/s_l)·η*(w/s_w, l/s_l). The ratio is formed in
+    ``dtype``; it leaves that dtype's range only where η* itself does (float32: η* > 3.4e38
+    becomes inf, which the lr switch maps to the scheduled lr as it would the exact value;
+    η* < 1e-45 becomes 0, also mapped to the scheduled lr)."""
+    wide = torch.promote_types(X.dtype, dtype)  # divide before rounding to a narrower dtype
+    Xw = X.to(wide)
+    s = Xw.abs().amax(dim=-1, keepdim=True)
+    Xn = (Xw / torch.where(s == 0, 1.0, s)).to(dtype)
+    gram = Xn @ Xn.mT
+    ww, lw, ll = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
+    s_w = s[..., 0, 0].to(dtype)
+    s_l = torch.where(s[..., 1, 0] == 0, 1.0, s[..., 1, 0]).to(dtype)
+    return _eta_from_dots(ww, lw, ll) * (s_w / s_l)
 
 
 def _eta_from_dots(ww: Tensor, lw: Tensor, ll: Tensor) -> Tensor:
@@ -316,7 +345,9 @@ def olr(
 
     The dot products are computed in ``dtype`` (float64 by default: lᵀw is a cancelling sum
     and its sign decides the switch) on the producers' device, under no grad, without host
-    sync: ``state.eta``, ``state.lr``, ``state.base`` are (P,) device tensors and each step is
+    sync, from w/max|w| and l/max|l| (η* is homogeneous of degree (1, −1) in (w, l), so the
+    scales are multiplied back as max|w|/max|l|): no overflow or underflow for any finite
+    w, l, also with ``dtype=torch.float32``. State: ``state.eta``, ``state.lr``, ``state.base`` are (P,) device tensors and each step is
     appended to ``state.history`` (unless ``history=False``; ``max_history`` keeps the last
     rows only). Float ``lrs`` are uploaded only when they change (pinned, non-blocking).
     """
@@ -351,10 +382,8 @@ def olr(
             # (P, 2, N) rows [w; l] -> one batched Gram [[wᵀw, wᵀl], [lᵀw, lᵀl]] in dtype cd
             X = torch.stack(
                 [t for i in idxs for t in (params[i].detach().reshape(-1), grads[i].reshape(-1))]  # type: ignore[union-attr]
-            ).to(cd).reshape(len(idxs), 2, -1)
-            gram = torch.bmm(X, X.mT)
-            ww, lw, ll = gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1]
-            e = _eta_from_dots(ww, lw, ll).to(dev)
+            ).reshape(len(idxs), 2, -1)
+            e = _eta_scaled(X, cd).to(dev)
             if len(idxs) == P and idxs == list(range(P)):
                 eta = e
             else:
