@@ -18,9 +18,11 @@ import torch.fx as fx
 from torch import nn
 
 from orthofx.config import OrthoConfig, resolve_config
-from orthofx.errors import AttachError, ConfigError
-from orthofx.graph import AnalysisReport, analyze, analyze_graph
-from orthofx.rewrite import META_KEY, Plan, apply_plan
+from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
+from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
+from orthofx.graph.discover import discover
+from orthofx.rewrite import META_KEY, Plan, SwapRecord, apply_plan, swap_meta_layers
+from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
 from orthofx.treatments.weight import orthogonality_loss as _ol
@@ -133,28 +135,52 @@ def _store(root: nn.Module, plan: Plan, report: TransformReport) -> None:
     payload = {"plan": plan.to_dict(), "report": report.to_dict()}
     if isinstance(root, fx.GraphModule):
         root.meta[META_KEY] = payload
-    else:  # partial trace: a plain module carries the plan in an attribute
-        root._orthofx_meta = {META_KEY: payload}
+    # a plain attribute travels with pickle, torch.save, deepcopy and spawn
+    root.__dict__["_orthofx_meta"] = {META_KEY: payload}
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """transform() acts on the model itself: a DDP/DataParallel/compile wrapper is refused."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise InputError(
+            f"transform() got a {type(model).__name__} wrapper: transform the inner model "
+            f"(model.module), then wrap the result")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise InputError(
+            "transform() got a torch.compile wrapper: transform the original model (model._orig_mod), "
+            "then torch.compile the result")
 
 
 def transform(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any = None,
     config: OrthoConfig | str | Mapping[str, Any] | None = None,
+    *,
+    verify: bool = True,
 ) -> tuple[nn.Module, TransformReport]:
-    """Trace ``model``, find its meta-layers and Pre-SVD layers, apply the configured
-    treatments, and return ``(gm, report)``.
+    """Find the model's meta-layers and Pre-SVD layers, apply the configured treatments, and
+    return ``(gm, report)``.
 
     Args:
         model: an unmodified ``nn.Module`` (it is deep-copied unless ``config.inplace``).
-        example_inputs: optional example inputs, used only to record shapes in the report.
+            DDP / DataParallel / ``torch.compile`` wrappers are refused: transform the inner
+            model, then wrap.
+        example_inputs: a tensor or a tuple of positional inputs. With them (the normal use)
+            the analysis records one concrete forward (:func:`orthofx.graph.discover`), so it
+            sees inside autograd.Functions, loops, branches and any number of layers; the
+            user's model is left exactly as it was. Without them, only symbolic fx tracing is
+            used, and a note says so.
         config: an :class:`~orthofx.config.OrthoConfig`, a preset name (``"nog+ow+olr"``,
             see :data:`~orthofx.config.PRESETS`) or a dict; None = ``"svd"`` (stabilise only).
+        verify: check a rewritten graph against the original on the example inputs (train and
+            eval outputs, buffer updates, gradients) before emitting it; where it diverges,
+            the original module is kept and the report says why.
 
     Returns:
-        ``gm``: a ``torch.fx.GraphModule`` (a deep-copied plain module when the root could
-        not be traced and only submodules were analysed) whose producers carry OW/SN and
-        whose raw covariance decompositions are stable; the plan is in ``gm.meta["orthofx"]``.
+        ``gm``: the treated model. It is a deep copy of the original module (same class, same
+        parameters, buffers, submodules, attributes, hooks and state_dict keys) with OW/SN
+        registered on the producers; it is a ``torch.fx.GraphModule`` only when raw
+        ``eigh``/``svd`` meta-layers were swapped for stable ones and that rewrite was verified.
         ``report``: a :class:`TransformReport` (print it).
 
     Transforming an already transformed module with the same config returns it unchanged
@@ -164,6 +190,7 @@ def transform(
     forward untouched.
     """
     cfg = resolve_config(config)
+    _refuse_wrappers(model)
     previous = plan_of(model)
     if previous is not None:
         if previous.config != cfg:
@@ -175,25 +202,77 @@ def transform(
         if isinstance(root, fx.GraphModule):
             analysis = analyze_graph(root, cfg.analysis)
         else:
-            analysis = analyze(root, None, cfg.analysis)
+            analysis = _previous_analysis(root, previous)
         note = "already transformed with this config: nothing to do"
         return model, TransformReport(analysis, previous, modified=False, notes=[note])
 
     work = model if cfg.inplace else copy.deepcopy(model)
-    analysis = analyze(work, example_inputs, cfg.analysis)
-    root: nn.Module = analysis.graph_module if analysis.graph_module is not None else work
     notes: list[str] = []
-    if analysis.graph_module is None:
-        notes.append("the root module could not be traced; treatments were applied to the analysed submodules "
-                     "and raw meta-layers were not swapped")
+    swaps = None
+    if example_inputs is None:
+        analysis = analyze(work, None, cfg.analysis)
+        root: nn.Module = analysis.graph_module if analysis.graph_module is not None else work
+        notes.append("no example inputs: the analysis used symbolic fx tracing only, which cannot see inside "
+                     "autograd.Functions, loops or branches; pass example inputs to analyse what really runs")
+        if analysis.graph_module is None:
+            notes.append("the root module could not be traced; treatments were applied to the analysed "
+                         "submodules and raw meta-layers were not swapped")
+    else:
+        analysis = discover(work, example_inputs, cfg.analysis)
+        root, swaps, rewrite_notes = _stable_rewrite(work, analysis, cfg, example_inputs, verify)
+        notes += rewrite_notes
     if not analysis.entries:
         notes.append("no meta-layer with a Pre-SVD layer was found; the model is unchanged"
                      + (f" ({len(analysis.skipped)} meta-layer(s) skipped, see report)" if analysis.skipped else ""))
-    plan, actions = apply_plan(root, analysis, cfg)
+    plan, actions = apply_plan(root, analysis, cfg, swaps=swaps)
     modified = bool(actions) or any(p.treatments for p in plan.producers)
     report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
     _store(root, plan, report)
     return root, report
+
+
+def _previous_analysis(root: nn.Module, plan: Plan) -> AnalysisReport:
+    """The analysis of an earlier transform, from its plan (nothing is re-run)."""
+    report = AnalysisReport(model=type(root).__name__)
+    report.notes.append("producers of the earlier transform: " + (", ".join(p.param for p in plan.producers)
+                                                                 or "none"))
+    return report
+
+
+def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig, example_inputs: Any,
+                    verify: bool) -> tuple[nn.Module, list[SwapRecord] | None, list[str]]:
+    """Swap raw eigh/svd meta-layers for stable ones where the rewrite is faithful.
+
+    Returns (root, swaps, notes). The root is a verified GraphModule when something was
+    swapped, else ``work`` itself (the deep copy of the user's model).
+    """
+    raw = [e for e in analysis.entries if e.source == "torch" and e.kind in ("eigh", "svd")]
+    if not cfg.stabilize or not raw:
+        return work, None, []
+    sites = sorted({f"{e.kind} in {e.scope or '<root>'}" for e in raw})
+    where = ", ".join(sites) if len(sites) <= 3 else f"{', '.join(sites[:3])} and {len(sites) - 3} more"
+    try:
+        gm = trace(work, cfg.analysis)
+    except TraceFailure as exc:
+        return work, None, [f"raw decompositions kept as they are ({where}): the model cannot be traced "
+                            f"symbolically for the stable rewrite ({exc})"]
+    fx_analysis = analyze_graph(gm, cfg.analysis)
+    want = set(analysis.producer_params)
+    fx_analysis.entries = [e for e in fx_analysis.entries if e.producer.param in want and e.source == "torch"]
+    if not fx_analysis.entries:
+        return work, None, [f"raw decompositions kept as they are ({where}): the symbolic trace does not "
+                            f"show them"]
+    swaps = swap_meta_layers(gm, fx_analysis)
+    if not swaps:
+        return work, None, []
+    if verify:
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        check = verify_rewrite(work, gm, inputs)
+        if not check.ok:
+            return work, None, [f"stable rewrite of {where} not applied: the rewritten model {check.describe()}; "
+                                f"the original module is kept"]
+        return gm, swaps, [f"stable rewrite {check.describe()}"]
+    return gm, swaps, ["stable rewrite not verified (verify=False)"]
 
 
 def _producer_specs(gm: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:

@@ -211,16 +211,18 @@ def swap_meta_layers(gm: fx.GraphModule, analysis: Any) -> list[SwapRecord]:
     return swaps
 
 
-def apply_plan(root: nn.Module, analysis: Any, cfg: OrthoConfig) -> tuple[Plan, list[str]]:
-    """Apply ``cfg`` to ``root`` (a GraphModule, or a plain module when tracing was partial).
+def apply_plan(root: nn.Module, analysis: Any, cfg: OrthoConfig, *,
+               swaps: list[SwapRecord] | None = None) -> tuple[Plan, list[str]]:
+    """Apply ``cfg`` to ``root`` (a GraphModule, or the deep-copied model).
 
-    Returns the plan and a list of human-readable actions. Stabilisation needs a
-    GraphModule and is skipped (with a note) otherwise.
+    Returns the plan and a list of human-readable actions. ``swaps``: stable swaps already
+    made (and verified) by the caller; when None, a GraphModule root is stabilised here.
     """
     plans = _producer_plans(analysis, cfg)
     actions = apply_weight_treatments(root, plans, cfg)
-    swaps: list[SwapRecord] = []
-    if cfg.stabilize and isinstance(root, fx.GraphModule):
-        swaps = swap_meta_layers(root, analysis)
+    if swaps is None:
+        swaps = []
+        if cfg.stabilize and isinstance(root, fx.GraphModule):
+            swaps = swap_meta_layers(root, analysis)
         actions += [f"stable {s.kind} replaces {s.original} at {s.node}" for s in swaps]
     return Plan(cfg, plans, swaps), actions

@@ -344,8 +344,11 @@ def analyze(
 
     Args:
         model: any ``nn.Module`` (unmodified architecture).
-        example_inputs: optional example inputs (a tensor or a tuple); used only to record
-            shapes along the chains (on fake tensors).
+        example_inputs: example inputs (a tensor or a tuple). With them, the analysis is
+            grounded in one concrete forward recorded at the op level
+            (:func:`orthofx.graph.discover.discover`): it sees inside autograd.Functions,
+            through loops, branches and ``.item()``, in training mode; the model is restored
+            exactly. Without them, the model is traced symbolically with ``torch.fx``.
         config: an :class:`~orthofx.graph.config.AnalysisConfig`, ``None``, or an object with
             an ``.analysis`` attribute (e.g. ``OrthoConfig``).
 
@@ -358,6 +361,10 @@ def analyze(
             (always with ``strict=True``); ``.module`` / ``.hint`` say what to change.
     """
     cfg = resolve_analysis_config(config)
+    if example_inputs is not None:
+        from orthofx.graph.discover import discover
+
+        return discover(model, example_inputs, cfg)
     try:
         gm = trace(model, cfg)
     except TraceFailure as exc:

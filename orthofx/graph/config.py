@@ -132,7 +132,7 @@ class AnalysisConfig:
         auto_leaf: when a submodule cannot be traced, retry with the innermost failing
             submodule as a leaf (recorded in ``report.auto_leaves``). When the root itself
             fails, :func:`analyze` analyses the traceable submodules on their own.
-        max_auto_leaves: how many modules ``auto_leaf`` may turn into leaves.
+        max_auto_leaves: how many modules ``auto_leaf`` may turn into leaves (None: no limit).
         trace_autograd_functions: trace a Function's forward separately to find a
             meta-layer inside it.
         strict: raise instead of degrading: no automatic leaves or per-submodule fallback
@@ -152,7 +152,7 @@ class AnalysisConfig:
     transparent_modules: tuple[type, ...] = ()
     leaf_functions: tuple[Callable[..., Any], ...] = ()
     auto_leaf: bool = True
-    max_auto_leaves: int = 8
+    max_auto_leaves: int | None = None
     trace_autograd_functions: bool = True
     strict: bool = False
     shapes: bool = True
@@ -194,8 +194,10 @@ class AnalysisConfig:
                 raise ConfigError(
                     f"meta_autograd_functions keys must be torch.autograd.Function subclasses, got {cls!r}"
                 )
-        if int(self.max_auto_leaves) < 0:
-            raise ConfigError("max_auto_leaves must be >= 0")
+        if self.max_auto_leaves is not None and (isinstance(self.max_auto_leaves, bool) or not isinstance(
+                self.max_auto_leaves, int) or self.max_auto_leaves < 0):
+            raise ConfigError(f"AnalysisConfig.max_auto_leaves must be None (no limit) or an int >= 0, "
+                              f"got {self.max_auto_leaves!r}")
 
     def __hash__(self) -> int:  # the mapping fields are not hashable themselves
         import json

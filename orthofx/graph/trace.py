@@ -40,6 +40,7 @@ from torch.fx.proxy import Proxy
 from torch.nn.utils import parametrize
 
 from orthofx.errors import ConfigError, TraceFailure
+from orthofx.graph.record import kept_state
 from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
 from orthofx.graph.patterns import Patterns, is_meta_module
 
@@ -362,7 +363,10 @@ def trace(
     while True:
         tracer = OrthoTracer(patterns, leaf_names, leaf_classes)
         try:
-            graph = tracer.trace(model, concrete_args)
+            # a forward that reassigns buffers or attributes would leave fx Proxies in the
+            # model, whether the trace succeeds or not: its state is restored either way
+            with kept_state(model, keep_new="_tensor_constant"):
+                graph = tracer.trace(model, concrete_args)
             break
         except TraceFailure:
             raise
@@ -377,7 +381,7 @@ def trace(
                 and name not in leaf_names
                 and cfg.auto_leaf
                 and not cfg.strict
-                and len(auto) < cfg.max_auto_leaves
+                and (cfg.max_auto_leaves is None or len(auto) < cfg.max_auto_leaves)
             )
             if can_retry:
                 leaf_names.add(name)

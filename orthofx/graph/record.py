@@ -1,0 +1,477 @@
+"""Record one concrete forward at the ATen op level: what really runs on the example inputs.
+
+:func:`record` runs ``model(*example_inputs)`` once, in training mode, under a
+``TorchDispatchMode`` that logs every ATen op with the recorded nodes of its tensor inputs. So
+it sees inside custom ``autograd.Function`` forwards (however ``apply`` is reached), through
+Python loops and branches, through ``.item()`` and through any number of layers. Module
+forward hooks keep a module stack, and the forwards of user ``autograd.Function`` classes are
+wrapped for the run, so each op knows the module and the Function it ran in.
+
+The run changes nothing of the user's: parameters and buffers that an op writes are saved
+before the write and put back (values, and buffer/attribute objects a forward reassigns), the
+training flags, the global RNG states (torch, CUDA, ``random``, NumPy) are restored, and the
+user's own module hooks are switched off for the run (torch's own hooks, e.g. ``weight_norm``,
+stay on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from orthofx.errors import TraceFailure
+from orthofx.graph.ops import NodeKind, PRODUCTS
+
+__all__ = ["Node", "Ref", "Recording", "record"]
+
+# a square matrix output is kept (for numeric checks) when it has at most this many elements
+_KEEP_NUMEL = 1 << 22
+_KEEP_MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Output ``out`` of recorded node ``node``."""
+
+    node: int
+    out: int = 0
+
+
+@dataclass
+class Node:
+    """One recorded op (or a leaf tensor: parameter, buffer, input, constant).
+
+    Attributes:
+        index: position in execution order.
+        kind: :class:`~orthofx.graph.ops.NodeKind`.
+        op: overload-packet name (``"bmm"``) for ops; the qualified name for parameters and
+            buffers; ``"input[i]"`` for inputs.
+        args: the op's positional arguments with tensors replaced by :class:`Ref`.
+        kwargs: its keyword arguments, likewise.
+        inputs: the :class:`Ref` of every tensor argument, in order.
+        shapes: output shapes.
+        module: qualified name of the innermost module whose forward ran the op.
+        function: qualified class name of the innermost user ``autograd.Function`` running.
+        data: derived from the example inputs.
+        param: derived from a parameter (and possibly data).
+        symmetric: for a product with square output: whether it is symmetric (numerically).
+        value: the output, kept for small square matrices (numeric checks of the analysis).
+    """
+
+    index: int
+    kind: NodeKind
+    op: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[Ref, ...] = ()
+    shapes: tuple[tuple[int, ...], ...] = ()
+    module: str = ""
+    function: str | None = None
+    data: bool = False
+    param: bool = False
+    symmetric: bool | None = None
+    value: Tensor | None = field(default=None, repr=False)
+    users: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return self.shapes[0] if self.shapes else None
+
+    def arg(self, i: int) -> Any:
+        return self.args[i] if i < len(self.args) else None
+
+
+@dataclass
+class Recording:
+    """The recorded run: nodes in execution order, plus what the analysis needs to name them.
+
+    Attributes:
+        nodes: every node; ``nodes[i].index == i``.
+        params: node index → qualified parameter name (the first name of a shared parameter).
+        param_tensors: qualified parameter name → the parameter.
+        module_types: qualified module name → class name.
+        training: whether the run was in training mode.
+        notes: anything that happened (eval-mode fallback, ...).
+    """
+
+    nodes: list[Node]
+    params: dict[int, str]
+    param_tensors: dict[str, Tensor]
+    module_types: dict[str, str]
+    training: bool = True
+    notes: list[str] = field(default_factory=list)
+    functions: list[str] = field(default_factory=list)
+    modules_run: set[str] = field(default_factory=set)
+    module_classes: dict[str, type] = field(default_factory=dict, repr=False)
+
+    def node(self, ref: Ref | int) -> Node:
+        return self.nodes[ref.node if isinstance(ref, Ref) else ref]
+
+
+# --------------------------------------------------------------------------- the recorder
+class _Recorder(TorchDispatchMode):
+    def __init__(self, model: nn.Module, inputs: Sequence[Any]) -> None:
+        super().__init__()
+        self.nodes: list[Node] = []
+        self.ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.storages: dict[int, Ref] = {}
+        self.module_stack: list[str] = [""]
+        self.function_stack: list[str] = []
+        self.functions_seen: dict[str, None] = {}
+        self.modules_run: set[str] = set()
+        self.leaf_params: dict[int, tuple[str, Tensor]] = {}
+        self.leaf_buffers: dict[int, tuple[str, Tensor]] = {}
+        self.protected: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self.param_nodes: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.leaf_params.setdefault(id(p), (name, p))
+        for name, b in model.named_buffers(remove_duplicate=False):
+            if b is not None:
+                self.leaf_buffers.setdefault(id(b), (name, b))
+        # buffers are saved up front (some ops, e.g. native_batch_norm, write running
+        # statistics without declaring it in their schema); parameters on their first write
+        for _, t in self.leaf_buffers.values():
+            self.protected.setdefault(_storage_key(t), (t, t.detach().clone()))
+        for _, t in self.leaf_params.values():
+            self.protected.setdefault(_storage_key(t), (t, None))
+        flat, _ = tree_flatten(list(inputs))
+        for i, t in enumerate(x for x in flat if isinstance(x, Tensor)):
+            self._leaf(t, NodeKind.INPUT, f"input[{i}]", data=True)
+
+    # ---- leaves
+    def _leaf(self, t: Tensor, kind: NodeKind, name: str, *, data: bool = False,
+              param: bool = False) -> Ref:
+        n = Node(len(self.nodes), kind, name, shapes=(tuple(t.shape),), data=data, param=param,
+                 module=self.module_stack[-1])
+        self.nodes.append(n)
+        ref = Ref(n.index)
+        self.ids[t] = ref
+        return ref
+
+    def ref(self, t: Tensor) -> Ref:
+        r = self.ids.get(t)
+        if r is not None:
+            return r
+        hit = self.leaf_params.get(id(t))
+        if hit is not None and hit[1] is t:
+            r = self._leaf(t, NodeKind.PARAM, hit[0], param=True)
+            self.param_nodes[r.node] = hit[0]
+            return r
+        hit = self.leaf_buffers.get(id(t))
+        if hit is not None and hit[1] is t:
+            return self._leaf(t, NodeKind.BUFFER, hit[0])
+        # an alias made outside the dispatcher (``x.data``): the last writer of its storage
+        alias = self.storages.get(_storage_key(t))
+        if alias is not None:
+            self.ids[t] = alias
+            return alias
+        return self._leaf(t, NodeKind.CONST, "const")
+
+    # ---- ops
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        schema = func._schema
+        writes = [a for a, s in zip(args, schema.arguments)
+                  if isinstance(a, Tensor) and s.alias_info is not None and s.alias_info.is_write]
+        writes += [v for k, v in kwargs.items() if isinstance(v, Tensor) and k == "out"]
+        for t in writes:
+            self._protect(t)
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        refs: list[Ref] = []
+        in_args = self._map(args, refs)
+        in_kwargs = {k: self._map(v, refs) for k, v in kwargs.items()}
+        ins = [self.nodes[r.node] for r in refs]
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        tensors = [o for o in outs if isinstance(o, Tensor)]
+        n = Node(
+            len(self.nodes), NodeKind.OP, name, args=in_args, kwargs=in_kwargs, inputs=tuple(refs),
+            shapes=tuple(tuple(o.shape) for o in tensors), module=self.module_stack[-1],
+            function=self.function_stack[-1] if self.function_stack else None,
+            data=any(i.data for i in ins), param=any(i.param for i in ins),
+        )
+        self.nodes.append(n)
+        for r in refs:
+            users = self.nodes[r.node].users
+            if not users or users[-1] != n.index:
+                users.append(n.index)
+        k = 0
+        for o in outs:
+            if isinstance(o, Tensor):
+                ref = Ref(n.index, k)
+                self.ids[o] = ref
+                self.storages[_storage_key(o)] = ref
+                k += 1
+        for t in writes:  # a write into a view also writes its base
+            ref = Ref(n.index)
+            self.ids[t] = ref
+            base = t._base
+            if base is not None:
+                self.ids[base] = ref
+        if len(tensors) == 1:
+            self._keep(n, name, tensors[0])
+        return out
+
+    def _map(self, value: Any, refs: list[Ref]) -> Any:
+        if isinstance(value, Tensor):
+            r = self.ref(value)
+            refs.append(r)
+            return r
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._map(v, refs) for v in value) if isinstance(value, list) \
+                else tuple(self._map(v, refs) for v in value)
+        return value
+
+    def _keep(self, n: Node, name: str, t: Tensor) -> None:
+        if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] > _KEEP_MAX_SIDE:
+            return
+        if t.numel() > _KEEP_NUMEL or not t.is_floating_point():
+            return
+        n.value = t
+        if name in PRODUCTS and n.data:
+            with torch.no_grad():
+                d = t.detach().double()
+                scale = d.abs().amax().clamp_min(1e-300)
+                n.symmetric = bool(((d - d.mT).abs().amax() <= 1e-4 * scale).item())
+
+    def _protect(self, t: Tensor) -> None:
+        key = _storage_key(t)
+        hit = self.protected.get(key)
+        if hit is not None and hit[1] is None:
+            owner = hit[0]
+            self.protected[key] = (owner, owner.detach().clone())
+
+    def restore_values(self) -> None:
+        with torch.no_grad():
+            for owner, saved in self.protected.values():
+                if saved is not None and owner.shape == saved.shape:
+                    owner.copy_(saved)
+
+
+def _storage_key(t: Tensor) -> int:
+    try:
+        return int(t.untyped_storage().data_ptr()) or -id(t)
+    except Exception:  # noqa: BLE001 - tensors without storage (sparse, ...)
+        return -id(t)
+
+
+# --------------------------------------------------------------------------- state protection
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _is_torch_hook(hook: Any) -> bool:
+    owner = getattr(hook, "__module__", None) or type(hook).__module__
+    return str(owner).startswith("torch.")
+
+
+@contextlib.contextmanager
+def _quiet_user_hooks(model: nn.Module) -> Iterator[None]:
+    saved: list[tuple[nn.Module, str, Any]] = []
+    for m in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = m.__dict__.get(attr)
+            if hooks:
+                saved.append((m, attr, hooks))
+                m.__dict__[attr] = OrderedDict((k, h) for k, h in hooks.items() if _is_torch_hook(h))
+    try:
+        yield
+    finally:
+        for m, attr, hooks in saved:
+            m.__dict__[attr] = hooks
+
+
+@contextlib.contextmanager
+def kept_state(model: nn.Module, keep_new: str | None = None) -> Iterator[None]:
+    """Restore training flags, module attributes (incl. reassigned buffers/params), RNGs.
+
+    ``keep_new``: a prefix of new attribute names that are kept (the fx tracer stores tensor
+    constants on the root as ``_tensor_constant<i>``).
+    """
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    attrs = [dict(m.__dict__) for m in modules]
+    tables = [(dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in modules]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py_rng = random.getstate()
+    try:
+        import numpy as np
+        np_rng: Any = np.random.get_state()
+    except Exception:  # noqa: BLE001 - numpy is optional here
+        np, np_rng = None, None
+    try:
+        yield
+    finally:
+        for m, flag, saved, (ps, bs, ms) in zip(modules, flags, attrs, tables):
+            for k in [k for k in m.__dict__ if k not in saved]:
+                if keep_new is None or not k.startswith(keep_new):
+                    del m.__dict__[k]
+            for k, v in saved.items():
+                if m.__dict__.get(k) is not v:
+                    m.__dict__[k] = v
+            for table, old in ((m._parameters, ps), (m._buffers, bs), (m._modules, ms)):
+                if table.keys() != old.keys() or any(table[k] is not v for k, v in old.items()):
+                    table.clear()
+                    table.update(old)
+            m.training = flag
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        random.setstate(py_rng)
+        if np is not None and np_rng is not None:
+            np.random.set_state(np_rng)
+
+
+def _user_functions() -> list[type]:
+    seen: list[type] = []
+    stack = list(torch.autograd.Function.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        mod = getattr(cls, "__module__", "") or ""
+        if mod.startswith("torch.") or "forward" not in cls.__dict__ or cls in seen:
+            continue
+        seen.append(cls)
+    return seen
+
+
+@contextlib.contextmanager
+def _named_functions(rec: _Recorder) -> Iterator[None]:
+    """Wrap each user autograd.Function's forward so ops know the Function they ran in."""
+    patched: list[tuple[type, Any]] = []
+    for cls in _user_functions():
+        original = cls.__dict__["forward"]
+        fn = original.__func__ if isinstance(original, staticmethod) else original
+        if not callable(fn):
+            continue
+        name = cls.__qualname__
+
+        def forward(*args: Any, __fn: Any = fn, __name: str = name, **kwargs: Any) -> Any:
+            rec.function_stack.append(__name)
+            rec.functions_seen.setdefault(__name, None)
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                rec.function_stack.pop()
+
+        try:
+            setattr(cls, "forward", staticmethod(forward))
+        except (TypeError, AttributeError):
+            continue
+        patched.append((cls, original))
+    try:
+        yield
+    finally:
+        for cls, original in patched:
+            setattr(cls, "forward", original)
+
+
+@contextlib.contextmanager
+def _module_stack(model: nn.Module, rec: _Recorder) -> Iterator[None]:
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), name)
+
+    def pre(m: nn.Module, args: Any) -> None:
+        name = names.get(id(m), rec.module_stack[-1])
+        rec.module_stack.append(name)
+        rec.modules_run.add(name)
+
+    def post(m: nn.Module, args: Any, out: Any) -> None:
+        if len(rec.module_stack) > 1:
+            rec.module_stack.pop()
+
+    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = nn.modules.module.register_module_forward_hook(post, always_call=True)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+# --------------------------------------------------------------------------- record()
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _run(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], training: bool) -> _Recorder:
+    rec = _Recorder(model, list(inputs) + list(kwargs.values()))
+    model.train(training)
+    try:
+        with _named_functions(rec), _module_stack(model, rec), rec:
+            model(*inputs, **kwargs)
+    finally:
+        rec.restore_values()
+    return rec
+
+
+def record(model: nn.Module, example_inputs: Any, *, kwargs: dict[str, Any] | None = None,
+           training: bool = True) -> Recording:
+    """Run ``model`` once on ``example_inputs`` and return the op-level :class:`Recording`.
+
+    Args:
+        model: any ``nn.Module``; left exactly as it was (see the module doc).
+        example_inputs: a tensor or a tuple of positional inputs.
+        kwargs: keyword inputs.
+        training: record in training mode (the default, whatever mode the model is in: in
+            eval, whitening layers use running buffers, so nothing connects the producer to the
+            matrix function). When the training-mode run fails (e.g. BatchNorm on a batch of
+            one), the run is repeated in eval mode and a note says so.
+
+    Raises:
+        TraceFailure: the forward itself fails on the example inputs (the message names the
+            innermost module that was running).
+    """
+    inputs = _as_tuple(example_inputs)
+    kwargs = dict(kwargs or {})
+    notes: list[str] = []
+    with kept_state(model), _quiet_user_hooks(model):
+        try:
+            rec = _run(model, inputs, kwargs, training)
+            used = training
+        except Exception as exc:  # noqa: BLE001 - retried in eval, then reported
+            if not training:
+                raise _forward_failure(model, exc) from exc
+            try:
+                rec = _run(model, inputs, kwargs, False)
+            except Exception:  # noqa: BLE001
+                raise _forward_failure(model, exc) from exc
+            used = False
+            notes.append(f"the training-mode forward failed ({type(exc).__name__}: {_first_line(exc)}); "
+                         f"recorded in eval mode, where whitening layers may use running statistics")
+    params = dict(rec.param_nodes)
+    param_tensors = {name: p for name, p in rec.leaf_params.values()}
+    classes = {name: type(m) for name, m in model.named_modules(remove_duplicate=False)}
+    types = {name: cls.__name__ for name, cls in classes.items()}
+    return Recording(rec.nodes, params, param_tensors, types, training=used, notes=notes,
+                     functions=list(rec.functions_seen), modules_run=set(rec.modules_run),
+                     module_classes=classes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _forward_failure(model: nn.Module, exc: BaseException) -> TraceFailure:
+    return TraceFailure(
+        f"the forward of {type(model).__name__} failed on the example inputs "
+        f"({type(exc).__name__}: {_first_line(exc)})",
+        module="",
+        hint="check that example_inputs are what the model's forward takes (a tensor, or a tuple of "
+             "positional inputs)",
+    )
