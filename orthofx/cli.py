@@ -12,43 +12,80 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import re
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from orthofx.errors import ConfigError, OptionError, OrthofxError
 
 __all__ = ["main", "build_spec"]
 
+#: ExperimentConfig field -> the ``orthofx train`` flag that sets it
+_TRAIN_FLAGS = {
+    "treatment": "--treatment", "epochs": "--epochs", "seed": "--seed", "out": "--out", "data_dir": "--data",
+    "device": "--device", "train_limit": "--train-limit", "test_limit": "--test-limit", "dataset": "--dataset",
+    "model": "--model", "backend": "--backend", "batch_size": "--batch-size", "lr": "--lr",
+}
 
-def build_spec(spec: str, head: str | None = None, stem: str | None = None, num_classes: int = 10) -> Any:
-    """A model from ``spec``: a torchvision model name (weights=None) or ``module:callable``.
 
-    ``head="gcp"`` adds a user-style GCP head, ``stem="whiten"`` a user-style whitening stem
-    (ResNet-style models). A callable may return a model or ``(model, example_inputs)``.
+def _resolve_spec(spec: str) -> Callable[[int], Any]:
+    """Check ``spec`` without building anything; return ``num_classes -> model or (model, example)``.
+
+    Raises :class:`OptionError` (option ``spec``) for an empty spec, a module or attribute that
+    cannot be imported, or an unknown torchvision model name.
     """
-    from orthofx.experiment.surgery import add_gcp_head, add_whitening_stem
-
-    example = None
+    if not isinstance(spec, str) or not spec.strip():
+        raise OptionError("spec", spec, "must be a torchvision model name or module:callable")
     if ":" in spec:
         mod_name, _, attr = spec.partition(":")
+        if not mod_name or not attr:
+            raise OptionError("spec", spec, "module:callable needs both a module and an attribute")
         try:
             obj = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
-            raise SystemExit(f"orthofx: cannot load {spec!r}: {e}") from e
-        from torch import nn
+            raise OptionError("spec", spec, f"cannot load it: {e}") from None
+        return lambda num_classes: _call(obj)
+    import difflib
 
-        model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
-        if isinstance(model, tuple):
-            model, example = model
-        if not isinstance(model, nn.Module):
-            raise SystemExit(f"orthofx: {spec!r} gave a {type(model).__name__}, not an nn.Module")
-    else:
-        import torchvision
+    import torchvision
 
-        try:
-            model = torchvision.models.get_model(spec, weights=None, num_classes=num_classes)
-        except (ValueError, KeyError) as e:
-            raise SystemExit(
-                f"orthofx: unknown model {spec!r} (a torchvision name such as resnet18, or module:callable)"
-            ) from e
+    names = torchvision.models.list_models()
+    if spec not in names:
+        close = difflib.get_close_matches(spec, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise OptionError(
+            "spec", spec, f"unknown model (a torchvision name such as resnet18, or module:callable){hint}"
+        )
+    return lambda num_classes: torchvision.models.get_model(spec, weights=None, num_classes=num_classes)
+
+
+def _call(obj: Any) -> Any:
+    """A module as is, a callable called (model or ``(model, example)``), anything else as is."""
+    from torch import nn
+
+    return obj if isinstance(obj, nn.Module) or not callable(obj) else obj()
+
+
+def build_spec(spec: str, head: str | None = None, stem: str | None = None, num_classes: int = 10) -> Any:
+    """``(model, example_inputs or None)`` from ``spec``: a torchvision model name
+    (weights=None) or ``module:callable``.
+
+    ``head="gcp"`` adds a user-style GCP head, ``stem="whiten"`` a user-style whitening stem
+    (ResNet-style models). A callable may return a model or ``(model, example_inputs)``.
+    An unknown or unloadable spec raises :class:`OptionError` (option ``spec``).
+    """
+    from torch import nn
+
+    from orthofx.experiment.surgery import add_gcp_head, add_whitening_stem
+
+    model = _resolve_spec(spec)(num_classes)
+    example = None
+    if isinstance(model, tuple) and len(model) == 2:
+        model, example = model
+    if not isinstance(model, nn.Module):
+        raise OptionError("spec", spec, f"gave a {type(model).__name__}, not an nn.Module")
     if head == "gcp":
         model = add_gcp_head(model)
     if stem == "whiten":
@@ -56,46 +93,122 @@ def build_spec(spec: str, head: str | None = None, stem: str | None = None, num_
     return model, example
 
 
-def _cmd_report(a: argparse.Namespace) -> int:
-    import torch
+# ---------------------------------------------------------------------------- option checks
+def _check_int(value: Any, option: str, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise OptionError(option, value, f"must be >= {minimum}")
 
-    import orthofx
 
-    model, example = build_spec(a.spec, a.head, a.stem)
-    if example is None and a.input_size:
-        example = (torch.randn(2, 3, a.input_size, a.input_size),)
-    report = orthofx.analyze(model, example)
-    if a.format == "json":
-        print(json.dumps(report.to_dict(), indent=2))
-    elif a.format == "dot":
-        print(report.to_dot())
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_out_dir(path: str, option: str) -> None:
+    """``path`` is (or can be created as) a writable directory."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise OptionError(option, path, "exists and is not a directory")
+    base = _nearest_existing(p.absolute())
+    if not base.is_dir():
+        raise OptionError(option, path, f"cannot create it: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OptionError(option, path, f"cannot write into {base}")
+
+
+def _check_out_file(path: str, option: str) -> None:
+    """``path`` can be written as a file: its folder exists and is writable."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise OptionError(option, path, "is a directory, not a file name")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise OptionError(option, path, f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptionError(option, path, f"cannot write into {folder}")
+
+
+def _check_data_dir(path: str | None, option: str, download: bool) -> None:
+    """An explicit data directory must exist (orthofx would otherwise fall back to the system
+    copy silently); with ``--download`` it may be missing (the download creates it)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise OptionError(option, path, "is not a directory")
+    elif not download:
+        raise OptionError(option, path, "directory does not exist (pass --download to fetch the dataset into it)")
     else:
-        print(report)
-    if a.png:
-        print(f"wrote {report.to_png(a.png)}", file=sys.stderr)
-    return 0 if report.entries else 1
+        _check_out_dir(path, option)
 
 
-def _cmd_demo(a: argparse.Namespace) -> int:
-    from orthofx.data import DatasetNotFound
-    from orthofx.experiment.demo import demo
+def _check_device(device: str | None, option: str = "--device") -> None:
+    from orthofx.experiment.train import DEVICES
 
-    try:
+    if device is None:
+        return
+    if device not in DEVICES:
+        raise OptionError(option, device, f"must be one of {', '.join(DEVICES)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OptionError(option, device, "CUDA is not available (torch.cuda.is_available() is False)")
+
+
+# ---------------------------------------------------------------------------- commands
+def _cmd_report(a: argparse.Namespace) -> Callable[[], int]:
+    _check_int(a.input_size, "--input-size", 0)
+    if a.png is not None:
+        _check_out_file(a.png, "--png")
+    _resolve_spec(a.spec)
+
+    def work() -> int:
+        import torch
+
+        import orthofx
+
+        model, example = build_spec(a.spec, a.head, a.stem)
+        if example is None and a.input_size:
+            example = (torch.randn(2, 3, a.input_size, a.input_size),)
+        report = orthofx.analyze(model, example)
+        if a.format == "json":
+            print(json.dumps(report.to_dict(), indent=2))
+        elif a.format == "dot":
+            print(report.to_dot())
+        else:
+            print(report)
+        if a.png:
+            print(f"wrote {report.to_png(a.png)}", file=sys.stderr)
+        return 0 if report.entries else 1
+
+    return work
+
+
+def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
+    _check_int(a.seeds, "--seeds", 1)
+    _check_out_dir(a.out, "--out")
+    _check_data_dir(a.data, "--data", a.download)
+    _check_device(a.device)
+
+    def work() -> int:
+        from orthofx.experiment.demo import demo
+
         demo(
             a.out, quick=a.quick, seeds=a.seeds, data_dir=a.data, download=a.download,
             device=a.device, progress=not a.no_progress,
         )
-    except DatasetNotFound as e:
-        print(f"orthofx demo: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return work
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from orthofx.data import DatasetNotFound
-    from orthofx.experiment.train import ExperimentConfig, load_config, run
+def _cmd_train(a: argparse.Namespace) -> Callable[[], int]:
+    from orthofx.experiment.train import ExperimentConfig, load_config
 
-    overrides = dict(
+    overrides: dict[str, Any] = dict(
         treatment=a.treatment, epochs=a.epochs, seed=a.seed, out=a.out, data_dir=a.data,
         device=a.device, train_limit=a.train_limit, test_limit=a.test_limit, dataset=a.dataset,
         model=a.model, backend=a.backend, batch_size=a.batch_size, lr=a.lr,
@@ -108,24 +221,55 @@ def _cmd_train(a: argparse.Namespace) -> int:
         overrides["progress"] = False
     if a.amp:
         overrides["amp"] = True
+
+    def option(field: str) -> str:
+        flag = _TRAIN_FLAGS.get(field)
+        if flag is not None and overrides.get(field) is not None:
+            return flag
+        return f"--config: {a.config}: {field}" if a.config else field
+
     try:
         if a.config:
             cfg = load_config(a.config, **overrides)
         else:
             cfg = ExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except OptionError as e:
+        raise OptionError(option(e.option), e.value, e.problem) from None
+    except ConfigError as e:
+        raise OptionError("--config", a.config, str(e)) from None
+    _check_data_dir(cfg.data_dir, option("data_dir"), cfg.download)
+    _check_out_dir(cfg.out, option("out"))
+    _check_device(cfg.device, option("device"))
+
+    def work() -> int:
+        from orthofx.experiment.train import run
+
         res = run(cfg)
-    except DatasetNotFound as e:
-        print(f"orthofx train: {e}", file=sys.stderr)
-        return 2
-    k = next(iter(res["kappa"].values()), {})
-    print(json.dumps({"run": res["run"], "final_test_error": res["final_test_error"],
-                      "kappa_median": k.get("kappa_median"), "ms_per_step": res["ms_per_step"],
-                      "results": f"{cfg.out}/results.json"}))
-    return 0
+        k = next(iter(res["kappa"].values()), {})
+        print(json.dumps({"run": res["run"], "final_test_error": res["final_test_error"],
+                          "kappa_median": k.get("kappa_median"), "ms_per_step": res["ms_per_step"],
+                          "results": f"{cfg.out}/results.json"}))
+        return 0
+
+    return work
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``orthofx: <option>: <problem>`` and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        m = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message, re.S)
+        _line(f"{m.group(1)}: {m.group(2)}" if m else message)
+        raise SystemExit(2)
+
+
+def _line(text: str, prefix: str = "orthofx: ") -> None:
+    """Print ``prefix + text`` to stderr as one line (whitespace runs collapsed)."""
+    print(prefix + " ".join(text.split()), file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orthofx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="orthofx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("report", help="inspect a model: meta-layers, Pre-SVD layers, chains")
@@ -143,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=1, help="seeds per row; reports mean ± std")
     d.add_argument("--data", help="directory with Fashion-MNIST IDX files")
     d.add_argument("--download", action="store_true", help="download Fashion-MNIST via torchvision if missing")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
 
@@ -152,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"])
     t.add_argument("--model", choices=["small-resnet-dbn", "resnet50-dbn", "resnet18-gcp"])
     t.add_argument("--treatment", help="orthofx preset, e.g. nog+ow+olr")
-    t.add_argument("--backend", choices=["eigh", "ns"])
+    t.add_argument("--backend", choices=["auto", "eigh", "svd", "ns"])
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
@@ -162,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="dataset directory")
     t.add_argument("--download", action="store_true")
     t.add_argument("--out")
-    t.add_argument("--device")
+    t.add_argument("--device", help="auto, cpu or cuda")
     t.add_argument("--amp", action="store_true")
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--no-progress", action="store_true")
@@ -171,9 +315,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``orthofx`` command."""
+    """Entry point of the ``orthofx`` command.
+
+    Every option is checked before any work (no data loaded, no model built): an invalid one
+    prints ``orthofx: <option>: <problem>`` on one line to stderr and returns 2 (argparse's
+    own errors exit with 2 the same way). A missing dataset also returns 2; another orthofx
+    error during the work prints ``orthofx <command>: <message>`` and returns 1.
+    """
+    from orthofx.data import DatasetNotFound
+
     a = _parser().parse_args(argv)
-    return int(a.fn(a) or 0)
+    try:
+        work = a.fn(a)
+        return int(work() or 0)
+    except OptionError as e:
+        got = "" if str(e.value) in e.problem else f" (got {e.value!r})"
+        _line(f"{e.option}: {e.problem}{got}")
+        return 2
+    except DatasetNotFound as e:
+        _line(str(e), f"orthofx {a.cmd}: ")
+        return 2
+    except OrthofxError as e:
+        _line(str(e), f"orthofx {a.cmd}: ")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
