@@ -4,14 +4,20 @@
   original model's (``conv1.weight``, not ``conv1.parametrizations.weight.original``) and
   whose stable meta-layers are swapped back to the original ``torch.linalg`` calls (same
   forward). It loads into the original class and exports with ``torch.export``.
-* :func:`save_checkpoint` / :func:`load_checkpoint` — ``{plan, state_dict}``; loading
-  replays the plan on a fresh *unmodified* model (parametrized modules are never pickled).
+* :func:`save_checkpoint` / :func:`load_checkpoint` — ``{plan, state_dict, checksum}``;
+  loading replays the plan on a fresh *unmodified* model (parametrized modules are never
+  pickled). The plan is plain data and files are read with ``torch.load(weights_only=True)``,
+  so a checkpoint from elsewhere cannot run code; a sha256 of the state detects corruption.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import os
+import pickle
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -75,39 +81,166 @@ def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
     return out
 
 
+#: keys :func:`save_checkpoint` writes itself (``extra`` may not use them)
+_CHECKSUM_KEY = "orthofx_checksum"
+_RESERVED = ("orthofx_plan", "state_dict", _CHECKSUM_KEY)
+
+
+def _plain(x: Any, where: str = "orthofx_plan") -> Any:
+    """``x`` as plain data (dict with str keys / list / str / int / float / bool / None);
+    tuples become lists. Anything else raises :class:`ConfigError` naming where it is."""
+    if x is None or isinstance(x, (str, bool, int, float)):
+        return x
+    if isinstance(x, Mapping):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: key {k!r} is not a string; a checkpoint plan holds plain data only")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    raise ConfigError(f"{where} holds a {type(x).__name__}; a checkpoint plan holds plain data only")
+
+
+def _state_checksum(state_dict: Mapping[str, Any]) -> str:
+    """sha256 (hex) over a state dict: for each key in sorted order its name, dtype, shape and
+    the raw bytes of a contiguous CPU copy of the tensor (non-tensor entries: their ``repr``)."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        v = state_dict[key]
+        h.update(key.encode() + b"\0")
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to("cpu").contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + b"\0")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode() + b"\0")
+    return h.hexdigest()
+
+
 def checkpoint(model: nn.Module) -> dict[str, Any]:
-    """``{"orthofx_plan": plan dict, "state_dict": ...}`` of a transformed model."""
+    """``{"orthofx_plan": plan as plain data, "state_dict": ...}`` of a transformed model
+    (the state dict's tensors share memory with ``model``)."""
     plan = plan_of(model)
     if plan is None:
         raise ConfigError("checkpoint() expects a model returned by orthofx.transform")
-    return {"orthofx_plan": plan.to_dict(), "state_dict": unwrap(model).state_dict()}
+    return {"orthofx_plan": _plain(plan.to_dict()), "state_dict": unwrap(model).state_dict()}
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
-    """``torch.save`` of :func:`checkpoint` plus ``extra`` entries (optimizer state, epoch, ...)."""
+def save_checkpoint(model: nn.Module, path: str | os.PathLike | io.IOBase, **extra: Any) -> None:
+    """``torch.save`` of :func:`checkpoint`, its state's sha256 (``"orthofx_checksum"``) and
+    ``extra`` entries (optimizer state, epoch, ...; they must load with
+    ``torch.load(weights_only=True)``: tensors, containers and plain values)."""
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ConfigError(f"save_checkpoint: extra entries {clash} would overwrite orthofx's own keys")
     ck = checkpoint(model)
+    ck[_CHECKSUM_KEY] = _state_checksum(ck["state_dict"])
     ck.update(extra)
     torch.save(ck, path)
 
 
+def _read(source: Any, map_location: Any) -> Any:
+    """``torch.load(source, weights_only=True)`` with every failure as :class:`ConfigError`."""
+    name = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {name} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"checkpoint {name} is a directory, not a file") from None
+    except pickle.UnpicklingError as e:
+        detail = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error:" in ln]
+        first = detail[0].split("error:", 1)[1].split(". ")[0].strip() if detail else "unsupported content"
+        raise ConfigError(
+            f"checkpoint {name} holds objects other than tensors and plain data, which "
+            f"torch.load(weights_only=True) refuses to unpickle ({first}); orthofx checkpoints never do"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ConfigError(f"cannot read checkpoint {name}: it is corrupted or not a torch checkpoint ({e})") from None
+
+
+def _check_state(expected: Mapping[str, Any], got: Mapping[str, Any]) -> None:
+    """ConfigError naming the missing/unexpected keys and mismatching shapes."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in expected.items():
+        w = got.get(k)
+        if isinstance(v, torch.Tensor) and w is not None:
+            if not isinstance(w, torch.Tensor):
+                problems.append(f"{k}: a {type(w).__name__}, expected a tensor of shape {tuple(v.shape)}")
+            elif w.shape != v.shape:
+                problems.append(f"{k}: shape {tuple(w.shape)} in the checkpoint, {tuple(v.shape)} in this model")
+    if problems:
+        raise ConfigError(
+            "checkpoint state_dict does not fit this model (a different architecture?): " + "; ".join(problems)
+        )
+
+
 def load_checkpoint(
-    model: nn.Module, ckpt: str | os.PathLike | Mapping[str, Any], *, map_location: Any = None
+    model: nn.Module, ckpt: str | os.PathLike | io.IOBase | Mapping[str, Any], *, map_location: Any = None
 ) -> nn.Module:
     """Replay a checkpoint's plan on a fresh, *unmodified* ``model`` and load its state.
 
-    Returns the transformed module (as :func:`orthofx.transform` would), with the saved
-    weights, OW bases and buffers. Raises :class:`ConfigError` when the checkpoint's producers
-    do not match what the pass finds in ``model`` (a different architecture).
+    ``ckpt``: a path or file object (read with ``torch.load(weights_only=True)``: no code
+    runs) or a dict from :func:`checkpoint`. Returns the transformed module (as
+    :func:`orthofx.transform` would), with the saved weights, OW bases and buffers.
+
+    Raises :class:`ConfigError` when the file cannot be read, an entry is missing or
+    malformed, the stored checksum does not match the state ("checkpoint is corrupted"), or
+    the producers, state-dict keys or shapes do not match ``model`` (a different
+    architecture). A file without a checksum (older orthofx) loads with a warning.
     """
-    if not isinstance(ckpt, Mapping):
-        ckpt = torch.load(ckpt, map_location=map_location, weights_only=False)
-    if "orthofx_plan" not in ckpt:
-        raise ConfigError("not an orthofx checkpoint (no 'orthofx_plan' entry)")
-    saved = Plan.from_dict(ckpt["orthofx_plan"])
+    from_file = not isinstance(ckpt, Mapping)
+    if from_file:
+        ckpt = _read(ckpt, map_location)
+        if not isinstance(ckpt, Mapping):
+            raise ConfigError(f"not an orthofx checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    missing = [k for k in ("orthofx_plan", "state_dict") if k not in ckpt]
+    if missing:
+        raise ConfigError(f"not an orthofx checkpoint (no {' and no '.join(map(repr, missing))} entry)")
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise ConfigError(f"checkpoint 'state_dict' must map parameter names to tensors, got {type(state).__name__}")
+    stored = ckpt.get(_CHECKSUM_KEY)
+    if stored is not None:
+        actual = _state_checksum(state)
+        if stored != actual:
+            raise ConfigError(
+                f"checkpoint is corrupted: the sha256 of its state_dict is {actual[:16]}..., "
+                f"the checkpoint records {str(stored)[:16]}..."
+            )
+    elif from_file:
+        warnings.warn(
+            "checkpoint has no checksum (written by an older orthofx); loading it without an integrity check",
+            UserWarning,
+            stacklevel=2,
+        )
+    plan_dict = ckpt["orthofx_plan"]
+    if not isinstance(plan_dict, Mapping):
+        raise ConfigError(f"checkpoint 'orthofx_plan' must be a dict, got {type(plan_dict).__name__}")
+    try:
+        saved = Plan.from_dict(dict(plan_dict))
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"checkpoint 'orthofx_plan' is malformed: {type(e).__name__}: {e}") from None
     gm, report = transform(model, config=saved.config)
     got = [p.param for p in plan_of(gm).producers]  # type: ignore[union-attr]
     want = [p.param for p in saved.producers]
     if got != want:
         raise ConfigError(f"checkpoint producers {want} do not match this model's producers {got}")
-    unwrap(gm).load_state_dict(ckpt["state_dict"])
+    target = unwrap(gm)
+    _check_state(target.state_dict(), state)
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"checkpoint state_dict does not load into this model: {e}") from None
     return gm
