@@ -29,6 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from orthofx.config import check_int
+from orthofx.errors import ConfigError, InputError
 from orthofx.linalg import condition_number_from_eigenvalues, solver_stats
 from orthofx.nn.meta import is_meta_layer
 
@@ -82,6 +84,19 @@ def _summarize(lam: torch.Tensor) -> torch.Tensor | None:
         return torch.stack([kap.median(), kap.max(), lam2[:, -1].max(), lam2[:, 0].min()])
 
 
+def _record_order(r: Mapping[str, Any]) -> tuple[int, str]:
+    """Sort key of a record: its step, then its full content (ties broken the same way
+    whatever order the records arrived in)."""
+    return int(r["step"]), json.dumps(r, sort_keys=True, default=str)
+
+
+def _median(xs: list[float]) -> float:
+    """Median of ``xs`` (torch's convention: the lower of the two middle values; NaN if empty)."""
+    if not xs:
+        return math.nan
+    return float(torch.tensor(xs, dtype=torch.float64).median())
+
+
 @dataclass
 class ConditioningMonitor:
     """Records κ of every orthofx meta-layer module in ``model`` every ``every`` steps.
@@ -115,18 +130,20 @@ class ConditioningMonitor:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if int(self.every) < 1:
-            raise ValueError(f"every must be >= 1, got {self.every}")
-        if int(self.max_pending) < 1:
-            raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
+        self.every = check_int(self.every, "every", min=1)
+        self.max_pending = check_int(self.max_pending, "max_pending", min=1)
+        if not isinstance(self.model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(self.model).__name__}")
         found = {name: m for name, m in self.model.named_modules() if is_meta_layer(m)}
         if self.layers is not None:
+            if isinstance(self.layers, str):
+                raise ConfigError(f"layers must be a list of module names, got the string {self.layers!r}")
             missing = sorted(set(self.layers) - set(found))
             if missing:
-                raise ValueError(f"not meta-layers of the model: {missing}; meta-layers: {sorted(found)}")
+                raise ConfigError(f"not meta-layers of the model: {missing}; meta-layers: {sorted(found)}")
             found = {k: found[k] for k in self.layers}
         if not found:
-            raise ValueError(
+            raise ConfigError(
                 "the model holds no orthofx meta-layer to monitor (use orthofx.nn modules, or "
                 "orthofx.transform a model with torch.linalg meta-layers first)"
             )
@@ -225,22 +242,32 @@ class ConditioningMonitor:
         return new
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per layer: median and final κ (and max) over the recorded steps, plus failure counts."""
+        """Per layer, over the recorded steps (independent of the order of ``records``):
+
+        ``kappa_median`` / ``kappa_max``: NaN-ignoring median / max of κ (``+inf`` counts;
+        NaN only when every record is NaN); ``kappa_final``: κ of the latest step;
+        ``nan_records``: how many records have a NaN κ; ``records``: how many there are;
+        solver and non-finite-output counters of the latest step (they are cumulative).
+        """
         self.flush()
         out: dict[str, dict[str, float]] = {}
         for name in self._modules:
-            ks = [r["kappa"] for r in self.records if r["layer"] == name]
-            if not ks:
+            recs = [r for r in self.records if r["layer"] == name]
+            if not recs:
                 continue
-            last = [r for r in self.records if r["layer"] == name][-1]
+            recs.sort(key=_record_order)
+            ks = [float(r["kappa"]) for r in recs]
+            finite_or_inf = [k for k in ks if not math.isnan(k)]
+            last = recs[-1]
             out[name] = {
-                "kappa_median": float(torch.tensor(ks, dtype=torch.float64).median()),
+                "kappa_median": _median(finite_or_inf),
                 "kappa_final": ks[-1],
-                "kappa_max": max(ks),
+                "kappa_max": max(finite_or_inf) if finite_or_inf else math.nan,
                 "solver_failures": last["solver_failures"],
                 "solver_fallbacks": last["solver_fallbacks"],
                 "nonfinite_outputs": last["nonfinite_outputs"],
                 "records": len(ks),
+                "nan_records": len(ks) - len(finite_or_inf),
             }
         return out
 
@@ -279,16 +306,30 @@ class ConditioningMonitor:
 
 
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read records written by ``to_csv`` or ``to_jsonl``."""
+    """Read records written by ``to_csv`` or ``to_jsonl``; a missing file, bad JSON, a missing
+    column or a non-numeric value raises :class:`InputError` naming the file and row."""
     p = Path(path)
-    if p.suffix == ".jsonl":
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    with p.open() as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["step"] = int(r["step"])
-        for k in ("kappa", "kappa_max", "lambda_max", "lambda_min"):
-            r[k] = float(r[k])
+    try:
+        if p.suffix == ".jsonl":
+            rows = []
+            for i, line in enumerate(p.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{p}: line {i} is not JSON ({e.msg})") from None
+            return rows
+        with p.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise InputError(f"cannot read monitor records {p}: {e}") from None
+    for i, r in enumerate(rows, 2):
+        try:
+            r["step"] = int(r["step"])
+            for k in ("kappa", "kappa_max", "lambda_max", "lambda_min"):
+                r[k] = float(r[k])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{p}: row {i} is not a monitor record ({type(e).__name__}: {e})") from None
     return rows
 
 
