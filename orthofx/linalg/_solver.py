@@ -29,6 +29,16 @@ covariance without ``+εI``);
 each such element counts as ``fallbacks["svd->eigh"]``. The fallback eigh runs in float64 (on
 an H200 cusolver's float64 eigh is faster than float32 at 256² and more accurate). That check
 costs one host sync.
+
+``FiniteGuard(a)`` is the non-finite input check of the meta-layer path (``on_nonfinite``
+"raise"/"skip" of :func:`orthofx.linalg.eigh`): it computes the per-element flag
+``isfinite(A).all()`` on the device, replaces non-finite elements by the identity before the
+solver (which then never sees NaN and never enters the recovery chain for it), and lets the
+caller read the flag *after* the solver without a host sync of its own: on CUDA the flag is
+copied (``non_blocking``) into pinned host memory before the solver is launched, and the
+solver's own host sync (cuSOLVER's info check inside ``torch.linalg.eigh``/``svd``, or the SVD
+route's residual check) completes that copy; a CUDA event confirms it, and only if the solver
+did not synchronise does the read wait on that event. On the CPU the flag is read directly.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from torch import Tensor
 from orthofx.errors import SolverError
 from orthofx.linalg.stats import maybe_inject_failure, solver_stats
 
-__all__ = ["robust_eigh", "robust_eigvalsh", "eigh_via_svd", "svd_residual_tol", "JITTER_REL", "CPU_JITTER_REL"]
+__all__ = ["FiniteGuard", "robust_eigh", "robust_eigvalsh", "eigh_via_svd", "svd_residual_tol", "JITTER_REL", "CPU_JITTER_REL"]
 
 JITTER_REL = 1e-6
 CPU_JITTER_REL = 1e-4
@@ -191,3 +201,35 @@ def eigh_via_svd(a: Tensor) -> tuple[Tensor, Tensor]:
         v = v.reshape(-1, n, n).index_copy(0, bad_idx, v_bad).reshape(v.shape)
         stats.record_fallback("svd->eigh", int(bad_idx.numel()))
     return lam, v
+
+
+class FiniteGuard:
+    """Per-batch-element finiteness of a (..., n, n) batch, readable after the solver (module doc).
+
+    ``ok``: bool (...,) on ``a``'s device; ``clean``: ``a`` with non-finite elements replaced by
+    the identity (gradients into those elements are zero); ``all_finite()`` / ``count_bad()``
+    read the flag on the host (see the module doc for why that adds no sync on CUDA).
+    """
+
+    def __init__(self, a: Tensor) -> None:
+        self.ok = torch.isfinite(a).flatten(-2).all(-1)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        self.clean = torch.where(self.ok[..., None, None], a, eye)
+        self._event = None
+        if a.is_cuda:
+            self._host = torch.empty(self.ok.shape, dtype=torch.bool, pin_memory=True)
+            self._host.copy_(self.ok, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(a.device))
+        else:
+            self._host = self.ok
+
+    def _host_flags(self) -> Tensor:
+        if self._event is not None and not self._event.query():
+            self._event.synchronize()  # the solver did not synchronise: wait for the copy
+        return self._host
+
+    def count_bad(self) -> int:
+        """Number of non-finite batch elements (host memory read: no device sync, see above)."""
+        flags = self._host_flags().detach().numpy()
+        return int(flags.size - flags.sum())
