@@ -152,8 +152,13 @@ def _read(source: Any, map_location: Any) -> Any:
     except IsADirectoryError:
         raise ConfigError(f"checkpoint {name} is a directory, not a file") from None
     except pickle.UnpicklingError as e:
-        detail = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error:" in ln]
-        first = detail[0].split("error:", 1)[1].split(". ")[0].strip() if detail else "unsupported content"
+        text = str(e).split("WeightsUnpickler error:", 1)[-1]
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        if "global" not in first.lower() and "class" not in first.lower():  # not a readable pickle at all
+            raise ConfigError(
+                f"cannot read checkpoint {name}: it is corrupted or not a torch checkpoint ({first[:200]})"
+            ) from None
+        first = first.split(". ")[0]
         raise ConfigError(
             f"checkpoint {name} holds objects other than tensors and plain data, which "
             f"torch.load(weights_only=True) refuses to unpickle ({first}); orthofx checkpoints never do"

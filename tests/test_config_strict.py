@@ -1,0 +1,124 @@
+"""Strict typed configs: OrthoConfig, ExperimentConfig and JSON/TOML loading refuse ill-typed
+values with an OrthofxError naming the field and value; "true"/"false" strings are parsed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from orthofx.config import OrthoConfig, check_bool, check_int, check_weight
+from orthofx.errors import ConfigError, OrthofxError
+from orthofx.experiment.train import ExperimentConfig, load_config
+
+
+# ---------------------------------------------------------------------------- OrthoConfig
+def test_from_dict_false_strings_are_false():
+    # measured: {"nog": "false", "stabilize": "false"} turned NOG on
+    cfg = OrthoConfig.from_dict({"nog": "false", "stabilize": "false", "olr": "TRUE"})
+    assert cfg.nog is False and cfg.stabilize is False and cfg.olr is True
+    assert cfg.treatments == ("olr",)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "0", 0, None, 1.0])
+def test_booleans_refuse_everything_but_bool_and_true_false(value):
+    with pytest.raises(ConfigError, match="nog"):
+        OrthoConfig.from_dict({"nog": value})
+
+
+def test_ol_weight_string_is_a_config_error_naming_the_field():
+    # measured: raw TypeError ("'>=' not supported between str and float")
+    with pytest.raises(ConfigError, match="ol_weight='0.1'"):
+        OrthoConfig(weight="ol", ol_weight="0.1")
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -0.5, True])
+def test_ol_weight_must_be_finite_and_non_negative(value):
+    # measured: ol_weight=inf accepted
+    with pytest.raises(ConfigError, match="ol_weight"):
+        OrthoConfig.from_dict({"weight": "ol", "ol_weight": value})
+
+
+@pytest.mark.parametrize("value", [2.7, True, "2", math.inf, 0])
+def test_sn_power_iterations_must_be_an_integer_at_least_one(value):
+    with pytest.raises(ConfigError, match="sn_power_iterations"):
+        OrthoConfig(weight="sn", sn_method="power", sn_power_iterations=value)
+
+
+def test_integral_float_is_an_int():
+    assert OrthoConfig(sn_power_iterations=3.0).sn_power_iterations == 3
+    assert isinstance(OrthoConfig(sn_power_iterations=3.0).sn_power_iterations, int)
+
+
+def test_unknown_preset_overrides_and_replace_names_are_config_errors():
+    with pytest.raises(ConfigError, match="nogg"):
+        OrthoConfig.from_preset("nog", nogg=True)
+    with pytest.raises(ConfigError, match="olw"):
+        OrthoConfig().replace(olw=1)
+    with pytest.raises(ConfigError, match="mapping"):
+        OrthoConfig.from_dict(["nog"])  # type: ignore[arg-type]
+
+
+def test_validators():
+    assert check_bool(" False ", "x") is False
+    assert check_int(4.0, "x", min=1) == 4
+    assert check_weight(0, "weight") == 0.0
+    with pytest.raises(ConfigError, match=r"weight=-1: must be >= 0"):
+        check_weight(-1, "weight")
+    with pytest.raises(ConfigError, match="weight"):
+        check_weight(math.nan, "weight")
+
+
+# ---------------------------------------------------------------------------- ExperimentConfig
+@pytest.mark.parametrize("field", ["progress", "amp", "resume", "download"])
+def test_experiment_false_strings_are_false(field):
+    # measured: "progress": "false", "amp": "false", "resume": "false" acted as True
+    cfg = ExperimentConfig(dataset="synthetic", **{field: "false"})
+    assert getattr(cfg, field) is False
+    with pytest.raises(ConfigError, match=field):
+        ExperimentConfig(dataset="synthetic", **{field: "no"})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", "0.1"), ("lr", math.nan), ("lr", -1.0), ("momentum", math.inf), ("weight_decay", -1e-4),
+        ("gamma", 0.0), ("eps", 0.0), ("epochs", 0), ("epochs", 1.5), ("batch_size", 0), ("batch_size", True),
+        ("train_limit", 0), ("test_limit", "10"), ("seed", -1), ("monitor_every", 0), ("num_workers", -1),
+        ("milestones", "3"), ("milestones", [1, 2.5]), ("treatment", "bogus"), ("backend", "fast"),
+        ("device", "tpu"), ("model", "vgg"), ("dataset", "mnist"), ("out", ""), ("name", 3),
+    ],
+)
+def test_experiment_config_refuses_ill_typed_values(field, value):
+    with pytest.raises(OrthofxError, match=field):
+        ExperimentConfig(**{"dataset": "synthetic", field: value})
+
+
+def test_experiment_config_keeps_valid_values():
+    cfg = ExperimentConfig(dataset="synthetic", milestones=[2, 3.0], epochs=4.0, eps=1e-3, backend="auto")
+    assert cfg.milestones == (2, 3) and cfg.epochs == 4 and isinstance(cfg.epochs, int)
+
+
+def _write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match=r"not valid JSON.*line 1"):
+        load_config(_write(tmp_path / "bad.json", '{"epochs": 1,'))
+    with pytest.raises(ConfigError, match="top level"):
+        load_config(_write(tmp_path / "list.json", "[1, 2]"))
+    with pytest.raises(ConfigError, match="lr='0.1'"):
+        load_config(_write(tmp_path / "s.json", json.dumps({"dataset": "synthetic", "lr": "0.1"})))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path / "bad.toml", "epochs = = 1"))
+
+
+def test_load_config_toml_bool_strings(tmp_path):
+    cfg = load_config(_write(tmp_path / "c.toml", 'dataset = "synthetic"\nprogress = "false"\nresume = false\n'))
+    assert cfg.progress is False and cfg.resume is False
