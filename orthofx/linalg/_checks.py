@@ -32,6 +32,7 @@ __all__ = [
     "no_autocast",
     "is_empty",
     "eye_like",
+    "host_read_is_free",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -117,3 +118,19 @@ def no_autocast(device_type: str) -> Iterator[None]:
 def eye_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Identity of size x.shape[-1] on x's device (broadcasts against the batch)."""
     return torch.eye(x.shape[-1], dtype=dtype or x.dtype, device=x.device)
+
+
+def host_read_is_free(x: object) -> bool:
+    """True when reading a value of ``x`` on the host (``bool(t)``, ``.item()``) costs no device
+    synchronisation and breaks no trace: ``x`` is a plain CPU tensor, outside
+    :func:`orthofx.syncs.cuda_policy` (which makes the CPU run the CUDA code path), and not
+    inside ``torch.compile``/``torch.export``/``torch.jit.trace`` (fake, functional or proxy
+    tensors are never read). Used for the checks orthofx makes only where they are free."""
+    from orthofx.syncs import sync_free_preferred
+
+    if type(x) not in (Tensor, torch.nn.Parameter) or x.device.type != "cpu":
+        return False
+    if sync_free_preferred(x.device) or torch.jit.is_tracing():
+        return False
+    compiler = torch.compiler
+    return not (compiler.is_compiling() or compiler.is_exporting())

@@ -18,6 +18,7 @@ same treatment was already there (a second call never stacks a second parametriz
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Literal
 
 import torch
@@ -25,8 +26,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from orthofx.errors import ConfigError, TreatmentError
-from orthofx.linalg._checks import no_autocast
-from orthofx.linalg.expm import expm
+from orthofx.linalg._checks import host_read_is_free, no_autocast
+from orthofx.linalg.expm import EXPM_THETA, expm
+from orthofx.linalg.polar import POLISH_COEFFS
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
 
 __all__ = [
@@ -83,6 +85,25 @@ class FlatOrthogonal(nn.Module):
     ``orthogonal``: 509 ms), 256×2048 4.5 vs 43 ms; Cayley: 4.9 vs 24 ms and 3.2 vs 7.9 ms;
     at 64×27 (launch-bound) dense is a little faster (2.3 vs 3.2 ms expm).
 
+    Large generators. exp of a skew matrix is computed to full accuracy only while the
+    argument ``X`` (``S``, or ``M`` on the low-rank route) has ``‖X‖₁ ≤ OW_RANGE = θ·2^14 =
+    32768`` (expm's scaling range; beyond it the result was inaccurate from ‖A‖ ≈ 1e5 and NaN
+    from 1e6), and each squaring doubles the rounding error. So, without any host sync:
+
+    * the argument is scaled to the range, ``X ← c·X`` with ``c = min(1, OW_RANGE/‖X‖₁)``
+      (differentiable; ``W = f(c·S) Y₀`` since ``f(c L Rᵀ) L = L f(c M)``). For ‖X‖₁ beyond the
+      range W stays orthogonal but no longer follows A — there float32 could not resolve the
+      rotation angles anyway (error ≈ ‖S‖·2⁻²⁴ ≥ 2e-3 rad). The two routes measure different
+      X, so they may saturate at slightly different ‖A‖. On the host path (CPU, outside
+      ``cuda_policy``/compile/export) a RuntimeWarning is issued once per parametrization;
+      on CUDA it is silent;
+    * the tall result is re-orthonormalised by ``OW_POLISH = 2`` polish steps
+      ``Q ← Q(1.875 I − 1.25 QᵀQ + 0.375 (QᵀQ)²)`` (identity on an orthonormal Q and on its
+      tangent space, so the map and its gradient change only by rounding).
+
+    Measured (tests/test_ow_large.py, float32, shapes 8×8 … 64×27, both routes and methods):
+    ``‖W Wᵀ − I‖_F`` ≤ 1e-6 for every ‖A‖_F from 1e-3 to 1e8 (before: 1.7 at 1e5, NaN at 1e6).
+
     dtype: float16/bfloat16 weights are computed in float32; float32/float64 in their own
     dtype. The output has the weight's dtype. No ε is involved.
 
@@ -114,6 +135,7 @@ class FlatOrthogonal(nn.Module):
         self.method = method
         self.lowrank = (4 * self.k <= self.n_big) if lowrank is None else bool(lowrank)
         self.register_buffer("base", torch.zeros(self.n_big, self.k))
+        self._warned = False
 
     def extra_repr(self) -> str:
         return (
@@ -134,7 +156,17 @@ class FlatOrthogonal(nn.Module):
         with no_autocast(A.device.type):  # matrix_exp/solve in ≥ float32, also under AMP
             a = self._to_tall(A).to(cd)
             Y0 = self.base.to(cd)
-            Q = _stiefel_map(a, Y0, self.method, self.lowrank)
+            Q, over = _stiefel_map_flagged(a, Y0, self.method, self.lowrank)
+        if not getattr(self, "_warned", False) and host_read_is_free(over) and bool(over):
+            self._warned = True  # once per parametrization; only where the read is free
+            warnings.warn(
+                f"OW {self.extra_repr()}: the generator is beyond the exponential's range "
+                f"(‖X‖₁ > {OW_RANGE:g}); it is scaled down to that range, so W stays orthogonal "
+                "but no longer follows A there. A lower lr, or bake() and re-register OW, "
+                "keeps A small",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self._from_tall(Q).to(A.dtype)
 
     @torch.no_grad()
@@ -157,25 +189,65 @@ class FlatOrthogonal(nn.Module):
         return torch.zeros_like(W)
 
 
+#: largest ‖X‖₁ of the map's argument X (S, or M on the low-rank route): the exact range of
+#: :func:`orthofx.linalg.expm.expm` with its default 14 squarings, θ·2^14 = 32768
+OW_RANGE = EXPM_THETA * 2.0**14
+#: polish steps X ← X(a I + b XᵀX + c (XᵀX)²) on the tall result (orthofx.linalg.polar's)
+OW_POLISH = 2
+
+
+def _saturation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(c, saturated): c = min(1, OW_RANGE/‖x‖₁) (differentiable; 1 with zero gradient where
+    ‖x‖₁ ≤ OW_RANGE, also at x = 0) and the 0-d flag c < 1."""
+    nu = torch.linalg.matrix_norm(x, ord=1)
+    over = nu > OW_RANGE
+    c = torch.where(over, OW_RANGE / torch.where(over, nu, 1.0), 1.0)
+    return c, over
+
+
+def _polish(q: Tensor, steps: int = OW_POLISH) -> Tensor:
+    """Re-orthonormalise the columns of a tall q (n'×k): ``steps`` times
+    ``q ← q (1.875 I − 1.25 G + 0.375 G²)``, ``G = qᵀq``, the convergent polynomial of
+    ``orthofx.linalg.polar`` (σ ↦ p(σ), p(1) = 1, p′(1) = p″(1) = 0: an error e in the singular
+    values becomes ≈ 2.5e³). Identity on an exactly orthonormal q and on its tangent
+    directions, so the map and its gradient are unchanged to rounding."""
+    a, b, c = POLISH_COEFFS
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    for _ in range(steps):
+        g = q.mT @ q
+        q = q @ (a * eye + g @ (b * eye + c * g))
+    return q
+
+
 def _stiefel_map(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> Tensor:
-    """f(a Y₀ᵀ − Y₀ aᵀ) Y₀ for f = exp or the Cayley map (see FlatOrthogonal)."""
+    """f(c·S) Y₀, polished, with S = a Y₀ᵀ − Y₀ aᵀ, f = exp or the Cayley map, and
+    c = min(1, OW_RANGE/‖X‖₁) for the argument X (S, or M = RᵀL) — see FlatOrthogonal."""
+    return _stiefel_map_flagged(a, Y0, method, lowrank)[0]
+
+
+def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> tuple[Tensor, Tensor]:
+    """(:func:`_stiefel_map`, the 0-d flag "c < 1": the generator was scaled down)."""
     k = a.shape[-1]
     if lowrank:
         t = torch.linalg.matrix_norm(a.detach()).clamp_min(1.0)
         L = torch.cat([a / t, Y0], dim=-1)  # n' × 2k
         R = torch.cat([t * Y0, -a], dim=-1)  # n' × 2k,  S = L Rᵀ
-        M = R.mT @ L  # 2k × 2k
+        M = R.mT @ L  # 2k × 2k;  f(c L Rᵀ) L = L f(c M)
+        c, over = _saturation(M)
+        M = M * c
         if method == "expm":
             F = expm(M)[..., k:]
         else:
             I2 = torch.eye(2 * k, dtype=M.dtype, device=M.device)
             F = _solve(I2 - 0.5 * M, I2[:, k:] + 0.5 * M[..., k:])
-        return L @ F
+        return _polish(L @ F), over
     S = a @ Y0.mT - Y0 @ a.mT
+    c, over = _saturation(S)
+    S = S * c
     if method == "expm":
-        return expm(S) @ Y0
+        return _polish(expm(S) @ Y0), over
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    return _solve(eye - 0.5 * S, Y0 + 0.5 * (S @ Y0))
+    return _polish(_solve(eye - 0.5 * S, Y0 + 0.5 * (S @ Y0))), over
 
 
 def _solve(A: Tensor, B: Tensor) -> Tensor:
