@@ -27,6 +27,16 @@ _ALL = sorted(ALL_CASES)
 _POS = sorted(CASES)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: intra-op threads only add spin-wait overhead (severe on a shared
+    2-core CPU), so this module runs single-threaded and restores the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tensors(out: Any) -> list[torch.Tensor]:
     if torch.is_tensor(out):
         return [out]
@@ -267,6 +277,7 @@ def test_analyze_finds_planted_truth(name: str):
 
 
 @_XFAIL
+@pytest.mark.filterwarnings("ignore:orthofx.attach. the model has no Pre-SVD layer")
 @pytest.mark.parametrize("name", _ALL)
 def test_transform_attach_train_strip(name: str):
     import orthofx
