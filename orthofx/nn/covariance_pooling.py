@@ -6,11 +6,31 @@ import torch
 from torch import Tensor, nn
 
 from orthofx import linalg
+from orthofx.errors import ConfigError, DTypeError, InputError
+from orthofx.linalg._checks import host_read_is_free
 from orthofx.nn.meta import MetaLayer, MetaLayerInfo
 
 __all__ = ["CovariancePooling"]
 
 OUTPUTS = ("triu", "full")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_features(x: Tensor, module: str) -> None:
+    """DTypeError naming ``module`` unless ``x`` is a real floating tensor (an integer map
+    would otherwise give a covariance of int64 zeros)."""
+    if not isinstance(x, Tensor):
+        raise InputError(f"{module}: expected a torch.Tensor of features, got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise DTypeError(
+            f"{module}: the input has dtype {x.dtype}; a floating feature map is needed "
+            "(float16, bfloat16, float32 or float64) — cast it with x.float()"
+        )
+
+
+def tracing() -> bool:
+    """True while torch.compile / torch.export / torch.jit.trace trace the forward."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _covariance_dtype(
@@ -57,9 +77,20 @@ class CovariancePooling(MetaLayer):
             float64 on the CPU (≈ 2.5e-8 from the float64 reference), ≤ 5e-6 with the float32
             gesvda route on CUDA.
         output: ``"triu"`` or ``"full"``.
+        validate: NaN/Inf check of the features (raises :class:`~orthofx.errors.InputError`
+            naming the module). ``None`` (default): only where it is free — eager CPU calls
+            outside ``orthofx.syncs.cuda_policy()``; never on CUDA, where it is a host sync per
+            forward, nor while ``torch.compile``/``torch.export`` trace (a data-dependent
+            branch). ``True``: every eager forward (one host sync on accelerators). ``False``:
+            never (a NaN input then gives NaN outputs).
 
-    The covariance and its square root are computed with autocast disabled, in float32 at
-    least, so the head is safe under AMP.
+    dtype: the output has the input's dtype. float16/bfloat16 features are computed in float32
+    (Σ in float64 for "eigh"); the covariance and its square root are computed with autocast
+    disabled, so the head is safe under AMP. Integer/bool/complex input raises
+    :class:`~orthofx.errors.DTypeError`. No host sync per forward by default: the head
+    exports with ``torch.export.export`` and compiles with ``fullgraph=True`` (all backends
+    but "svd", whose fallback check in ``orthofx.linalg._solver.eigh_via_svd`` reads a flag
+    on the host).
     """
 
     orthofx_meta = MetaLayerInfo(kind="sqrtm", input="features")
@@ -74,14 +105,20 @@ class CovariancePooling(MetaLayer):
         iters: int = 5,
         compute_dtype: torch.dtype | None = None,
         output: str = "triu",
+        validate: bool | None = None,
     ) -> None:
         super().__init__()
         if backend == "gram" and not eps > 0:
-            raise ValueError("backend='gram' needs eps > 0")
+            raise ConfigError(f"CovariancePooling: backend='gram' needs eps > 0 (got eps={eps}); pass eps=1e-5")
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise ConfigError(f"CovariancePooling: output must be one of {OUTPUTS}, got {output!r}")
         if in_channels < 1 or (reduced is not None and reduced < 1):
-            raise ValueError("in_channels and reduced must be positive")
+            raise ConfigError(
+                f"CovariancePooling: in_channels and reduced must be positive, got {in_channels}, {reduced}"
+            )
+        if validate not in (None, True, False):
+            raise ConfigError(f"CovariancePooling: validate must be None, True or False, got {validate!r}")
+        self.validate = validate
         self.in_channels = in_channels
         self.reduced = reduced
         self.eps = float(eps)
@@ -116,30 +153,44 @@ class CovariancePooling(MetaLayer):
         traced = self._traced_as_leaf(x)
         if traced is not None:
             return traced
+        check_features(x, "CovariancePooling")
+        in_dtype = x.dtype
         if self.reduced is not None:
             x = self.relu(self.bn(self.reduce(x)))
         if x.dim() < 3:
-            raise ValueError(f"CovariancePooling expects (N, C, *spatial) features, got shape {tuple(x.shape)}")
+            raise InputError(
+                f"CovariancePooling expects (N, C, *spatial) features, got shape {tuple(x.shape)}; "
+                "add a spatial dim with x.unsqueeze(-1)"
+            )
         n, c = x.shape[0], x.shape[1]
         if c != self.channels:
-            raise ValueError(f"CovariancePooling built for {self.channels} channels, got {c}")
+            raise InputError(f"CovariancePooling built for {self.channels} channels, got {c} (shape {tuple(x.shape)})")
+        validate = getattr(self, "validate", None)  # modules pickled before the option: None
+        if validate is not False and not tracing() and (validate or host_read_is_free(x)):
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise InputError(
+                    "CovariancePooling: the input features hold NaN or Inf (look at the layers before "
+                    "it, or lower the lr); pass CovariancePooling(..., validate=False) to skip this "
+                    "check (NaN outputs then)"
+                )
         with torch.autocast(x.device.type, enabled=False):
             feats = x.reshape(n, c, -1)
-            out_dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+            work = torch.float32 if feats.dtype in _HALF else feats.dtype
             if self.backend == "gram" or (self.backend == "auto" and self.eps > 0 and feats.shape[-1] < c):
-                y = self._gram(feats.to(out_dtype))
-                i, j = self.triu_index
-                return y.reshape(n, c * c) if self.output == "full" else y[:, i, j]
-            cov = linalg.covariance(feats.to(_covariance_dtype(self.backend, self.compute_dtype, out_dtype, x.device)))
-            y = self._spectral(
-                linalg.sqrtm,
-                cov,
-                backend=self.backend,
-                eps=self.eps,
-                iters=self.iters,
-                compute_dtype=self.compute_dtype,
-            )
-        y = y.to(out_dtype)
+                y = self._gram(feats.to(work))
+            else:
+                cov = linalg.covariance(
+                    feats.to(_covariance_dtype(self.backend, self.compute_dtype, work, x.device)), validate=False
+                )
+                y = self._spectral(
+                    linalg.sqrtm,
+                    cov,
+                    backend=self.backend,
+                    eps=self.eps,
+                    iters=self.iters,
+                    compute_dtype=self.compute_dtype,
+                )
+        y = y.to(in_dtype)
         if self.output == "full":
             return y.reshape(n, c * c)
         i, j = self.triu_index
@@ -159,5 +210,5 @@ class CovariancePooling(MetaLayer):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, reduced={self.reduced}, eps={self.eps}, backend={self.backend!r}, "
-            f"output={self.output!r}"
+            f"output={self.output!r}" + ("" if getattr(self, "validate", None) is None else f", validate={self.validate}")
         )

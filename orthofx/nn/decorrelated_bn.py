@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from orthofx import linalg
-from orthofx.nn.covariance_pooling import _covariance_dtype
+from orthofx.errors import ConfigError, InputError
+from orthofx.nn.covariance_pooling import _covariance_dtype, check_features, tracing
 from orthofx.nn.meta import MetaLayer, MetaLayerInfo
 
 __all__ = ["DecorrelatedBatchNorm"]
@@ -38,6 +39,14 @@ class DecorrelatedBatchNorm(MetaLayer):
     Then ``y·weight + bias`` per channel when ``affine``. ε is added to the covariance
     (default 1e-5, as in BatchNorm; the paper's authors used 1e-2). Σ is formed in the
     compute dtype and autocast is disabled inside, so whitening is safe under AMP.
+
+    dtype: the output has the input's dtype; float16/bfloat16 are computed in float32 (Σ in
+    float64 for "eigh"). Integer/bool/complex input raises :class:`~orthofx.errors.DTypeError`.
+    No host sync per forward (no NaN check): the module exports with ``torch.export.export``
+    and compiles with ``fullgraph=True`` in train and eval mode, both ``running`` choices
+    (while traced, eval with ``running="covariance"`` recomputes the whitening instead of
+    using its Python-side cache), on every backend but "svd", whose fallback check in
+    ``orthofx.linalg._solver.eigh_via_svd`` reads a flag on the host.
     """
 
     orthofx_meta = MetaLayerInfo(kind="invsqrtm", input="features")
@@ -58,11 +67,13 @@ class DecorrelatedBatchNorm(MetaLayer):
     ) -> None:
         super().__init__()
         if num_features < 1 or groups < 1 or num_features % groups:
-            raise ValueError(f"num_features={num_features} must be a positive multiple of groups={groups}")
+            raise ConfigError(
+                f"DecorrelatedBatchNorm: num_features={num_features} must be a positive multiple of groups={groups}"
+            )
         if running not in ("whitening", "covariance"):
-            raise ValueError(f"running must be 'whitening' or 'covariance', got {running!r}")
+            raise ConfigError(f"DecorrelatedBatchNorm: running must be 'whitening' or 'covariance', got {running!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+            raise ConfigError(f"DecorrelatedBatchNorm: momentum must be in [0, 1] or None, got {momentum}")
         self.num_features = num_features
         self.groups = groups
         self.eps = float(eps)
@@ -95,8 +106,9 @@ class DecorrelatedBatchNorm(MetaLayer):
         traced = self._traced_as_leaf(x)
         if traced is not None:
             return traced
+        check_features(x, f"DecorrelatedBatchNorm({self.num_features})")
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
+            raise InputError(
                 f"DecorrelatedBatchNorm({self.num_features}) expects (N, {self.num_features}, ...), "
                 f"got shape {tuple(x.shape)}"
             )
@@ -110,7 +122,10 @@ class DecorrelatedBatchNorm(MetaLayer):
             use_batch = self.training or not self.track_running_stats
             if use_batch:
                 if feats.shape[-1] < 2:
-                    raise ValueError("DecorrelatedBatchNorm needs more than one sample per channel in training")
+                    raise InputError(
+                        f"DecorrelatedBatchNorm({self.num_features}) needs more than one sample per channel "
+                        f"in training, got shape {tuple(x.shape)}; use a larger batch or call .eval()"
+                    )
                 mean = feats.mean(dim=-1, keepdim=True)
                 centred = feats - mean
                 cdt = _covariance_dtype(self.backend, self.compute_dtype, work_dtype, x.device)
@@ -166,6 +181,11 @@ class DecorrelatedBatchNorm(MetaLayer):
         if self.running == "whitening":
             return self.running_whitening
         buf = self.running_covariance
+        if tracing():  # compile/export: no Python-side cache (fake tensors have no data_ptr)
+            return linalg.invsqrtm(
+                buf, backend=self.backend, eps=self.eps, iters=self.iters,
+                compute_dtype=self.compute_dtype, validate=False,
+            ).detach()
         key = (buf._version, buf.data_ptr(), buf.dtype)
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
