@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -239,6 +240,21 @@ def _previous_analysis(root: nn.Module, plan: Plan) -> AnalysisReport:
     return report
 
 
+def _optional_arguments(model: nn.Module) -> list[str]:
+    """Arguments of ``forward`` with defaults, and ``*args``/``**kwargs``."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return ["<unknown signature>"]
+    out = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            out.append(("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name)
+        elif p.default is not p.empty:
+            out.append(f"{p.name}={p.default!r}")
+    return out
+
+
 def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig, example_inputs: Any,
                     verify: bool) -> tuple[nn.Module, list[SwapRecord] | None, list[str]]:
     """Swap raw eigh/svd meta-layers for stable ones where the rewrite is faithful.
@@ -251,6 +267,10 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
         return work, None, []
     sites = sorted({f"{e.kind} in {e.scope or '<root>'}" for e in raw})
     where = ", ".join(sites) if len(sites) <= 3 else f"{', '.join(sites[:3])} and {len(sites) - 3} more"
+    optional = _optional_arguments(work)
+    if optional:
+        return work, None, [f"raw decompositions kept as they are ({where}): forward takes optional arguments "
+                            f"({', '.join(optional)}) that a traced graph would fix to their defaults"]
     try:
         gm = trace(work, cfg.analysis)
     except TraceFailure as exc:

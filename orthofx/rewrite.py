@@ -25,9 +25,15 @@ import torch.fx as fx
 from torch import nn
 
 from orthofx.config import OrthoConfig
-from orthofx.errors import TreatmentError
+from orthofx.errors import ConfigError, TreatmentError
 from orthofx.nn.stable import StableDecomposition, kind_of_target
-from orthofx.treatments.weight import register_orthogonal, register_spectral_norm, treatment_of
+from orthofx.treatments.weight import (
+    FlatOrthogonal,
+    FlatSpectralNorm,
+    register_orthogonal,
+    register_spectral_norm,
+    treatment_of,
+)
 
 __all__ = ["ProducerPlan", "SwapRecord", "Plan", "apply_plan", "META_KEY", "STABLE_PREFIX", "PLAN_VERSION"]
 
@@ -149,6 +155,46 @@ def _check_weight_dtype(module: nn.Module, plan: ProducerPlan) -> None:
         raise TreatmentError(f"producer {plan.param!r} has shape {tuple(w.shape)}; treatments need a matrix or conv weight")
 
 
+def _check_untied(root: nn.Module, module: nn.Module, plan: ProducerPlan, weight: str) -> None:
+    """OW/SN re-parametrize one module's attribute; a Parameter shared with another module
+    would keep seeing the raw generator there. Refuse, naming the sharers."""
+    w = module._parameters.get(plan.attr)
+    if w is None:
+        return
+    sharers = [f"{name}.{attr}" if name else attr
+               for name, m in root.named_modules(remove_duplicate=False)
+               for attr, p in m._parameters.items() if p is w]
+    sharers = list(dict.fromkeys(sharers))
+    if len(sharers) > 1:
+        raise ConfigError(
+            f"producer {plan.param!r} is shared by {', '.join(sharers)}; {weight.upper()} re-parametrizes one "
+            f"module's weight and would break the tie. Untie the weights, or use a gradient treatment "
+            f"(nog/olr) or ol, which act on the shared Parameter itself")
+
+
+def _check_user_parametrization(module: nn.Module, plan: ProducerPlan) -> None:
+    """A producer that already carries the user's own parametrization (torch.nn.utils
+    parametrize, or the hook-based weight_norm / spectral_norm) is refused with its name."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, plan.attr):
+        mine = (FlatOrthogonal, FlatSpectralNorm)
+        names = [type(p).__name__ for p in module.parametrizations[plan.attr]  # type: ignore[index]
+                 if not isinstance(p, mine)]
+        if not names:
+            return
+        raise TreatmentError(
+            f"producer {plan.param!r} already carries the parametrization {', '.join(names)}; orthofx's "
+            f"{'/'.join(plan.treatments)} would act on its raw 'original' tensor. Remove it "
+            f"(torch.nn.utils.parametrize.remove_parametrizations) or leave this layer untreated")
+    for suffix, what in (("_g", "weight_norm"), ("_orig", "spectral_norm")):
+        if f"{plan.attr}{suffix}" in module._parameters:
+            raise TreatmentError(
+                f"producer {plan.param!r} carries torch's hook-based {what} ({plan.attr}{suffix}); orthofx's "
+                f"{'/'.join(plan.treatments)} cannot act on its computed weight. Remove it "
+                f"(torch.nn.utils.remove_{what}) or leave this layer untreated")
+
+
 def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: OrthoConfig) -> list[str]:
     """Register OW/SN on each producer weight of ``root``; returns what was registered.
 
@@ -159,6 +205,9 @@ def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: Ort
         module = root.get_submodule(plan.name) if plan.name else root
         if plan.treatments:
             _check_weight_dtype(module, plan)
+            _check_user_parametrization(module, plan)
+        if cfg.weight in ("ow", "sn"):
+            _check_untied(root, module, plan, cfg.weight)
         if cfg.weight == "ow":
             if register_orthogonal(module, plan.attr, method=cfg.ow_method, qualname=plan.param):
                 done.append(f"ow({cfg.ow_method}) {plan.param}")

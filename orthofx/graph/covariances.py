@@ -153,9 +153,29 @@ def param_operand(rec: Recording, v: Any) -> int | None:
     return None
 
 
+def _param_only(rec: Recording, v: Any) -> bool:
+    return isinstance(v, Ref) and rec.node(v).param and not rec.node(v).data
+
+
+def _unbias(rec: Recording, ref: Any) -> Any:
+    """``y + b`` with b a parameter (a linear's bias added after the product) → y (stripped)."""
+    for _ in range(4):
+        ref = strip(rec, ref)
+        if not isinstance(ref, Ref):
+            return ref
+        n = rec.node(ref)
+        if n.kind is not NodeKind.OP or n.op not in ("add", "add_"):
+            return ref
+        data_in = [r for r in n.inputs if rec.node(r).data]
+        if len(data_in) != 1 or not all(_param_only(rec, r) for r in n.inputs if r is not data_in[0]):
+            return ref
+        ref = data_in[0]
+    return ref
+
+
 def _weighted_input(rec: Recording, ref: Any) -> Hashable | None:
     """For the output of a weighted map (linear/conv with a parameter weight): its input's key."""
-    ref = strip(rec, ref)
+    ref = _unbias(rec, ref)
     if not isinstance(ref, Ref):
         return None
     n = rec.node(ref)
@@ -198,13 +218,17 @@ def find_covariances(rec: Recording) -> list[Covariance]:
     return found
 
 
-def _square(n: Node) -> bool:
-    s = n.shape
-    return s is not None and len(s) >= 2 and s[-1] == s[-2] and s[-1] > 1
+def _square(rec: Recording, n: Node) -> bool:
+    """The product's matrices are square (also when a batched matmul was folded into one
+    ``mm`` whose only use views it back as a batch of square matrices)."""
+    shapes = [n.shape]
+    if len(n.users) == 1 and rec.nodes[n.users[0]].op in VIEWS:
+        shapes.append(rec.nodes[n.users[0]].shape)
+    return any(s is not None and len(s) >= 2 and s[-1] == s[-2] and s[-1] > 1 for s in shapes)
 
 
 def _classify(rec: Recording, n: Node, a: Any, b: Any) -> Covariance | None:
-    if not isinstance(a, Ref) or not isinstance(b, Ref) or not _square(n):
+    if not isinstance(a, Ref) or not isinstance(b, Ref) or not _square(rec, n):
         return None
     na, nb = rec.node(a), rec.node(b)
     # ---- congruence Wᵀ S W: this product has W on one side, the other side is a product of W

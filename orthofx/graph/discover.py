@@ -18,7 +18,7 @@ from orthofx.graph.covariances import Covariance, find_covariances
 from orthofx.graph.ops import CovForm, MatFn, NodeKind
 from orthofx.graph.patterns import Role
 from orthofx.graph.producers import Producer, walk_producers, weighted
-from orthofx.graph.record import Recording, record
+from orthofx.graph.record import Recording, function_name, record
 from orthofx.graph.regions import Region, region_of
 from orthofx.report import (
     AnalysisReport,
@@ -81,14 +81,14 @@ def _check_scope(cfg: AnalysisConfig, rec: Recording, model: Any) -> None:
             raise ConfigError(f"AnalysisConfig.meta_modules entry {key.__qualname__} matches no module "
                               f"that runs in the forward on the example inputs")
     for cls in cfg.meta_autograd_functions:
-        if cls.__qualname__ not in rec.functions:
-            raise ConfigError(f"AnalysisConfig.meta_autograd_functions entry {cls.__qualname__} is not "
+        if function_name(cls) not in rec.functions:
+            raise ConfigError(f"AnalysisConfig.meta_autograd_functions entry {function_name(cls)} is not "
                               f"called in the forward on the example inputs")
 
 
 def _configured_kind(cfg: AnalysisConfig, rec: Recording, region: Region) -> tuple[str, int] | None:
     """A matrix function declared in the config (meta module / Function) inside the region."""
-    fn_kinds = {cls.__qualname__: spec.kind for cls, spec in cfg.meta_autograd_functions.items()}
+    fn_kinds = {function_name(cls): spec.kind for cls, spec in cfg.meta_autograd_functions.items()}
     for i in region.nodes[1:]:
         n = rec.nodes[i]
         if n.function in fn_kinds:

@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from orthofx.errors import TraceFailure
 from orthofx.graph.ops import NodeKind, PRODUCTS
 
-__all__ = ["Node", "Ref", "Recording", "record"]
+__all__ = ["Node", "Ref", "Recording", "record", "kept_state", "function_name"]
 
 # a square matrix output is kept (for numeric checks) when it has at most this many elements
 _KEEP_NUMEL = 1 << 22
@@ -331,6 +331,12 @@ def kept_state(model: nn.Module, keep_new: str | None = None) -> Iterator[None]:
             np.random.set_state(np_rng)
 
 
+def function_name(cls: type) -> str:
+    """How a Function is named in recordings and reports (``__qualname__`` without ``<locals>``)."""
+    q = cls.__qualname__
+    return cls.__name__ if "<locals>" in q else q
+
+
 def _user_functions() -> list[type]:
     seen: list[type] = []
     stack = list(torch.autograd.Function.__subclasses__())
@@ -353,7 +359,7 @@ def _named_functions(rec: _Recorder) -> Iterator[None]:
         fn = original.__func__ if isinstance(original, staticmethod) else original
         if not callable(fn):
             continue
-        name = cls.__qualname__
+        name = function_name(cls)
 
         def forward(*args: Any, __fn: Any = fn, __name: str = name, **kwargs: Any) -> Any:
             rec.function_stack.append(__name)
