@@ -107,10 +107,7 @@ class Covpool(Function):
     @staticmethod
     def forward(ctx, input):
         x = input
-        batchSize = x.data.shape[0]
-        dim = x.data.shape[1]
-        h = x.data.shape[2]
-        w = x.data.shape[3]
+        batchSize, dim, h, w = x.data.shape
         M = h * w
         x = x.reshape(batchSize, dim, M)
         I_hat = (-1. / M / M) * torch.ones(M, M, device=x.device) + (1. / M) * torch.eye(M, M, device=x.device)
