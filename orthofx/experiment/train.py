@@ -46,7 +46,8 @@ class ExperimentConfig:
         download: let torchvision download the dataset when it is not on disk.
         model: "small-resnet-dbn", "resnet50-dbn" or "resnet18-gcp".
         treatment: an orthofx preset ("svd", "nog", "olr", "ow", "nog+ow+olr", ...).
-        backend: meta-layer backend, "eigh" (exact SVD meta-layer) or "ns" (Newton–Schulz).
+        backend: meta-layer backend, "eigh" (exact SVD meta-layer), "ns" (Newton–Schulz), "svd",
+            "auto" (the layer's default) or, for "resnet18-gcp", "gram".
         eps: ε of the meta-layer's covariance (None: 1e-2 for whitening, the authors' value;
             1e-5 for GCP).
         epochs, batch_size, lr, momentum, weight_decay, milestones (epochs at which the lr
