@@ -5,7 +5,7 @@ deterministically, runs forward and backward in train and eval mode with finite 
 names producers that exist, and every hand-written ``autograd.Function`` backward agrees with
 finite differences (``gradcheck`` in float64).
 
-The second part (marked xfail while the discovery is being rewritten) checks orthofx on the
+The second part checks orthofx on the
 corpus: ``analyze`` finds exactly the planted producers, ``transform`` + ``attach`` train,
 ``strip`` round-trips the state dict, and the ``"svd"`` config leaves outputs unchanged.
 """
@@ -258,10 +258,6 @@ def test_all_custom_functions_gradchecked():
 
 
 # ----------------------------------------------------------------------------- orthofx on the corpus
-_XFAIL = pytest.mark.xfail(reason="discovery rewrite in progress", strict=False)
-
-
-@_XFAIL
 @pytest.mark.parametrize("name", _ALL)
 def test_analyze_finds_planted_truth(name: str):
     import orthofx
@@ -279,7 +275,6 @@ def test_analyze_finds_planted_truth(name: str):
     assert all(torch.equal(before[k], after[k]) for k in before), "analyze modified the model"
 
 
-@_XFAIL
 @pytest.mark.filterwarnings("ignore:orthofx.attach. the model has no Pre-SVD layer")
 @pytest.mark.parametrize("name", _ALL)
 def test_transform_attach_train_strip(name: str):
@@ -307,7 +302,6 @@ def test_transform_attach_train_strip(name: str):
     assert all(torch.isfinite(t).all() for t in _tensors(fresh(*inputs)))
 
 
-@_XFAIL
 @pytest.mark.parametrize("name", _ALL)
 def test_svd_config_keeps_outputs(name: str):
     import orthofx
