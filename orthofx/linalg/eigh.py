@@ -258,6 +258,9 @@ def eigh(
         guard = _guard(a, on_nonfinite)
         lam, vec = _StableEigh.apply(a if guard is None else guard.clean, taylor_degree, resolved)
         _finish_guard(guard, on_nonfinite, a, name)
+        if guard is not None and on_nonfinite == "skip":  # exactly L = 1, U = I for skipped elements
+            lam = torch.where(guard.ok[..., None], lam, 1.0)
+            vec = torch.where(guard.ok[..., None, None], vec, torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))
         solver_stats().record_nonfinite(lam, event_dims=1)
         return lam.to(A.dtype), vec.to(A.dtype)
 
@@ -292,5 +295,7 @@ def eigvalsh(
         else:
             lam, _ = _StableEigh.apply(clean, None, resolved)
         _finish_guard(guard, on_nonfinite, a, name)
+        if guard is not None and on_nonfinite == "skip":
+            lam = torch.where(guard.ok[..., None], lam, 1.0)
         solver_stats().record_nonfinite(lam, event_dims=1)
         return lam.to(A.dtype)
