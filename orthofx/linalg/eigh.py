@@ -55,7 +55,9 @@ The gradient w.r.t. the eigenvalues alone (``eigvalsh``) is ``U diag(∂L/∂Λ)
 ``solver_stats().nonfinite``; "raise" raises :class:`~orthofx.errors.InputError` naming ``name``;
 "skip" decomposes the identity instead (``L = 1``, ``U = I``, zero gradient into the element) and
 counts the element in ``solver_stats().nonfinite`` (device-side, no sync) so that an optimizer
-hook can skip the step. "raise"/"skip" add no host sync (``_solver.FiniteGuard``).
+hook can skip the step. "raise"/"skip" add no host sync (``_solver.FiniteGuard``). Under
+``torch.compile``/``torch.export`` tracing and on fake/meta tensors the guard is off (a
+data-dependent raise cannot be traced): "raise" and "skip" then behave like "propagate".
 """
 
 from __future__ import annotations

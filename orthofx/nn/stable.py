@@ -164,4 +164,5 @@ class StableDecomposition(MetaLayer):
         replaced = getattr(self.original, "__name__", self.original)
         backward = "exact" if self.taylor_degree is None else f"taylor_degree={self.taylor_degree}"
         label = f", name={self.name!r}" if self.name else ""
-        return f"kind={self.kind!r}, replaces={replaced!r}, backward={backward}, on_nonfinite={self.on_nonfinite!r}{label}"
+        return (f"kind={self.kind!r}, replaces={replaced!r}, backward={backward}, "
+                f"on_nonfinite={self.on_nonfinite!r}{label}")
