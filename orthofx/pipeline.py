@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from orthofx.config import OrthoConfig, resolve_config
+from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
 from orthofx.graph.discover import discover
@@ -334,11 +334,13 @@ def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.T
 
     ``weight`` overrides the config's ``ol_weight``.
     """
+    if weight is not None:
+        check_weight(weight, "weight")
     plan = plan_of(model)
     root = unwrap(model)
     if plan is None or plan.config.weight != "ol" or not plan.producers:
         p = next(root.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
-    w = plan.config.ol_weight if weight is None else float(weight)
+    w = plan.config.ol_weight if weight is None else check_weight(weight, "weight")
     tensors = [getattr(m, attr) for m, attr in _producer_specs(root, plan).values()]
     return _ol(tensors, weight=w)

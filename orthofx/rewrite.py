@@ -245,7 +245,8 @@ def swap_meta_layers(gm: fx.GraphModule, analysis: Any) -> list[SwapRecord]:
             target, original = "svd", "Tensor.svd"
         else:
             continue
-        stable = StableDecomposition.for_target(target)
+        scope = str(node.meta.get("orthofx_scope", "") or e.scope or "")
+        stable = StableDecomposition.for_target(target, name=f"{e.node} in {scope or '<root>'}")
         name = STABLE_PREFIX + node.name
         gm.add_submodule(name, stable)
         with gm.graph.inserting_before(node):

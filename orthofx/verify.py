@@ -9,7 +9,9 @@ touched) on the same inputs with the same RNG state:
 
 Tolerances (stated, float32 and float64 alike): outputs and buffers
 ``|a − b| ≤ atol + rtol·|b|`` with ``rtol = 1e-4``, ``atol = 1e-6·max|b|``; gradients
-``‖a − b‖ ≤ grad_rtol·‖b‖`` per parameter with ``grad_rtol = 1e-3``. Where the original's
+``‖a − b‖ ≤ grad_rtol·max(‖b‖, 1e-3·max_q ‖b_q‖)`` per parameter with ``grad_rtol = 1e-3``
+(the floor keeps gradients that are zero up to rounding, e.g. a conv bias before a
+training-mode BatchNorm, from being compared at relative precision). Where the original's
 gradient is not finite, the candidate's must be finite (a stable backward is an improvement,
 not a divergence). The candidate must also have the original's state_dict keys.
 """
@@ -29,6 +31,7 @@ __all__ = ["Verification", "verify_rewrite", "RTOL", "GRAD_RTOL"]
 RTOL = 1e-4
 ATOL_REL = 1e-6
 GRAD_RTOL = 1e-3
+GRAD_FLOOR = 1e-3
 
 
 @dataclass
@@ -163,6 +166,9 @@ def _verify(original: nn.Module, candidate: nn.Module, example_inputs: Sequence[
                 res.checked.append(f"{tag} buffers")
             if training:
                 names = param_names or {}
+                norms = [float(r.double().norm()) for r in gr_o.values()
+                         if r is not None and bool(torch.isfinite(r).all())]
+                floor = GRAD_FLOOR * max(norms, default=0.0)
                 for cname, g in gr_c.items():
                     oname = names.get(cname, cname)
                     ref = gr_o.get(oname)
@@ -177,9 +183,8 @@ def _verify(original: nn.Module, candidate: nn.Module, example_inputs: Sequence[
                             res.improved.append(oname)
                             continue
                         return Verification(False, f"gradient of {oname!r} is not finite")
-                    err = float((g.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
-                    if ref.abs().amax() == 0 and g.abs().amax() == 0:
-                        err = 0.0
+                    scale = max(float(ref.double().norm()), floor, 1e-300)
+                    err = float((g.double() - ref.double()).norm()) / scale
                     res.max_grad_diff = max(res.max_grad_diff, err)
                     if not err <= GRAD_RTOL:
                         return Verification(False, f"gradient of {oname!r} differs by {err:.2e} (rel)")

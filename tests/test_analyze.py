@@ -532,10 +532,11 @@ def test_report_views(tmp_path) -> None:
     png = report.to_png(str(tmp_path / "chains.png"))
     data = (tmp_path / "chains.png").read_bytes()
     assert png.endswith("chains.png") and data[:8] == b"\x89PNG\r\n\x1a\n"
-    # shapes were recorded from the example inputs
-    white = report.entry("white")
-    assert white.chain[0].shape == (2, 6, 4, 4)
-    assert white.chain[-1].shape == (2, 6, 6)
+    # shapes were recorded from the example inputs (the recorded analysis names ops, not fx nodes)
+    (white,) = [e for e in report.entries if e.scope.startswith("white")]
+    assert white.chain[0].role == "producer" and white.chain[0].shape == (2, 6, 4, 4)
+    assert white.chain[-2].role == "covariance" and white.chain[-2].shape[-2:] == (6, 6)
+    assert white.chain[-1].role == "meta"
 
 
 def test_analyze_is_pure_even_in_train_mode_with_example_inputs() -> None:

@@ -64,3 +64,23 @@ def test_report_marks_gpu_targets(bench_modules) -> None:
                                                            step("nog+ow+olr", 2.0)] + head[:1]}
     text = report.render(bad)
     assert "+1.5 % → **not met**" in text and "n/a (no exact row measured)" in text
+
+
+def test_analyze_bench_quick(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import analyze_bench
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "a.json"
+    assert analyze_bench.main(["--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["quick"] and data["recorded"]["target_ratio"] == 3.0
+    rec = {r["model"]: r for r in data["recorded"]["rows"]}
+    assert set(rec) == set(analyze_bench.QUICK_RECORDED)
+    for name, r in rec.items():
+        assert r["analyze_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["ratio"] > 0, r
+        assert set(r["producers"]) == set(analyze_bench.CASES[name].producers), r
+    sym = data["symbolic"]["rows"]
+    assert [r["model"] for r in sym] == list(analyze_bench.QUICK)
+    assert sym[0]["producers"] == ["avgpool.reduce"] and sym[0]["ratio"] > 0

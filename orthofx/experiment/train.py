@@ -494,7 +494,7 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
             torch.save(
                 {
                     "config": cfg.to_dict(),
-                    "orthofx": gm.meta.get("orthofx"),
+                    "orthofx": getattr(gm, "_orthofx_meta", {}).get("orthofx"),
                     "model": gm.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),

@@ -185,6 +185,7 @@ class HeadTruth:
     centered: bool | None = None
     eps: bool | None = None    # an ε·I is added
     reason: str | None = None  # a substring of the expected skip reason
+    recorded: tuple[str, ...] = ()  # producers of the recorded analysis (every path is followed)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,13 @@ class PlantedTruth:
     def producers(self) -> set[str]:
         """The set of Pre-SVD layer names the analysis must report."""
         return {h.producer for h in self.heads if h.producer is not None}
+
+    @property
+    def recorded_producers(self) -> set[str]:
+        """The Pre-SVD layer names of the recorded analysis (``analyze(model, inputs)``): it
+        follows every path, so a second branch merged into the features is a producer too,
+        and ops the symbolic walk stops at (softmax, unknown functions, slices) are crossed."""
+        return {name for h in self.heads for name in (h.recorded or ((h.producer,) if h.producer else ()))}
 
     @property
     def n_meta(self) -> int:

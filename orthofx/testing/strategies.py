@@ -239,8 +239,12 @@ def head_truth(spec: HeadSpec, index: int) -> HeadTruth:
             op.name == "center" for op in spec.pre)
         eps = "eps" in spec.post
     if spec.distractor is not None:
+        recorded: tuple[str, ...] = (name,)
+        if spec.distractor in ("distract_add", "distract_gate", "distract_cat"):
+            side = "side" if spec.producer in ("conv2d", "stem") else "side_lin"
+            recorded += (f"{scope}.{side}",)
         return HeadTruth(scope, None, None, usage, kind, None,
-                         reason=DISTRACTORS[spec.distractor])
+                         reason=DISTRACTORS[spec.distractor], recorded=recorded)
     return HeadTruth(scope, name, param, usage, kind, cov_form, centered=centered, eps=eps)
 
 
