@@ -207,7 +207,7 @@ def transform(
         note = "already transformed with this config: nothing to do"
         return model, TransformReport(analysis, previous, modified=False, notes=[note])
 
-    work = model if cfg.inplace else copy.deepcopy(model)
+    work = model if cfg.inplace else _deepcopy(model)
     notes: list[str] = []
     swaps = None
     if example_inputs is None:
@@ -222,6 +222,12 @@ def transform(
         analysis = discover(work, example_inputs, cfg.analysis)
         root, swaps, rewrite_notes = _stable_rewrite(work, analysis, cfg, example_inputs, verify)
         notes += rewrite_notes
+        if swaps and cfg.weight in ("ow", "sn") and any(
+                e.producer.param.rpartition(".")[0] == "" for e in analysis.entries):
+            # a parametrization on a GraphModule's own attribute breaks its generated code
+            root, swaps = work, None
+            notes.append("raw decompositions kept as they are: a Pre-SVD weight is a parameter of the root "
+                         "module, which OW/SN cannot re-parametrize inside a rewritten graph")
     if not analysis.entries:
         notes.append("no meta-layer with a Pre-SVD layer was found; the model is unchanged"
                      + (f" ({len(analysis.skipped)} meta-layer(s) skipped, see report)" if analysis.skipped else ""))
@@ -230,6 +236,19 @@ def transform(
     report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
     _store(root, plan, report)
     return root, report
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - e.g. the deprecated hook-based weight_norm
+        hint = (" (torch.nn.utils.weight_norm / spectral_norm keep a computed weight that cannot be "
+                "copied: use torch.nn.utils.parametrizations.weight_norm / spectral_norm)"
+                if any(n.endswith(("_g", "_orig")) for n, _ in model.named_parameters()) else "")
+        raise InputError(
+            f"transform() works on a deep copy of the model, and {type(model).__name__} cannot be deep-copied"
+            f"{hint}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Pass "
+            f"config=OrthoConfig(..., inplace=True) to transform the model itself") from exc
 
 
 def _previous_analysis(root: nn.Module, plan: Plan) -> AnalysisReport:

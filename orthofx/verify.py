@@ -7,6 +7,9 @@ touched) on the same inputs with the same RNG state:
   gradient of every parameter for one fixed random cotangent of the outputs;
 * in eval mode: outputs.
 
+The user's own module hooks are switched off for these runs (their closures are shared by
+the copies), so nothing a hook keeps is touched.
+
 Tolerances (stated, float32 and float64 alike): outputs and buffers
 ``|a − b| ≤ atol + rtol·|b|`` with ``rtol = 1e-4``, ``atol = 1e-6·max|b|``; gradients
 ``‖a − b‖ ≤ grad_rtol·max(‖b‖, 1e-3·max_q ‖b_q‖)`` per parameter with ``grad_rtol = 1e-3``
@@ -25,6 +28,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+
+from orthofx.graph.record import quiet_user_hooks
 
 __all__ = ["Verification", "verify_rewrite", "RTOL", "GRAD_RTOL"]
 
@@ -92,7 +97,8 @@ def _run(model: nn.Module, inputs: Sequence[Any], training: bool, seed_state: Te
          cotangent_seed: int) -> tuple[list[Tensor], dict[str, Tensor], dict[str, Tensor | None]]:
     model.train(training)
     torch.set_rng_state(seed_state)
-    with torch.set_grad_enabled(training):
+    # the copies share the user's hook closures: the user's hooks stay silent, as in recording
+    with torch.set_grad_enabled(training), quiet_user_hooks(model):
         outs = _tensors(model(*inputs))
     grads: dict[str, Tensor | None] = {}
     if training:

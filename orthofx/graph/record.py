@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from orthofx.errors import TraceFailure
 from orthofx.graph.ops import NodeKind, PRODUCTS
 
-__all__ = ["Node", "Ref", "Recording", "record", "kept_state", "function_name"]
+__all__ = ["Node", "Ref", "Recording", "record", "kept_state", "quiet_user_hooks", "function_name"]
 
 # a square matrix output is kept (for numeric checks) when it has at most this many elements
 _KEEP_NUMEL = 1 << 22
@@ -274,7 +274,7 @@ def _is_torch_hook(hook: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_user_hooks(model: nn.Module) -> Iterator[None]:
+def quiet_user_hooks(model: nn.Module) -> Iterator[None]:
     saved: list[tuple[nn.Module, str, Any]] = []
     for m in model.modules():
         for attr in _HOOK_DICTS:
@@ -445,7 +445,7 @@ def record(model: nn.Module, example_inputs: Any, *, kwargs: dict[str, Any] | No
     inputs = _as_tuple(example_inputs)
     kwargs = dict(kwargs or {})
     notes: list[str] = []
-    with kept_state(model), _quiet_user_hooks(model):
+    with kept_state(model), quiet_user_hooks(model):
         try:
             rec = _run(model, inputs, kwargs, training)
             used = training
