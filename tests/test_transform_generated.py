@@ -90,3 +90,44 @@ def _exportable(model: torch.nn.Module, x: torch.Tensor) -> bool:
     except Exception:
         return False
     return True
+
+
+def _outputs_buffers_grads(model: torch.nn.Module, x: torch.Tensor, training: bool):
+    model = copy.deepcopy(model).train(training)
+    torch.manual_seed(0)
+    out = model(x)
+    grads = {}
+    if training:
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        (out * cot).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), {n: b.clone() for n, b in model.named_buffers()}, grads
+
+
+@_settings
+@given(generated_models(max_heads=2, max_ops=3))
+def test_svd_config_is_faithful_in_both_modes(model: GeneratedModel) -> None:
+    """Under "svd" the emitted model equals the original: outputs in train and eval mode, the
+    buffers after a training step, and every parameter's gradient (float64, where the
+    original's gradient is finite); strip round-trips strictly into the original class."""
+    model = model.double()
+    (x,) = model.example_inputs
+    x = x.double()
+    cfg = OrthoConfig.from_preset("svd", analysis=model.analysis_config)
+    gm, report = orthofx.transform(model, (x,), config=cfg)
+    for training in (True, False):
+        out_o, buf_o, gr_o = _outputs_buffers_grads(model, x, training)
+        out_g, buf_g, gr_g = _outputs_buffers_grads(gm, x, training)
+        if not torch.isfinite(out_o).all():
+            continue
+        torch.testing.assert_close(out_g, out_o, rtol=1e-7, atol=1e-9 * float(out_o.abs().max()))
+        assert buf_g.keys() == buf_o.keys()
+        for name, b in buf_o.items():
+            torch.testing.assert_close(buf_g[name], b, rtol=1e-7, atol=1e-12)
+        for name, g in gr_o.items():
+            if torch.isfinite(g).all():
+                err = (gr_g[name] - g).norm() / g.norm().clamp_min(1e-300)
+                scale = max(float(g.norm()), 1e-3 * max(float(v.norm()) for v in gr_o.values()))
+                assert float((gr_g[name] - g).norm()) <= 1e-6 * scale, (name, float(err), report.notes)
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(orthofx.strip(gm).state_dict(), strict=True)
