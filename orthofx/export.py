@@ -27,7 +27,7 @@ from torch import nn
 from orthofx.errors import ConfigError
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan
-from orthofx.pipeline import plan_of, transform, unwrap
+from orthofx.pipeline import plan_of, replay, unwrap
 from orthofx.treatments.weight import bake_all
 
 __all__ = ["strip", "save_checkpoint", "load_checkpoint", "checkpoint"]
@@ -237,11 +237,7 @@ def load_checkpoint(
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"checkpoint 'orthofx_plan' is malformed: {type(e).__name__}: {e}") from None
-    gm, report = transform(model, config=saved.config)
-    got = [p.param for p in plan_of(gm).producers]  # type: ignore[union-attr]
-    want = [p.param for p in saved.producers]
-    if got != want:
-        raise ConfigError(f"checkpoint producers {want} do not match this model's producers {got}")
+    gm = replay(model, saved)
     target = unwrap(gm)
     _check_state(target.state_dict(), state)
     try:

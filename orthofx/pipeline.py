@@ -22,13 +22,13 @@ from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
 from orthofx.graph.discover import discover
-from orthofx.rewrite import META_KEY, Plan, SwapRecord, apply_plan, swap_meta_layers
+from orthofx.rewrite import META_KEY, Plan, SwapRecord, apply_plan, apply_weight_treatments, swap_meta_layers
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
 from orthofx.treatments.weight import orthogonality_loss as _ol
 
-__all__ = ["transform", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap"]
+__all__ = ["transform", "replay", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap"]
 
 
 @dataclass
@@ -236,6 +236,46 @@ def transform(
     report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
     _store(root, plan, report)
     return root, report
+
+
+def replay(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply a saved :class:`~orthofx.rewrite.Plan` to a fresh, unmodified ``model`` without
+    analysing it again (checkpoints): the same producers get the same treatments, and raw
+    decompositions the plan swapped are swapped again (symbolic trace, same node names).
+
+    Raises :class:`ConfigError` naming the first producer that is missing from ``model`` or has
+    another shape (a different architecture).
+    """
+    _refuse_wrappers(model)
+    work = _deepcopy(model)
+    for p in plan.producers:
+        try:
+            module = work.get_submodule(p.name) if p.name else work
+        except AttributeError:
+            raise ConfigError(f"the checkpoint's producer {p.param!r} is not a module of "
+                              f"{type(model).__name__} (a different architecture?)") from None
+        w = getattr(module, p.attr, None)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(p.weight_shape):
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ConfigError(f"the checkpoint's producer {p.param!r} has shape {tuple(p.weight_shape)}, "
+                              f"this model's is {got} (a different architecture?)")
+    root: nn.Module = work
+    swaps: list[SwapRecord] = []
+    if plan.swaps:
+        gm = trace(work, plan.config.analysis)
+        fx_analysis = analyze_graph(gm, plan.config.analysis)
+        wanted = {s.node for s in plan.swaps}
+        fx_analysis.entries = [e for e in fx_analysis.entries if e.node in wanted]
+        swaps = swap_meta_layers(gm, fx_analysis)
+        if {s.node for s in swaps} != wanted:
+            raise ConfigError(f"the checkpoint swapped meta-layers at {sorted(wanted)}, this model's trace has "
+                              f"{sorted(s.node for s in swaps)} (a different architecture?)")
+        root = gm
+    apply_weight_treatments(root, plan.producers, plan.config)
+    report = TransformReport(_previous_analysis(root, plan), Plan(plan.config, plan.producers, swaps),
+                             modified=True, notes=["replayed from a saved plan"])
+    _store(root, report.plan, report)
+    return root
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

@@ -293,3 +293,26 @@ def test_verify_rewrite_catches_a_dropped_custom_backward() -> None:
     check = verify_rewrite(model, Inlined(copy.deepcopy(model)), (torch.randn(6, 3, 5, 5),))
     assert not check.ok and "gradient" in check.reason, check.reason
     assert verify_rewrite(model, copy.deepcopy(model), (torch.randn(6, 3, 5, 5),)).ok
+
+
+def test_checkpoint_replays_the_recorded_plan_on_a_fresh_model(tmp_path) -> None:
+    """Producers found only by the recorded analysis (inside a Function) are replayed from the
+    plan, not re-analysed symbolically (which would find none)."""
+    x = torch.randn(6, 3, 5, 5)
+    gm, _ = orthofx.transform(WhitenNet(), x, config="nog+ow+olr")
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
+    orthofx.attach(opt, gm)
+    gm(x).square().sum().backward()
+    opt.step()
+    path = tmp_path / "ck.pt"
+    orthofx.save_checkpoint(gm, path)
+    back = orthofx.load_checkpoint(WhitenNet(), path)
+    assert [p.param for p in plan_of(back).producers] == ["conv.weight"]
+    gm.eval(), back.eval()
+    torch.testing.assert_close(back(x), gm(x))
+    with pytest.raises(ConfigError, match="conv.weight"):
+        class Other(WhitenNet):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = nn.Conv2d(3, 5, 1)
+        orthofx.load_checkpoint(Other(), path)

@@ -245,7 +245,7 @@ def test_round_trips_deepcopy_state_dict_checkpoint_strip():
 
 def test_checkpoint_onto_a_different_architecture_is_refused():
     gm, _ = orthofx.transform(RawGCP(), config="ow")
-    with pytest.raises(ConfigError, match="producers"):
+    with pytest.raises(ConfigError, match="producer"):
         orthofx.load_checkpoint(nn.Sequential(nn.Linear(2, 2)), orthofx.checkpoint(gm))
 
 
