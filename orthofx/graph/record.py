@@ -36,6 +36,7 @@ __all__ = ["Node", "Ref", "Recording", "record", "kept_state", "quiet_user_hooks
 # a square matrix output is kept (for numeric checks) when it has at most this many elements
 _KEEP_NUMEL = 1 << 22
 _KEEP_MAX_SIDE = 1024
+_KEEP_BUDGET = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class _Recorder(TorchDispatchMode):
         self.leaf_buffers: dict[int, tuple[str, Tensor]] = {}
         self.protected: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.param_nodes: dict[int, str] = {}
+        self.kept = 0
         for name, p in model.named_parameters(remove_duplicate=False):
             self.leaf_params.setdefault(id(p), (name, p))
         for name, b in model.named_buffers(remove_duplicate=False):
@@ -232,16 +234,19 @@ class _Recorder(TorchDispatchMode):
         return value
 
     def _keep(self, n: Node, name: str, t: Tensor) -> None:
-        if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] > _KEEP_MAX_SIDE:
+        """Products of data with a square output: whether symmetric, and (within a budget of
+        ``_KEEP_BUDGET`` elements in all) the value, for the Newton–Schulz kind check."""
+        if name not in PRODUCTS or not n.data or t.dim() < 2 or t.shape[-1] != t.shape[-2]:
             return
-        if t.numel() > _KEEP_NUMEL or not t.is_floating_point():
+        if t.shape[-1] > _KEEP_MAX_SIDE or t.numel() > _KEEP_NUMEL or not t.is_floating_point():
             return
-        n.value = t
-        if name in PRODUCTS and n.data:
-            with torch.no_grad():
-                d = t.detach().double()
-                scale = d.abs().amax().clamp_min(1e-300)
-                n.symmetric = bool(((d - d.mT).abs().amax() <= 1e-4 * scale).item())
+        if self.kept + t.numel() <= _KEEP_BUDGET:
+            n.value = t
+            self.kept += t.numel()
+        with torch.no_grad():
+            d = t.detach().double()
+            scale = d.abs().amax().clamp_min(1e-300)
+            n.symmetric = bool(((d - d.mT).abs().amax() <= 1e-4 * scale).item())
 
     def _protect(self, t: Tensor) -> None:
         key = _storage_key(t)
