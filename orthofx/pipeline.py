@@ -21,7 +21,6 @@ from torch import nn
 from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
-from orthofx.graph.discover import discover
 from orthofx.rewrite import META_KEY, Plan, SwapRecord, apply_plan, apply_weight_treatments, swap_meta_layers
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
@@ -219,7 +218,7 @@ def transform(
             notes.append("the root module could not be traced; treatments were applied to the analysed "
                          "submodules and raw meta-layers were not swapped")
     else:
-        analysis = discover(work, example_inputs, cfg.analysis)
+        analysis = analyze(work, example_inputs, cfg.analysis)  # recorded (symbolic if it cannot be)
         root, swaps, rewrite_notes = _stable_rewrite(work, analysis, cfg, example_inputs, verify)
         notes += rewrite_notes
         if swaps and cfg.weight in ("ow", "sn") and any(

@@ -305,3 +305,24 @@ def test_parametrized_producer_is_named_by_its_weight() -> None:
 
     (e,) = orthofx.analyze(Net(), torch.randn(2, 3, 3, 3)).entries
     assert e.producer.param == "reduce.weight" and e.producer.name == "reduce"
+
+
+def test_a_forward_that_cannot_be_recorded_falls_back_to_symbolic_analysis() -> None:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    class Picky(nn.Module):  # runs, but refuses to run under a dispatch mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            if _get_current_dispatch_mode_stack():
+                raise RuntimeError("no modes here")
+            h = self.lin(x)
+            return torch.linalg.eigvalsh(h.t() @ h)
+
+    report = orthofx.analyze(Picky(), torch.randn(5, 3))
+    assert report.producers == ["lin"]
+    assert "could not be recorded op by op" in report.notes[0]
+    gm, rep = orthofx.transform(Picky(), torch.randn(5, 3), config="nog")
+    assert rep.producers == ["lin"]

@@ -361,17 +361,26 @@ def analyze(
             (always with ``strict=True``); ``.module`` / ``.hint`` say what to change.
     """
     cfg = resolve_analysis_config(config)
+    note = None
     if example_inputs is not None:
         from orthofx.graph.discover import discover
+        from orthofx.graph.record import RecordingFailure
 
-        return discover(model, example_inputs, cfg)
+        try:
+            return discover(model, example_inputs, cfg)
+        except RecordingFailure as exc:
+            note = f"{exc}; analysed by symbolic fx tracing instead"
     try:
         gm = trace(model, cfg)
     except TraceFailure as exc:
         if cfg.strict or not cfg.auto_leaf or exc.module != "":
             raise
-        return _analyze_submodules(model, cfg, str(exc))
-    return analyze_graph(gm, cfg, example_inputs=example_inputs)
+        report = _analyze_submodules(model, cfg, str(exc))
+    else:
+        report = analyze_graph(gm, cfg, example_inputs=example_inputs)
+    if note:
+        report.notes.insert(0, note)
+    return report
 
 
 def _child_config(cfg: AnalysisConfig, child: nn.Module, prefix: str) -> AnalysisConfig:

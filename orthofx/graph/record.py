@@ -31,7 +31,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from orthofx.errors import TraceFailure
 from orthofx.graph.ops import NodeKind, PRODUCTS
 
-__all__ = ["Node", "Ref", "Recording", "record", "kept_state", "quiet_user_hooks", "function_name"]
+__all__ = ["Node", "Ref", "Recording", "RecordingFailure", "record", "kept_state", "quiet_user_hooks",
+           "function_name"]
 
 # a square matrix output is kept (for numeric checks) when it has at most this many elements
 _KEEP_NUMEL = 1 << 22
@@ -455,12 +456,12 @@ def record(model: nn.Module, example_inputs: Any, *, kwargs: dict[str, Any] | No
             rec = _run(model, inputs, kwargs, training)
             used = training
         except Exception as exc:  # noqa: BLE001 - retried in eval, then reported
-            if not training:
-                raise _forward_failure(model, exc) from exc
             try:
+                if not training:
+                    raise
                 rec = _run(model, inputs, kwargs, False)
             except Exception:  # noqa: BLE001
-                raise _forward_failure(model, exc) from exc
+                raise _failure(model, inputs, kwargs, exc) from exc
             used = False
             notes.append(f"the training-mode forward failed ({type(exc).__name__}: {_first_line(exc)}); "
                          f"recorded in eval mode, where whitening layers may use running statistics")
@@ -476,6 +477,25 @@ def record(model: nn.Module, example_inputs: Any, *, kwargs: dict[str, Any] | No
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+class RecordingFailure(TraceFailure):
+    """The model runs on the example inputs, but not under the op recorder (e.g. an op the
+    dispatch mode cannot handle); the analysis falls back to symbolic tracing."""
+
+
+def _failure(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
+             exc: BaseException) -> TraceFailure:
+    """A forward that fails on its own is the user's inputs' fault; one that fails only under
+    the recorder is a :class:`RecordingFailure`."""
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    except Exception:  # noqa: BLE001 - the forward itself fails: bad example inputs
+        return _forward_failure(model, exc)
+    return RecordingFailure(
+        f"{type(model).__name__} runs on the example inputs but could not be recorded op by op "
+        f"({type(exc).__name__}: {_first_line(exc)})", module="")
 
 
 def _forward_failure(model: nn.Module, exc: BaseException) -> TraceFailure:
