@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Hashable
 
+import torch
+
 from orthofx.graph.ops import CONVOLUTIONS, CovForm, NodeKind, PRODUCTS, SCALES, SLICES, VIEWS
 from orthofx.graph.record import Node, Recording, Ref
 
@@ -218,6 +220,17 @@ def find_covariances(rec: Recording) -> list[Covariance]:
     return found
 
 
+def _symmetric(n: Node) -> bool | None:
+    """Whether the recorded product is symmetric (max|P − Pᵀ| ≤ 1e-4·max|P|, in float64);
+    None when its value was not kept."""
+    if n.symmetric is None and n.value is not None:
+        with torch.no_grad():
+            d = n.value.detach().double()
+            scale = d.abs().amax().clamp_min(1e-300)
+            n.symmetric = bool(((d - d.mT).abs().amax() <= 1e-4 * scale).item())
+    return n.symmetric
+
+
 def _square(rec: Recording, n: Node) -> bool:
     """The product's matrices are square (also when a batched matmul was folded into one
     ``mm`` whose only use views it back as a batch of square matrices)."""
@@ -251,7 +264,7 @@ def _classify(rec: Recording, n: Node, a: Any, b: Any) -> Covariance | None:
     ka, kb = _key(rec, sa), _key(rec, sb)
     ua, ub = _uncentre(rec, sa), _uncentre(rec, sb)
     gram = ka == kb or _key(rec, ua) == kb or ka == _key(rec, ub)
-    if gram and n.symmetric is not False:
+    if gram and _symmetric(n) is not False:
         centred_matrix = ua != sa or ub != sb
         src = ub if ka == _key(rec, ub) and ub != sb else ua if ua != sa else sa
         return Covariance(n.index, CovForm.GRAM, (src,), centered=centred_matrix or _centred(rec, src),

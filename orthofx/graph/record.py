@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -26,7 +27,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from orthofx.errors import TraceFailure
 from orthofx.graph.ops import NodeKind, PRODUCTS
@@ -38,6 +38,8 @@ __all__ = ["Node", "Ref", "Recording", "RecordingFailure", "record", "kept_state
 _KEEP_NUMEL = 1 << 22
 _KEEP_MAX_SIDE = 1024
 _KEEP_BUDGET = 1 << 25
+# op overload -> positional argument slots its schema declares written (in-place / out=)
+_WRITE_SLOTS: dict[Any, tuple[int, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Node:
         function: qualified class name of the innermost user ``autograd.Function`` running.
         data: derived from the example inputs.
         param: derived from a parameter (and possibly data).
-        symmetric: for a product with square output: whether it is symmetric (numerically).
+        symmetric: for a product with square output: whether it is symmetric (numerically;
+            computed on demand by the covariance recognition, from ``value``).
         value: the output, kept for small square matrices (numeric checks of the analysis).
     """
 
@@ -124,7 +127,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, model: nn.Module, inputs: Sequence[Any]) -> None:
         super().__init__()
         self.nodes: list[Node] = []
-        self.ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.ids: dict[int, tuple[Any, Ref]] = {}
         self.storages: dict[int, Ref] = {}
         self.module_stack: list[str] = [""]
         self.function_stack: list[str] = []
@@ -157,11 +160,20 @@ class _Recorder(TorchDispatchMode):
                  module=self.module_stack[-1])
         self.nodes.append(n)
         ref = Ref(n.index)
-        self.ids[t] = ref
+        self._set(t, ref)
         return ref
 
+    def _get(self, t: Tensor) -> Ref | None:
+        hit = self.ids.get(id(t))
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+        return None
+
+    def _set(self, t: Tensor, ref: Ref) -> None:
+        self.ids[id(t)] = (weakref.ref(t), ref)
+
     def ref(self, t: Tensor) -> Ref:
-        r = self.ids.get(t)
+        r = self._get(t)
         if r is not None:
             return r
         hit = self.leaf_params.get(id(t))
@@ -175,53 +187,60 @@ class _Recorder(TorchDispatchMode):
         # an alias made outside the dispatcher (``x.data``): the last writer of its storage
         alias = self.storages.get(_storage_key(t))
         if alias is not None:
-            self.ids[t] = alias
+            self._set(t, alias)
             return alias
         return self._leaf(t, NodeKind.CONST, "const")
 
     # ---- ops
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        schema = func._schema
-        writes = [a for a, s in zip(args, schema.arguments)
-                  if isinstance(a, Tensor) and s.alias_info is not None and s.alias_info.is_write]
-        writes += [v for k, v in kwargs.items() if isinstance(v, Tensor) and k == "out"]
+        slots = _WRITE_SLOTS.get(func)
+        if slots is None:
+            slots = _WRITE_SLOTS[func] = tuple(
+                i for i, a in enumerate(func._schema.arguments)
+                if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only)
+        writes = [args[i] for i in slots if i < len(args) and isinstance(args[i], Tensor)]
+        out_kw = kwargs.get("out")
+        if isinstance(out_kw, Tensor):
+            writes.append(out_kw)
         for t in writes:
             self._protect(t)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         refs: list[Ref] = []
-        in_args = self._map(args, refs)
-        in_kwargs = {k: self._map(v, refs) for k, v in kwargs.items()}
-        ins = [self.nodes[r.node] for r in refs]
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        in_args = tuple(self._map(a, refs) for a in args)
+        in_kwargs = {k: self._map(v, refs) for k, v in kwargs.items()} if kwargs else {}
+        nodes = self.nodes
+        data = param = False
+        for r in refs:
+            src = nodes[r.node]
+            data = data or src.data
+            param = param or src.param
+        outs = out if isinstance(out, (tuple, list)) else (out,)
         tensors = [o for o in outs if isinstance(o, Tensor)]
         n = Node(
-            len(self.nodes), NodeKind.OP, name, args=in_args, kwargs=in_kwargs, inputs=tuple(refs),
+            len(nodes), NodeKind.OP, name, args=in_args, kwargs=in_kwargs, inputs=tuple(refs),
             shapes=tuple(tuple(o.shape) for o in tensors), module=self.module_stack[-1],
             function=self.function_stack[-1] if self.function_stack else None,
-            data=any(i.data for i in ins), param=any(i.param for i in ins),
+            data=data, param=param,
         )
-        self.nodes.append(n)
+        nodes.append(n)
         for r in refs:
-            users = self.nodes[r.node].users
+            users = nodes[r.node].users
             if not users or users[-1] != n.index:
                 users.append(n.index)
-        k = 0
-        for o in outs:
-            if isinstance(o, Tensor):
-                ref = Ref(n.index, k)
-                self.ids[o] = ref
-                self.storages[_storage_key(o)] = ref
-                k += 1
+        for k, o in enumerate(tensors):
+            ref = Ref(n.index, k)
+            self._set(o, ref)
+            self.storages[_storage_key(o)] = ref
         for t in writes:  # a write into a view also writes its base
             ref = Ref(n.index)
-            self.ids[t] = ref
+            self._set(t, ref)
             base = t._base
             if base is not None:
-                self.ids[base] = ref
-        if len(tensors) == 1:
-            self._keep(n, name, tensors[0])
+                self._set(base, ref)
+        if len(tensors) == 1 and name in PRODUCTS and data:
+            self._keep(n, tensors[0])
         return out
 
     def _map(self, value: Any, refs: list[Ref]) -> Any:
@@ -229,25 +248,20 @@ class _Recorder(TorchDispatchMode):
             r = self.ref(value)
             refs.append(r)
             return r
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._map(v, refs) for v in value) if isinstance(value, list) \
-                else tuple(self._map(v, refs) for v in value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, (Tensor, list, tuple)) for v in value):
+            mapped = [self._map(v, refs) for v in value]
+            return mapped if isinstance(value, list) else tuple(mapped)
         return value
 
-    def _keep(self, n: Node, name: str, t: Tensor) -> None:
-        """Products of data with a square output: whether symmetric, and (within a budget of
-        ``_KEEP_BUDGET`` elements in all) the value, for the Newton–Schulz kind check."""
-        if name not in PRODUCTS or not n.data or t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+    def _keep(self, n: Node, t: Tensor) -> None:
+        """A data product with a square output keeps its value (within a budget of
+        ``_KEEP_BUDGET`` elements in all): the covariance and Newton–Schulz checks read it."""
+        if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] > _KEEP_MAX_SIDE:
             return
-        if t.shape[-1] > _KEEP_MAX_SIDE or t.numel() > _KEEP_NUMEL or not t.is_floating_point():
+        if t.numel() > _KEEP_NUMEL or not t.is_floating_point() or self.kept + t.numel() > _KEEP_BUDGET:
             return
-        if self.kept + t.numel() <= _KEEP_BUDGET:
-            n.value = t
-            self.kept += t.numel()
-        with torch.no_grad():
-            d = t.detach().double()
-            scale = d.abs().amax().clamp_min(1e-300)
-            n.symmetric = bool(((d - d.mT).abs().amax() <= 1e-4 * scale).item())
+        n.value = t
+        self.kept += t.numel()
 
     def _protect(self, t: Tensor) -> None:
         key = _storage_key(t)

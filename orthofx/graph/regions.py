@@ -19,6 +19,7 @@ C is a meta-layer when its region holds a matrix function:
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -57,10 +58,11 @@ def region_of(rec: Recording, cov: int, *, limit: int = 20000) -> Region:
     inside = {cov}
     order = [cov]
     stops: dict[str, int] = {}
-    frontier = set(rec.nodes[cov].users)
-    for n in rec.nodes[cov + 1: cov + 1 + limit]:
-        if n.index not in frontier:
-            continue
+    frontier = list(rec.nodes[cov].users)
+    heapq.heapify(frontier)
+    queued = set(frontier)
+    while frontier and len(order) < limit:
+        n = rec.nodes[heapq.heappop(frontier)]  # execution order: inputs before users
         data_in = [r for r in n.inputs if rec.node(r).data or rec.node(r).param]
         if n.op in REGION_STOPS:
             stops[n.op] = stops.get(n.op, 0) + 1
@@ -72,7 +74,10 @@ def region_of(rec: Recording, cov: int, *, limit: int = 20000) -> Region:
             continue
         inside.add(n.index)
         order.append(n.index)
-        frontier.update(n.users)
+        for u in n.users:
+            if u not in queued:
+                queued.add(u)
+                heapq.heappush(frontier, u)
     kind, site, products = _matrix_function(rec, order, inside)
     return Region(cov, order, kind, site, products, stops)
 
