@@ -313,6 +313,33 @@ def _optional_arguments(model: nn.Module) -> list[str]:
     return out
 
 
+_MODULE_API = frozenset(dir(nn.Module))
+
+
+def _incomplete(work: nn.Module, gm: fx.GraphModule) -> str:
+    """What a GraphModule of ``work`` would not have ("" when nothing): submodules forward
+    never calls, hooks on the root, methods or properties of the user's class. Plain instance
+    attributes are copied over."""
+    gm_modules = {n for n, _ in gm.named_modules()}
+    dropped = [n for n, _ in work.named_modules() if n not in gm_modules]
+    if dropped:
+        return f"the submodule(s) {', '.join(dropped[:3])} that forward does not call"
+    hooks = [a for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                         "_state_dict_hooks", "_load_state_dict_pre_hooks") if getattr(work, a, None)]
+    if hooks:
+        return f"the hooks registered on the root module ({', '.join(h.strip('_') for h in hooks)})"
+    extra = sorted({name for klass in type(work).__mro__ if klass not in (nn.Module, object)
+                    for name, v in vars(klass).items()
+                    if not name.startswith("__") and name not in ("forward", "extra_repr")
+                    and name not in _MODULE_API and (callable(v) or isinstance(v, property))})
+    if extra:
+        return f"the methods of {type(work).__name__} ({', '.join(extra[:3])})"
+    for k, v in work.__dict__.items():
+        if not k.startswith("_") and k != "training" and k not in gm.__dict__:
+            gm.__dict__[k] = v
+    return ""
+
+
 def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig, example_inputs: Any,
                     verify: bool) -> tuple[nn.Module, list[SwapRecord] | None, list[str]]:
     """Swap raw eigh/svd meta-layers for stable ones where the rewrite is faithful.
@@ -343,6 +370,10 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
     swaps = swap_meta_layers(gm, fx_analysis)
     if not swaps:
         return work, None, []
+    missing = _incomplete(work, gm)
+    if missing:
+        return work, None, [f"raw decompositions kept as they are ({where}): a rewritten graph would lose "
+                            f"{missing}; the original module is kept"]
     if verify:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         check = verify_rewrite(work, gm, inputs)

@@ -316,3 +316,22 @@ def test_checkpoint_replays_the_recorded_plan_on_a_fresh_model(tmp_path) -> None
                 super().__init__()
                 self.conv = nn.Conv2d(3, 5, 1)
         orthofx.load_checkpoint(Other(), path)
+
+
+def test_a_graph_is_emitted_only_when_it_keeps_everything() -> None:
+    class WithMethod(RawGCP):
+        def features(self, x):  # called by the user's training loop
+            return self.reduce(x)
+
+    x = torch.randn(4, 3, 5, 5)
+    gm, report = orthofx.transform(WithMethod(), x)
+    assert type(gm) is WithMethod and not report.swapped
+    assert any("methods of WithMethod" in n for n in report.notes)
+    model = RawGCP()
+    model.register_forward_pre_hook(lambda m, i: None)
+    gm, report = orthofx.transform(model, x)
+    assert type(gm) is RawGCP and any("hooks registered on the root" in n for n in report.notes)
+    model = RawGCP()
+    model.num_classes = 2
+    gm, report = orthofx.transform(model, x)
+    assert report.swapped and gm.num_classes == 2
