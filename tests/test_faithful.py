@@ -335,3 +335,12 @@ def test_a_graph_is_emitted_only_when_it_keeps_everything() -> None:
     model.num_classes = 2
     gm, report = orthofx.transform(model, x)
     assert report.swapped and gm.num_classes == 2
+
+
+def test_shape_recording_never_shows_hooks_a_fake_tensor() -> None:
+    model = RawGCP()
+    seen: list[torch.Tensor] = []
+    model.reduce.register_forward_hook(lambda m, i, o: seen.append(o))
+    gm = orthofx.graph.trace(model)
+    orthofx.analyze_graph(gm, example_inputs=torch.randn(4, 3, 5, 5))
+    assert seen == []

@@ -27,6 +27,7 @@ from orthofx.graph.trace import (
     trace,
     trace_function_forward,
 )
+from orthofx.graph.record import quiet_user_hooks
 from orthofx.graph.walk import (
     NodeGraph,
     Step,
@@ -318,7 +319,8 @@ def _shapes(gm: fx.GraphModule, example_inputs: Any, notes: list[str]
     buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         gm.eval()
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        # the user's hooks stay silent: they must never see (or keep) a FakeTensor
+        with torch.no_grad(), quiet_user_hooks(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
             _Recorder(gm).run(*fake)
     except Exception as exc:  # noqa: BLE001 - shapes are informative only
