@@ -71,13 +71,13 @@ def test_dbn_eval_uses_running_statistics(device):
 
 
 def test_dbn_running_statistics_ema(device):
-    dbn = DecorrelatedBatchNorm(4, momentum=0.1, affine=False).to(device, torch.float64)
+    dbn = DecorrelatedBatchNorm(4, momentum=0.1, affine=False, running="whitening").to(device, torch.float64)
     x = _correlated((50, 4), seed=4).to(device)
     dbn(x)
     mu = x.mean(dim=0).view(1, 4, 1)
     torch.testing.assert_close(dbn.running_mean, 0.1 * mu)
     # the whitening EMA moved 10% of the way from I to the batch whitening matrix
-    dbn2 = DecorrelatedBatchNorm(4, momentum=1.0, affine=False).to(device, torch.float64)
+    dbn2 = DecorrelatedBatchNorm(4, momentum=1.0, affine=False, running="whitening").to(device, torch.float64)
     dbn2(x)
     eye = torch.eye(4, dtype=torch.float64, device=device)
     torch.testing.assert_close(dbn.running_whitening[0], 0.9 * eye + 0.1 * dbn2.running_whitening[0])
@@ -233,7 +233,9 @@ def test_dbn_running_covariance_mode(device):
     dbn.eval()
     # momentum 1: eval with batch 1's statistics reproduces the training-mode output exactly
     torch.testing.assert_close(dbn(x1), y_train)
-    ref2 = DecorrelatedBatchNorm(6, eps=1e-3, momentum=1.0, affine=False).to(device, torch.float64)
+    ref2 = DecorrelatedBatchNorm(6, eps=1e-3, momentum=1.0, affine=False, running="whitening").to(
+        device, torch.float64
+    )
     ref2(x1)
     ref2.eval()
     torch.testing.assert_close(dbn(x2), ref2(x2))

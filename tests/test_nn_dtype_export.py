@@ -11,13 +11,6 @@ from orthofx.errors import ConfigError, DTypeError, InputError, OrthofxError
 from orthofx.nn import CovariancePooling, DecorrelatedBatchNorm
 from orthofx.syncs import cuda_policy, sync_audit
 
-SVD_XFAIL = pytest.mark.xfail(
-    reason="orthofx.linalg._solver.eigh_via_svd reads its fallback flag on the host "
-    "(bool(ok.all())): a data-dependent branch under export/compile; not in this module",
-    strict=False,
-)
-
-
 def _gcp(backend: str, reduced: int | None = None, output: str = "triu") -> CovariancePooling:
     torch.manual_seed(0)
     return CovariancePooling(8, reduced, backend=backend, output=output).eval()
@@ -29,13 +22,12 @@ def _dbn(backend: str, running: str, train: bool, groups: int = 2) -> Decorrelat
 
 
 GCP_ROUTES = [
-    pytest.param(b, r, o, id=f"{b}-red{r}-{o}", marks=[SVD_XFAIL] if b == "svd" else [])
+    pytest.param(b, r, o, id=f"{b}-red{r}-{o}")
     for b in ("auto", "eigh", "svd", "ns", "gram")
     for r, o in ((None, "triu"), (4, "full"))
 ]
 DBN_ROUTES = [
-    pytest.param(b, run, tr, id=f"{b}-{run}-{'train' if tr else 'eval'}",
-                 marks=[SVD_XFAIL] if b == "svd" and (tr or run == "covariance") else [])
+    pytest.param(b, run, tr, id=f"{b}-{run}-{'train' if tr else 'eval'}")
     for b in ("auto", "eigh", "svd", "ns")
     for run in ("whitening", "covariance")
     for tr in (True, False)
@@ -138,3 +130,57 @@ def test_decorrelated_bn_exports_and_compiles(backend: str, running: str, train:
     m(_x(8))  # running statistics that are not the identity
     m.train(train)
     _check_export_and_compile(m, _x(4))
+
+
+class _SqrtmSVD(torch.nn.Module):
+    def __init__(self, inverse: bool = False) -> None:
+        super().__init__()
+        self.inverse = inverse
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        from orthofx import linalg
+
+        fn = linalg.invsqrtm if self.inverse else linalg.sqrtm
+        return fn(a, backend="svd", eps=1e-3, validate=False)
+
+
+def _svd_batch() -> torch.Tensor:
+    """Two symmetric 5×5 matrices: an SPD one the SVD route accepts, and one with a ±2 pair,
+    whose SVD mixes the two eigenvectors (the route's fallback recomputes it with eigh)."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(2, 5, 5, generator=g, dtype=torch.float64))
+    d = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [-2.0, 2.0, 1.0, 0.5, 3.0]], dtype=torch.float64)
+    return (q * d.unsqueeze(-2)) @ q.mT
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_svd_route_fallback_is_a_graph_branch_under_export_and_compile(inverse: bool) -> None:
+    """``eigh_via_svd``'s fallback check is a ``torch.cond`` while traced: export and
+    ``compile(fullgraph=True)`` succeed and give eager mode's values — forward and gradient —
+    both when the fallback is taken (the ±λ element) and when it is not."""
+    import torch._dynamo
+
+    from orthofx.linalg import solver_stats
+
+    a = _svd_batch()
+    solver_stats().reset()
+    m = _SqrtmSVD(inverse)
+    eager = m(a)
+    assert solver_stats().fallbacks.get("svd->eigh") == 1  # the second element fell back in eager mode
+    good = a[:1].expand(2, 5, 5).clone()
+    exported = torch.export.export(m, (a,)).module()
+    for inp in (a, good):
+        torch.testing.assert_close(exported(inp), m(inp), rtol=1e-10, atol=1e-12)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        compiled = torch.compile(_SqrtmSVD(inverse), backend=backend, fullgraph=True)
+        for inp in (a, good):
+            x_ref = inp.clone().requires_grad_(True)
+            x_c = inp.clone().requires_grad_(True)
+            ref, out = m(x_ref), compiled(x_c)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+            w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=ref.dtype)
+            (ref * w).sum().backward()
+            (out * w).sum().backward()
+            torch.testing.assert_close(x_c.grad, x_ref.grad, rtol=1e-8, atol=1e-10)
+    assert torch.isfinite(eager).all()

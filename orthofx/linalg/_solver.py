@@ -30,6 +30,16 @@ each such element counts as ``fallbacks["svd->eigh"]``. The fallback eigh runs i
 an H200 cusolver's float64 eigh is faster than float32 at 256² and more accurate). That check
 costs one host sync.
 
+While traced by ``torch.compile`` or ``torch.export`` the check cannot be read on the host; the
+route then branches in the graph with ``torch.cond(ok.all(), ...)``. When every element passes
+it returns the SVD result, as in eager mode; otherwise the whole batch is recomputed by one
+float64 ``torch.linalg.eigh`` (no recovery chain: a solver error raises; non-finite elements
+give NaN) and ``torch.where`` keeps the SVD result of the elements that passed, so the values
+equal eager mode's. The compiled/exported graph does not count ``fallbacks["svd->eigh"]`` (a
+host-side counter), and the runtime that executes the ``cond`` still reads its predicate (a
+host sync on CUDA, as in eager mode). ``torch.jit.trace`` cannot trace ``torch.cond`` and keeps
+the eager branch.
+
 ``FiniteGuard(a)`` is the non-finite input check of the meta-layer path (``on_nonfinite``
 "raise"/"skip" of :func:`orthofx.linalg.eigh`): it computes the per-element flag
 ``isfinite(A).all()`` on the device, replaces non-finite elements by the identity before the
@@ -179,6 +189,10 @@ def eigh_via_svd(a: Tensor) -> tuple[Tensor, Tensor]:
     """(L ascending, U) of a symmetric float32/float64 batch through an SVD (module doc)."""
     stats = solver_stats()
     n = a.shape[-1]
+    traced = _tracing()
+    if traced:  # a compiled SVD raises on NaN where eager mode recovers: decompose I there instead
+        finite = torch.isfinite(a).flatten(-2).all(-1)
+        a = torch.where(finite[..., None, None], a, torch.eye(n, dtype=a.dtype, device=a.device))
     try:
         maybe_inject_failure("svd")
         driver = "gesvda" if a.is_cuda else None
@@ -200,6 +214,8 @@ def eigh_via_svd(a: Tensor) -> tuple[Tensor, Tensor]:
     orth = torch.linalg.matrix_norm(v.mT @ v - eye) / math.sqrt(max(n, 1))
     tol = svd_residual_tol(n, a.dtype)
     ok = (resid <= tol) & (orth <= tol) & (lam[..., 0] >= -tol * norm_a) & torch.isfinite(lam).all(-1)
+    if traced:
+        return _traced_fallback(a, lam, v, ok & finite, finite)
     if not bool(ok.all()):  # one host sync
         bad_idx = (~ok).reshape(-1).nonzero().squeeze(-1)
         flat_a = a.reshape(-1, n, n)
@@ -209,6 +225,34 @@ def eigh_via_svd(a: Tensor) -> tuple[Tensor, Tensor]:
         v = v.reshape(-1, n, n).index_copy(0, bad_idx, v_bad).reshape(v.shape)
         stats.record_fallback("svd->eigh", int(bad_idx.numel()))
     return lam, v
+
+
+def _tracing() -> bool:
+    """True while torch.compile or torch.export (strict or not) trace the caller, where a host
+    read of a data-dependent flag is a graph break / an export error. (``torch.jit.trace`` is
+    not included: it cannot trace ``torch.cond`` and keeps the eager branch, as before.)"""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _svd_passed(a: Tensor, lam: Tensor, v: Tensor, ok: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    return lam.clone(), v.clone()  # torch.cond branches may not return their inputs
+
+
+def _svd_failed(a: Tensor, lam: Tensor, v: Tensor, ok: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """Every element recomputed by a float64 ``torch.linalg.eigh``; the SVD result kept where it
+    passed; NaN for the elements that were not finite (``a`` holds I there), as ``_recover``."""
+    lam64, v64 = torch.linalg.eigh(a.to(torch.float64))
+    lam64 = torch.where(finite.unsqueeze(-1), lam64, torch.nan)
+    v64 = torch.where(finite[..., None, None], v64, torch.nan)
+    lam = torch.where(ok.unsqueeze(-1), lam, lam64.to(lam.dtype))
+    v = torch.where(ok[..., None, None], v, v64.to(v.dtype))
+    return lam, v
+
+
+def _traced_fallback(a: Tensor, lam: Tensor, v: Tensor, ok: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """The fallback of :func:`eigh_via_svd` in traced code: ``torch.cond(ok.all(), ...)``, a
+    graph-level branch instead of a Python one (module doc)."""
+    return torch.cond(ok.all(), _svd_passed, _svd_failed, (a, lam, v, ok, finite))
 
 
 class FiniteGuard:

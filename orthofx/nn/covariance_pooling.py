@@ -87,10 +87,10 @@ class CovariancePooling(MetaLayer):
     dtype: the output has the input's dtype. float16/bfloat16 features are computed in float32
     (Σ in float64 for "eigh"); the covariance and its square root are computed with autocast
     disabled, so the head is safe under AMP. Integer/bool/complex input raises
-    :class:`~orthofx.errors.DTypeError`. No host sync per forward by default: the head
-    exports with ``torch.export.export`` and compiles with ``fullgraph=True`` (all backends
-    but "svd", whose fallback check in ``orthofx.linalg._solver.eigh_via_svd`` reads a flag
-    on the host).
+    :class:`~orthofx.errors.DTypeError`. No host sync per forward by default (beyond the
+    decomposition's own): the head exports with ``torch.export.export`` and compiles with
+    ``fullgraph=True`` on every backend (the "svd" route's fallback check in
+    ``orthofx.linalg._solver.eigh_via_svd`` is a ``torch.cond`` while traced).
     """
 
     orthofx_meta = MetaLayerInfo(kind="sqrtm", input="features")

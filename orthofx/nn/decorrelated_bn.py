@@ -23,18 +23,32 @@ class DecorrelatedBatchNorm(MetaLayer):
       W = Σ^{-1/2} by :func:`orthofx.linalg.invsqrtm` (``backend="auto"``, the default: the
       float32 gesvda route on CUDA, float64 ``"eigh"`` elsewhere — both exact forward and
       exact Daleckii–Krein backward; ``"ns"``: Newton–Schulz with ``iters`` steps);
-      y = W(X − μ). Running statistics are updated by EMA:
-      ``running_mean ← (1 − m)·running_mean + m·μ`` and
-      ``running_whitening ← (1 − m)·running_whitening + m·W`` (m = ``momentum``);
-    * eval: y = running_whitening · (X − running_mean).
+      y = W(X − μ). Running statistics are updated by EMA (m = ``momentum``):
+      ``running_mean ← (1 − m)·running_mean + m·μ`` and, with ``running="covariance"`` (the
+      default), ``running_covariance ← (1 − m)·running_covariance + m·(X − μ)(X − μ)ᵀ/M``
+      (Σ without the εI);
+    * eval: y = W_run·(X − running_mean) with ``W_run = (running_covariance + εI)^{-1/2}`` by
+      the same backend, computed once per change of the running statistics and cached (eval
+      forwards after the first run no decomposition, so add no host sync; while
+      ``torch.compile``/``torch.export`` trace, W_run is computed in the graph instead).
 
-    ``running="covariance"`` keeps ``running_covariance ← (1 − m)·running_covariance + m·Σ``
-    instead and whitens in eval mode with ``(running_covariance + εI)^{-1/2}`` (computed once
-    per change of the statistics). Averaging W is the classic DBN/IterNorm choice, but when Σ is
-    rank-deficient and its null space rotates during training (a 3×3 stem with more output
-    channels than in·k·k), an average of W's mixes stale ε^{-1/2} null-space gains into live
-    directions; averaging Σ does not. ``momentum=None`` takes the cumulative average over all
-    batches since :meth:`reset_running_stats` (as ``BatchNorm``; weight 1/(n+1) on the device).
+    ``running="whitening"`` (the default before issue 12, kept as an option) averages the
+    whitening matrices instead, ``running_whitening ← (1 − m)·running_whitening + m·W``, and
+    whitens with that average in eval mode: the classic DBN/IterNorm choice. When Σ is
+    rank-deficient and its null space rotates from batch to batch (a 3×3 stem whose patches
+    span fewer dimensions than its output channels, or features near a low-dimensional
+    subspace), each W carries gains up to ε^{-1/2} along *that batch's* null space, and their
+    average applies stale gains of that size to directions that are live in the next batch:
+    measured in tests/test_dbn_eval.py (ε = 1e-5, rank 6–9 of 16, 30 batches),
+    ‖cov(eval output) − I‖_F ≈ 10³–10⁴ against 2.6–2.9 in training mode; averaging Σ gives
+    2.8–3.6. The two modes keep different buffers (``running_covariance`` vs
+    ``running_whitening``); a state_dict saved with the other choice (e.g. a checkpoint of the
+    old default) is converted on load so that eval mode whitens exactly as the saved module
+    did: ``Σ_run = W_run^{-2} − εI`` (eigenvalues floored at 0) or ``W_run = (Σ_run + εI)^{-1/2}``,
+    with this module's ε (build it with the saved ε).
+
+    ``momentum=None`` takes the cumulative average over all batches since
+    :meth:`reset_running_stats` (as ``BatchNorm``; weight 1/(n+1) on the device).
 
     Then ``y·weight + bias`` per channel when ``affine``. ε is added to the covariance
     (default 1e-5, as in BatchNorm; the paper's authors used 1e-2). Σ is formed in the
@@ -42,11 +56,10 @@ class DecorrelatedBatchNorm(MetaLayer):
 
     dtype: the output has the input's dtype; float16/bfloat16 are computed in float32 (Σ in
     float64 for "eigh"). Integer/bool/complex input raises :class:`~orthofx.errors.DTypeError`.
-    No host sync per forward (no NaN check): the module exports with ``torch.export.export``
-    and compiles with ``fullgraph=True`` in train and eval mode, both ``running`` choices
-    (while traced, eval with ``running="covariance"`` recomputes the whitening instead of
-    using its Python-side cache), on every backend but "svd", whose fallback check in
-    ``orthofx.linalg._solver.eigh_via_svd`` reads a flag on the host.
+    No host sync per forward beyond the decomposition's own (no NaN check): the module exports
+    with ``torch.export.export`` and compiles with ``fullgraph=True`` in train and eval mode,
+    both ``running`` choices, on every backend (the "svd" route's fallback check is a
+    ``torch.cond`` while traced, see :mod:`orthofx.linalg._solver`).
     """
 
     orthofx_meta = MetaLayerInfo(kind="invsqrtm", input="features")
@@ -63,7 +76,7 @@ class DecorrelatedBatchNorm(MetaLayer):
         iters: int = 5,
         compute_dtype: torch.dtype | None = None,
         track_running_stats: bool = True,
-        running: str = "whitening",
+        running: str = "covariance",
     ) -> None:
         super().__init__()
         if num_features < 1 or groups < 1 or num_features % groups:
@@ -99,7 +112,7 @@ class DecorrelatedBatchNorm(MetaLayer):
             self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         else:
             self.register_buffer("running_mean", None)
-            self.register_buffer("running_whitening", None)
+            self.register_buffer(f"running_{running}", None)
             self.register_buffer("num_batches_tracked", None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,6 +185,18 @@ class DecorrelatedBatchNorm(MetaLayer):
             buf.copy_(torch.eye(buf.shape[-1], dtype=buf.dtype, device=buf.device).expand_as(buf))
             self.num_batches_tracked.zero_()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # type: ignore[no-untyped-def]
+        """A state_dict saved with the other ``running`` choice is converted (class doc)."""
+        other = "whitening" if self.running == "covariance" else "covariance"
+        src, dst = f"{prefix}running_{other}", f"{prefix}running_{self.running}"
+        if self.track_running_stats and src in state_dict and dst not in state_dict:
+            stat = state_dict.pop(src)
+            state_dict[dst] = _convert_running(stat, self.eps, to=self.running)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def _running_buffer(self) -> Tensor:
         return self.running_whitening if self.running == "whitening" else self.running_covariance
 
@@ -199,5 +224,19 @@ class DecorrelatedBatchNorm(MetaLayer):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, groups={self.groups}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, backend={self.backend!r}"
+            f"affine={self.affine}, backend={self.backend!r}, running={self.running!r}"
         )
+
+
+def _convert_running(stat: Tensor, eps: float, to: str) -> Tensor:
+    """running_whitening W ↔ running_covariance Σ with the same eval whitening
+    ``W = (Σ + εI)^{-1/2}``: Σ = W^{-2} − εI (eigenvalues floored at 0), in float64."""
+    if not isinstance(stat, Tensor) or stat.dim() < 2 or stat.is_meta:
+        return stat
+    a = stat.detach().to(torch.float64)
+    lam, vec = torch.linalg.eigh((a + a.mT) / 2)
+    if to == "covariance":
+        f = (lam.clamp_min(torch.finfo(torch.float64).tiny) ** -2 - eps).clamp_min(0.0)
+    else:
+        f = (lam.clamp_min(0.0) + eps).clamp_min(torch.finfo(torch.float64).tiny) ** -0.5
+    return ((vec * f.unsqueeze(-2)) @ vec.mT).to(stat.dtype)
