@@ -98,8 +98,10 @@ def demo(
 
     Returns ``{"rows": [...aggregated...], "runs": [...per seed...], "files": {...}}``.
     """
+    from orthofx.config import check_int
     from orthofx.monitor import plot
 
+    seeds = check_int(seeds, "seeds", min=1)  # OptionError (a ConfigError) for 0, -1, 2.5, "2"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = dict(QUICK if quick else FULL)

@@ -433,9 +433,19 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
     ckpt_path = out / "checkpoint.pt"
     start_epoch, history = 0, []
     if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck.get("config", {}).get("treatment") != cfg.treatment or ck.get("config", {}).get("model") != cfg.model:
-            raise ValueError(f"{ckpt_path} was written by a different run ({ck.get('config')}); use another --out")
+        try:  # the checkpoint holds plain data and tensors only: no pickled code runs on resume
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as e:
+            raise ConfigError(
+                f"cannot resume from {ckpt_path}: it is not a checkpoint of `orthofx train` that loads "
+                f"with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "use another --out or delete it"
+            ) from e
+        if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or (
+            ck["config"].get("treatment") != cfg.treatment or ck["config"].get("model") != cfg.model
+        ):
+            seen = ck.get("config") if isinstance(ck, dict) else type(ck).__name__
+            raise ConfigError(f"{ckpt_path} was written by a different run ({seen}); use another --out")
         gm.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -14,6 +14,14 @@ gradient the optimizer is about to use, i.e.
 
 ``optimizer.step(closure)`` is not supported (the closure computes the gradient *inside*
 ``step``, after the pre-hook).
+
+Sharded parameters (FSDP2, ``torch.distributed.fsdp.fully_shard``): the optimizer holds
+``DTensor`` shards and the hook sees the reduce-scattered (averaged) gradient shards. NOG and
+OLR need the whole (out, in·k·k) matrix, so the hook gathers each producer's gradient (and, for
+OLR, its weight) with ``DTensor.full_tensor()`` — producers are small, the gather is cheap —
+computes on the full matrix exactly as a single process would (every rank computes the same
+result) and writes back this rank's shard (``distribute_tensor(..., src_data_rank=None)``: a
+local split, no communication). Tested with a 1-D mesh (tests/test_fsdp.py).
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+try:  # torch.distributed may be missing from a build
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import distribute_tensor as _distribute_tensor
+except Exception:  # pragma: no cover - builds without torch.distributed
+    _DTensor = None  # type: ignore[assignment,misc]
+    _distribute_tensor = None  # type: ignore[assignment]
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.syncs import sync_free_preferred
@@ -57,8 +72,34 @@ class _Slot:
     param: Tensor
     orig: int  # index of the param group that held the parameter
     pos: int  # its position in that group's "params" at attach time
-    own: int | None = None  # index of its own group (OLR only)
+    own: int | None = None  # index of its own group (OLR only); == orig when the producer was
+    # the last parameter of its group, which it then keeps (no empty group is left behind)
     pname: str | None = None  # entry of the original group's "param_names", if any
+
+
+def _is_dtensor(t: Any) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _full(t: Tensor | None) -> Tensor | None:
+    """The whole tensor of a sharded ``DTensor`` (a collective: every rank must call it, in
+    the same order); a plain tensor as is."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[union-attr]
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (shares storage with it); a plain tensor as is."""
+    return t._local_tensor if _is_dtensor(t) else t  # type: ignore[union-attr]
+
+
+def _write(g: Tensor, value: Tensor) -> None:
+    """``g ← value`` where ``value`` is the whole (unsharded) tensor; a ``DTensor`` ``g`` takes
+    its own shard of it (split locally: every rank holds the same ``value``)."""
+    if _is_dtensor(g):
+        shard = _distribute_tensor(value, g.device_mesh, g.placements, src_data_rank=None)  # type: ignore[union-attr,misc]
+        _local(g).copy_(shard._local_tensor)
+    else:
+        g.copy_(value)
 
 
 # --------------------------------------------------------------------------- producers
@@ -159,6 +200,9 @@ class AttachHandle:
         self.state: tuple[Any, ...] = self.transform.init(self._params)
         self._lr_tensors: list[Tensor] = []
         self._fold_pending: list[tuple[Tensor, Tensor]] = []
+        # (group, {key: value}) to put back after the step: the hyperparameters of a kept group
+        # (own == orig) that the step changes (lr; weight decay for "fold")
+        self._restore: list[tuple[dict, dict[str, Any]]] = []
         self._hooks: list[Any] = []
         self._removed = False
 
@@ -186,13 +230,15 @@ class AttachHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._restore_groups()
         opt = self._opt()
         if opt is not None and self.olr:
-            for s in sorted(self._slots, key=lambda s: -(s.own or 0)):
+            moved = [s for s in self._slots if s.own != s.orig]
+            for s in sorted(moved, key=lambda s: -(s.own or 0)):
                 if s.own is not None and s.own < len(opt.param_groups):
                     if any(q is s.param for q in opt.param_groups[s.own]["params"]):
                         del opt.param_groups[s.own]
-            for s in sorted(self._slots, key=lambda s: (s.orig, s.pos)):
+            for s in sorted(moved, key=lambda s: (s.orig, s.pos)):
                 g = opt.param_groups[s.orig]
                 g["params"].insert(s.pos, s.param)
                 if s.pname is not None and "param_names" in g:
@@ -259,8 +305,61 @@ class AttachHandle:
     # ---------------------------------------------------------------- hooks
     def _install(self, opt: torch.optim.Optimizer) -> None:
         self._hooks.append(opt.register_step_pre_hook(self._pre_hook))
-        if self.olr and self.lr_mode == "fold":
+        if self.olr:
             self._hooks.append(opt.register_step_post_hook(self._post_hook))
+            self._hooks.append(opt.register_load_state_dict_pre_hook(self._load_pre_hook))
+
+    def _restore_groups(self) -> None:
+        for group, values in self._restore:
+            group.update(values)
+        self._restore.clear()
+
+    def _load_pre_hook(self, opt: torch.optim.Optimizer, state_dict: dict) -> dict | None:
+        """``optimizer.load_state_dict`` after attach: a state saved after attach (same group
+        count) loads as is; a state saved *before* attach (or by an optimizer that never had
+        OLR) is laid out as attach lays out the groups — each producer taken out of its saved
+        group into its own group, with the saved group's hyperparameters; anything else raises
+        an :class:`AttachError` that says how the group counts came about."""
+        saved = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if self._removed or not isinstance(saved, list):
+            return None
+        moved = sorted((s for s in self._slots if s.own != s.orig), key=lambda s: s.own)  # type: ignore[arg-type,return-value]
+        n_now = len(opt.param_groups)
+        n_before = n_now - len(moved)
+        if len(saved) == n_now:
+            return None
+        name = type(opt).__name__
+        if len(saved) != n_before:
+            raise AttachError(
+                f"{name}.load_state_dict: the saved state has {len(saved)} param group(s); this {name} "
+                f"has {n_now} since orthofx.attach with OLR moved {len(moved)} producer(s) into param "
+                f"groups of their own ({n_before} before). A state saved after attach loads into an "
+                "optimizer built the same way *after* orthofx.attach(opt, model) — call attach before "
+                "opt.load_state_dict(...) — and a state saved before attach loads before or after it."
+            )
+        groups = [dict(g) for g in saved]
+        for g in groups:
+            g["params"] = list(g["params"])
+            if "param_names" in g:
+                g["param_names"] = list(g["param_names"])
+        taken: dict[int, tuple[Any, Any]] = {}
+        for s in sorted(moved, key=lambda s: (s.orig, -s.pos)):
+            g = groups[s.orig]
+            if s.pos >= len(g["params"]):
+                raise AttachError(
+                    f"{name}.load_state_dict: saved param group {s.orig} has {len(g['params'])} "
+                    f"parameter(s); producer {s.name!r} was at position {s.pos} of it when orthofx.attach ran"
+                )
+            names = g.get("param_names")
+            taken[id(s)] = (g["params"].pop(s.pos), names.pop(s.pos) if names and s.pos < len(names) else None)
+        for s in moved:
+            idx, pname = taken[id(s)]
+            new = {k: v for k, v in saved[s.orig].items() if k not in ("params", "param_names")}
+            new["params"] = [idx]
+            if pname is not None:
+                new["param_names"] = [pname]
+            groups.insert(s.own, new)  # type: ignore[arg-type]
+        return {**state_dict, "param_groups": groups}
 
     def _check_groups(self, opt: torch.optim.Optimizer) -> None:
         if not self.olr:
@@ -285,27 +384,44 @@ class AttachHandle:
                 "computed inside step(), after the treatments would run"
             )
         self._check_groups(opt)
+        self._restore_groups()  # a previous step that raised never reached the post-hook
         params = self._params
         grads: list[Tensor | None] = [p.grad for p in params]
         scale = getattr(opt, "grad_scale", None)
         scale = scale if isinstance(scale, Tensor) else None
-        work: list[Tensor | None] = grads
+        # sharded (FSDP2 DTensor) gradients: NOG/OLR act on the whole matrix, gathered here
+        sharded = any(_is_dtensor(g) for g in grads)
+        work: list[Tensor | None] = [_full(g) for g in grads] if sharded else grads
+        tparams = [_full(p) for p in params] if (sharded and self.olr) else params  # OLR's wᵀw, lᵀw
         if scale is not None:  # fused optimizer under GradScaler: grads are still scaled
-            work = [None if g is None else g.float() / scale.to(g.device) for g in grads]
-        lrs = [opt.param_groups[s.orig]["lr"] for s in self._slots] if self.olr else None
-        new = self.transform.update(work, params, self.state, lrs=lrs)
+            work = [None if g is None else g.float() / scale.to(g.device) for g in work]
+        # the scheduled hyperparameters of each producer's original group, read before the step
+        # changes any (a kept group, own == orig, carries the OLR lr during the step only)
+        hyper = {
+            s.orig: {k: v for k, v in opt.param_groups[s.orig].items() if k not in ("params", "param_names")}
+            for s in self._slots
+        }
+        lrs = [hyper[s.orig]["lr"] for s in self._slots] if self.olr else None
+        new = self.transform.update(work, tparams, self.state, lrs=lrs)
         for g, n in zip(grads, new):
             if g is not None and n is not None:
-                g.copy_(n if scale is None else n * scale.to(g.device))
+                _write(g, n if scale is None else n * scale.to(n.device))
         if self.olr:
-            self._apply_lrs(opt, grads, scale)
+            self._apply_lrs(opt, grads, scale, hyper)
 
-    def _apply_lrs(self, opt: torch.optim.Optimizer, grads: list[Tensor | None], scale: Tensor | None) -> None:
+    def _apply_lrs(
+        self, opt: torch.optim.Optimizer, grads: list[Tensor | None], scale: Tensor | None,
+        hyper: dict[int, dict[str, Any]],
+    ) -> None:
         st = self.olr_state
         assert st is not None and st.lr is not None
         for s in self._slots:
-            orig, own = opt.param_groups[s.orig], opt.param_groups[s.own]  # type: ignore[index]
-            for k, v in orig.items():
+            own = opt.param_groups[s.own]  # type: ignore[index]
+            if s.own == s.orig:  # the producer kept its group: put back what the step changes
+                keys = ("lr", "weight_decay") if self.lr_mode == "fold" else ("lr",)
+                self._restore.append((own, {k: own[k] for k in keys if k in own}))
+                continue
+            for k, v in hyper[s.orig].items():
                 if k not in _GROUP_SKIP:
                     own[k] = v
         if self.lr_mode == "float":
@@ -323,13 +439,15 @@ class AttachHandle:
             ratio = torch.where(st.base > 0, st.lr / st.base, torch.ones_like(st.lr)).clamp_min(_FOLD_MIN_RATIO)
             self._fold_pending.clear()
             for i, s in enumerate(self._slots):
-                orig, own = opt.param_groups[s.orig], opt.param_groups[s.own]  # type: ignore[index]
+                orig, own = hyper[s.orig], opt.param_groups[s.own]  # type: ignore[index]
                 own["lr"] = orig["lr"]
                 own["weight_decay"] = 0.0
                 g = grads[i]
                 if g is None:
                     continue
-                p = s.param
+                # c is one number per producer: a DTensor's shards are scaled in place
+                g, p = _local(g), _local(s.param)
+                buf = opt.state.get(s.param, {}).get("momentum_buffer")
                 c = ratio[i].to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
                 wd = orig.get("weight_decay", 0.0)
                 sign = -1.0 if orig.get("maximize", False) else 1.0
@@ -341,18 +459,18 @@ class AttachHandle:
                     gu = g.float() / scale.to(g.device)
                     folded = c * (gu + (sign * wd) * p) if wd else c * gu
                     g.copy_(folded * scale.to(g.device))
-                buf = opt.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
-                    buf.mul_(c)
-                self._fold_pending.append((p, c))
+                    _local(buf).mul_(c)
+                self._fold_pending.append((s.param, c))
 
     @torch.no_grad()
     def _post_hook(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         for p, c in self._fold_pending:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                buf.div_(c)
+                _local(buf).div_(c)
         self._fold_pending.clear()
+        self._restore_groups()
 
 
 # --------------------------------------------------------------------------- attach
@@ -407,9 +525,22 @@ def attach(
     With OLR each producer moves into its **own param group**, a copy of its original group's
     hyperparameters (momentum, weight decay, nesterov, …, re-copied at every step so that
     schedulers of e.g. momentum also apply); its optimizer state (momentum buffer) is kept.
-    LR schedulers may step the new groups: their lr is overwritten before every step.
-    Create or load optimizer state dicts *after* attaching (the group count changes), and
-    call ``handle.remove()`` before editing the param groups.
+    LR schedulers may step the new groups: their lr is overwritten before every step. No
+    group is left empty: when every parameter of a group is a producer, the first of them
+    keeps that group (its lr holds the OLR value during ``step()`` only and is the scheduled
+    one again afterwards), so group indices never shift. Call ``handle.remove()`` before
+    editing the param groups.
+
+    Optimizer state dicts: the group count can change at attach, so **call attach before**
+    ``optimizer.load_state_dict(...)``. After attach, a state saved after attach loads as is,
+    a state saved before attach is split the way attach splits the groups, and any other
+    group count raises :class:`AttachError` explaining the counts. (A state saved after attach
+    cannot be loaded into an optimizer that was not attached yet: torch itself refuses it —
+    "different number of parameter groups" — before any orthofx code runs.)
+
+    Sharded training (FSDP2 ``fully_shard``): pass the optimizer over the sharded (DTensor)
+    parameters; NOG and OLR gather each producer's gradient (and weight, for OLR) and act on
+    the whole matrix, as a single process would.
 
     Gradients holding NaN/Inf are replaced by zero and counted (``handle.stats()``); zero
     gradients stay zero and are counted. Weights therefore stay finite.
@@ -524,15 +655,32 @@ def _resolve_lr_mode(opt: torch.optim.Optimizer, slots: list[_Slot], lr_mode: st
 
 
 def _split_groups(opt: torch.optim.Optimizer, slots: Sequence[_Slot]) -> None:
-    """Move each producer into its own param group copying its original group's options."""
+    """Move each producer into its own param group copying its original group's options.
+
+    A group whose parameters are all producers is never left empty: its first producer keeps
+    it as its own group (``own == orig``) and only the others move. Empty groups would confuse
+    code that walks ``param_groups`` (torch's distributed checkpoint refuses more than one), and
+    keeping the group, rather than deleting it, leaves every group index — and so the per-group
+    lists of LR schedulers created before or after attach — where it was."""
+    by_group: dict[int, list[_Slot]] = {}
+    for s in slots:
+        by_group.setdefault(s.orig, []).append(s)
+    for gi, ss in by_group.items():
+        if len(ss) == len(opt.param_groups[gi]["params"]):
+            keep = min(ss, key=lambda s: s.pos)
+            keep.own = gi
+            names = opt.param_groups[gi].get("param_names")
+            if names is not None and keep.pos < len(names):
+                keep.pname = names[keep.pos]
+    moving = [s for s in slots if s.own is None]
     # remove from the original groups, highest position first so positions stay valid
-    for s in sorted(slots, key=lambda s: (s.orig, -s.pos)):
+    for s in sorted(moving, key=lambda s: (s.orig, -s.pos)):
         g = opt.param_groups[s.orig]
         assert g["params"][s.pos] is s.param
         del g["params"][s.pos]
         if "param_names" in g:
             s.pname = g["param_names"].pop(s.pos)
-    for s in slots:
+    for s in moving:
         g = opt.param_groups[s.orig]
         new = {k: v for k, v in g.items() if k not in ("params", "param_names")}
         new["params"] = [s.param]
