@@ -27,7 +27,7 @@ from torch import nn
 from orthofx.errors import ConfigError
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan
-from orthofx.pipeline import plan_of, replay, unwrap
+from orthofx.pipeline import plan_of, replay, safe_deepcopy, unwrap
 from orthofx.treatments.weight import bake_all
 
 __all__ = ["strip", "save_checkpoint", "load_checkpoint", "checkpoint"]
@@ -70,14 +70,15 @@ def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
     src = unwrap(model)
     if plan_of(src) is None:
         raise ConfigError("strip() expects a model returned by orthofx.transform")
-    out = copy.deepcopy(src)
+    out = safe_deepcopy(src)
     bake_all(out)
     if isinstance(out, fx.GraphModule):
         if not keep_stable:
             _unswap(out)
         out.meta.pop(META_KEY, None)
-    else:
-        out.__dict__.pop("_orthofx_meta", None)
+        out.meta.get("_user_preserved_attributes", {}).pop("_orthofx_meta", None)
+    for m in out.modules():
+        m.__dict__.pop("_orthofx_meta", None)
     return out
 
 

@@ -21,13 +21,14 @@ from torch import nn
 from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
-from orthofx.rewrite import META_KEY, Plan, SwapRecord, apply_plan, apply_weight_treatments, swap_meta_layers
+from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan, SwapRecord, apply_plan, apply_weight_treatments, swap_meta_layers
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
 from orthofx.treatments.weight import orthogonality_loss as _ol
 
-__all__ = ["transform", "replay", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap"]
+__all__ = ["transform", "replay", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap",
+           "safe_deepcopy"]
 
 
 @dataclass
@@ -117,11 +118,9 @@ def plan_of(model: nn.Module) -> Plan | None:
     and ``attach`` call it from the training loop.
     """
     m = unwrap(model)
-    meta = getattr(m, "meta", None)
-    if not isinstance(meta, dict) or META_KEY not in meta:
-        meta = getattr(m, "_orthofx_meta", None)
-        if not isinstance(meta, dict) or META_KEY not in meta:
-            return None
+    meta = _stored_meta(m)
+    if meta is None:
+        return None
     payload = meta[META_KEY]
     cached = m.__dict__.get("_orthofx_plan_cache")
     if cached is not None and cached[0] is payload:
@@ -131,12 +130,34 @@ def plan_of(model: nn.Module) -> Plan | None:
     return plan
 
 
+def _stored_meta(m: nn.Module) -> dict[str, Any] | None:
+    """``{"orthofx": payload}`` wherever :func:`_store` left it (see there), or None."""
+    candidates = [getattr(m, "meta", None), m.__dict__.get("_orthofx_meta")]
+    if isinstance(m, fx.GraphModule):
+        candidates += [c.__dict__.get("_orthofx_meta") for n, c in m.named_children()
+                       if n.startswith(STABLE_PREFIX)]
+    for c in candidates:
+        if isinstance(c, dict) and META_KEY in c:
+            return c
+    return None
+
+
 def _store(root: nn.Module, plan: Plan, report: TransformReport) -> None:
+    """Keep the plan with the model so that it survives pickle, torch.save, deepcopy and spawn:
+    a plain attribute of the root module; for a GraphModule also ``gm.meta`` (kept by its
+    deepcopy, with the attribute listed as user-preserved) and an attribute of each stable swap
+    module (submodules the graph calls survive unpickling followed by deepcopy)."""
     payload = {"plan": plan.to_dict(), "report": report.to_dict()}
+    stored = {META_KEY: payload}
+    root.__dict__["_orthofx_meta"] = stored
     if isinstance(root, fx.GraphModule):
         root.meta[META_KEY] = payload
-    # a plain attribute travels with pickle, torch.save, deepcopy and spawn
-    root.__dict__["_orthofx_meta"] = {META_KEY: payload}
+        root.meta.setdefault("_user_preserved_attributes", {})["_orthofx_meta"] = stored
+        for s in plan.swaps:
+            try:
+                root.get_submodule(s.module).__dict__["_orthofx_meta"] = stored
+            except AttributeError:
+                continue
 
 
 def _refuse_wrappers(model: nn.Module) -> None:
@@ -277,17 +298,25 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
     return root
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules holding non-leaf tensors as attributes (a
+    loss kept from the last forward, the computed weight of the hook-based ``weight_norm``):
+    those are copied detached. Raises :class:`InputError` with the reason otherwise."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in m.__dict__.values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
     try:
-        return copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001 - e.g. the deprecated hook-based weight_norm
-        hint = (" (torch.nn.utils.weight_norm / spectral_norm keep a computed weight that cannot be "
-                "copied: use torch.nn.utils.parametrizations.weight_norm / spectral_norm)"
-                if any(n.endswith(("_g", "_orig")) for n, _ in model.named_parameters()) else "")
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001
         raise InputError(
-            f"transform() works on a deep copy of the model, and {type(model).__name__} cannot be deep-copied"
-            f"{hint}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Pass "
-            f"config=OrthoConfig(..., inplace=True) to transform the model itself") from exc
+            f"{type(model).__name__} cannot be deep-copied ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); transform() and strip() work on a copy. "
+            f"Pass config=OrthoConfig(..., inplace=True) to transform the model itself") from exc
+
+
+_deepcopy = safe_deepcopy
 
 
 def _previous_analysis(root: nn.Module, plan: Plan) -> AnalysisReport:

@@ -325,7 +325,7 @@ def test_attach_is_idempotent_and_remove_restores_groups() -> None:
     before = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
     h = attach(opt, [(m.conv2, "weight"), (m.conv1, "weight")], olr=True)
     assert attach(opt, [(m.conv2, "weight"), (m.conv1, "weight")], olr=True) is h
-    assert len(opt.param_groups) == 4
+    assert len(opt.param_groups) == 3  # OLR leaves no empty group behind (issue 12)
     assert opt.param_groups[2]["weight_decay"] == 1e-3 and opt.param_groups[2]["momentum"] == 0.9
     with pytest.raises(AttachError, match="already"):
         attach(opt, [(m.conv1, "weight")], nog=True)

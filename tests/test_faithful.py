@@ -244,8 +244,8 @@ def test_user_parametrizations_are_named_in_a_clear_error() -> None:
     old = RawGCP()
     with pytest.warns(FutureWarning):
         torch.nn.utils.weight_norm(old.reduce)
-    with pytest.raises(InputError, match="parametrizations.weight_norm"):
-        orthofx.transform(old, x, config="ow")  # the hook-based weight_norm cannot be deep-copied
+    with pytest.raises(TreatmentError, match="weight_norm"):
+        orthofx.transform(old, x, config="ow")  # the hook-based weight_norm (copied detached)
     with pytest.raises(TreatmentError, match="weight_norm"):
         orthofx.transform(old, x, config=orthofx.OrthoConfig.from_preset("ow", inplace=True))
 
@@ -344,3 +344,14 @@ def test_shape_recording_never_shows_hooks_a_fake_tensor() -> None:
     gm = orthofx.graph.trace(model)
     orthofx.analyze_graph(gm, example_inputs=torch.randn(4, 3, 5, 5))
     assert seen == []
+
+
+def test_plan_of_a_rewritten_graph_survives_pickle_then_deepcopy() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    gm, report = orthofx.transform(RawGCP(), x, config="nog")
+    assert report.swapped  # a GraphModule
+    back = copy.deepcopy(pickle.loads(pickle.dumps(gm)))
+    assert [p.param for p in plan_of(back).producers] == ["reduce.weight"]
+    assert plan_of(copy.deepcopy(gm)) is not None
+    plain = orthofx.strip(back, keep_stable=True)
+    assert plan_of(plain) is None

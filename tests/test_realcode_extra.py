@@ -27,39 +27,11 @@ from orthofx.testing.realcode_extra import ALL_EXTRA_CASES, EXTRA_CASES, EXTRA_N
 
 _ALL = sorted(ALL_EXTRA_CASES)
 
-#: (check, case) -> diagnosis of an orthofx failure; the check is xfail(strict=True)
-_SW_MIX = (
-    "regions.region_of stops at any op with a parameter operand: SwitchWhiten2d mixes its statistics as "
-    "aten.mul.Tensor(aten.select(aten._softmax(sw_var_weight)), cov) before aten._linalg_svd, so the learned "
-    "scalar mixing weight (a 0-d parameter-derived tensor, not a next layer) ends every region; the svd is "
-    "reported as 'not applied to a covariance' and no meta-layer/producer is found (the same happens for a "
-    "learned shrinkage cov + softplus(p)*I)")
-_TRACE_MUTATES = (
-    "transform's _stable_rewrite symbolically traces the working copy (graph.trace) and fx runs in-place ops "
-    "whose operands hold no Proxy on the REAL buffers (buffers are not proxied): running_wm.mul_(1-m), "
-    "counter[mode] += 1, num_batches_tracked += 1, running_projection.mul_(1-f) execute at trace time; "
-    "record.kept_state restores reassigned attributes but not in-place value changes, so gm starts with "
-    "corrupted running statistics and its eval outputs differ (train outputs agree)")
-_XFAIL: dict[tuple[str, str], str] = {
-    ("analyze", "sw_resnet"): _SW_MIX,
-    ("meta", "sw_resnet"): _SW_MIX,
-    ("train", "sw_resnet"): _SW_MIX,
-    ("meta", "soca_sr"): (
-        "regions: the Newton-Schulz kind is read from the LAST region x region product in op order, here the "
-        "final Z_{k+1} = T.bmm(Z_k) (aten.bmm with no users: the loop `Y, Z = Y.bmm(T), T.bmm(Z)` computes a "
-        "dead Z in its last iteration); Z -> A^{-1/2}, so the kind is ns_invsqrt although the output is "
-        "Y*sqrt(tr A) = A^{1/2} (ns_sqrt). The site should be the iterate that leaves the region / is used"),
-    ("train", "gram_style"): (
-        "strip() does copy.deepcopy(gm) and fails with a raw torch RuntimeError ('Only Tensors created "
-        "explicitly by the user (graph leaves) support the deepcopy protocol') after a training step of the "
-        "PyTorch style-transfer tutorial model, whose StyleLoss/ContentLoss store self.loss (a non-leaf "
-        "tensor) as a plain attribute in forward; no InputError/hint as transform's _deepcopy gives, and no "
-        "way to strip without a deep copy"),
-    ("svd", "concept_whitening"): _TRACE_MUTATES,
-    ("svd", "dbn_groups"): _TRACE_MUTATES,
-    ("buffers", "concept_whitening"): _TRACE_MUTATES,
-    ("buffers", "dbn_groups"): _TRACE_MUTATES,
-}
+#: (check, case) -> diagnosis of an orthofx failure; the check is xfail(strict=True).
+#: Empty: the four failures this corpus found (a learned mixing weight ending the region, the
+#: Newton-Schulz kind read from a dead iterate, in-place buffer updates run by symbolic tracing,
+#: strip() of a module holding a non-leaf tensor) are fixed.
+_XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _params(check: str, names=None):

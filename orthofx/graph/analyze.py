@@ -1,7 +1,7 @@
 """``analyze``: find every meta-layer and its Pre-SVD layer, without touching the model.
 
 Pipeline: :func:`~orthofx.graph.trace.trace` → :func:`find_meta_layers` →
-:class:`~orthofx.graph.walk.Walker` per meta-layer → :class:`~orthofx.report.AnalysisReport`.
+:class:`~orthofx.graph.fx_walk.Walker` per meta-layer → :class:`~orthofx.report.AnalysisReport`.
 
 :func:`analyze_graph` runs the same analysis on an existing GraphModule (the rewrite reuses
 its trace): entry ``node`` names and ``producer.node`` names are names of that graph's nodes.
@@ -19,6 +19,10 @@ from torch import nn
 
 from orthofx.errors import TraceFailure
 from orthofx.graph.config import AnalysisConfig, MetaSpec, resolve_analysis_config
+from orthofx.graph.fx_covariance import covariance_info
+from orthofx.graph.fx_nodes import NodeGraph, describe_target
+from orthofx.graph.fx_usage import detect_usage
+from orthofx.graph.fx_walk import Step, Walker, WalkOutcome
 from orthofx.graph.patterns import Patterns, Role, is_meta_module
 from orthofx.graph.trace import (
     SCOPE_KEY,
@@ -28,15 +32,6 @@ from orthofx.graph.trace import (
     trace_function_forward,
 )
 from orthofx.graph.record import quiet_user_hooks
-from orthofx.graph.walk import (
-    NodeGraph,
-    Step,
-    Walker,
-    WalkOutcome,
-    covariance_info,
-    describe_target,
-    detect_usage,
-)
 from orthofx.report import (
     AnalysisReport,
     ChainStep,

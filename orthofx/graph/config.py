@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from orthofx.errors import ConfigError
+from orthofx.graph.ops import KINDS
 
 __all__ = [
     "KINDS",
@@ -28,8 +29,6 @@ __all__ = [
     "resolve_callable_name",
 ]
 
-#: What a meta-layer computes.
-KINDS: tuple[str, ...] = ("sqrtm", "invsqrtm", "eigh", "eigvalsh", "svd", "svdvals")
 #: What a meta-layer's first argument is.
 INPUTS: tuple[str, ...] = ("covariance", "features")
 

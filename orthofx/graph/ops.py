@@ -3,6 +3,7 @@ Pre-SVD layer to a meta-layer. Data only; ops are matched by their overload-pack
 (``aten.bmm.default`` → ``"bmm"``), so every overload of an op shares its role.
 
 * :class:`MatFn` - the kinds of matrix function that make a covariance a meta-layer.
+* ``KINDS`` - the kinds a declared meta-layer (``MetaSpec``, ``MetaLayerInfo``) may have.
 * ``DECOMPOSITIONS`` - decomposition / solver ops and their kind.
 * ``PRODUCTS`` - matrix products and the argument positions of their two operands.
 * ``VIEWS`` - ops that only re-index, copy or cast one tensor (the operand strip crosses them).
@@ -19,6 +20,7 @@ from enum import Enum
 from types import MappingProxyType
 
 __all__ = [
+    "KINDS",
     "MatFn",
     "NodeKind",
     "CovForm",
@@ -53,6 +55,11 @@ class MatFn(str, Enum):
 
     def __str__(self) -> str:  # "eigh", not "MatFn.EIGH"
         return self.value
+
+
+#: The kinds a meta-layer declares (``orthofx.graph.config.MetaSpec.kind``,
+#: ``orthofx.nn.meta.MetaLayerInfo.kind``): the matrix function it applies to its input.
+KINDS: tuple[str, ...] = ("sqrtm", "invsqrtm", "eigh", "eigvalsh", "svd", "svdvals")
 
 
 class NodeKind(str, Enum):

@@ -16,8 +16,9 @@ import builtins
 import importlib
 import operator
 from dataclasses import dataclass
+from enum import Enum
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ from orthofx.graph.config import AnalysisConfig, MetaSpec
 
 __all__ = [
     "Role",
+    "ROLES_BEFORE_COV",
+    "ROLES_AFTER_COV",
+    "TorchDecomposition",
+    "TORCH_DECOMPOSITIONS",
     "META_FUNCTIONS",
     "META_METHODS",
     "OUTPUT_FIELDS",
@@ -50,8 +55,10 @@ __all__ = [
 ]
 
 
-class Role:
-    """What an op does on the walk from a producer to a meta-layer (string constants)."""
+class Role(str, Enum):
+    """What an op does on the walk from a producer to a meta-layer.
+
+    A ``str`` enum: members compare, hash and serialise (JSON) as their values."""
 
     RESHAPE = "reshape"          # view/reshape/flatten/permute/transpose/(un)squeeze/contiguous
     CAST = "cast"                # dtype/device casts, clone, detach
@@ -71,11 +78,18 @@ class Role:
     META = "meta"
     STOP = "stop"
 
-    #: roles allowed before the covariance (on the feature map)
-    BEFORE_COV = frozenset({RESHAPE, CAST, ACTIVATION, NORM, DROPOUT, IDENTITY, POOL, SCALE,
-                            SHIFT, POINTWISE, CENTER, BATCH_SELECT})
-    #: roles allowed after the covariance (on the matrix that is decomposed)
-    AFTER_COV = frozenset({RESHAPE, CAST, IDENTITY, SCALE, SHIFT, SYMMETRIZE, BATCH_SELECT})
+    def __str__(self) -> str:  # "reshape", not "Role.RESHAPE"
+        return self.value
+
+
+#: roles allowed before the covariance (on the feature map)
+ROLES_BEFORE_COV: frozenset[Role] = frozenset({
+    Role.RESHAPE, Role.CAST, Role.ACTIVATION, Role.NORM, Role.DROPOUT, Role.IDENTITY, Role.POOL,
+    Role.SCALE, Role.SHIFT, Role.POINTWISE, Role.CENTER, Role.BATCH_SELECT})
+#: roles allowed after the covariance (on the matrix that is decomposed)
+ROLES_AFTER_COV: frozenset[Role] = frozenset({
+    Role.RESHAPE, Role.CAST, Role.IDENTITY, Role.SCALE, Role.SHIFT, Role.SYMMETRIZE,
+    Role.BATCH_SELECT})
 
 
 # --------------------------------------------------------------------------- meta-layers
@@ -84,13 +98,37 @@ _EIGVALSH = MetaSpec("eigvalsh")
 _SVD = MetaSpec("svd")
 _SVDVALS = MetaSpec("svdvals")
 
+
+class TorchDecomposition(NamedTuple):
+    """One of torch's decomposition callables.
+
+    Attributes:
+        name: how reports write it (``"torch.linalg.eigh"``).
+        kind: the meta-layer kind (one of :data:`~orthofx.graph.ops.KINDS`).
+        returns: its return convention: ``"linalg_eigh"``, ``"linalg_svd"`` (named tuples),
+            ``"svd"`` (``torch.svd``'s ``U, S, V``) or ``"tensor"``.
+    """
+
+    name: str
+    kind: str
+    returns: str
+
+
+#: torch's decomposition callables, matched by identity. The one table behind
+#: :data:`META_FUNCTIONS`, the names in reports and ``orthofx.nn.stable.kind_of_target``.
+TORCH_DECOMPOSITIONS: Mapping[Callable[..., Any], TorchDecomposition] = MappingProxyType({
+    torch.linalg.eigh: TorchDecomposition("torch.linalg.eigh", "eigh", "linalg_eigh"),
+    torch.linalg.eigvalsh: TorchDecomposition("torch.linalg.eigvalsh", "eigvalsh", "tensor"),
+    torch.linalg.svd: TorchDecomposition("torch.linalg.svd", "svd", "linalg_svd"),
+    torch.linalg.svdvals: TorchDecomposition("torch.linalg.svdvals", "svdvals", "tensor"),
+    torch.svd: TorchDecomposition("torch.svd", "svd", "svd"),
+})
+
+_SPEC_OF_KIND = {"eigh": _EIGH, "eigvalsh": _EIGVALSH, "svd": _SVD, "svdvals": _SVDVALS}
+
 #: torch functions that decompose their first argument.
 META_FUNCTIONS: Mapping[Callable[..., Any], MetaSpec] = MappingProxyType({
-    torch.linalg.eigh: _EIGH,
-    torch.linalg.eigvalsh: _EIGVALSH,
-    torch.linalg.svd: _SVD,
-    torch.linalg.svdvals: _SVDVALS,
-    torch.svd: _SVD,
+    f: _SPEC_OF_KIND[d.kind] for f, d in TORCH_DECOMPOSITIONS.items()
 })
 #: Tensor methods that decompose ``self``.
 META_METHODS: Mapping[str, MetaSpec] = MappingProxyType({"svd": _SVD})

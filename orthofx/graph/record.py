@@ -310,13 +310,16 @@ def quiet_user_hooks(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kept_state(model: nn.Module, keep_new: str | None = None) -> Iterator[None]:
+def kept_state(model: nn.Module, keep_new: str | None = None, *, values: bool = False) -> Iterator[None]:
     """Restore training flags, module attributes (incl. reassigned buffers/params), RNGs.
 
     ``keep_new``: a prefix of new attribute names that are kept (the fx tracer stores tensor
-    constants on the root as ``_tensor_constant<i>``).
+    constants on the root as ``_tensor_constant<i>``). ``values``: also restore the values of
+    buffers changed in place (symbolic tracing runs in-place updates of running statistics
+    whose operands are not Proxies for real).
     """
     modules = list(model.modules())
+    saved_values = [(b, b.detach().clone()) for b in model.buffers()] if values else []
     flags = [m.training for m in modules]
     attrs = [dict(m.__dict__) for m in modules]
     tables = [(dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in modules]
@@ -343,6 +346,10 @@ def kept_state(model: nn.Module, keep_new: str | None = None) -> Iterator[None]:
                     table.clear()
                     table.update(old)
             m.training = flag
+        with torch.no_grad():
+            for b, v in saved_values:
+                if b.shape == v.shape and b.dtype == v.dtype:
+                    b.copy_(v)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

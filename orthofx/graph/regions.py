@@ -4,8 +4,11 @@ The **region** of a covariance C is what is computed from C alone: the ops after
 data-dependent inputs all lie in the region (constants, buffers and Python scalars may join).
 It never crosses
 
-* an op with a parameter operand (the next layer), nor
-* an op that also takes other features (``W·X``: the *use* of the matrix function), nor
+* a matrix product or convolution with a parameter operand (the next layer), nor
+* a matrix product or convolution that also takes other features (``W·X``: the *use* of the
+  matrix function), nor an elementwise op with other features;
+  elementwise ops with a parameter (a learned scalar, shrinkage or mixing weight) or with
+  another matrix of the same size (a mixture of covariances) stay in the region, nor
 * a softmax (attention scores ``q kᵀ`` are not meta-layers).
 
 C is a meta-layer when its region holds a matrix function:
@@ -25,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from orthofx.graph.covariances import operands
-from orthofx.graph.ops import DECOMPOSITIONS, MatFn, NodeKind, NORMS, REGION_STOPS
-from orthofx.graph.record import Recording, Ref
+from orthofx.graph.ops import CONVOLUTIONS, DECOMPOSITIONS, MatFn, NodeKind, NORMS, PRODUCTS, REGION_STOPS
+from orthofx.graph.record import Node, Recording, Ref
 
 __all__ = ["Region", "region_of"]
 
@@ -68,6 +71,11 @@ def region_of(rec: Recording, cov: int, *, limit: int = 20000) -> Region:
             stops[n.op] = stops.get(n.op, 0) + 1
             continue
         outside = [r for r in data_in if r.node not in inside]
+        if outside and n.op not in PRODUCTS and n.op not in CONVOLUTIONS:
+            # elementwise on the matrix itself: a learned scalar / shrinkage / mixing weight
+            # (``w·Σ``, ``Σ + softplus(p)·I``) and another matrix of the same size (a mixture of
+            # covariances, as in switchable whitening) join the region like constants
+            outside = [r for r in outside if rec.node(r).data and not _same_matrix(rec, r, n)]
         if outside:
             why = "parameter" if any(rec.node(r).param and not rec.node(r).data for r in outside) else "use"
             stops[why] = stops.get(why, 0) + 1
@@ -80,6 +88,15 @@ def region_of(rec: Recording, cov: int, *, limit: int = 20000) -> Region:
                 heapq.heappush(frontier, u)
     kind, site, products = _matrix_function(rec, order, inside)
     return Region(cov, order, kind, site, products, stops)
+
+
+def _same_matrix(rec: Recording, r: Ref, n: Node) -> bool:
+    """Operand ``r`` of ``n`` is a square matrix (batch) of the size of ``n``'s output."""
+    node = rec.node(r)
+    shape = node.shapes[r.out] if r.out < len(node.shapes) else None
+    out = n.shape
+    return (shape is not None and out is not None and len(shape) >= 2 and len(out) >= 2
+            and shape[-1] == shape[-2] == out[-1] == out[-2])
 
 
 def _matrix_function(rec: Recording, order: list[int], inside: set[int]
@@ -116,7 +133,8 @@ def _matrix_function(rec: Recording, order: list[int], inside: set[int]
     if has_norm and vector_products >= 1:
         return MatFn.POWER_ITERATION, products[0], len(products)
     if len(products) >= 2:
-        return _newton_schulz_kind(rec, order[0], products), products[-1], len(products)
+        used = [i for i in products if rec.nodes[i].users] or products  # the last round's unused iterate is dead
+        return _newton_schulz_kind(rec, order[0], used), used[-1], len(products)
     return None, None, len(products)
 
 

@@ -365,7 +365,7 @@ def trace(
         try:
             # a forward that reassigns buffers or attributes would leave fx Proxies in the
             # model, whether the trace succeeds or not: its state is restored either way
-            with kept_state(model, keep_new="_tensor_constant"):
+            with kept_state(model, keep_new="_tensor_constant", values=True):
                 graph = tracer.trace(model, concrete_args)
             break
         except TraceFailure:

@@ -15,9 +15,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from orthofx.graph.ops import KINDS
+
 __all__ = ["MetaLayerInfo", "MetaLayer", "is_meta_layer"]
 
-KINDS = ("sqrtm", "invsqrtm", "eigh", "eigvalsh", "svd", "svdvals")
 INPUTS = ("features", "covariance")
 
 

@@ -35,26 +35,17 @@ from torch import Tensor
 
 from orthofx import linalg
 from orthofx.errors import ConfigError
+from orthofx.graph.patterns import TORCH_DECOMPOSITIONS
 from orthofx.nn.meta import MetaLayer, MetaLayerInfo
 
 __all__ = ["StableDecomposition", "STABLE_KINDS", "kind_of_target"]
 
-# original callable -> (kind, return convention)
+# original callable -> (kind, return convention), from the one table of torch decompositions
 _TARGETS: dict[Callable[..., Any], tuple[str, str]] = {
-    torch.linalg.eigh: ("eigh", "linalg_eigh"),
-    torch.linalg.eigvalsh: ("eigvalsh", "tensor"),
-    torch.linalg.svd: ("svd", "linalg_svd"),
-    torch.linalg.svdvals: ("svdvals", "tensor"),
-    torch.svd: ("svd", "svd"),
+    f: (d.kind, d.returns) for f, d in TORCH_DECOMPOSITIONS.items()
 }
-_PUBLIC_NAMES = {
-    torch.linalg.eigh: "torch.linalg.eigh",
-    torch.linalg.eigvalsh: "torch.linalg.eigvalsh",
-    torch.linalg.svd: "torch.linalg.svd",
-    torch.linalg.svdvals: "torch.linalg.svdvals",
-    torch.svd: "torch.svd",
-}
-STABLE_KINDS = ("eigh", "eigvalsh", "svd", "svdvals")
+_PUBLIC_NAMES = {f: d.name for f, d in TORCH_DECOMPOSITIONS.items()}
+STABLE_KINDS = tuple(dict.fromkeys(d.kind for d in TORCH_DECOMPOSITIONS.values()))
 
 
 def kind_of_target(target: Any) -> tuple[str, str] | None:
