@@ -150,6 +150,12 @@ class ChainStep:
     shape: tuple[int, ...] | None = None
     graph: str = ""
 
+    def __post_init__(self) -> None:
+        # a plain str, also when given a str Enum (``Role``): reports go into checkpoints that
+        # must load with ``torch.load(weights_only=True)``
+        if isinstance(self.role, str) and type(self.role) is not str:
+            object.__setattr__(self, "role", str.__str__(self.role))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "node": self.node, "op": self.op, "target": self.target, "role": self.role,
