@@ -22,6 +22,7 @@ from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan, SwapRecord, apply_plan, apply_weight_treatments, swap_meta_layers
+from orthofx.fuse import fuse_reconstructions
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
@@ -396,7 +397,13 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
     if not fx_analysis.entries:
         return work, None, [f"raw decompositions kept as they are ({where}): the symbolic trace does not "
                             f"show them"]
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    fused = fuse_reconstructions(gm, fx_analysis.entries, inputs)
+    fused_nodes = {f.node for f in fused}
+    fx_analysis.entries = [e for e in fx_analysis.entries if e.node not in fused_nodes]
     swaps = swap_meta_layers(gm, fx_analysis)
+    swaps += [SwapRecord(node=f.node, original="torch.linalg.eigh + U f(Λ) Uᵀ", kind=f.usage, module=f.module)
+              for f in fused]
     if not swaps:
         return work, None, []
     missing = _incomplete(work, gm)
@@ -404,7 +411,6 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
         return work, None, [f"raw decompositions kept as they are ({where}): a rewritten graph would lose "
                             f"{missing}; the original module is kept"]
     if verify:
-        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         check = verify_rewrite(work, gm, inputs)
         if not check.ok:
             return work, None, [f"stable rewrite of {where} not applied: the rewritten model {check.describe()}; "

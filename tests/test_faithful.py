@@ -355,3 +355,43 @@ def test_plan_of_a_rewritten_graph_survives_pickle_then_deepcopy() -> None:
     assert plan_of(copy.deepcopy(gm)) is not None
     plain = orthofx.strip(back, keep_stable=True)
     assert plan_of(plain) is None
+
+
+def _ns_sqrt(a: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """Reference (A)^{1/2} by coupled Newton–Schulz in float64: autograd through the converged
+    iteration gives the exact derivative, also for repeated eigenvalues."""
+    n = a.shape[-1]
+    norm = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    y, z = a / norm, torch.eye(n, dtype=a.dtype).expand_as(a)
+    eye3 = 3 * torch.eye(n, dtype=a.dtype)
+    for _ in range(iters):
+        t = 0.5 * (eye3 - z @ y)
+        y, z = y @ t, t @ z
+    return y * norm.sqrt()
+
+
+def test_eigh_reconstruction_is_fused_into_the_exact_meta_layer_on_repeated_eigenvalues() -> None:
+    class Net(nn.Module):
+        def __init__(self, sqrt=None) -> None:
+            super().__init__()
+            self.reduce = nn.Conv2d(3, 5, 1)
+            self.sqrt = sqrt
+
+        def forward(self, x):
+            f = self.reduce(x).flatten(2)  # 5 channels, 2 positions: rank <= 2
+            cov = f @ f.mT / f.shape[-1] + 1e-2 * torch.eye(5, dtype=f.dtype)  # λ = 1e-2 three times
+            if self.sqrt is not None:
+                return self.sqrt(cov).sum((1, 2))
+            lam, u = torch.linalg.eigh(cov)
+            return (u @ torch.diag_embed(lam.sqrt()) @ u.mT).sum((1, 2))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(3, 3, 1, 2, dtype=torch.float64)
+    gm, report = orthofx.transform(model, x)
+    assert [s.kind for s in report.swapped] == ["sqrtm"], report.notes
+    ref = Net(_ns_sqrt).double()
+    ref.load_state_dict(model.state_dict())
+    gm(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(gm.reduce.weight.grad, ref.reduce.weight.grad, rtol=1e-8, atol=1e-10)

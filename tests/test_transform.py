@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import orthofx
+from orthofx.fuse import ExactSpectral
 from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.nn import StableDecomposition
 
@@ -66,7 +67,8 @@ def test_transform_finds_producer_and_swaps_raw_eigh():
     assert report.producers == ["reduce"]
     assert report.modified
     (swap,) = report.swapped
-    assert swap.kind == "eigh" and isinstance(gm.get_submodule(swap.module), StableDecomposition)
+    # the eigh + U √Λ Uᵀ reconstruction is fused into the exact sqrtm meta-layer
+    assert swap.kind == "sqrtm" and isinstance(gm.get_submodule(swap.module), ExactSpectral)
     assert not any(n.op == "call_function" and n.target is torch.linalg.eigh for n in gm.graph.nodes)
     text = str(report)
     assert "reduce" in text and "swapped" in text and "nog" in text

@@ -1,0 +1,169 @@
+"""Fuse a raw ``eigh`` + reconstruction ``U f(Λ) Uᵀ`` into orthofx's exact meta-layer.
+
+A user's ``lam, U = torch.linalg.eigh(C); Y = U @ diag(f(lam)) @ U.mT`` with f = √· or 1/√·
+(``usage`` "sqrtm"/"invsqrtm" of the symbolic analysis) is replaced, in a traced GraphModule, by
+``Y = orthofx.linalg.sqrtm(C)`` / ``invsqrtm(C)``: the same forward (float64 eigh, eigenvalue
+floor n·eps·λ_max) with the exact Daleckii–Krein backward, which is exact and finite also for
+repeated eigenvalues (where any backward through the eigenvectors alone is not).
+
+Which node holds the finished reconstruction is decided by what runs: the graph is run once on
+the example inputs (on a copy, in training mode), and the first descendant of the ``eigh``
+whose value equals ``C^{±1/2}`` (float64 reference, relative 1e-4 of its largest entry) is
+the one replaced. Nodes that then feed nothing are removed. The caller verifies the result
+against the original model (:mod:`orthofx.verify`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from orthofx.errors import InputError
+
+from orthofx.graph.record import quiet_user_hooks
+from orthofx.linalg import invsqrtm, sqrtm
+from orthofx.rewrite import STABLE_PREFIX
+
+__all__ = ["FusedRecord", "ExactSpectral", "fuse_reconstructions"]
+
+_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class FusedRecord:
+    """An eigh + reconstruction replaced by an exact meta-layer."""
+
+    node: str      # the eigh node
+    output: str    # the node whose value was U f(Λ) Uᵀ
+    usage: str     # "sqrtm" | "invsqrtm"
+    module: str    # the ExactSpectral submodule that replaces them
+
+
+class ExactSpectral(nn.Module):
+    """``(A)^{1/2}`` or ``(A)^{-1/2}`` with the exact Daleckii–Krein backward
+    (:func:`orthofx.linalg.sqrtm` / :func:`~orthofx.linalg.invsqrtm`, float64 eigh, eigenvalue
+    floor n·eps·λ_max), standing in for a user's eigh + reconstruction; errors name it."""
+
+    def __init__(self, usage: str, name: str) -> None:
+        super().__init__()
+        self.usage = usage
+        self.name = name
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        fn = sqrtm if self.usage == "sqrtm" else invsqrtm
+        tracing = torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
+        try:
+            return fn(a, validate=not tracing)
+        except InputError as exc:
+            raise InputError(f"meta-layer {self.name} (torch.linalg.eigh + U f(Λ) Uᵀ, fused by orthofx): "
+                             f"{exc}") from None
+
+    def extra_repr(self) -> str:
+        return f"usage={self.usage!r}, name={self.name!r}"
+
+
+def _values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
+    """Every node's value from one training-mode run of a copy of ``gm``."""
+    values: dict[str, Any] = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    twin = copy.deepcopy(gm).train()
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad(), quiet_user_hooks(twin):
+            _Rec(twin).run(*inputs)
+    finally:
+        torch.set_rng_state(rng)
+    return values
+
+
+def _reference(c: torch.Tensor, usage: str) -> torch.Tensor:
+    d = c.detach().double()
+    lam, u = torch.linalg.eigh((d + d.mT) / 2)
+    lam = lam.clamp_min(float(lam.abs().amax()) * d.shape[-1] * torch.finfo(torch.float64).eps)
+    f = lam.sqrt() if usage == "sqrtm" else lam.rsqrt()
+    return u @ torch.diag_embed(f) @ u.mT
+
+
+def _close(v: Any, ref: torch.Tensor) -> bool:
+    if not isinstance(v, torch.Tensor) or v.shape != ref.shape or not v.is_floating_point():
+        return False
+    diff = (v.detach().double() - ref).abs().amax()
+    return bool(diff <= _RTOL * ref.abs().amax())
+
+
+def fuse_reconstructions(gm: fx.GraphModule, entries: Sequence[Any], example_inputs: Sequence[Any]
+                         ) -> list[FusedRecord]:
+    """Fuse each raw eigh entry (``source == "torch"``, ``kind == "eigh"``, usage sqrtm or
+    invsqrtm) of ``entries`` (symbolic-analysis entries naming nodes of ``gm``). Returns what
+    was fused; ``gm`` is recompiled when anything was."""
+    targets = [e for e in entries if e.source == "torch" and e.kind == "eigh"
+               and e.usage in ("sqrtm", "invsqrtm")]
+    if not targets:
+        return []
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    try:
+        values = _values(gm, example_inputs)
+    except Exception:  # noqa: BLE001 - cannot run: nothing is fused (the swap still applies)
+        return []
+    done: list[FusedRecord] = []
+    for e in {e.node: e for e in targets}.values():
+        eig = nodes.get(e.node)
+        if eig is None or not eig.args or not isinstance(eig.args[0], fx.Node):
+            continue
+        cov = eig.args[0]
+        c = values.get(cov.name)
+        if not isinstance(c, torch.Tensor) or c.dim() < 2:
+            continue
+        ref = _reference(c, e.usage)
+        below = _descendants(eig)
+        hit = next((n for n in sorted(below, key=order.__getitem__) if _close(values.get(n.name), ref)), None)
+        if hit is None:
+            continue
+        module = f"{STABLE_PREFIX}{e.node}"
+        gm.add_submodule(module, ExactSpectral(e.usage, f"{e.node} in {e.scope or '<root>'}"))
+        with gm.graph.inserting_before(hit):
+            new = gm.graph.call_module(module, (cov,))
+        new.meta.update(hit.meta)
+        hit.replace_all_uses_with(new)
+        _remove_dead(gm.graph, below)
+        done.append(FusedRecord(e.node, hit.name, e.usage, module))
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    out: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n in out or n.op == "output":
+            continue
+        out.add(n)
+        stack.extend(n.users)
+    return out | {node}
+
+
+def _remove_dead(graph: fx.Graph, candidates: set[fx.Node]) -> None:
+    """Erase the candidates that no longer feed anything (the eigh and its old reconstruction)."""
+    changed = True
+    while changed:
+        changed = False
+        for n in list(candidates):
+            if n.graph is graph and not n.users and n.op not in ("output", "placeholder"):
+                graph.erase_node(n)
+                candidates.discard(n)
+                changed = True
