@@ -47,7 +47,7 @@ _WEIGHT_TOKENS = ("ow", "sn", "ol")
 _TOKENS = ("svd", "nog", "olr") + _WEIGHT_TOKENS
 
 _POLAR_METHODS = ("svd", "eigh", "ns", "polar_express", "auto")
-_OW_METHODS = ("expm", "cayley")
+_OW_METHODS = ("expm", "cayley", "soc")  # = orthofx.treatments.weight.OW_METHODS
 
 
 # ---------------------------------------------------------------------------- validators
@@ -145,7 +145,10 @@ class OrthoConfig:
         weight: ``None``, ``"ow"`` (orthogonal weight W = exp(A − Aᵀ) on the flattened
             (out, in·k·k) weight), ``"sn"`` (W / σ_max(W)) or ``"ol"`` (loss ‖WWᵀ − I‖_F).
         ow_method: ``"expm"`` (the paper's matrix exponential) or ``"cayley"``
-            ((I − S/2)⁻¹(I + S/2), much cheaper for wide weights).
+            ((I − S/2)⁻¹(I + S/2), much cheaper for wide weights), or ``"soc"`` (the
+            authors' code: skew-orthogonal convolution, an orthogonal conv operator; only
+            stride-1 'same' Conv2d producers with in == out and an odd square kernel — any
+            other producer raises TreatmentError; ``strip`` refuses it).
         ol_weight: multiplier of the orthogonality loss returned by
             ``orthofx.orthogonality_loss`` (only with ``weight="ol"``).
         sn_method: ``"exact"`` (σ_max from ``svdvals`` every forward: σ_max(W) = 1 to

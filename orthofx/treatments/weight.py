@@ -7,7 +7,9 @@ rows produce the channels of the covariance. This differs from
 ``kh × kw`` matrices.
 
 * **OW** :class:`FlatOrthogonal` / :func:`register_orthogonal` — hard orthogonality by the
-  exponential (or Cayley) map of a skew-symmetric matrix.
+  exponential (or Cayley) map of a skew-symmetric matrix; or, with ``method="soc"``,
+  :class:`SOCOrthogonal`, the skew-orthogonal convolution (an orthogonal *operator*, not a
+  weight). The methods are the table :data:`OW_METHODS`; a new one is one entry there.
 * **SN** :class:`FlatSpectralNorm` / :func:`register_spectral_norm` — ``W / σ_max(W)``.
 * **OL** :func:`orthogonality_loss` — ``Σ ‖W Wᵀ − I‖_F``.
 * :func:`bake`, :func:`treatment_of`, :func:`plain_state_dict` — for strip/export.
@@ -18,8 +20,10 @@ same treatment was already there (a second call never stacks a second parametriz
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Iterable, Literal
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +37,9 @@ from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
 
 __all__ = [
     "FlatOrthogonal",
+    "SOCOrthogonal",
+    "OWMethodSpec",
+    "OW_METHODS",
     "FlatSpectralNorm",
     "register_orthogonal",
     "register_spectral_norm",
@@ -43,8 +50,9 @@ __all__ = [
     "plain_state_dict",
 ]
 
-OWMethod = Literal["expm", "cayley"]
-_OW_METHODS = ("expm", "cayley")
+OWMethod = Literal["expm", "cayley", "soc"]
+#: the methods of :class:`FlatOrthogonal` (matrix maps of the flattened weight)
+_FLAT_METHODS = ("expm", "cayley")
 
 
 # --------------------------------------------------------------------------- OW
@@ -126,8 +134,11 @@ class FlatOrthogonal(nn.Module):
         self, shape: torch.Size | tuple[int, ...], method: OWMethod = "expm", lowrank: bool | None = None
     ) -> None:
         super().__init__()
-        if method not in _OW_METHODS:
-            raise ConfigError(f"FlatOrthogonal: method={method!r}; use one of {_OW_METHODS}")
+        if method not in _FLAT_METHODS:
+            raise ConfigError(
+                f"FlatOrthogonal: method={method!r}; use one of {_FLAT_METHODS} "
+                "('soc' is SOCOrthogonal, registered by register_orthogonal)"
+            )
         self.shape = torch.Size(shape)
         self.out, self.n = flat_shape(self.shape)
         self.k, self.n_big = min(self.out, self.n), max(self.out, self.n)
@@ -256,6 +267,195 @@ def _solve(A: Tensor, B: Tensor) -> Tensor:
     return torch.linalg.solve_ex(A, B, check_errors=False)[0]
 
 
+# --------------------------------------------------------------------------- OW: SOC
+#: terms T of the truncated series exp(M) x ≈ Σ_{j=0..T} M^j x / j! (T convolutions per forward)
+SOC_TERMS = 10
+#: bound ρ on the operator norm of the scaled skew convolution: ‖M‖₂ ≤ SOC_RADIUS
+SOC_RADIUS = 1.0
+
+
+def soc_truncation_bound(terms: int = SOC_TERMS, radius: float = SOC_RADIUS) -> float:
+    r"""Bound on ``‖JᵀJ − I‖₂`` of the SOC layer's linear map J = Σ_{j≤T} M^j/j! when M is
+    skew-symmetric with ``‖M‖₂ ≤ ρ``: ``2ε + ε²`` with ``ε = ρ^{T+1}/(T+1)!``.
+
+    M is normal with eigenvalues iλ, |λ| ≤ ρ, so J is normal with singular values
+    ``|p_T(iλ)|`` (p_T the Taylor polynomial of exp) and ``p_T(iλ) = e^{iλ} − r``,
+    ``|r| ≤ |λ|^{T+1}/(T+1)!`` (integral remainder; |e^{itλ}| = 1). Hence
+    ``||p_T(iλ)|² − 1| ≤ 2|r| + |r|²``. T = 10, ρ = 1: 5.0e-8 (below float32 rounding of
+    10 convolutions); T = 6: 4.0e-4.
+    """
+    eps = radius ** (terms + 1) / math.factorial(terms + 1)
+    return 2 * eps + eps * eps
+
+
+class SOCOrthogonal(FlatOrthogonal):
+    r"""Skew-orthogonal convolution (SOC, Singla & Feizi 2021), the OW of the authors' code,
+    as the weight half of ``ow_method="soc"``.
+
+    The trainable tensor ``L`` (``parametrizations.weight.original``, shape (C, C, k, k),
+    the layer's own weight at registration) is made **skew-adjoint as a convolution
+    operator** and scaled: this parametrization returns the kernel
+
+        M = c · (L − L*),   L*[o, i, a, b] = L[i, o, k−1−a, k−1−b]   (the adjoint's kernel)
+        c = min(1, ρ / β(L − L*)),   β(K) = k · σ_max(K.reshape(C, C·k·k)),   ρ = SOC_RADIUS.
+
+    For a stride-1, 'same'-padded conv (odd k) the adjoint of ``x ↦ conv(x, K)`` is exactly
+    ``x ↦ conv(x, K*)`` with **zero** as well as **circular** padding (entry (o,p),(i,q) of
+    the operator is K[o,i,q−p+k//2] in both, and zero padding drops the same out-of-image
+    taps on both sides), so ``x ↦ conv(x, M)`` is an exactly skew-symmetric operator.
+    ``β`` is a guaranteed bound on its operator norm for every image size and both paddings
+    (``conv(x, K) = [K_1 … K_{k²}] [S_1x; …; S_{k²}x]`` with shifts ‖S_t‖ ≤ 1), so
+    ``‖M‖₂ ≤ ρ`` always; generators inside the ball are not scaled (M = 0 gives the identity).
+    The authors' code divides by a power-iteration *estimate* instead; the exact bound here
+    needs no state, no image size, and makes the truncation error a guaranteed bound.
+
+    The module's forward (installed by :func:`register_orthogonal`, see :data:`OW_METHODS`)
+    then applies ``y = Σ_{j=0..T} M^j x / j! + bias``: T = ``SOC_TERMS`` convolutions of the
+    *input* with the layer's own padding. Its linear part is orthogonal up to
+    :func:`soc_truncation_bound` (5e-8 for the defaults). ``module.weight`` reads M, the
+    generator of the operator, **not** a kernel the layer applies once; therefore SOC cannot
+    be baked (:func:`bake`, ``orthofx.strip`` and :func:`plain_state_dict` refuse it).
+
+    dtype: float16/bfloat16 weights compute M in float32 and return it in their dtype.
+    """
+
+    def __init__(
+        self, shape: torch.Size | tuple[int, ...], terms: int = SOC_TERMS, radius: float = SOC_RADIUS
+    ) -> None:
+        nn.Module.__init__(self)  # FlatOrthogonal's state (base, low-rank route) is not used
+        self.shape = torch.Size(shape)
+        self.out, self.n = flat_shape(self.shape)
+        self.k, self.n_big = min(self.out, self.n), max(self.out, self.n)
+        self.wide = self.out < self.n
+        self.method = "soc"
+        self.lowrank = False
+        self.terms = int(terms)
+        self.radius = float(radius)
+
+    def extra_repr(self) -> str:
+        return f"method='soc', kernel={tuple(self.shape)}, terms={self.terms}, radius={self.radius:g}"
+
+    def forward(self, L: Tensor) -> Tensor:
+        cd = compute_dtype(L.dtype)
+        with no_autocast(L.device.type):
+            Lc = L.to(cd)
+            K = Lc - Lc.transpose(0, 1).flip(-2, -1)
+            beta = self.shape[-1] * torch.linalg.matrix_norm(K.reshape(K.shape[0], -1), ord=2)
+            over = beta > self.radius
+            c = torch.where(over, self.radius / torch.where(over, beta, 1.0), 1.0)
+            return (K * c).to(L.dtype)
+
+    @torch.no_grad()
+    def right_inverse(self, W: Tensor) -> Tensor:
+        """The generator is the given kernel itself (L = W); SOC has no inverse map."""
+        check_weight(W, f"a weight of shape {tuple(W.shape)}", "OW(soc)")
+        if W.shape != self.shape:
+            raise TreatmentError(
+                f"OW(soc): assigned a weight of shape {tuple(W.shape)} to a parametrization of "
+                f"shape {tuple(self.shape)}"
+            )
+        return W.clone()
+
+
+def _soc_forward(self: nn.Conv2d, input: Tensor) -> Tensor:
+    """Forward of a Conv2d under SOC: ``Σ_{j=0..T} M^j x / j! + bias`` (M = ``self.weight``)."""
+    M = self.weight
+    terms = self.parametrizations.weight[0].terms
+    z = term = input
+    for j in range(1, terms + 1):
+        term = self._conv_forward(term, M, None) / j
+        z = z + term
+    if self.bias is not None:
+        z = z + self.bias[:, None, None]
+    return z
+
+
+def _soc_build(module: nn.Module, name: str, W: Tensor, label: str, lowrank: bool | None) -> nn.Module:
+    """SOCOrthogonal for a supported conv; TreatmentError naming the layer and the reason."""
+    why = None
+    if not isinstance(module, nn.Conv2d):
+        why = (f"it is a {type(module).__name__}, SOC is a convolution operator and needs an nn.Conv2d "
+               "(use ow_method='expm' or 'cayley' for this layer)")
+    elif name != "weight":
+        why = f"SOC replaces the conv's forward and acts on its 'weight', not {name!r}"
+    elif type(module).forward is not nn.Conv2d.forward:
+        why = f"its class {type(module).__name__} overrides forward, which SOC would replace"
+    else:
+        k = module.kernel_size
+        if module.in_channels != module.out_channels:
+            why = (f"in_channels={module.in_channels} != out_channels={module.out_channels}; an "
+                   "orthogonal operator exp(M) needs a square map")
+        elif module.groups != 1:
+            why = f"groups={module.groups}; SOC needs groups=1"
+        elif module.stride != (1, 1) or module.dilation != (1, 1):
+            why = f"stride={module.stride}, dilation={module.dilation}; SOC needs stride 1 and dilation 1"
+        elif k[0] != k[1] or k[0] % 2 == 0:
+            why = f"kernel_size={k}; SOC needs a square kernel of odd size"
+        elif module.padding not in ("same", (k[0] // 2, k[1] // 2)):
+            why = f"padding={module.padding}; SOC needs 'same' padding ({k[0] // 2})"
+        elif module.padding_mode not in ("zeros", "circular"):
+            why = (f"padding_mode={module.padding_mode!r}; only 'zeros' and 'circular' padding keep "
+                   "the adjoint a convolution")
+    if why is not None:
+        raise TreatmentError(f"OW(soc) cannot be applied to {label}: {why}")
+    if lowrank is not None:
+        raise ConfigError(f"OW(soc) on {label}: lowrank applies only to 'expm'/'cayley'")
+    return SOCOrthogonal(W.shape)
+
+
+# --------------------------------------------------------------------------- OW methods
+@dataclass(frozen=True)
+class OWMethodSpec:
+    """One OW method: how :func:`register_orthogonal` builds it and what baking may do.
+
+    Attributes:
+        build: ``(module, name, weight, label, lowrank) -> parametrization`` (a
+            :class:`FlatOrthogonal`, so ``treatment_of`` reports ``"ow"``); raises
+            :class:`TreatmentError` naming ``label`` for a producer it does not support.
+        forward: replaces the module's forward after registration (set on the class
+            ``parametrize`` made for this module, so ``remove_parametrizations`` drops it);
+            ``None``: the module applies its parametrized weight as usual.
+        bakeable: whether :func:`bake` / ``orthofx.strip`` / :func:`plain_state_dict` can
+            replace it by a plain weight of the same module.
+        summary: one line for messages and docs.
+    """
+
+    build: Callable[[nn.Module, str, Tensor, str, bool | None], nn.Module]
+    forward: Callable[..., Tensor] | None = None
+    bakeable: bool = True
+    summary: str = ""
+
+
+def _flat_build(method: str) -> Callable[[nn.Module, str, Tensor, str, bool | None], nn.Module]:
+    return lambda module, name, W, label, lowrank: FlatOrthogonal(W.shape, method, lowrank)
+
+
+#: the OW methods (``OrthoConfig.ow_method``); a new weight treatment is one entry here
+OW_METHODS: dict[str, OWMethodSpec] = {
+    "expm": OWMethodSpec(_flat_build("expm"), summary="exp of a skew matrix on the flattened weight"),
+    "cayley": OWMethodSpec(_flat_build("cayley"), summary="Cayley map on the flattened weight"),
+    "soc": OWMethodSpec(
+        _soc_build, forward=_soc_forward, bakeable=False,
+        summary="skew-orthogonal convolution: stride-1 'same' Conv2d, in == out, odd square kernel",
+    ),
+}
+_OW_METHODS = tuple(OW_METHODS)
+
+
+def _unbakeable(module: nn.Module, name: str, label: str, what: str) -> None:
+    """Raise TreatmentError if ``module.<name>`` carries an OW method that cannot be baked."""
+    for p in _existing(module, name):
+        if isinstance(p, FlatOrthogonal) and not OW_METHODS[p.method].bakeable:
+            raise TreatmentError(
+                f"{what}: {label} carries OW method {p.method!r} ({OW_METHODS[p.method].summary}). "
+                "The layer applies exp(M) x ≈ Σ_j M^j x / j!, a series of convolutions of the input; "
+                "that is no single kernel of the layer's shape (its receptive field grows to "
+                "(k−1)·T+1, and the padding of each term breaks translation invariance), so it "
+                "cannot be baked into a plain Conv2d. Keep the transformed model (it runs, trains "
+                "and exports as it is) and use save_checkpoint/load_checkpoint to store it"
+            )
+
+
 # --------------------------------------------------------------------------- SN
 class FlatSpectralNorm(nn.Module):
     r"""Spectral normalisation (SN) of the flattened weight: ``W / max(σ_max(W), eps)``.
@@ -320,13 +520,20 @@ def register_orthogonal(
     ``module.parametrizations.<name>.original`` (same Parameter object as before, now holding
     ``A = 0``, same shape) and the buffer ``...<name>.0.base`` holds ``Y₀``.
 
+    ``method`` is a key of :data:`OW_METHODS`. ``"soc"`` (:class:`SOCOrthogonal`) applies
+    only to an ``nn.Conv2d`` with stride 1, dilation 1, groups 1, in == out channels, an odd
+    square kernel and 'same' padding (zeros or circular); any other producer raises
+    :class:`TreatmentError` naming it and why (no fallback to another method). It keeps the
+    weight as the generator L and replaces the module's forward by the SOC series.
+
     Returns ``True`` if registered now, ``False`` if an identical OW was already there.
     Raises :class:`TreatmentError` for a non-float or 1-D weight, or when ``<name>`` already
     carries another parametrization (bake or remove it first — they are never stacked);
     :class:`ConfigError` for an unknown method. ``qualname`` only improves messages.
     """
     label = _label(module, name, qualname)
-    if method not in _OW_METHODS:
+    spec = OW_METHODS.get(method) if isinstance(method, str) else None
+    if spec is None:
         raise ConfigError(f"OW on {label}: method={method!r}; use one of {_OW_METHODS}")
     existing = _existing(module, name)
     if existing:
@@ -343,7 +550,10 @@ def register_orthogonal(
         )
     W = _current_tensor(module, name, label)
     check_weight(W, label, "OW")
-    parametrize.register_parametrization(module, name, FlatOrthogonal(W.shape, method, lowrank))
+    parametrization = spec.build(module, name, W, label, lowrank)
+    parametrize.register_parametrization(module, name, parametrization)
+    if spec.forward is not None:
+        type(module).forward = spec.forward  # the class parametrize made for this module only
     return True
 
 
@@ -450,16 +660,19 @@ def treatment_of(module: nn.Module, name: str = "weight") -> str | None:
     return "other"
 
 
-def bake(module: nn.Module, name: str = "weight") -> bool:
+def bake(module: nn.Module, name: str = "weight", *, qualname: str | None = None) -> bool:
     """Replace the parametrization of ``module.<name>`` by its current value.
 
     ``parametrize.remove_parametrizations(module, name, leave_parametrized=True)``: the
     Parameter object that was ``parametrizations.<name>.original`` becomes ``module.<name>``
     again holding the parametrized value (so the state-dict key is ``<name>`` again and
     optimizers still hold the same object). Returns ``False`` if there was nothing to bake.
+    Raises :class:`TreatmentError` (module unchanged) for an OW method that is not a weight
+    (``"soc"``: see :class:`SOCOrthogonal`).
     """
     if not parametrize.is_parametrized(module, name):
         return False
+    _unbakeable(module, name, _label(module, name, qualname), "bake")
     _private_class(module)
     with torch.no_grad():
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -482,17 +695,21 @@ def _private_class(module: nn.Module) -> None:
 
 def bake_all(model: nn.Module, *, only_orthofx: bool = True) -> list[str]:
     """:func:`bake` every parametrized tensor in ``model`` (by default only OW/SN made by
-    orthofx or torch's spectral norm); returns the qualified names baked."""
-    baked: list[str] = []
+    orthofx or torch's spectral norm); returns the qualified names baked. An OW that cannot
+    be baked (``"soc"``) raises :class:`TreatmentError` before anything is baked."""
+    todo: list[tuple[str, nn.Module, str]] = []
     for qn, m in list(model.named_modules()):
         if not parametrize.is_parametrized(m):
             continue
         for tname in list(m.parametrizations.keys()):
             if only_orthofx and treatment_of(m, tname) not in ("ow", "sn"):
                 continue
-            bake(m, tname)
-            baked.append(f"{qn}.{tname}" if qn else tname)
-    return baked
+            todo.append((f"{qn}.{tname}" if qn else tname, m, tname))
+    for full, m, tname in todo:
+        _unbakeable(m, tname, full, "bake/strip")
+    for full, m, tname in todo:
+        bake(m, tname, qualname=full.rpartition(".")[0] or None)
+    return [full for full, _, _ in todo]
 
 
 def plain_state_dict(model: nn.Module, *, keep_vars: bool = False) -> dict[str, Tensor]:
@@ -500,7 +717,13 @@ def plain_state_dict(model: nn.Module, *, keep_vars: bool = False) -> dict[str, 
     original key (``conv.weight``) and the ``parametrizations.*`` entries (``original``,
     ``0.base``, SN's ``_u``/``_v``) dropped — what :func:`bake_all` would give, without
     mutating ``model``. Note that ``original`` of OW is the generator A, not the weight, so
-    keys must never be renamed without computing the value."""
+    keys must never be renamed without computing the value. An OW that cannot be baked
+    (``"soc"``, whose ``weight`` is the generator of an operator) raises
+    :class:`TreatmentError`."""
+    for qn, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for tname in m.parametrizations.keys():
+                _unbakeable(m, tname, f"{qn}.{tname}" if qn else tname, "plain_state_dict")
     sd = model.state_dict(keep_vars=keep_vars)
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
