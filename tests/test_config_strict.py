@@ -122,3 +122,23 @@ def test_load_config_errors_name_the_file(tmp_path):
 def test_load_config_toml_bool_strings(tmp_path):
     cfg = load_config(_write(tmp_path / "c.toml", 'dataset = "synthetic"\nprogress = "false"\nresume = false\n'))
     assert cfg.progress is False and cfg.resume is False
+
+
+def test_library_errors_are_orthofx_errors() -> None:
+    """Diagnosable failures outside the config are OrthofxErrors too (issue 12)."""
+    import pytest as _pytest
+    import torch as _torch
+
+    from orthofx.errors import OrthofxError
+    from orthofx.graph import trace
+    from orthofx.linalg.newton_schulz import ns_sqrtm
+    from orthofx.nn import StableDecomposition
+
+    with _pytest.raises(OrthofxError):
+        trace("not a module")
+    with _pytest.raises(OrthofxError):
+        StableDecomposition("cholesky", "tensor")
+    with _pytest.raises(OrthofxError):
+        StableDecomposition.for_target(_torch.linalg.qr)
+    with _pytest.raises(OrthofxError):
+        ns_sqrtm(_torch.eye(3)[None], iters=0)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orthofx.errors import ConfigError
 from orthofx.nn import CovariancePooling, DecorrelatedBatchNorm
 
 __all__ = ["SmallResNetDBN", "cifar_resnet50_dbn", "resnet18_gcp", "build_model", "MODELS"]
@@ -130,4 +131,4 @@ def build_model(
         return cifar_resnet50_dbn(num_classes, backend, eps, in_channels)
     if name == "resnet18-gcp":
         return resnet18_gcp(num_classes, backend=backend, eps=eps, in_channels=in_channels)
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")

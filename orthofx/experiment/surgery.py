@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orthofx.errors import ConfigError
+
 __all__ = ["TorchGCPHead", "TorchZCAWhitening", "add_gcp_head", "add_whitening_stem"]
 
 
@@ -57,7 +59,7 @@ class TorchZCAWhitening(nn.Module):
 def _require(model: nn.Module, *names: str) -> None:
     missing = [n for n in names if not hasattr(model, n)]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no {', '.join(missing)}: head/stem insertion supports "
             "ResNet-style models (conv1, bn1, avgpool, fc); pass a module:callable spec instead"
         )

@@ -39,7 +39,7 @@ from torch import nn
 from torch.fx.proxy import Proxy
 from torch.nn.utils import parametrize
 
-from orthofx.errors import ConfigError, TraceFailure
+from orthofx.errors import ConfigError, InputError, TraceFailure
 from orthofx.graph.record import kept_state
 from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
 from orthofx.graph.patterns import Patterns, is_meta_module
@@ -355,7 +355,7 @@ def trace(
         ConfigError: a ``leaf_modules`` entry matches nothing.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"trace expects an nn.Module, got {type(model).__name__}")
+        raise InputError(f"trace expects an nn.Module, got {type(model).__name__}")
     cfg = resolve_analysis_config(config)
     patterns = Patterns(cfg)
     leaf_names, leaf_classes = _resolve_leaf_names(model, cfg.leaf_modules)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from orthofx.errors import ConfigError
+
 __all__ = ["ns_sqrtm"]
 
 
@@ -27,7 +29,7 @@ def ns_sqrtm(a: Tensor, iters: int = 5, inverse: bool = False) -> Tensor:
     only if ``iters`` is small; it is not meaningful). Output symmetrised, same dtype as ``a``.
     """
     if iters < 1:
-        raise ValueError("iters must be >= 1")
+        raise ConfigError(f"newton_schulz iters must be an int >= 1, got {iters!r}")
     n = a.shape[-1]
     eye = torch.eye(n, dtype=a.dtype, device=a.device)
     tr = torch.diagonal(a, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(a.dtype).tiny)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from orthofx.errors import ConfigError
 
 __all__ = ["SolverStats", "solver_stats", "inject_failures", "maybe_inject_failure"]
 
@@ -132,7 +133,7 @@ def inject_failures(n: int) -> Iterator[None]:
     """
     global _inject_remaining
     if n < 0:
-        raise ValueError("n must be >= 0")
+        raise ConfigError(f"n must be an int >= 0, got {n!r}")
     with _inject_lock:
         previous = _inject_remaining
         _inject_remaining = n

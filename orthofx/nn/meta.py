@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from orthofx.errors import ConfigError
 from orthofx.graph.ops import KINDS
 
 __all__ = ["MetaLayerInfo", "MetaLayer", "is_meta_layer"]
@@ -38,9 +39,9 @@ class MetaLayerInfo:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"MetaLayerInfo.kind must be one of {KINDS}, got {self.kind!r}")
         if self.input not in INPUTS:
-            raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
+            raise ConfigError(f"MetaLayerInfo.input must be one of {INPUTS}, got {self.input!r}")
 
 
 class MetaLayer(nn.Module):

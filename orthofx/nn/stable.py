@@ -95,7 +95,7 @@ class StableDecomposition(MetaLayer):
     ) -> None:
         super().__init__()
         if kind not in STABLE_KINDS:
-            raise ValueError(f"kind must be one of {STABLE_KINDS}, got {kind!r}")
+            raise ConfigError(f"StableDecomposition kind must be one of {STABLE_KINDS}, got {kind!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.kind = kind
@@ -113,7 +113,7 @@ class StableDecomposition(MetaLayer):
         """The stand-in for a raw callable (``torch.linalg.eigh`` ...) or method name (``"svd"``)."""
         spec = _method_convention(target) if isinstance(target, str) else kind_of_target(target)
         if spec is None:
-            raise ValueError(f"no stable replacement for {target!r}")
+            raise ConfigError(f"StableDecomposition: no stable replacement for {target!r}")
         return cls(spec[0], spec[1], original=target, **kwargs)
 
     def _label(self) -> str:

@@ -1,13 +1,21 @@
-r"""Gradient treatments of the paper (Sec. 5) as small composable transforms (optax style).
+r"""Gradient treatments of the paper (Sec. 5) as pure, composable transforms (optax style).
 
-A transform is a pair of functions ``(init, update)``:
+A transform is a :class:`GradientTransformation` ``(init, update, sets_lr)``:
 
 * ``state = t.init(params)`` — ``params`` is the list of producer parameters (the tensors the
   optimizer updates; for an OW-parametrized layer that is ``parametrizations.weight.original``);
-* ``new_grads = t.update(grads, params, state, **ctx)`` — ``grads[i]`` is the gradient of
-  ``params[i]`` (or ``None``: that producer is skipped and ``None`` is returned for it).
-  ``update`` never modifies ``grads`` in place; it returns new tensors and records counters
-  and learning rates in the mutable ``state`` (device tensors: no host synchronisation).
+* ``updates, new_state = t.update(updates, state, params, ctx)`` — ``updates`` is an
+  :class:`Updates` ``(grads, lr)`` (a plain list of gradients is read as ``Updates(grads)``):
+  ``grads[i]`` is the gradient of ``params[i]`` (or ``None``: that producer is skipped and
+  ``None`` is returned for it) and ``lr`` the per-producer learning rate chosen so far (a (P,)
+  device tensor, or ``None``: the optimizer's scheduled lr). ``ctx`` is a mapping of context,
+  e.g. ``{"lrs": [...]}`` (the scheduled lr of each producer, which :func:`olr` needs).
+  ``update`` never modifies ``grads`` in place and returns a new state object. Device
+  counters (the zero / non-finite counts) and the OLR history buffer are shared between
+  the old and the new state and updated in place: that keeps the step free of host
+  synchronisation and lets it replay in a CUDA graph.
+* ``sets_lr``: whether ``update`` may return ``Updates.lr`` (:func:`orthofx.treatments.attach`
+  then gives each producer its own param group so that its lr can be set).
 
 Transforms:
 
@@ -15,18 +23,26 @@ Transforms:
   (``G = U S Vᵀ``), all producers of one shape in one batched ``orthofx.linalg.polar`` call.
 * :func:`guard` — zero (and count) non-finite gradients; count zero gradients.
 * :func:`olr` — Optimal Learning Rate: computes
-  ``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` per producer and the lr to use; gradients pass
-  through unchanged (the lr is applied by :func:`orthofx.treatments.attach`).
-* :func:`chain` — compose: ``chain(nog(), olr())`` runs NOG, then OLR on the NOG gradient.
+  ``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` per producer and returns the lr to use as
+  ``Updates.lr``; the gradients pass through unchanged.
+* :func:`named_chain` — compose named transforms; the state is a :class:`ChainState`, read
+  by name (``state["olr"]``) or position. :func:`chain` is the same with names
+  ``"0", "1", …``; :func:`default_chain` is the chain ``attach`` builds from a config.
 
-``orthofx.treatments.attach`` installs a chain as an optimizer step pre-hook.
+``orthofx.treatments.attach`` installs any chain as an optimizer step pre-hook.
+
+The earlier call form ``grads = t.update(grads, params, state, **ctx)`` of the built-in
+transforms and chains still works: it is recognised by the state in the third position,
+writes the new state back into ``state`` and returns only the gradient list.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -36,25 +52,51 @@ from orthofx.treatments._common import POLAR_METHODS, flat_shape, polar
 
 __all__ = [
     "GradientTransformation",
+    "Updates",
+    "ChainState",
     "GuardState",
     "NOGState",
     "OLRState",
     "DeviceHistory",
+    "as_updates",
     "nog",
     "guard",
     "olr",
     "chain",
+    "named_chain",
+    "default_chain",
     "olr_eta",
 ]
 
 Grads = list["Tensor | None"]
 
 
+class Updates(NamedTuple):
+    """What a transform returns (and the chain passes along): the gradients and, optionally,
+    the learning rate of each producer (a (P,) tensor on the producers' device; ``None``
+    keeps the optimizer's scheduled lr)."""
+
+    grads: Grads
+    lr: Tensor | None = None
+
+
+def as_updates(x: "Updates | Sequence[Tensor | None]") -> Updates:
+    """``x`` as :class:`Updates` (a plain gradient list gets ``lr=None``)."""
+    if isinstance(x, Updates):
+        return x
+    if isinstance(x, Tensor):
+        raise TreatmentError("gradient transforms act on a list of gradients, got a single tensor")
+    return Updates(list(x), None)
+
+
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state`` and ``update(grads, params, state, **ctx) -> grads``."""
+    """``init(params) -> state`` and ``update(updates, state, params, ctx) -> (updates, state)``.
+
+    ``sets_lr``: the transform may return a per-producer lr (``Updates.lr``)."""
 
     init: Callable[[Sequence[Tensor]], Any]
-    update: Callable[..., Grads]
+    update: Callable[..., Any]
+    sets_lr: bool = False
 
 
 def _counter_device(params: Sequence[Tensor]) -> torch.device:
@@ -66,6 +108,49 @@ def _check_grad(g: Tensor, i: int, what: str) -> None:
         raise TreatmentError(f"{what}: gradient #{i} is sparse; only dense gradients are supported")
     if not g.is_floating_point():
         raise TreatmentError(f"{what}: gradient #{i} has dtype {g.dtype}; a floating-point gradient is needed")
+
+
+def _ctx(ctx: Mapping[str, Any] | None, kw: dict[str, Any]) -> dict[str, Any]:
+    if ctx is not None and not isinstance(ctx, Mapping):
+        raise TreatmentError(f"update: ctx must be a mapping, got {type(ctx).__name__}")
+    return {**(ctx or {}), **kw}
+
+
+def _assign(old: Any, new: Any) -> None:
+    """Write ``new`` into ``old`` in place (the earlier, mutating call form)."""
+    if old is new:
+        return
+    if isinstance(old, ChainState) and isinstance(new, ChainState):
+        for a, b in zip(old, new):
+            _assign(a, b)
+    elif dataclasses.is_dataclass(old) and type(old) is type(new):
+        for f in dataclasses.fields(old):
+            setattr(old, f.name, getattr(new, f.name))
+    else:
+        raise TreatmentError(
+            f"update(grads, params, state): a state of type {type(old).__name__} cannot be updated in "
+            "place; use the pure form `updates, state = t.update(updates, state, params, ctx)`"
+        )
+
+
+def _pure(state_types: type | tuple[type, ...]) -> Callable[[Callable[..., tuple[Updates, Any]]], Callable[..., Any]]:
+    """Wrap a pure ``update(updates, state, params, ctx) -> (Updates, state)``: also accept
+    context as keywords and the earlier form ``update(grads, params, state, **ctx) -> grads``
+    (recognised by an instance of ``state_types`` in the third position)."""
+
+    def wrap(fn: Callable[..., tuple[Updates, Any]]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def update(updates: Any, state: Any, params: Any = None, ctx: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+            if isinstance(params, state_types) and not isinstance(state, state_types):
+                old = params
+                out, new = fn(as_updates(updates), old, state, _ctx(ctx, kw))
+                _assign(old, new)
+                return out.grads
+            return fn(as_updates(updates), state, params, _ctx(ctx, kw))
+
+        return update
+
+    return wrap
 
 
 # --------------------------------------------------------------------------- guard / NOG
@@ -117,7 +202,11 @@ def guard() -> GradientTransformation:
         z, nf = _new_counters(params)
         return GuardState(zero=z, nonfinite=nf)
 
-    def update(grads: Sequence[Tensor | None], params: Sequence[Tensor], state: GuardState, **_: Any) -> Grads:
+    @_pure(GuardState)
+    def update(
+        updates: Updates, state: GuardState, params: Sequence[Tensor] | None, ctx: Mapping[str, Any]
+    ) -> tuple[Updates, GuardState]:
+        grads = updates.grads
         out: Grads = list(grads)
         for i, g in enumerate(grads):
             if g is None:
@@ -128,8 +217,8 @@ def guard() -> GradientTransformation:
             out[i] = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
             state.nonfinite.add_((~finite).to(state.nonfinite.device, torch.int64))
             state.zero.add_((amax == 0).to(state.zero.device, torch.int64))
-        state.steps += 1
-        return out
+        # the counters are device tensors shared with the new state (in place: no host sync)
+        return updates._replace(grads=out), dataclasses.replace(state, steps=state.steps + 1)
 
     return GradientTransformation(init, update)
 
@@ -181,7 +270,11 @@ def nog(method: str = "auto") -> GradientTransformation:
         z, nf = _new_counters(params)
         return NOGState(zero=z, nonfinite=nf, method=method)
 
-    def update(grads: Sequence[Tensor | None], params: Sequence[Tensor], state: NOGState, **_: Any) -> Grads:
+    @_pure(GuardState)
+    def update(
+        updates: Updates, state: NOGState, params: Sequence[Tensor] | None, ctx: Mapping[str, Any]
+    ) -> tuple[Updates, NOGState]:
+        grads = updates.grads
         out: Grads = list(grads)
         groups: dict[tuple[int, int, torch.dtype, torch.device], list[int]] = {}
         for i, g in enumerate(grads):
@@ -209,8 +302,7 @@ def nog(method: str = "auto") -> GradientTransformation:
             state.zero.add_(is_zero.sum().to(state.zero.device))
             for j, i in enumerate(idxs):
                 out[i] = R[j].reshape(grads[i].shape)  # type: ignore[union-attr]
-        state.steps += 1
-        return out
+        return updates._replace(grads=out), dataclasses.replace(state, steps=state.steps + 1)
 
     return GradientTransformation(init, update)
 
@@ -340,15 +432,16 @@ def olr(
         η* = (wᵀw · lᵀw) / (wᵀw · lᵀl + 2 (lᵀw)²)
         lr = η*   if 0 < η* < base   else   base,
 
-    where ``base`` is the scheduled lr (``update(..., lrs=[...])``, one float or 0-d tensor
-    per producer). η* ≤ 0, η* ≥ base, and NaN (from l = 0) all give ``base``.
+    where ``base`` is the scheduled lr (``ctx["lrs"]``, one float or 0-d tensor per
+    producer). η* ≤ 0, η* ≥ base, and NaN (from l = 0) all give ``base``. The chosen lr is
+    returned as ``Updates.lr`` (a (P,) tensor); the gradients pass through unchanged.
 
     The dot products are computed in ``dtype`` (float64 by default: lᵀw is a cancelling sum
     and its sign decides the switch) on the producers' device, under no grad, without host
     sync, from w/max|w| and l/max|l| (η* is homogeneous of degree (1, −1) in (w, l), so the
     scales are multiplied back as max|w|/max|l|): no overflow or underflow for any finite
-    w, l, also with ``dtype=torch.float32``. State: ``state.eta``, ``state.lr``, ``state.base`` are (P,) device tensors and each step is
-    appended to ``state.history`` (unless ``history=False``; ``max_history`` keeps the last
+    w, l, also with ``dtype=torch.float32``. State: ``state.eta``, ``state.lr``,
+    ``state.base`` are (P,) device tensors and each step is appended to ``state.history`` (unless ``history=False``; ``max_history`` keeps the last
     rows only). Float ``lrs`` are uploaded only when they change (pinned, non-blocking).
     """
     if not dtype.is_floating_point:
@@ -359,16 +452,16 @@ def olr(
         dt = torch.float32 if (dtype == torch.float64 and dev.type == "mps") else dtype
         return OLRState(device=dev, dtype=dt, history=DeviceHistory(max_history) if history else None)
 
+    @_pure(OLRState)
     @torch.no_grad()
     def update(
-        grads: Sequence[Tensor | None],
-        params: Sequence[Tensor],
-        state: OLRState,
-        *,
-        lrs: Sequence[float | Tensor] | None = None,
-        **_: Any,
-    ) -> Grads:
+        updates: Updates, state: OLRState, params: Sequence[Tensor] | None, ctx: Mapping[str, Any]
+    ) -> tuple[Updates, OLRState]:
+        grads = updates.grads
+        if params is None:
+            raise TreatmentError("olr.update needs the producer parameters (params=)")
         P = len(params)
+        lrs = ctx.get("lrs")
         if lrs is None or len(lrs) != P:
             raise ConfigError(f"olr.update needs lrs= with one scheduled lr per producer ({P})")
         dev, cd = state.device, state.dtype
@@ -388,22 +481,23 @@ def olr(
                 eta = e
             else:
                 eta.index_copy_(0, _index(state, idxs), e)
+        base_key, base_dev = state._base_key, state._base_dev
         if all(not isinstance(x, Tensor) for x in lrs):
             key = tuple(float(x) for x in lrs)  # type: ignore[arg-type]
-            if state._base_key != key or state._base_dev is None:
-                state._base_dev = _upload(key, cd, dev)
-                state._base_key = key
-            base = state._base_dev
+            if base_key != key or base_dev is None:
+                base_dev, base_key = _upload(key, cd, dev), key
+            base = base_dev
         else:
             base = torch.stack([torch.as_tensor(x).detach().to(device=dev, dtype=cd).reshape(()) for x in lrs])
         chosen = torch.where((eta > 0) & (eta < base), eta, base)
-        state.eta, state.lr, state.base = eta, chosen, base
-        state.steps += 1
-        if state.history is not None:
+        if state.history is not None:  # a device buffer, appended in place (no host sync)
             state.history.append(torch.stack([eta, chosen, base]))
-        return list(grads)
+        new = dataclasses.replace(
+            state, eta=eta, lr=chosen, base=base, steps=state.steps + 1, _base_key=base_key, _base_dev=base_dev
+        )
+        return Updates(list(grads), chosen), new
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, sets_lr=True)
 
 
 def _index(state: OLRState, idxs: list[int]) -> Tensor:
@@ -415,22 +509,125 @@ def _index(state: OLRState, idxs: list[int]) -> Tensor:
     return t
 
 
-# --------------------------------------------------------------------------- chain
-def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply ``transforms`` in order; the state is the tuple of their states.
+# --------------------------------------------------------------------------- chains
+class ChainState(tuple):
+    """The state of a :func:`named_chain`: a tuple of the member states that is also read by
+    name (``state["olr"]``, ``"olr" in state``, ``state.get("olr")``, ``state.names``)."""
 
-    Keyword context (``lrs=...``) is passed to every transform."""
-    for t in transforms:
+    names: tuple[str, ...]
+
+    def __new__(cls, names: Sequence[str], states: Sequence[Any]) -> "ChainState":
+        self = super().__new__(cls, tuple(states))
+        self.names = tuple(names)
+        if len(self.names) != len(self):
+            raise ConfigError("ChainState: one name per state is needed")
+        return self
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copy / pickle
+        return (self.names, tuple(self))
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self.names.index(key))
+            except ValueError:
+                raise KeyError(f"no transform named {key!r} in this chain ({', '.join(self.names)})") from None
+        return tuple.__getitem__(self, key)
+
+    def __contains__(self, key: Any) -> bool:  # type: ignore[override]
+        return key in self.names if isinstance(key, str) else tuple.__contains__(self, key)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self.names else default
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return iter(zip(self.names, tuple(self)))
+
+    def replace(self, **states: Any) -> "ChainState":
+        """A new ChainState with the named members replaced."""
+        for k in states:
+            if k not in self.names:
+                raise KeyError(f"no transform named {k!r} in this chain ({', '.join(self.names)})")
+        return ChainState(self.names, [states.get(n, s) for n, s in self.items()])
+
+    def __repr__(self) -> str:
+        return "ChainState(" + ", ".join(f"{n}={s!r}" for n, s in self.items()) + ")"
+
+
+def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """Apply ``(name, transform)`` pairs in order (like ``optax.named_chain``).
+
+    The state is a :class:`ChainState`: ``state["name"]`` is that transform's state. Each
+    transform gets the :class:`Updates` of the one before (gradients and lr so far), the
+    parameters and the context; a transform may return a plain gradient list, which keeps
+    the lr so far. ``sets_lr`` is true when any member sets an lr."""
+    names: list[str] = []
+    transforms: list[GradientTransformation] = []
+    for item in named:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigError(f"named_chain: expected (name, GradientTransformation) pairs, got {item!r}")
+        name, t = item
         if not isinstance(t, GradientTransformation):
             raise ConfigError(f"chain: expected GradientTransformation objects, got {type(t).__name__}")
+        if name in names:
+            raise ConfigError(f"named_chain: the name {name!r} is used twice")
+        names.append(name)
+        transforms.append(t)
+    sets_lr = any(t.sets_lr for t in transforms)
 
-    def init(params: Sequence[Tensor]) -> tuple[Any, ...]:
-        return tuple(t.init(params) for t in transforms)
+    def init(params: Sequence[Tensor]) -> ChainState:
+        return ChainState(names, [t.init(params) for t in transforms])
 
-    def update(grads: Sequence[Tensor | None], params: Sequence[Tensor], state: tuple[Any, ...], **ctx: Any) -> Grads:
-        out: Grads = list(grads)
-        for t, s in zip(transforms, state):
-            out = t.update(out, params, s, **ctx)
-        return out
+    @_pure(ChainState)
+    def update(
+        updates: Updates, state: ChainState, params: Sequence[Tensor] | None, ctx: Mapping[str, Any]
+    ) -> tuple[Updates, ChainState]:
+        if not isinstance(state, ChainState) or state.names != tuple(names):
+            raise TreatmentError(f"chain.update: the state is not this chain's ({', '.join(names)})")
+        new_states = []
+        for name, t, s in zip(names, transforms, state):
+            out = t.update(updates, s, params, ctx)
+            if not (isinstance(out, tuple) and len(out) == 2 and not isinstance(out, Updates)):
+                raise TreatmentError(f"chain: transform {name!r} must return (updates, new_state)")
+            res, ns = out
+            if not isinstance(res, Updates):
+                res = Updates(list(res), updates.lr)
+            if res.lr is not None and not t.sets_lr:
+                raise TreatmentError(
+                    f"chain: transform {name!r} returned a learning rate but was built with sets_lr=False"
+                )
+            if len(res.grads) != len(updates.grads):
+                raise TreatmentError(
+                    f"chain: transform {name!r} returned {len(res.grads)} gradients for {len(updates.grads)}"
+                )
+            updates = res
+            new_states.append(ns)
+        return updates, ChainState(names, new_states)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, sets_lr)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order: :func:`named_chain` with the names ``"0", "1", …`` (the
+    state is read by position, ``state[1]``, or by those names)."""
+    return named_chain(*((str(i), t) for i, t in enumerate(transforms)))
+
+
+def default_chain(
+    *,
+    nog: bool = False,
+    olr: bool = False,
+    nog_method: str = "auto",
+    history: bool = True,
+    max_history: int | None = None,
+) -> GradientTransformation:
+    """The chain :func:`orthofx.treatments.attach` builds from a config: ``("nog", nog(method))``
+    — or ``("guard", guard())`` without NOG, so that non-finite gradients never reach a
+    weight — then ``("olr", olr(history=..., max_history=...))`` with OLR."""
+    parts: list[tuple[str, GradientTransformation]] = [("nog", _nog(nog_method)) if nog else ("guard", guard())]
+    if olr:
+        parts.append(("olr", _olr(history=history, max_history=max_history)))
+    return named_chain(*parts)
+
+
+_nog, _olr = nog, olr
