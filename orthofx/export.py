@@ -63,6 +63,9 @@ def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
     current value under the original key), stable meta-layers swapped back to the original
     torch calls (unless ``keep_stable``), the orthofx plan removed. ``model`` is untouched.
 
+    A model with ``ow_method="soc"`` cannot be stripped (the exponential of a convolution is
+    not one kernel of the layer's shape): :class:`~orthofx.errors.TreatmentError`.
+
     The result is hook-free: its ``state_dict()`` loads into the original model class
     (``strict=True`` whenever the original model uses all its submodules in ``forward``), and
     it exports with ``torch.export.export`` and ``torch.jit.trace``.
