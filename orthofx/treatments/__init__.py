@@ -3,22 +3,31 @@
 * :mod:`orthofx.treatments.weight` — OW (:func:`register_orthogonal`), SN
   (:func:`register_spectral_norm`), OL (:func:`orthogonality_loss`) on the flattened
   ``(out, in·k·k)`` weight, and :func:`bake` / :func:`plain_state_dict` for export.
-* :mod:`orthofx.treatments.gradient` — NOG, OLR as composable gradient transforms.
-* :mod:`orthofx.treatments.attach` — :func:`attach` installs them as an optimizer step
-  pre-hook.
+* :mod:`orthofx.treatments.gradient` — NOG, OLR, guard as pure composable gradient
+  transforms (``init`` / ``update(updates, state, params, ctx) -> (updates, state)``) and
+  :func:`named_chain` / :func:`chain` / :func:`default_chain` to compose them.
+* :mod:`orthofx.treatments.attach` — :func:`attach` installs a chain (the config's, or your
+  own) as an optimizer step pre-hook; :mod:`~orthofx.treatments.options`,
+  :mod:`~orthofx.treatments.groups`, :mod:`~orthofx.treatments.lr` and
+  :mod:`~orthofx.treatments.sharding` are its parts.
 """
 
 from __future__ import annotations
 
 from orthofx.treatments.attach import AttachHandle, attach, resolve_producers
 from orthofx.treatments.gradient import (
+    ChainState,
     DeviceHistory,
     GradientTransformation,
     GuardState,
     NOGState,
     OLRState,
+    Updates,
+    as_updates,
     chain,
+    default_chain,
     guard,
+    named_chain,
     nog,
     olr,
     olr_eta,
@@ -40,6 +49,9 @@ __all__ = [
     "AttachHandle",
     "resolve_producers",
     "GradientTransformation",
+    "Updates",
+    "ChainState",
+    "as_updates",
     "GuardState",
     "NOGState",
     "OLRState",
@@ -49,6 +61,8 @@ __all__ = [
     "olr",
     "olr_eta",
     "chain",
+    "named_chain",
+    "default_chain",
     "FlatOrthogonal",
     "FlatSpectralNorm",
     "register_orthogonal",

@@ -1,6 +1,13 @@
-r"""``attach``: run the gradient treatments (NOG, OLR) where the optimizer sees the gradient.
+r"""``attach``: run a gradient chain (NOG, OLR, or your own) where the optimizer sees the gradient.
 
-The treatments are installed as ``optimizer.register_step_pre_hook``: they act on the
+This module is the thin installer; the pieces live next to it:
+:mod:`~orthofx.treatments.options` (producer specs and options → plain values),
+:mod:`~orthofx.treatments.groups` (one param group per producer when the chain sets lrs),
+:mod:`~orthofx.treatments.lr` (how ``Updates.lr`` reaches the optimizer: float/tensor/fold),
+:mod:`~orthofx.treatments.sharding` (FSDP2 DTensor gather / shard write-back) and
+:mod:`~orthofx.treatments.gradient` (the transforms and chains).
+
+The chain is installed as ``optimizer.register_step_pre_hook``: it acts on the
 gradient the optimizer is about to use, i.e.
 
 * after the DDP all-reduce (a polar factor taken per rank before averaging would differ from
@@ -18,7 +25,7 @@ gradient the optimizer is about to use, i.e.
 Sharded parameters (FSDP2, ``torch.distributed.fsdp.fully_shard``): the optimizer holds
 ``DTensor`` shards and the hook sees the reduce-scattered (averaged) gradient shards. NOG and
 OLR need the whole (out, in·k·k) matrix, so the hook gathers each producer's gradient (and, for
-OLR, its weight) with ``DTensor.full_tensor()`` — producers are small, the gather is cheap —
+OLR or a custom chain, its weight) with ``DTensor.full_tensor()`` — producers are small, the gather is cheap —
 computes on the full matrix exactly as a single process would (every rank computes the same
 result) and writes back this rank's shard (``distribute_tensor(..., src_data_rank=None)``: a
 local split, no communication). Tested with a 1-D mesh (tests/test_fsdp.py).
@@ -26,142 +33,22 @@ local split, no communication). Tested with a 1-D mesh (tests/test_fsdp.py).
 
 from __future__ import annotations
 
-import math
-import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch import Tensor
 
-try:  # torch.distributed may be missing from a build
-    from torch.distributed.tensor import DTensor as _DTensor
-    from torch.distributed.tensor import distribute_tensor as _distribute_tensor
-except Exception:  # pragma: no cover - builds without torch.distributed
-    _DTensor = None  # type: ignore[assignment,misc]
-    _distribute_tensor = None  # type: ignore[assignment]
-
-from orthofx.errors import AttachError, ConfigError, TreatmentError
-from orthofx.syncs import sync_free_preferred
-from orthofx.treatments._common import POLAR_METHODS
-from orthofx.treatments.gradient import (
-    GradientTransformation,
-    GuardState,
-    OLRState,
-    chain,
-    guard,
-    nog as _nog,
-    olr as _olr,
-)
+from orthofx.errors import AttachError, TreatmentError
+from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates
+from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
+from orthofx.treatments.lr import LRDelivery, LRMode, resolve_lr_mode, warn_if_syncing
+from orthofx.treatments.options import AttachOptions, check_producers, parse_options, resolve_producers
+from orthofx.treatments.sharding import full, is_dtensor, write
 
 __all__ = ["attach", "AttachHandle", "resolve_producers"]
 
-LRMode = Literal["auto", "float", "tensor", "fold"]
-_LR_MODES = ("auto", "float", "tensor", "fold")
-
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle]" = weakref.WeakKeyDictionary()
-_FOLD_MIN_RATIO = math.sqrt(torch.finfo(torch.float32).tiny)  # ≈ 1.1e-19
-_GROUP_SKIP = ("params", "param_names", "lr")
-
-
-@dataclass
-class _Slot:
-    name: str
-    param: Tensor
-    orig: int  # index of the param group that held the parameter
-    pos: int  # its position in that group's "params" at attach time
-    own: int | None = None  # index of its own group (OLR only); == orig when the producer was
-    # the last parameter of its group, which it then keeps (no empty group is left behind)
-    pname: str | None = None  # entry of the original group's "param_names", if any
-
-
-def _is_dtensor(t: Any) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def _full(t: Tensor | None) -> Tensor | None:
-    """The whole tensor of a sharded ``DTensor`` (a collective: every rank must call it, in
-    the same order); a plain tensor as is."""
-    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[union-attr]
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of a ``DTensor`` (shares storage with it); a plain tensor as is."""
-    return t._local_tensor if _is_dtensor(t) else t  # type: ignore[union-attr]
-
-
-def _write(g: Tensor, value: Tensor) -> None:
-    """``g ← value`` where ``value`` is the whole (unsharded) tensor; a ``DTensor`` ``g`` takes
-    its own shard of it (split locally: every rank holds the same ``value``)."""
-    if _is_dtensor(g):
-        shard = _distribute_tensor(value, g.device_mesh, g.placements, src_data_rank=None)  # type: ignore[union-attr,misc]
-        _local(g).copy_(shard._local_tensor)
-    else:
-        g.copy_(value)
-
-
-# --------------------------------------------------------------------------- producers
-def _resolve_one(spec: Any, i: int) -> tuple[str, Tensor]:
-    if isinstance(spec, Tensor):
-        return f"producer[{i}]", spec
-    if isinstance(spec, tuple) and len(spec) == 2:
-        a, b = spec
-        if isinstance(a, nn.Module) and isinstance(b, str):
-            return f"{type(a).__name__}.{b}", _module_param(a, b)
-        if isinstance(a, str) and isinstance(b, Tensor):
-            return a, b
-        if isinstance(a, str) and isinstance(b, tuple):
-            return a, _resolve_one(b, i)[1]
-    raise AttachError(
-        f"producer #{i}: expected a parameter tensor, a (module, 'weight') pair or a "
-        f"(name, parameter) pair, got {type(spec).__name__}"
-    )
-
-
-def _module_param(module: nn.Module, name: str) -> Tensor:
-    if parametrize.is_parametrized(module, name):
-        # a parametrized weight is optimized through its unconstrained tensor
-        return module.parametrizations[name].original
-    t = getattr(module, name, None)
-    if not isinstance(t, Tensor):
-        raise AttachError(f"{type(module).__name__} has no tensor named {name!r}")
-    return t
-
-
-def resolve_producers(
-    producers: "Mapping[str, Any] | Iterable[Any]",
-) -> list[tuple[str, Tensor]]:
-    """Normalise producer specs to ``[(name, parameter)]`` (duplicates removed, order kept).
-
-    Accepted: a mapping ``{name: spec}`` or an iterable of specs, where a spec is a parameter
-    tensor, a ``(module, "weight")`` pair (a parametrized weight resolves to
-    ``module.parametrizations.weight.original``, the tensor the optimizer updates) or a
-    ``(name, spec)`` pair (e.g. from ``named_parameters()``)."""
-    if isinstance(producers, (Tensor, nn.Module)):
-        raise AttachError("producers must be a list or mapping of parameters, not a single object")
-    if isinstance(producers, Mapping):
-        items = [(str(k), _resolve_one(v, i)[1]) for i, (k, v) in enumerate(producers.items())]
-    else:
-        items = [_resolve_one(s, i) for i, s in enumerate(producers)]
-    seen: set[int] = set()
-    out: list[tuple[str, Tensor]] = []
-    for name, p in items:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
-
-
-def _option(config: Any, key: str, explicit: Any, default: Any) -> Any:
-    if explicit is not None:
-        return explicit
-    if config is None:
-        return default
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
 
 
 # --------------------------------------------------------------------------- handle
@@ -170,39 +57,29 @@ class AttachHandle:
 
     Attributes:
         names: producer names, in the order used by all per-producer outputs.
-        nog, olr, nog_method: the active options.
-        lr_mode: how OLR learning rates reach the optimizer (resolved, never ``"auto"``).
-        transform: the gradient chain (:func:`orthofx.treatments.gradient.chain`) and
-        state: its state (counters and OLR values live on the producers' device).
+        nog, olr, nog_method: the active options (with a custom chain: ``nog=False``,
+            ``nog_method=None`` and ``olr`` = the chain's ``sets_lr``).
+        lr_mode: how the chain's learning rates reach the optimizer (resolved, never ``"auto"``).
+        transform: the gradient chain (a :class:`~orthofx.treatments.gradient.GradientTransformation`) and
+        state: its current state (replaced at every step; a
+            :class:`~orthofx.treatments.gradient.ChainState` for named chains, read by name:
+            ``handle.state["olr"]``; counters and OLR values live on the producers' device).
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        slots: list[_Slot],
-        *,
-        nog: bool,
-        olr: bool,
-        nog_method: str,
-        lr_mode: str,
-        history: bool,
-        max_history: int | None,
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, slots: list[Slot], opts: AttachOptions, lr_mode: str) -> None:
         self._opt = weakref.ref(optimizer)
         self._slots = slots
+        self._opts = opts
         self.names: tuple[str, ...] = tuple(s.name for s in slots)
-        self.nog, self.olr, self.nog_method, self.lr_mode = nog, olr, nog_method, lr_mode
-        parts: list[GradientTransformation] = [_nog(nog_method) if nog else guard()]
-        if olr:
-            parts.append(_olr(history=history, max_history=max_history))
-        self.transform = chain(*parts)
+        self.nog = opts.nog
+        self.olr = opts.sets_lr
+        self.nog_method: str | None = None if opts.custom else opts.nog_method
+        self.lr_mode = lr_mode
+        self.transform = opts.transform()
         self._params = [s.param for s in slots]
-        self.state: tuple[Any, ...] = self.transform.init(self._params)
-        self._lr_tensors: list[Tensor] = []
-        self._fold_pending: list[tuple[Tensor, Tensor]] = []
-        # (group, {key: value}) to put back after the step: the hyperparameters of a kept group
-        # (own == orig) that the step changes (lr; weight decay for "fold")
-        self._restore: list[tuple[dict, dict[str, Any]]] = []
+        self.state: Any = self.transform.init(self._params)
+        self._lr = LRDelivery(lr_mode)
+        self._steps = 0
         self._hooks: list[Any] = []
         self._removed = False
 
@@ -219,8 +96,16 @@ class AttachHandle:
         return self._removed
 
     @property
+    def chain_names(self) -> tuple[str, ...]:
+        """The names of the chain's members (``()`` for a chain that is not named)."""
+        return self.state.names if isinstance(self.state, ChainState) else ()
+
+    @property
     def options(self) -> dict[str, Any]:
-        return {"nog": self.nog, "olr": self.olr, "nog_method": self.nog_method, "lr_mode": self.lr_mode}
+        out: dict[str, Any] = {"nog": self.nog, "olr": self.olr, "nog_method": self.nog_method, "lr_mode": self.lr_mode}
+        if self._opts.custom:
+            out["chain"] = self.chain_names
+        return out
 
     def remove(self) -> None:
         """Detach: remove the hooks and (OLR) put every producer back at its place in its
@@ -230,19 +115,10 @@ class AttachHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._restore_groups()
+        self._lr.restore_groups()
         opt = self._opt()
         if opt is not None and self.olr:
-            moved = [s for s in self._slots if s.own != s.orig]
-            for s in sorted(moved, key=lambda s: -(s.own or 0)):
-                if s.own is not None and s.own < len(opt.param_groups):
-                    if any(q is s.param for q in opt.param_groups[s.own]["params"]):
-                        del opt.param_groups[s.own]
-            for s in sorted(moved, key=lambda s: (s.orig, s.pos)):
-                g = opt.param_groups[s.orig]
-                g["params"].insert(s.pos, s.param)
-                if s.pname is not None and "param_names" in g:
-                    g["param_names"].insert(s.pos, s.pname)
+            unsplit_groups(opt, self._slots)
         if opt is not None and _ATTACHED.get(opt) is self:
             del _ATTACHED[opt]
         self._removed = True
@@ -253,26 +129,36 @@ class AttachHandle:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    def _member(self, names: tuple[str, ...], cls: type) -> Any:
+        st = self.state
+        if isinstance(st, ChainState):
+            for n in names:
+                v = st.get(n)
+                if isinstance(v, cls):
+                    return v
+            return next((v for v in st if isinstance(v, cls)), None)
+        return st if isinstance(st, cls) else None
+
     @property
-    def guard_state(self) -> GuardState:
-        return self.state[0]
+    def guard_state(self) -> GuardState | None:
+        """The counters' state: the chain member named ``"nog"`` or ``"guard"`` (or the first
+        :class:`GuardState`); None for a custom chain without one."""
+        return self._member(("nog", "guard"), GuardState)
 
     @property
     def olr_state(self) -> OLRState | None:
-        return self.state[1] if self.olr else None
+        """The chain member named ``"olr"`` (or the first :class:`OLRState`); None without OLR."""
+        return self._member(("olr",), OLRState)
 
     def stats(self) -> dict[str, Any]:
         """Host values (one sync): ``steps``, ``zero_grads``, ``nonfinite_grads`` (counted over
-        all producers and steps), options, names and, with OLR, the last ``eta``/``lr``/``base``
-        per producer name."""
+        all producers and steps; absent for a custom chain without a guard), options, names
+        and, with OLR, the last ``eta``/``lr``/``base`` per producer name."""
+        out: dict[str, Any] = {"producers": list(self.names), **self.options, "steps": self._steps}
         gs = self.guard_state
-        out: dict[str, Any] = {
-            "producers": list(self.names),
-            **self.options,
-            "steps": gs.steps,
-            "zero_grads": int(gs.zero),
-            "nonfinite_grads": int(gs.nonfinite),
-        }
+        if gs is not None:
+            out["zero_grads"] = int(gs.zero)
+            out["nonfinite_grads"] = int(gs.nonfinite)
         st = self.olr_state
         if st is not None and st.lr is not None:
             for key in ("eta", "lr", "base"):
@@ -290,10 +176,12 @@ class AttachHandle:
 
     def reset_stats(self) -> None:
         """Zero the counters and clear the OLR history."""
+        self._steps = 0
         gs = self.guard_state
-        gs.zero.zero_()
-        gs.nonfinite.zero_()
-        gs.steps = 0
+        if gs is not None:
+            gs.zero.zero_()
+            gs.nonfinite.zero_()
+            gs.steps = 0
         st = self.olr_state
         if st is not None and st.history is not None:
             st.history.clear()
@@ -309,71 +197,11 @@ class AttachHandle:
             self._hooks.append(opt.register_step_post_hook(self._post_hook))
             self._hooks.append(opt.register_load_state_dict_pre_hook(self._load_pre_hook))
 
-    def _restore_groups(self) -> None:
-        for group, values in self._restore:
-            group.update(values)
-        self._restore.clear()
-
     def _load_pre_hook(self, opt: torch.optim.Optimizer, state_dict: dict) -> dict | None:
-        """``optimizer.load_state_dict`` after attach: a state saved after attach (same group
-        count) loads as is; a state saved *before* attach (or by an optimizer that never had
-        OLR) is laid out as attach lays out the groups — each producer taken out of its saved
-        group into its own group, with the saved group's hyperparameters; anything else raises
-        an :class:`AttachError` that says how the group counts came about."""
-        saved = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
-        if self._removed or not isinstance(saved, list):
+        """``optimizer.load_state_dict`` after attach (:func:`groups.split_saved_state`)."""
+        if self._removed:
             return None
-        moved = sorted((s for s in self._slots if s.own != s.orig), key=lambda s: s.own)  # type: ignore[arg-type,return-value]
-        n_now = len(opt.param_groups)
-        n_before = n_now - len(moved)
-        if len(saved) == n_now:
-            return None
-        name = type(opt).__name__
-        if len(saved) != n_before:
-            raise AttachError(
-                f"{name}.load_state_dict: the saved state has {len(saved)} param group(s); this {name} "
-                f"has {n_now} since orthofx.attach with OLR moved {len(moved)} producer(s) into param "
-                f"groups of their own ({n_before} before). A state saved after attach loads into an "
-                "optimizer built the same way *after* orthofx.attach(opt, model) — call attach before "
-                "opt.load_state_dict(...) — and a state saved before attach loads before or after it."
-            )
-        groups = [dict(g) for g in saved]
-        for g in groups:
-            g["params"] = list(g["params"])
-            if "param_names" in g:
-                g["param_names"] = list(g["param_names"])
-        taken: dict[int, tuple[Any, Any]] = {}
-        for s in sorted(moved, key=lambda s: (s.orig, -s.pos)):
-            g = groups[s.orig]
-            if s.pos >= len(g["params"]):
-                raise AttachError(
-                    f"{name}.load_state_dict: saved param group {s.orig} has {len(g['params'])} "
-                    f"parameter(s); producer {s.name!r} was at position {s.pos} of it when orthofx.attach ran"
-                )
-            names = g.get("param_names")
-            taken[id(s)] = (g["params"].pop(s.pos), names.pop(s.pos) if names and s.pos < len(names) else None)
-        for s in moved:
-            idx, pname = taken[id(s)]
-            new = {k: v for k, v in saved[s.orig].items() if k not in ("params", "param_names")}
-            new["params"] = [idx]
-            if pname is not None:
-                new["param_names"] = [pname]
-            groups.insert(s.own, new)  # type: ignore[arg-type]
-        return {**state_dict, "param_groups": groups}
-
-    def _check_groups(self, opt: torch.optim.Optimizer) -> None:
-        if not self.olr:
-            return
-        for s in self._slots:
-            ok = s.own is not None and s.own < len(opt.param_groups)
-            ok = ok and len(opt.param_groups[s.own]["params"]) == 1  # type: ignore[index]
-            ok = ok and opt.param_groups[s.own]["params"][0] is s.param  # type: ignore[index]
-            if not ok:
-                raise AttachError(
-                    f"the param groups of {type(opt).__name__} changed after orthofx.attach "
-                    f"(producer {s.name!r} is no longer alone in group {s.own}); "
-                    "call handle.remove() before editing param groups, then attach again"
-                )
+        return split_saved_state(opt, self._slots, state_dict)
 
     @torch.no_grad()
     def _pre_hook(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -383,94 +211,51 @@ class AttachHandle:
                 "orthofx.attach does not support optimizer.step(closure): the gradient is "
                 "computed inside step(), after the treatments would run"
             )
-        self._check_groups(opt)
-        self._restore_groups()  # a previous step that raised never reached the post-hook
+        if self.olr:
+            check_groups(opt, self._slots)
+        self._lr.restore_groups()  # a previous step that raised never reached the post-hook
         params = self._params
         grads: list[Tensor | None] = [p.grad for p in params]
         scale = getattr(opt, "grad_scale", None)
         scale = scale if isinstance(scale, Tensor) else None
-        # sharded (FSDP2 DTensor) gradients: NOG/OLR act on the whole matrix, gathered here
-        sharded = any(_is_dtensor(g) for g in grads)
-        work: list[Tensor | None] = [_full(g) for g in grads] if sharded else grads
-        tparams = [_full(p) for p in params] if (sharded and self.olr) else params  # OLR's wᵀw, lᵀw
+        # sharded (FSDP2 DTensor) gradients: the chain acts on the whole matrix, gathered here
+        sharded = any(is_dtensor(g) for g in grads)
+        work: list[Tensor | None] = [full(g) for g in grads] if sharded else grads
+        # the weights are gathered for OLR's wᵀw, lᵀw (and for any custom chain)
+        tparams = [full(p) for p in params] if (sharded and (self.olr or self._opts.custom)) else params
         if scale is not None:  # fused optimizer under GradScaler: grads are still scaled
             work = [None if g is None else g.float() / scale.to(g.device) for g in work]
-        # the scheduled hyperparameters of each producer's original group, read before the step
-        # changes any (a kept group, own == orig, carries the OLR lr during the step only)
-        hyper = {
-            s.orig: {k: v for k, v in opt.param_groups[s.orig].items() if k not in ("params", "param_names")}
-            for s in self._slots
-        }
-        lrs = [hyper[s.orig]["lr"] for s in self._slots] if self.olr else None
-        new = self.transform.update(work, tparams, self.state, lrs=lrs)
-        for g, n in zip(grads, new):
+        hyper = scheduled(opt, self._slots)
+        lrs = [hyper[s.orig].get("lr") for s in self._slots]
+        ctx = {"lrs": lrs} if all(v is not None for v in lrs) else {}
+        out = self.transform.update(Updates(list(work)), self.state, tparams, ctx)
+        updates, self.state = self._check_output(out)
+        self._steps += 1
+        for g, n in zip(grads, updates.grads):
             if g is not None and n is not None:
-                _write(g, n if scale is None else n * scale.to(n.device))
+                write(g, n if scale is None else n * scale.to(n.device))
         if self.olr:
-            self._apply_lrs(opt, grads, scale, hyper)
+            self._lr.apply(opt, self._slots, updates.lr, grads, scale, hyper)
 
-    def _apply_lrs(
-        self, opt: torch.optim.Optimizer, grads: list[Tensor | None], scale: Tensor | None,
-        hyper: dict[int, dict[str, Any]],
-    ) -> None:
-        st = self.olr_state
-        assert st is not None and st.lr is not None
-        for s in self._slots:
-            own = opt.param_groups[s.own]  # type: ignore[index]
-            if s.own == s.orig:  # the producer kept its group: put back what the step changes
-                keys = ("lr", "weight_decay") if self.lr_mode == "fold" else ("lr",)
-                self._restore.append((own, {k: own[k] for k in keys if k in own}))
-                continue
-            for k, v in hyper[s.orig].items():
-                if k not in _GROUP_SKIP:
-                    own[k] = v
-        if self.lr_mode == "float":
-            vals = st.lr.tolist()  # one host transfer for all producers
-            for s, v in zip(self._slots, vals):
-                opt.param_groups[s.own]["lr"] = v  # type: ignore[index]
-        elif self.lr_mode == "tensor":
-            if not self._lr_tensors:
-                self._lr_tensors = [torch.zeros((), dtype=torch.float32, device=s.param.device) for s in self._slots]
-            for i, s in enumerate(self._slots):
-                t = self._lr_tensors[i]
-                t.copy_(st.lr[i])
-                opt.param_groups[s.own]["lr"] = t  # type: ignore[index]
-        else:  # fold
-            ratio = torch.where(st.base > 0, st.lr / st.base, torch.ones_like(st.lr)).clamp_min(_FOLD_MIN_RATIO)
-            self._fold_pending.clear()
-            for i, s in enumerate(self._slots):
-                orig, own = hyper[s.orig], opt.param_groups[s.own]  # type: ignore[index]
-                own["lr"] = orig["lr"]
-                own["weight_decay"] = 0.0
-                g = grads[i]
-                if g is None:
-                    continue
-                # c is one number per producer: a DTensor's shards are scaled in place
-                g, p = _local(g), _local(s.param)
-                buf = opt.state.get(s.param, {}).get("momentum_buffer")
-                c = ratio[i].to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
-                wd = orig.get("weight_decay", 0.0)
-                sign = -1.0 if orig.get("maximize", False) else 1.0
-                if scale is None:  # in place: g ← c·(g + wd·w), two kernels
-                    if wd:
-                        g.add_(p, alpha=sign * wd)
-                    g.mul_(c)
-                else:
-                    gu = g.float() / scale.to(g.device)
-                    folded = c * (gu + (sign * wd) * p) if wd else c * gu
-                    g.copy_(folded * scale.to(g.device))
-                if buf is not None:
-                    _local(buf).mul_(c)
-                self._fold_pending.append((s.param, c))
+    def _check_output(self, out: Any) -> tuple[Updates, Any]:
+        if not (isinstance(out, tuple) and len(out) == 2 and not isinstance(out, Updates)):
+            raise TreatmentError("the attached chain's update must return (updates, new_state)")
+        updates, state = out
+        if not isinstance(updates, Updates):
+            updates = Updates(list(updates), None)
+        P = len(self._params)
+        if len(updates.grads) != P:
+            raise TreatmentError(f"the attached chain returned {len(updates.grads)} gradients for {P} producers")
+        if updates.lr is not None:
+            if not self.olr:
+                raise TreatmentError("the attached chain returned learning rates but its sets_lr is False")
+            if not isinstance(updates.lr, Tensor) or tuple(updates.lr.shape) != (P,):
+                raise TreatmentError(f"the attached chain's Updates.lr must be a ({P},) tensor")
+        return updates, state
 
     @torch.no_grad()
     def _post_hook(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        for p, c in self._fold_pending:
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                _local(buf).div_(c)
-        self._fold_pending.clear()
-        self._restore_groups()
+        self._lr.after_step(opt)
 
 
 # --------------------------------------------------------------------------- attach
@@ -485,15 +270,18 @@ def attach(
     lr_mode: LRMode = "auto",
     history: bool = True,
     max_history: int | None = None,
+    chain: GradientTransformation | None = None,
 ) -> AttachHandle:
-    r"""Apply NOG and/or OLR to the producer parameters at every ``optimizer.step()``.
+    r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
+    ``optimizer.step()``.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` that holds every producer parameter.
         producers: the Pre-SVD parameters (see :func:`resolve_producers`: tensors,
             ``(module, "weight")`` pairs, ``(name, tensor)`` pairs or a ``{name: spec}`` map).
         config: anything with attributes (``OrthoConfig``) or keys ``nog``, ``olr``,
-            ``nog_method``; the explicit keyword arguments override it.
+            ``nog_method``; the explicit keyword arguments override it. (A preset name is
+            not accepted here: pass ``orthofx.config.resolve_config(name)``.)
         nog: replace each producer gradient by the polar factor U Vᵀ of its flattened
             gradient (:func:`orthofx.treatments.gradient.nog`; batched per shape).
         olr: per-step lr ``η*`` if ``0 < η* < lr_sched`` else ``lr_sched``
@@ -521,6 +309,18 @@ def attach(
               (free on the CPU; on CUDA it warns, since it costs one sync per step).
         history: keep every step's η*, lr and scheduled lr (device tensors).
         max_history: keep only the last ``max_history`` steps.
+        chain: a :class:`~orthofx.treatments.gradient.GradientTransformation` to run instead
+            of the default chain (:func:`~orthofx.treatments.gradient.default_chain` of the
+            config: ``("nog" | "guard", "olr")``), e.g. a
+            :func:`~orthofx.treatments.gradient.named_chain` of orthofx's pieces and your own
+            transforms. It gets ``ctx={"lrs": [scheduled lr per producer]}``; if its
+            ``sets_lr`` is true the producers get their own param groups and ``Updates.lr`` is
+            delivered as with OLR (``lr_mode``). The config's ``nog``/``olr``/``nog_method``
+            are then not used (passing them as keywords as well raises ConfigError); the
+            handle reads the state of members named ``"nog"``/``"guard"`` and ``"olr"`` (or
+            of the first :class:`GuardState` / :class:`OLRState`) for ``stats()`` and
+            ``olr_history()``. A custom chain gets no implicit guard: put ``guard()`` first
+            to keep non-finite gradients out of the weights.
 
     With OLR each producer moves into its **own param group**, a copy of its original group's
     hyperparameters (momentum, weight decay, nesterov, …, re-copied at every step so that
@@ -553,138 +353,43 @@ def attach(
             a producer that does not require grad, or a conflicting earlier attach.
         TreatmentError: a non-float producer, or a 1-D producer with NOG.
         ConfigError: unknown ``nog_method`` or ``lr_mode``, ``lr_mode="fold"`` with a
-            non-SGD optimizer, or OLR on an optimizer without an ``lr`` hyperparameter.
+            non-SGD optimizer, OLR on an optimizer without an ``lr`` hyperparameter, a
+            preset name as ``config``, or ``chain=`` together with ``nog``/``olr``/``nog_method``.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise AttachError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(config, str):
-        from orthofx.config import resolve_config
-
-        config = resolve_config(config)
-    use_nog = bool(_option(config, "nog", nog, False))
-    use_olr = bool(_option(config, "olr", olr, False))
-    method = _option(config, "nog_method", nog_method, "auto")
-    if use_nog and method not in POLAR_METHODS:
-        raise ConfigError(f"nog_method={method!r}; use one of {POLAR_METHODS}")
-    if lr_mode not in _LR_MODES:
-        raise ConfigError(f"lr_mode={lr_mode!r}; use one of {_LR_MODES}")
-
+    opts = parse_options(
+        config, nog=nog, olr=olr, nog_method=nog_method, lr_mode=lr_mode,
+        history=history, max_history=max_history, chain=chain,
+    )
     items = resolve_producers(producers)
-    if not items:
-        raise AttachError("attach: no producer parameters were given")
-    for name, p in items:
-        if not p.is_floating_point():
-            raise TreatmentError(
-                f"producer {name!r} has dtype {p.dtype}; NOG/OLR need a floating-point weight"
-            )
-        if use_nog and p.ndim < 2:
-            raise TreatmentError(f"producer {name!r} has shape {tuple(p.shape)}; NOG needs a weight with >= 2 dims")
-        if not p.requires_grad:
-            raise AttachError(f"producer {name!r} does not require grad, so it is never updated")
-
-    where: dict[int, tuple[int, int]] = {}
-    for gi, group in enumerate(optimizer.param_groups):
-        for pi, q in enumerate(group["params"]):
-            where.setdefault(id(q), (gi, pi))
-    missing = [(n, p) for n, p in items if id(p) not in where]
-    if missing:
-        desc = ", ".join(f"{n!r} {tuple(p.shape)}" for n, p in missing)
-        raise AttachError(
-            f"{type(optimizer).__name__} does not hold the producer parameter(s) {desc}. Build the "
-            "optimizer from the transformed model's parameters (a parametrized weight is "
-            "optimized through `<module>.parametrizations.weight.original`)."
-        )
+    check_producers(items, opts)
+    slots = locate(optimizer, items)
 
     prev = _ATTACHED.get(optimizer)
     if prev is not None and not prev.removed:
-        same = [id(p) for p in prev._params] == [id(p) for _, p in items]
-        same = same and (prev.nog, prev.olr) == (use_nog, use_olr)
-        same = same and (not use_nog or prev.nog_method == method)
-        same = same and (lr_mode == "auto" or prev.lr_mode == lr_mode)
-        if same:
+        if [id(p) for p in prev._params] == [id(p) for _, p in items] and _same(prev, opts):
             return prev
         raise AttachError(
             f"{type(optimizer).__name__} already has orthofx treatments attached "
             f"({prev!r}); call handle.remove() first"
         )
 
-    slots = [_Slot(name=n, param=p, orig=where[id(p)][0], pos=where[id(p)][1]) for n, p in items]
-    mode = _resolve_lr_mode(optimizer, slots, lr_mode, use_olr)
-    if use_olr and lr_mode == "auto" and mode == "float" and any(sync_free_preferred(s.param.device) for s in slots):
-        warnings.warn(
-            f"orthofx.attach: OLR with {type(optimizer).__name__} on CUDA hands the learning rate to the "
-            "optimizer as a float, one host sync per step. For a sync-free step use torch.optim.SGD "
-            "(lr_mode='fold') or an optimizer with fused=True / capturable=True (lr_mode='tensor'); "
-            "pass lr_mode='float' to silence this.",
-            stacklevel=2,
-        )
-    handle = AttachHandle(
-        optimizer, slots, nog=use_nog, olr=use_olr, nog_method=method, lr_mode=mode,
-        history=history, max_history=max_history,
-    )
-    if use_olr:
-        _split_groups(optimizer, slots)
+    mode = resolve_lr_mode(optimizer, slots, lr_mode, opts.sets_lr)
+    warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
+    handle = AttachHandle(optimizer, slots, opts, mode)
+    if opts.sets_lr:
+        split_groups(optimizer, slots)
     handle._install(optimizer)
     _ATTACHED[optimizer] = handle
     return handle
 
 
-def _resolve_lr_mode(opt: torch.optim.Optimizer, slots: list[_Slot], lr_mode: str, use_olr: bool) -> str:
-    if not use_olr:
-        return "float" if lr_mode == "auto" else lr_mode
-    groups = [opt.param_groups[s.orig] for s in slots]
-    for s, g in zip(slots, groups):
-        if "lr" not in g:
-            raise ConfigError(f"OLR: the param group of producer {s.name!r} has no 'lr' hyperparameter")
-    is_sgd = isinstance(opt, torch.optim.SGD)
-    if lr_mode == "fold":
-        if not is_sgd:
-            raise ConfigError(f"lr_mode='fold' needs torch.optim.SGD, got {type(opt).__name__}")
-        if any(g.get("differentiable", False) for g in groups):
-            raise ConfigError("lr_mode='fold' does not support differentiable=True")
-        return "fold"
-    if lr_mode != "auto":
-        return lr_mode
-    if any(g.get("fused") or g.get("capturable") for g in groups):
-        return "tensor"
-    if is_sgd and all(sync_free_preferred(s.param.device) for s in slots) and not any(
-        g.get("differentiable", False) for g in groups
-    ):
-        return "fold"
-    return "float"
-
-
-def _split_groups(opt: torch.optim.Optimizer, slots: Sequence[_Slot]) -> None:
-    """Move each producer into its own param group copying its original group's options.
-
-    A group whose parameters are all producers is never left empty: its first producer keeps
-    it as its own group (``own == orig``) and only the others move. Empty groups would confuse
-    code that walks ``param_groups`` (torch's distributed checkpoint refuses more than one), and
-    keeping the group, rather than deleting it, leaves every group index — and so the per-group
-    lists of LR schedulers created before or after attach — where it was."""
-    by_group: dict[int, list[_Slot]] = {}
-    for s in slots:
-        by_group.setdefault(s.orig, []).append(s)
-    for gi, ss in by_group.items():
-        if len(ss) == len(opt.param_groups[gi]["params"]):
-            keep = min(ss, key=lambda s: s.pos)
-            keep.own = gi
-            names = opt.param_groups[gi].get("param_names")
-            if names is not None and keep.pos < len(names):
-                keep.pname = names[keep.pos]
-    moving = [s for s in slots if s.own is None]
-    # remove from the original groups, highest position first so positions stay valid
-    for s in sorted(moving, key=lambda s: (s.orig, -s.pos)):
-        g = opt.param_groups[s.orig]
-        assert g["params"][s.pos] is s.param
-        del g["params"][s.pos]
-        if "param_names" in g:
-            s.pname = g["param_names"].pop(s.pos)
-    for s in moving:
-        g = opt.param_groups[s.orig]
-        new = {k: v for k, v in g.items() if k not in ("params", "param_names")}
-        new["params"] = [s.param]
-        if s.pname is not None:
-            new["param_names"] = [s.pname]
-        opt.add_param_group(new)
-        s.own = len(opt.param_groups) - 1
+def _same(prev: AttachHandle, opts: AttachOptions) -> bool:
+    """An attach with ``opts`` repeats ``prev`` (so it returns ``prev``)."""
+    p = prev._opts
+    if p.chain is not None or opts.chain is not None:
+        same = p.chain is opts.chain
+    else:
+        same = (p.nog, p.olr) == (opts.nog, opts.olr) and (not opts.nog or p.nog_method == opts.nog_method)
+    return same and (opts.lr_mode == "auto" or prev.lr_mode == opts.lr_mode)
