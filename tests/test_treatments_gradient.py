@@ -1,4 +1,4 @@
-"""NOG / OLR / guard / chain as pure gradient transforms."""
+"""NOG / OLR / guard / chain as pure gradient transforms: update(updates, state, params, ctx) -> (Updates, state)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def test_nog_is_polar_factor_and_batched_per_shape(device: torch.device, monkeyp
     t = nog("svd")
     state = t.init(params)
     before = [g.clone() for g in grads]
-    out = t.update(grads, params, state)
+    upd, new = t.update(grads, state, params)
+    out = upd.grads
+    assert upd.lr is None
     assert sorted(calls) == sorted([(2, 64, 27), (2, 16, 64), (1, 8, 4)])  # one call per shape
     for g, g0, o in zip(grads, before, out):
         assert torch.equal(g, g0)  # inputs untouched
@@ -42,7 +44,7 @@ def test_nog_is_polar_factor_and_batched_per_shape(device: torch.device, monkeyp
         # no rescaling: ‖U Vᵀ‖_F = √min(m, n)
         m, n = g.shape[0], g[0].numel()
         assert abs(o.double().norm().item() - math.sqrt(min(m, n))) < 1e-4
-    assert int(state.zero) == 0 and int(state.nonfinite) == 0 and state.steps == 1
+    assert int(new.zero) == 0 and int(new.nonfinite) == 0 and new.steps == 1 and state.steps == 0
 
 
 def test_nog_zero_and_nonfinite_are_zeroed_and_counted(device: torch.device) -> None:
@@ -56,7 +58,8 @@ def test_nog_zero_and_nonfinite_are_zeroed_and_counted(device: torch.device) -> 
     grads[2][1, 1] = float("inf")
     t = nog()
     state = t.init(params)
-    out = t.update(grads, params, state)
+    out, state = t.update(grads, state, params)
+    out = out.grads
     for o in out[:3]:
         assert torch.equal(o, torch.zeros_like(o))
     assert out[3] is None
@@ -71,7 +74,8 @@ def test_guard_zeroes_nonfinite_only(device: torch.device) -> None:
     bad[0, 0] = float("nan")
     t = guard()
     s = t.init(params)
-    out = t.update([good, bad, torch.zeros(3, 3, device=device)], params, s)
+    out, s = t.update([good, bad, torch.zeros(3, 3, device=device)], s, params)
+    out = out.grads
     assert torch.equal(out[0], good)
     assert torch.equal(out[1], torch.zeros_like(bad))
     assert int(s.nonfinite) == 1 and int(s.zero) == 1
@@ -100,7 +104,8 @@ def test_olr_formula_and_fallbacks(device: torch.device) -> None:
     t = olr()
     state = t.init(params)
     for lr in (1.0, 0.2):
-        t.update(grads, params, state, lrs=[lr] * len(grads))
+        upd, state = t.update(grads, state, params, {"lrs": [lr] * len(grads)})
+        assert all(a is b for a, b in zip(upd.grads, grads)) and torch.equal(upd.lr, state.lr)  # gradients pass through, lr is output
         eta = state.eta.cpu()
         chosen = state.lr.cpu()
         assert state.eta.device.type == device.type and state.eta.dtype == torch.float64
@@ -116,10 +121,10 @@ def test_olr_formula_and_fallbacks(device: torch.device) -> None:
     assert h["lr"][0, 0].item() == pytest.approx(1 / 3) and h["lr"][1, 0].item() == 0.2  # η* ≥ lr → lr
     assert torch.all(h["base"][1] == 0.2)
     # tensor lrs (0-d, no grad) work as well
-    t.update(grads, params, state, lrs=[torch.tensor(1.0)] * len(grads))
-    assert state.lr[0].item() == pytest.approx(1 / 3)
+    upd, state = t.update(grads, state, params, {"lrs": [torch.tensor(1.0)] * len(grads)})
+    assert state.lr[0].item() == pytest.approx(1 / 3) and upd.lr[0].item() == pytest.approx(1 / 3)
     with pytest.raises(ConfigError):
-        t.update(grads, params, state)
+        t.update(grads, state, params)
 
 
 def test_olr_eta_matches_float64_for_float32_inputs() -> None:
@@ -136,10 +141,11 @@ def test_chain_runs_olr_on_nog_gradient() -> None:
     g = torch.randn(12, 20)
     t = chain(nog(), olr())
     s = t.init([w])
-    out = t.update([g], [w], s, lrs=[10.0])
-    torch.testing.assert_close(out[0].double(), _uvt64(g), atol=2e-6, rtol=0)
+    out, s = t.update([g], s, [w], {"lrs": [10.0]})
+    torch.testing.assert_close(out.grads[0].double(), _uvt64(g), atol=2e-6, rtol=0)
     e_ref, _ = _olr_ref(w, _uvt64(g), 10.0)
     assert s[1].eta[0].item() == pytest.approx(e_ref, rel=1e-5)
+    assert s["1"] is s[1] and torch.equal(out.lr, s[1].lr)
     with pytest.raises(ConfigError):
         chain(nog(), "olr")  # type: ignore[arg-type]
 
@@ -150,10 +156,10 @@ def test_bad_inputs() -> None:
     t = nog()
     s = t.init([torch.zeros(3)])
     with pytest.raises(TreatmentError, match="2 dims"):
-        t.update([torch.ones(3)], [torch.zeros(3)], s)
+        t.update([torch.ones(3)], s, [torch.zeros(3)])
     sp = torch.eye(3).to_sparse()
     with pytest.raises(TreatmentError, match="sparse"):
-        t.update([sp], [torch.zeros(3, 3)], s)
+        t.update([sp], s, [torch.zeros(3, 3)])
 
 
 def test_device_history_growth_and_ring() -> None:
@@ -169,3 +175,19 @@ def test_device_history_growth_and_ring() -> None:
     assert torch.equal(ring.read(), torch.arange(15.0, 25.0))
     with pytest.raises(ConfigError):
         DeviceHistory(max_len=0)
+
+
+def test_earlier_update_form_mutates_the_state() -> None:
+    """update(grads, params, state, **ctx) -> grads (before issue 13) still works for the
+    built-in transforms: the state in third position is updated in place."""
+    w = torch.randn(6, 4)
+    g = w.clone()
+    t = olr()
+    s = t.init([w])
+    out = t.update([g], [w], s, lrs=[1.0])
+    assert isinstance(out, list) and out[0] is g
+    assert s.steps == 1 and s.lr[0].item() == pytest.approx(1 / 3)
+    n = nog()
+    ns = n.init([w])
+    n.update([torch.zeros_like(w)], [w], ns)
+    assert ns.steps == 1 and int(ns.zero) == 1

@@ -559,8 +559,9 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 
     The state is a :class:`ChainState`: ``state["name"]`` is that transform's state. Each
     transform gets the :class:`Updates` of the one before (gradients and lr so far), the
-    parameters and the context; a transform may return a plain gradient list, which keeps
-    the lr so far. ``sets_lr`` is true when any member sets an lr."""
+    parameters and the context; a transform built with ``sets_lr=False`` keeps the lr so far
+    (it may return ``Updates(grads)`` or a plain gradient list; returning another lr raises
+    TreatmentError). ``sets_lr`` is true when any member sets an lr."""
     names: list[str] = []
     transforms: list[GradientTransformation] = []
     for item in named:
@@ -592,7 +593,9 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
             res, ns = out
             if not isinstance(res, Updates):
                 res = Updates(list(res), updates.lr)
-            if res.lr is not None and not t.sets_lr:
+            if not t.sets_lr and res.lr is None:  # a transform that sets no lr keeps the lr so far
+                res = res._replace(lr=updates.lr)
+            if res.lr is not updates.lr and not t.sets_lr:
                 raise TreatmentError(
                     f"chain: transform {name!r} returned a learning rate but was built with sets_lr=False"
                 )
