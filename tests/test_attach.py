@@ -462,3 +462,28 @@ def test_ddp_hook_sees_the_all_reduced_gradient(tmp_path) -> None:
     got = torch.load(out)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_mapping_config_and_custom_chain_through_the_same_installer() -> None:
+    """attach reads plain values from a mapping config; chain= installs any chain instead of
+    the config's (a NOG chain here, equal to nog=True), with its state read by name."""
+    from orthofx.treatments import default_chain, guard, named_chain, nog
+
+    torch.manual_seed(9)
+    a = Net()
+    b = copy.deepcopy(a)
+    x, y = _data(torch.device("cpu"))
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    ha = attach(opt_a, [(a.conv1, "weight")], {"nog": True, "nog_method": "svd"})
+    hb = attach(opt_b, [(b.conv1, "weight")], {"olr": True},  # the config is not used with chain=
+                chain=named_chain(("guard", guard()), ("nog", nog("svd"))))
+    assert (ha.nog, ha.olr, ha.nog_method) == (True, False, "svd")
+    assert hb.options["chain"] == ("guard", "nog") and not hb.olr and len(opt_b.param_groups) == 1
+    _train(a, opt_a, x, y, 3)
+    _train(b, opt_b, x, y, 3)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
+    assert hb.state["nog"].steps == 3 and hb.stats()["steps"] == 3
+    assert ha.state["nog"].steps == 3 and ha.chain_names == ("nog",)
+    assert default_chain(nog=True).init([a.conv1.weight]).names == ha.chain_names
