@@ -428,9 +428,14 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
     the gradient the optimizer uses: after DDP all-reduce, ``GradScaler.unscale_`` and
     accumulation). ``model``: the transformed module (DDP/compile wrappers are unwrapped).
 
-    Returns the :class:`~orthofx.treatments.attach.AttachHandle`, or None when the plan has
-    neither NOG nor OLR (nothing to install). ``overrides`` go to
-    :func:`orthofx.treatments.attach` (``lr_mode``, ``nog_method``, ``history``, ...).
+    ``chain=`` (in ``overrides``) installs the user's own gradient chain
+    (:func:`orthofx.treatments.named_chain` of orthofx's pieces and their own) on the plan's
+    producers instead of the config's default chain, whatever treatments the plan holds.
+
+    Returns the :class:`~orthofx.treatments.attach.AttachHandle`, or None when there is
+    nothing to install: no ``chain=`` and the plan (and ``overrides``) have neither NOG nor
+    OLR, or the model has no Pre-SVD layer (a warning then). ``overrides`` go to
+    :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``nog_method``, ``history``, ...).
 
     Raises :class:`AttachError` for an untransformed model or an optimizer that does not hold
     the producer parameters.
@@ -442,11 +447,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
             f"{type(model).__name__})"
         )
     cfg = plan.config
-    if not (cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")):
+    custom = overrides.get("chain") is not None
+    if not (custom or cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")):
         return None
     if not plan.producers:
-        warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so NOG/OLR have nothing to act on",
-                      stacklevel=2)
+        warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "
+                      "act on", stacklevel=2)
         return None
     return _attach_params(optimizer, _producer_specs(unwrap(model), plan), cfg, **overrides)
 

@@ -364,3 +364,36 @@ def test_torch_compile_gives_the_same_losses_as_eager():
 
     torch._dynamo.reset()
     np.testing.assert_allclose(losses(True), losses(False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["svd", "ol"])
+def test_attach_installs_a_users_chain_without_nog_or_olr(preset: str, device: torch.device) -> None:
+    """orthofx.attach(opt, gm, chain=...) installs the user's chain even when the plan has
+    neither NOG nor OLR (it returned None before): one SGD step (lr 0.1, no momentum) moves
+    the producer by −0.1·U Vᵀ of its flattened gradient (float64 SVD reference, atol 1e-5
+    in float32) and leaves every other parameter on plain SGD."""
+    from orthofx.treatments import named_chain, nog
+
+    torch.manual_seed(0)
+    x, y = _batch()
+    x, y = x.to(device), y.to(device)
+    gm, report = orthofx.transform(RawGCP().to(device), (x,), config=preset)
+    assert report.producers == ["reduce"]
+    assert orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm) is None  # nothing asked
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    handle = orthofx.attach(opt, gm, chain=named_chain(("nog", nog("svd"))))
+    assert handle is not None and handle.chain_names == ("nog",)
+    w = gm.get_submodule("reduce").weight
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    loss = F.cross_entropy(gm(x), y)
+    opt.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in gm.named_parameters()}
+    opt.step()
+    g = grads["reduce.weight"].double().reshape(w.shape[0], -1)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    want = before["reduce.weight"].double() - 0.1 * (u @ vh).reshape(w.shape)
+    torch.testing.assert_close(w.detach().double(), want, atol=1e-5, rtol=0)
+    for n, p in gm.named_parameters():
+        if n != "reduce.weight":
+            torch.testing.assert_close(p.detach(), before[n] - 0.1 * grads[n], atol=1e-6, rtol=1e-6)
