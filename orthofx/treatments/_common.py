@@ -11,8 +11,7 @@ from orthofx.errors import TreatmentError
 
 __all__: list[str] = []
 
-#: polar methods accepted by NOG (``orthofx.linalg.polar.POLAR_METHODS``).
-POLAR_METHODS: tuple[str, ...] = ("auto", "svd", "eigh", "ns", "polar_express")
+from orthofx.vocab import POLAR_METHODS  # noqa: E402,F401  (polar methods accepted by NOG: the one list)
 
 
 def flat_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from orthofx.linalg._checks import host_read_is_free, no_autocast
 from orthofx.linalg.expm import EXPM_THETA, expm
 from orthofx.linalg.polar import POLISH_COEFFS
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
+from orthofx.vocab import SN_METHODS
 
 __all__ = [
     "FlatOrthogonal",
@@ -582,7 +583,7 @@ def register_spectral_norm(
     ``<name>``; :class:`ConfigError` for bad options.
     """
     label = _label(module, name, qualname)
-    if method not in ("exact", "power"):
+    if method not in SN_METHODS:
         raise ConfigError(f"SN on {label}: method={method!r}; use 'exact' or 'power'")
     if int(n_power_iterations) < 1:
         raise ConfigError(f"SN on {label}: n_power_iterations must be >= 1")
