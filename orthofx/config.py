@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from orthofx.errors import ConfigError, OptionError
+from orthofx.vocab import OW_METHOD_NAMES, POLAR_METHODS, SN_METHODS, WEIGHT_TREATMENTS
 
 __all__ = [
     "OrthoConfig",
@@ -43,11 +44,8 @@ PRESETS: tuple[str, ...] = (
     "nog+ow+olr",
 )
 
-_WEIGHT_TOKENS = ("ow", "sn", "ol")
+_WEIGHT_TOKENS = WEIGHT_TREATMENTS
 _TOKENS = ("svd", "nog", "olr") + _WEIGHT_TOKENS
-
-_POLAR_METHODS = ("svd", "eigh", "ns", "polar_express", "auto")
-_OW_METHODS = ("expm", "cayley", "soc")  # = orthofx.treatments.weight.OW_METHODS
 
 
 # ---------------------------------------------------------------------------- validators
@@ -193,9 +191,9 @@ class OrthoConfig:
             raise OptionError(
                 "weight", self.weight, f"not a weight treatment; use one of {_WEIGHT_TOKENS} or None"
             )
-        check_choice(self.ow_method, "ow_method", _OW_METHODS)
-        check_choice(self.nog_method, "nog_method", _POLAR_METHODS)
-        check_choice(self.sn_method, "sn_method", ("exact", "power"))
+        check_choice(self.ow_method, "ow_method", OW_METHOD_NAMES)
+        check_choice(self.nog_method, "nog_method", POLAR_METHODS)
+        check_choice(self.sn_method, "sn_method", SN_METHODS)
         put("ol_weight", check_weight(self.ol_weight, "ol_weight"))
         put("sn_power_iterations", check_int(self.sn_power_iterations, "sn_power_iterations", min=1))
         for name in ("nog", "olr", "stabilize", "inplace"):

@@ -135,7 +135,7 @@ class ChainStep:
         node: fx node name (in the graph named by ``graph``).
         op: fx opcode (``call_module``, ``call_function``, ``call_method``, ...).
         target: readable target (``"BatchNorm2d head.bn"``, ``"torch.flatten"``, ``".transpose"``).
-        role: what it does on the walk (see ``orthofx.graph.patterns.Role``).
+        role: what it does on the walk (see ``orthofx.vocab.Role``).
         text: a one-line description.
         shape: the output shape when example inputs were given.
         graph: ``""`` for the analysed GraphModule; ``"<Function>.forward"`` for a step inside

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from orthofx.graph import trace
-from orthofx.graph.patterns import Patterns, Role
+from orthofx.graph.patterns import Patterns
+from orthofx.vocab import Role
 from orthofx.graph.walk import NodeGraph, Walker, _einsum_is_gram, _is_batch_index, _swaps_last_two
 
 

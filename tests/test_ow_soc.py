@@ -64,7 +64,7 @@ def test_config_accepts_soc_and_matches_the_registry():
     cfg = OrthoConfig.from_preset("ow", ow_method="soc")
     assert cfg.weight == "ow" and cfg.ow_method == "soc"
     assert OrthoConfig.from_dict(cfg.to_dict()).ow_method == "soc"
-    from orthofx.config import _OW_METHODS as config_methods
+    from orthofx.vocab import OW_METHOD_NAMES as config_methods
 
     assert tuple(config_methods) == tuple(OW_METHODS) == ("expm", "cayley", "soc")
     with pytest.raises(ConfigError):

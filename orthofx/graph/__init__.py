@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 from orthofx.graph.analyze import analyze, analyze_graph, find_meta_layers
-from orthofx.graph.config import AnalysisConfig, MetaSpec, resolve_analysis_config
+from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
 from orthofx.graph.trace import TraceInfo, function_leaf, function_of, trace, trace_info
+from orthofx.vocab import MetaSpec
 from orthofx.report import (
     AnalysisReport,
     ChainStep,

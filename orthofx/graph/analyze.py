@@ -18,12 +18,13 @@ import torch.fx as fx
 from torch import nn
 
 from orthofx.errors import TraceFailure
-from orthofx.graph.config import AnalysisConfig, MetaSpec, resolve_analysis_config
+from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
 from orthofx.graph.fx_covariance import covariance_info
 from orthofx.graph.fx_nodes import NodeGraph, describe_target
 from orthofx.graph.fx_usage import detect_usage
 from orthofx.graph.fx_walk import Step, Walker, WalkOutcome
-from orthofx.graph.patterns import Patterns, Role, is_meta_module
+from orthofx.graph.patterns import Patterns
+from orthofx.vocab import MetaSpec, Role, is_meta_layer
 from orthofx.graph.trace import (
     SCOPE_KEY,
     _class_keys,
@@ -92,7 +93,7 @@ def find_meta_layers(ng: NodeGraph, patterns: Patterns, notes: list[str] | None 
             mod = ng.module(str(n.target))
             spec = patterns.meta_for_module(mod, str(n.target))
             if spec is not None:
-                src = "orthofx" if is_meta_module(mod) else "config"
+                src = "orthofx" if is_meta_layer(mod) else "config"
                 sites.append(MetaSite(n, spec, src, type(mod).__name__, module=mod))
     return sites
 
@@ -406,7 +407,7 @@ def _collect_children(module: nn.Module, prefix: str, cfg: AnalysisConfig,
                       report: AnalysisReport) -> None:
     for name, child in module.named_children():
         full = f"{prefix}{name}"
-        if is_meta_module(child):
+        if is_meta_layer(child):
             _standalone_meta(child, full, report)
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or type(child).forward is nn.Module.forward:

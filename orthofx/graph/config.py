@@ -1,4 +1,5 @@
-"""Options of the graph analysis: :class:`AnalysisConfig` and :class:`MetaSpec`.
+"""Options of the graph analysis: :class:`AnalysisConfig` (meta-layer specs are the shared
+:class:`orthofx.vocab.MetaSpec`).
 
 The analysis is driven by registries (``orthofx.graph.patterns``). This config extends them
 per call: extra meta-layer functions, modules and ``torch.autograd.Function`` classes with
@@ -17,57 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from orthofx.errors import ConfigError
-from orthofx.graph.ops import KINDS
+from orthofx.vocab import KINDS, INPUTS, MetaSpec  # noqa: F401  (MetaSpec is shared with orthofx.nn)
 
 __all__ = [
-    "KINDS",
-    "INPUTS",
-    "MetaSpec",
     "AnalysisConfig",
     "resolve_analysis_config",
     "callable_name",
     "resolve_callable_name",
 ]
-
-#: What a meta-layer's first argument is.
-INPUTS: tuple[str, ...] = ("covariance", "features")
-
-
-@dataclass(frozen=True)
-class MetaSpec:
-    """How a user-registered callable acts as a meta-layer.
-
-    Attributes:
-        kind: one of :data:`KINDS`.
-        input: ``"covariance"`` when the first argument is the (…, n, n) matrix that is
-            decomposed; ``"features"`` when the first argument is the feature map whose
-            covariance the callable builds itself.
-    """
-
-    kind: str
-    input: str = "covariance"
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"meta-layer kind must be one of {KINDS}, got {self.kind!r}")
-        if self.input not in INPUTS:
-            raise ConfigError(f"meta-layer input must be one of {INPUTS}, got {self.input!r}")
-
-    @classmethod
-    def coerce(cls, value: "MetaSpec | str | Mapping[str, str] | tuple[str, str]") -> "MetaSpec":
-        """Accept ``MetaSpec``, a kind string (``"eigh"``), ``(kind, input)`` or a dict."""
-        if isinstance(value, MetaSpec):
-            return value
-        if isinstance(value, str):
-            return cls(value)
-        if isinstance(value, Mapping):
-            return cls(**value)
-        if isinstance(value, tuple) and len(value) == 2:
-            return cls(*value)
-        raise ConfigError(
-            f"a meta-layer spec must be a kind string, (kind, input) or MetaSpec, got {value!r}"
-        )
-
 
 def callable_name(obj: Any) -> str:
     """``"module:qualname"`` of a function or class (what ``to_dict`` stores)."""

@@ -15,8 +15,8 @@ from typing import Any
 
 from orthofx.graph.config import AnalysisConfig
 from orthofx.graph.covariances import Covariance, find_covariances
-from orthofx.graph.ops import CovForm, MatFn, NodeKind
-from orthofx.graph.patterns import Role
+from orthofx.graph.ops import CovForm, NodeKind
+from orthofx.vocab import MatFn, Role
 from orthofx.graph.producers import Producer, walk_producers, weighted
 from orthofx.graph.record import Recording, function_name, record
 from orthofx.graph.regions import Region, region_of

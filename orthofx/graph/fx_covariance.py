@@ -25,7 +25,7 @@ from orthofx.graph.fx_nodes import (
     strip_casts,
     transpose_input,
 )
-from orthofx.graph.patterns import Role
+from orthofx.vocab import Role
 from orthofx.report import CovarianceInfo
 
 if TYPE_CHECKING:

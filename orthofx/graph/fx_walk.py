@@ -38,7 +38,8 @@ from orthofx.graph.fx_nodes import (
     fmt_index,
     is_batch_index,
 )
-from orthofx.graph.patterns import ROLES_AFTER_COV, ROLES_BEFORE_COV, Patterns, Role
+from orthofx.graph.patterns import Patterns
+from orthofx.vocab import ROLES_AFTER_COV, ROLES_BEFORE_COV, Role
 from orthofx.graph.trace import FUNCTION_KEY, function_of, user_class
 from orthofx.report import ProducerInfo
 
@@ -54,7 +55,7 @@ class Step:
 
     Attributes:
         node: the fx node.
-        role: a :class:`~orthofx.graph.patterns.Role` value, or ``"input"`` for a placeholder.
+        role: a :class:`~orthofx.vocab.Role` value, or ``"input"`` for a placeholder.
         source: the input the walk continues through (None: the walk ends here).
         text: readable description.
         reason: why the walk stops here (role ``stop``).

@@ -2,8 +2,7 @@
 Pre-SVD layer to a meta-layer. Data only; ops are matched by their overload-packet name
 (``aten.bmm.default`` → ``"bmm"``), so every overload of an op shares its role.
 
-* :class:`MatFn` - the kinds of matrix function that make a covariance a meta-layer.
-* ``KINDS`` - the kinds a declared meta-layer (``MetaSpec``, ``MetaLayerInfo``) may have.
+* :class:`MatFn`, ``KINDS`` - from :mod:`orthofx.vocab` (the one vocabulary).
 * ``DECOMPOSITIONS`` - decomposition / solver ops and their kind.
 * ``PRODUCTS`` - matrix products and the argument positions of their two operands.
 * ``VIEWS`` - ops that only re-index, copy or cast one tensor (the operand strip crosses them).
@@ -18,6 +17,8 @@ from __future__ import annotations
 
 from enum import Enum
 from types import MappingProxyType
+
+from orthofx.vocab import KINDS, MatFn  # the shared vocabulary (re-exported here for the op tables)
 
 __all__ = [
     "KINDS",
@@ -34,32 +35,6 @@ __all__ = [
     "NORMS",
     "TERMINALS",
 ]
-
-
-class MatFn(str, Enum):
-    """Kind of matrix function applied to a covariance (the meta-layer's ``kind``)."""
-
-    EIGH = "eigh"
-    SVD = "svd"
-    EIG = "eig"
-    CHOLESKY = "cholesky"
-    INVERSE = "inverse"
-    SOLVE = "solve"
-    LOGDET = "logdet"
-    EXPM = "expm"
-    NS_SQRT = "ns_sqrt"
-    NS_INVSQRT = "ns_invsqrt"
-    NEWTON_SCHULZ = "newton_schulz"
-    PADE = "pade"
-    POWER_ITERATION = "power_iteration"
-
-    def __str__(self) -> str:  # "eigh", not "MatFn.EIGH"
-        return self.value
-
-
-#: The kinds a meta-layer declares (``orthofx.graph.config.MetaSpec.kind``,
-#: ``orthofx.nn.meta.MetaLayerInfo.kind``): the matrix function it applies to its input.
-KINDS: tuple[str, ...] = ("sqrtm", "invsqrtm", "eigh", "eigvalsh", "svd", "svdvals")
 
 
 class NodeKind(str, Enum):

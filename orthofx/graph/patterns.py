@@ -16,22 +16,17 @@ import builtins
 import importlib
 import operator
 from dataclasses import dataclass
-from enum import Enum
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx.graph.config import AnalysisConfig, MetaSpec
+from orthofx.graph.config import AnalysisConfig
+from orthofx.vocab import TORCH_DECOMPOSITIONS, MetaSpec, Role, meta_spec_of
 
 __all__ = [
-    "Role",
-    "ROLES_BEFORE_COV",
-    "ROLES_AFTER_COV",
-    "TorchDecomposition",
-    "TORCH_DECOMPOSITIONS",
     "META_FUNCTIONS",
     "META_METHODS",
     "OUTPUT_FIELDS",
@@ -51,45 +46,7 @@ __all__ = [
     "STOP_FUNCTIONS",
     "Patterns",
     "orthofx_linalg_functions",
-    "is_meta_module",
 ]
-
-
-class Role(str, Enum):
-    """What an op does on the walk from a producer to a meta-layer.
-
-    A ``str`` enum: members compare, hash and serialise (JSON) as their values."""
-
-    RESHAPE = "reshape"          # view/reshape/flatten/permute/transpose/(un)squeeze/contiguous
-    CAST = "cast"                # dtype/device casts, clone, detach
-    ACTIVATION = "activation"    # pointwise nonlinearity
-    NORM = "norm"                # per-channel normalisation (BatchNorm, InstanceNorm)
-    DROPOUT = "dropout"
-    IDENTITY = "identity"
-    POOL = "pool"                # spatial pooling / resampling / padding, per channel
-    SCALE = "scale"              # multiply/divide by a constant (scalar or non-data tensor)
-    SHIFT = "shift"              # add/subtract a constant (bias, εI)
-    POINTWISE = "pointwise"      # other elementwise op of one tensor (x*x, pow)
-    CENTER = "center"            # x - mean(x)
-    BATCH_SELECT = "batch-select"  # x[i] on the leading (batch) dim
-    SYMMETRIZE = "symmetrize"    # (A + Aᵀ)
-    COVARIANCE = "covariance"
-    PRODUCER = "producer"
-    META = "meta"
-    STOP = "stop"
-
-    def __str__(self) -> str:  # "reshape", not "Role.RESHAPE"
-        return self.value
-
-
-#: roles allowed before the covariance (on the feature map)
-ROLES_BEFORE_COV: frozenset[Role] = frozenset({
-    Role.RESHAPE, Role.CAST, Role.ACTIVATION, Role.NORM, Role.DROPOUT, Role.IDENTITY, Role.POOL,
-    Role.SCALE, Role.SHIFT, Role.POINTWISE, Role.CENTER, Role.BATCH_SELECT})
-#: roles allowed after the covariance (on the matrix that is decomposed)
-ROLES_AFTER_COV: frozenset[Role] = frozenset({
-    Role.RESHAPE, Role.CAST, Role.IDENTITY, Role.SCALE, Role.SHIFT, Role.SYMMETRIZE,
-    Role.BATCH_SELECT})
 
 
 # --------------------------------------------------------------------------- meta-layers
@@ -98,31 +55,6 @@ _EIGVALSH = MetaSpec("eigvalsh")
 _SVD = MetaSpec("svd")
 _SVDVALS = MetaSpec("svdvals")
 
-
-class TorchDecomposition(NamedTuple):
-    """One of torch's decomposition callables.
-
-    Attributes:
-        name: how reports write it (``"torch.linalg.eigh"``).
-        kind: the meta-layer kind (one of :data:`~orthofx.graph.ops.KINDS`).
-        returns: its return convention: ``"linalg_eigh"``, ``"linalg_svd"`` (named tuples),
-            ``"svd"`` (``torch.svd``'s ``U, S, V``) or ``"tensor"``.
-    """
-
-    name: str
-    kind: str
-    returns: str
-
-
-#: torch's decomposition callables, matched by identity. The one table behind
-#: :data:`META_FUNCTIONS`, the names in reports and ``orthofx.nn.stable.kind_of_target``.
-TORCH_DECOMPOSITIONS: Mapping[Callable[..., Any], TorchDecomposition] = MappingProxyType({
-    torch.linalg.eigh: TorchDecomposition("torch.linalg.eigh", "eigh", "linalg_eigh"),
-    torch.linalg.eigvalsh: TorchDecomposition("torch.linalg.eigvalsh", "eigvalsh", "tensor"),
-    torch.linalg.svd: TorchDecomposition("torch.linalg.svd", "svd", "linalg_svd"),
-    torch.linalg.svdvals: TorchDecomposition("torch.linalg.svdvals", "svdvals", "tensor"),
-    torch.svd: TorchDecomposition("torch.svd", "svd", "svd"),
-})
 
 _SPEC_OF_KIND = {"eigh": _EIGH, "eigvalsh": _EIGVALSH, "svd": _SVD, "svdvals": _SVDVALS}
 
@@ -344,21 +276,6 @@ def orthofx_linalg_functions() -> dict[str, Callable[..., Any]]:
     return out
 
 
-def is_meta_module(module: nn.Module) -> bool:
-    """True for orthofx meta-layer modules (duck-typed on the class attribute ``orthofx_meta``)."""
-    return hasattr(type(module), "orthofx_meta")
-
-
-def _module_meta_spec(module: nn.Module) -> MetaSpec | None:
-    if not hasattr(type(module), "orthofx_meta"):
-        return None
-    # an instance may refine its class's marker (e.g. which decomposition it replaces)
-    info = getattr(module, "orthofx_meta", None) or getattr(type(module), "orthofx_meta")
-    kind = getattr(info, "kind", None)
-    inp = getattr(info, "input", "covariance")
-    return MetaSpec(kind, inp)
-
-
 @dataclass(frozen=True)
 class ModuleRule:
     """How a leaf module acts on the walk."""
@@ -412,7 +329,7 @@ class Patterns:
 
     def meta_for_module(self, module: nn.Module, qualname: str) -> MetaSpec | None:
         """The meta spec of a leaf module: orthofx_meta, or config.meta_modules."""
-        spec = _module_meta_spec(module)
+        spec = meta_spec_of(module)
         if spec is not None:
             return spec
         extra = self.config.meta_modules

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from orthofx.graph.covariances import operands
-from orthofx.graph.ops import CONVOLUTIONS, DECOMPOSITIONS, MatFn, NodeKind, NORMS, PRODUCTS, REGION_STOPS
+from orthofx.graph.ops import CONVOLUTIONS, DECOMPOSITIONS, NodeKind, NORMS, PRODUCTS, REGION_STOPS
+from orthofx.vocab import MatFn
 from orthofx.graph.record import Node, Recording, Ref
 
 __all__ = ["Region", "region_of"]

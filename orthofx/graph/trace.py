@@ -42,7 +42,8 @@ from torch.nn.utils import parametrize
 from orthofx.errors import ConfigError, InputError, TraceFailure
 from orthofx.graph.record import kept_state
 from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
-from orthofx.graph.patterns import Patterns, is_meta_module
+from orthofx.graph.patterns import Patterns
+from orthofx.vocab import is_meta_layer
 
 __all__ = [
     "OrthoTracer",
@@ -219,7 +220,7 @@ class OrthoTracer(fx.Tracer):
 
     # -- leaves ---------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_meta_module(m):
+        if is_meta_layer(m):
             return True
         if module_qualified_name in self.leaf_names or _class_keys(type(m)) & self.leaf_classes:
             self.config_leaves[module_qualified_name] = None

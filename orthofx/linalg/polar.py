@@ -74,10 +74,10 @@ from orthofx.linalg._checks import check_finite, check_matrix, no_autocast
 from orthofx.linalg._solver import robust_eigh
 from orthofx.linalg.stats import maybe_inject_failure, solver_stats
 from orthofx.syncs import sync_free_preferred
+from orthofx.vocab import POLAR_METHODS
 
 __all__ = ["polar", "resolve_method", "POLAR_METHODS", "NS_COEFFS", "POLAR_EXPRESS_COEFFS", "POLISH_COEFFS"]
 
-POLAR_METHODS = ("auto", "svd", "eigh", "ns", "polar_express")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),

@@ -1,6 +1,6 @@
 """orthofx.nn: meta-layer modules built on :mod:`orthofx.linalg`.
 
-Every class here carries the ``orthofx_meta`` marker (:class:`MetaLayerInfo`), so the graph pass
+Every class here carries the ``orthofx_meta`` marker (an :class:`orthofx.vocab.MetaSpec`), so the graph pass
 traces it as a leaf and reports it as a meta-layer.
 """
 

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from orthofx import linalg
 from orthofx.errors import ConfigError, DTypeError, InputError
 from orthofx.linalg._checks import host_read_is_free
-from orthofx.nn.meta import MetaLayer, MetaLayerInfo
+from orthofx.nn.meta import MetaLayer
+from orthofx.vocab import MetaSpec
 
 __all__ = ["CovariancePooling"]
 
@@ -93,7 +94,7 @@ class CovariancePooling(MetaLayer):
     ``orthofx.linalg._solver.eigh_via_svd`` is a ``torch.cond`` while traced).
     """
 
-    orthofx_meta = MetaLayerInfo(kind="sqrtm", input="features")
+    orthofx_meta = MetaSpec(kind="sqrtm", input="features")
 
     def __init__(
         self,

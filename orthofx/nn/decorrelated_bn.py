@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from orthofx import linalg
 from orthofx.errors import ConfigError, InputError
 from orthofx.nn.covariance_pooling import _covariance_dtype, check_features, tracing
-from orthofx.nn.meta import MetaLayer, MetaLayerInfo
+from orthofx.nn.meta import MetaLayer
+from orthofx.vocab import MetaSpec
 
 __all__ = ["DecorrelatedBatchNorm"]
 
@@ -62,7 +63,7 @@ class DecorrelatedBatchNorm(MetaLayer):
     ``torch.cond`` while traced, see :mod:`orthofx.linalg._solver`).
     """
 
-    orthofx_meta = MetaLayerInfo(kind="invsqrtm", input="features")
+    orthofx_meta = MetaSpec(kind="invsqrtm", input="features")
 
     def __init__(
         self,

@@ -1,53 +1,32 @@
 """The marker that makes a module an orthofx meta-layer.
 
-The graph tracer treats every module whose class carries ``orthofx_meta`` as a leaf and
-reports it as a meta-layer. Modules that keep ``orthofx_record = True`` store the detached
+The graph tracer treats every module whose class carries ``orthofx_meta`` (a
+:class:`orthofx.vocab.MetaSpec`; :func:`orthofx.vocab.is_meta_layer` is the one test) as a leaf
+and reports it as a meta-layer. Modules that keep ``orthofx_record = True`` store the detached
 eigenvalues of the matrix they decomposed in ``orthofx_last_eigenvalues``, which the
 conditioning monitor reads instead of decomposing the matrix a second time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 import torch.fx
 from torch import nn
 
-from orthofx.errors import ConfigError
-from orthofx.graph.ops import KINDS
+from orthofx.vocab import MetaSpec, is_meta_layer
 
 __all__ = ["MetaLayerInfo", "MetaLayer", "is_meta_layer"]
 
-INPUTS = ("features", "covariance")
-
-
-@dataclass(frozen=True)
-class MetaLayerInfo:
-    """What a meta-layer module computes.
-
-    Attributes:
-        kind: ``"sqrtm"``, ``"invsqrtm"``, ``"eigh"``, ``"eigvalsh"``, ``"svd"`` or ``"svdvals"``.
-        input: ``"features"`` when the first argument is a feature map (N, C, *spatial) or
-            (N, C) whose covariance the module builds itself; ``"covariance"`` when the first
-            argument already is the (…, n, n) covariance.
-    """
-
-    kind: str
-    input: str
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"MetaLayerInfo.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.input not in INPUTS:
-            raise ConfigError(f"MetaLayerInfo.input must be one of {INPUTS}, got {self.input!r}")
+#: the marker's type: the shared :class:`orthofx.vocab.MetaSpec` (kind, input), under its nn name
+MetaLayerInfo = MetaSpec
 
 
 class MetaLayer(nn.Module):
     """Base class of orthofx meta-layer modules (the marker plus eigenvalue recording)."""
 
-    orthofx_meta: ClassVar[MetaLayerInfo]
+    orthofx_meta: ClassVar[MetaSpec]
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,12 +65,3 @@ class MetaLayer(nn.Module):
         """Keep the eigenvalues of the decomposed matrix for the monitor, when recording."""
         if self.orthofx_record:
             self.orthofx_last_eigenvalues = eigenvalues.detach()
-
-
-def is_meta_layer(module: nn.Module) -> bool:
-    """True when ``module``'s class carries the ``orthofx_meta`` marker.
-
-    Read the marker from the instance (``module.orthofx_meta``): an instance may refine its
-    class's default (``StableDecomposition`` records which decomposition it replaces).
-    """
-    return isinstance(getattr(type(module), "orthofx_meta", None), MetaLayerInfo)

@@ -35,8 +35,9 @@ from torch import Tensor
 
 from orthofx import linalg
 from orthofx.errors import ConfigError
-from orthofx.graph.patterns import TORCH_DECOMPOSITIONS
-from orthofx.nn.meta import MetaLayer, MetaLayerInfo
+from orthofx.vocab import TORCH_DECOMPOSITIONS
+from orthofx.nn.meta import MetaLayer
+from orthofx.vocab import MetaSpec
 
 __all__ = ["StableDecomposition", "STABLE_KINDS", "kind_of_target"]
 
@@ -81,7 +82,7 @@ class StableDecomposition(MetaLayer):
     and for a square input full and reduced SVDs coincide.
     """
 
-    orthofx_meta = MetaLayerInfo(kind="eigh", input="covariance")
+    orthofx_meta = MetaSpec(kind="eigh", input="covariance")
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class StableDecomposition(MetaLayer):
             raise ConfigError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.kind = kind
         # per-instance marker: the class default says "eigh", an instance says what it replaces
-        self.orthofx_meta = MetaLayerInfo(kind=kind, input="covariance")
+        self.orthofx_meta = MetaSpec(kind=kind, input="covariance")
         self.convention = convention
         self.original = original
         self.taylor_degree = taylor_degree
