@@ -1,0 +1,127 @@
+"""Build the HTML API reference from the docstrings with pdoc.
+
+    python docs/build_api.py [--out out/docs/api]      (``make docs``)
+
+Documents the ``orthofx`` package and every importable submodule (private ``_x`` modules
+excluded by pdoc). A module whose optional dependency is not installed (``lightning`` for
+``orthofx.integrations.lightning``, ``torchvision`` for the command line, ...) is left out with
+a note, so the core's reference builds with the core's dependencies alone. Any other import
+error, and any pdoc warning except an annotation pdoc cannot resolve for display (listed,
+harmless), fails the build: exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: top-level packages that only extras of orthofx install (kept in step with orthofx._optional)
+OPTIONAL_PACKAGES = frozenset({
+    "torchvision", "tqdm", "matplotlib", "tensorboard", "lightning", "pytorch_lightning",
+    "transformers", "accelerate", "timm", "hypothesis", "scipy", "pdoc",
+})
+
+#: pdoc warnings that do not fail the build: a type annotation it cannot evaluate for display
+#: (re-exported NamedTuples, Hypothesis-wrapped strategies); the page still shows it as text
+HARMLESS = re.compile(r"^Error parsing type annotation ")
+
+
+@dataclass
+class Selection:
+    """The modules to document and the ones left out because an optional package is missing."""
+
+    modules: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # module -> missing package
+
+
+def _optional_packages() -> frozenset[str]:
+    try:
+        from orthofx._optional import EXTRAS
+    except ImportError:
+        return OPTIONAL_PACKAGES
+    return OPTIONAL_PACKAGES | frozenset(EXTRAS)
+
+
+def missing_optional(error: ImportError, optional: frozenset[str]) -> str | None:
+    """The optional package whose absence caused ``error``, or None when the error is a real
+    bug (an orthofx module, or a core dependency, failed to import)."""
+    name = getattr(error, "name", None) or ""
+    top = name.partition(".")[0]
+    return top if top in optional else None
+
+
+def select(package: str = "orthofx") -> Selection:
+    """Import ``package`` and all its public submodules; sort them into documented and skipped.
+
+    Raises the ImportError of a module that fails for any reason other than a missing
+    optional package."""
+    optional = _optional_packages()
+    root = importlib.import_module(package)
+    sel = Selection(modules=[package])
+    for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
+        name = info.name
+        if any(part.startswith("_") for part in name.split(".")):
+            continue
+        if any(name.startswith(s + ".") for s in sel.skipped):
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing = missing_optional(e, optional)
+            if missing is None:
+                raise
+            sel.skipped[name] = missing
+            continue
+        sel.modules.append(name)
+    return sel
+
+
+def build(out: Path, package: str = "orthofx") -> tuple[Selection, list[str]]:
+    """Render the reference into ``out``; return the selection and the harmless warnings.
+
+    Raises RuntimeError listing every other pdoc warning."""
+    import pdoc
+    import pdoc.render
+
+    sel = select(package)
+    specs = [package] + [f"!{re.escape(m)}" for m in sel.skipped]
+    pdoc.render.configure(docformat="google", footer_text=f"{package} API reference", show_source=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pdoc.pdoc(*specs, output_directory=out)
+    harmless, errors = [], []
+    for w in caught:
+        text = str(w.message)
+        if issubclass(w.category, DeprecationWarning) and "pdoc" not in w.filename:
+            continue  # a library's own deprecation, raised while pdoc imports it
+        (harmless if HARMLESS.match(text) else errors).append(text.splitlines()[0])
+    if errors:
+        raise RuntimeError("pdoc reported problems:\n  " + "\n  ".join(errors))
+    return sel, harmless
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("out/docs/api"), help="output folder (default: out/docs/api)")
+    args = p.parse_args(argv)
+    try:
+        sel, harmless = build(args.out)
+    except (ImportError, RuntimeError) as e:
+        print(f"docs: build failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    for mod, pkg in sel.skipped.items():
+        print(f"docs: {mod} left out: optional package {pkg!r} is not installed")
+    if harmless:
+        print(f"docs: {len(harmless)} annotation(s) shown as text (pdoc could not resolve them)")
+    print(f"docs: {len(sel.modules)} modules -> {args.out / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
