@@ -9,7 +9,7 @@ STAMP := $(VENV)/.orthofx-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= out/demo
 
-.PHONY: venv test test-slow demo data bench clean
+.PHONY: venv test test-slow demo data bench docs clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ demo: $(STAMP) data
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/linalg_bench.py --quick --json out/bench/linalg.json
+
+# API reference (HTML from the docstrings, pdoc) in out/docs/api; fails on import/render errors.
+docs: $(STAMP)
+	$(BIN)/python docs/build_api.py --out out/docs/api
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
