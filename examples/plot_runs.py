@@ -13,4 +13,5 @@ runs = {}
 for f in a.csv:
     recs = load_records(f)
     runs[recs[0]["run"] if recs else Path(f).parent.name] = recs
-print(plot(runs, a.out))
+plot(runs, a.out)
+print(a.out)

@@ -115,8 +115,9 @@ def test_sinks_and_plot(tmp_path, device):
         summ = mon.summary()
         assert summ["1"]["records"] == 3 and summ["1"]["kappa_final"] == pytest.approx(runs[name][-1]["kappa"])
         mon.close()
-    png = plot(runs, tmp_path / "kappa.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot(runs, tmp_path / "kappa.png")
+    assert (tmp_path / "kappa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes[0].lines) == 2
     json.dumps(runs)  # records are JSON-serialisable
 
 
@@ -136,7 +137,7 @@ def test_solver_stats_reset_between_tests_is_not_needed():
 
 
 def test_pending_records_are_small_and_bounded(device):
-    """A pending record holds 4 device numbers (not the spectrum), and step() flushes by itself
+    """A pending record holds 7 device numbers (not the spectrum), and step() flushes by itself
     after max_pending records, so memory stays bounded on long runs without flush()."""
     model = _stem(device)
     mon = ConditioningMonitor(model, every=1, max_pending=3)
@@ -145,7 +146,7 @@ def test_pending_records_are_small_and_bounded(device):
         model(x)
         mon.step()
         assert len(mon._pending) < 3
-        assert all(p.summary.shape == (4,) and p.summary.device.type == device.type for p in mon._pending)
+        assert all(p.summary.shape == (7,) and p.summary.device.type == device.type for p in mon._pending)
     assert len(mon.records) == 6  # two automatic flushes of 3
     recs = mon.flush()
     assert len(recs) == 1 and len(mon.records) == 7

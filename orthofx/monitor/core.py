@@ -1,0 +1,461 @@
+"""ConditioningMonitor: κ of each meta-layer's covariance over training (in three conventions),
+the Pre-SVD weights' norm and conditioning, and failure counts.
+
+κ conventions (:mod:`orthofx.monitor.spectrum`, docs/kappa.md): ``kappa`` = κ(Σ + εI), what
+the solver decomposes (the eigenvalues of exactly the decomposed matrix, εI included; a
+whitening layer with ε on a rank-deficient Σ has ``κ = (λ_max + ε)/ε``); ``rank`` and
+``kappa_range`` = λ_max/λ_r of Σ on its numerical range; ``kappa_paper`` = the paper's eq. 1 as
+inferred (Σ without ε, σ_min at the rounding floor of the layer's precision). Batches of
+covariances (GCP: one per image; grouped whitening: one per group) give the median over the
+batch (``kappa_max``: the batch maximum of ``kappa``). Producer weights
+(:mod:`orthofx.monitor.weights`): ``weight_norm`` = ‖W‖_F, ``weight_cond`` = σ_max/σ_min of
+the flattened weight. The record schema: :mod:`orthofx.monitor.records`.
+
+Cost: the meta-layer modules keep the eigenvalues they already computed
+(``orthofx_record``), so the monitor never decomposes a covariance again for the spectral
+backends ("ns" pays one extra float64 eigvalsh on the recorded steps only). Recording is
+switched on only for the forward of every ``every``-th step. Every summary stays on the device
+until :meth:`ConditioningMonitor.flush` (one host sync per flush, not per step); the producer
+weights' float64 ``svdvals`` runs on recorded steps only (on CUDA cuSOLVER checks its own
+status there; ``weights=False`` turns it off).
+
+Labels are the user's module paths: a module that ``orthofx.transform`` swapped in carries
+the path of what it replaced as ``orthofx_label``; otherwise the qualified name is used.
+Output: :meth:`~ConditioningMonitor.to_csv`/:meth:`~ConditioningMonitor.to_jsonl`, and
+``sinks=`` (:mod:`orthofx.monitor.sinks`: TensorBoard, CSV/JSONL, ``logging``, any callable)
+fed at each flush. The monitor itself logs through ``logging.getLogger("orthofx.monitor")``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from orthofx._log import logger as _root_logger
+from orthofx.config import check_int
+from orthofx.errors import ConfigError, InputError
+from orthofx.linalg import solver_stats
+from orthofx.monitor.records import FIELDS, META, PRODUCER, write_csv, write_jsonl
+from orthofx.monitor.sinks import MetricSink, TensorBoardSink, record_metrics
+from orthofx.monitor.spectrum import SPECTRUM_FIELDS, summarize_spectrum
+from orthofx.monitor.weights import WEIGHT_FIELDS, ProducerWeight, producer_weights, weight_summary
+from orthofx.nn.meta import is_meta_layer
+
+__all__ = ["ConditioningMonitor", "STATE_VERSION"]
+
+log = _root_logger.getChild("monitor")
+
+#: version of :meth:`ConditioningMonitor.state_dict`'s layout
+STATE_VERSION = 1
+
+
+@dataclass
+class _Pending:
+    step: int
+    kind: str
+    layer: str
+    summary: torch.Tensor  # float64 on the device: SPECTRUM_FIELDS or WEIGHT_FIELDS
+    solver: dict[str, int] | None = None  # solver counters at this step (host ints: no sync)
+    nonfinite: torch.Tensor | None = None  # running count of non-finite outputs (device tensor)
+    eps: float | None = None
+    size: int | None = None
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[Any]:
+    """``[t.tolist() for t in tensors]`` with one device→host transfer per (device, shape)."""
+    out: list[Any] = [None] * len(tensors)
+    groups: dict[tuple[torch.device, tuple[int, ...]], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, tuple(t.shape)), []).append(i)
+    for idxs in groups.values():
+        for i, v in zip(idxs, torch.stack([tensors[i] for i in idxs]).tolist()):
+            out[i] = v
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    """Median of ``xs`` (torch's convention: the lower of the two middle values; NaN if empty)."""
+    if not xs:
+        return math.nan
+    return float(torch.tensor(xs, dtype=torch.float64).median())
+
+
+def _record_order(r: Mapping[str, Any]) -> tuple[int, str]:
+    """Sort key of a record: its step, then its content (ties broken whatever the arrival order)."""
+    import json
+
+    return int(r["step"]), json.dumps(r, sort_keys=True, default=str)
+
+
+def _layer_eps(module: nn.Module) -> float | None:
+    """The ε a meta-layer adds to its covariance: ``orthofx_eps`` or ``eps`` when it is a real
+    number, else None (e.g. a swapped-in decomposition: any ε is inside the user's matrix)."""
+    for attr in ("orthofx_eps", "eps"):
+        v = getattr(module, attr, None)
+        if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)):
+            return float(v)
+    return None
+
+
+def _formation_dtype(module: nn.Module, spec_input: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype Σ was formed in: the input's for a covariance input; for a features input, the
+    layer's covariance dtype (``backend``/``compute_dtype``, as orthofx.nn forms it)."""
+    if spec_input == "covariance":
+        return dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    backend = getattr(module, "backend", None)
+    if not isinstance(backend, str):
+        return work
+    try:
+        from orthofx.nn.covariance_pooling import _covariance_dtype
+
+        return _covariance_dtype(backend, getattr(module, "compute_dtype", None), work, device)
+    except Exception:  # a layer outside orthofx.nn: assume it forms Σ in its working dtype
+        return work
+
+
+def _unit_roundoff(*dtypes: torch.dtype | None) -> float:
+    """``u`` of the coarsest floating dtype among ``dtypes``."""
+    return max(torch.finfo(d).eps for d in dtypes if d is not None and d.is_floating_point)
+
+
+@dataclass(eq=False, repr=False)
+class ConditioningMonitor:
+    """Records κ of every orthofx meta-layer module in ``model`` (and the Pre-SVD weights'
+    norm and conditioning) every ``every`` steps.
+
+    Usage::
+
+        mon = ConditioningMonitor(gm, every=10, run="nog+ow+olr", sinks=[LoggingSink()])
+        mon.attach_to(opt)                  # or call mon.step() after each optimizer step
+        for batch in loader:
+            loss = ...; loss.backward(); opt.step()
+        mon.flush(); mon.to_csv("kappa.csv")
+
+    Args:
+        model: a module holding orthofx meta-layers (``orthofx.nn`` modules, or the stable
+            stand-ins that ``orthofx.transform`` swaps in for raw ``torch.linalg`` calls).
+        every: record every k-th step (k ≥ 1). Steps count from 0; step 0 is recorded.
+        run: a label written into every record (one line per run in :func:`plot`).
+        tensorboard_dir: shorthand for ``sinks=[TensorBoardSink(tensorboard_dir)]``; raises
+            ``MissingExtraError`` (an ImportError naming ``orthofx[tensorboard]``) when
+            tensorboard is not installed.
+        layers: restrict to these meta-layers (qualified module names or labels; default: all).
+        max_pending: records kept on the device before :meth:`step` flushes them by itself (one
+            sync every ``max_pending`` records; :meth:`flush`, :meth:`summary`, :meth:`to_csv`...
+            sync once as well).
+        sinks: :class:`~orthofx.monitor.sinks.MetricSink` objects fed at every flush.
+        weights: record the producer weights' statistics (default True).
+        producers: qualified parameter names of the producer weights (default: the plan's
+            producers of a model returned by ``orthofx.transform``; none otherwise).
+    """
+
+    model: nn.Module
+    every: int = 1
+    run: str = "run"
+    tensorboard_dir: str | os.PathLike | None = None
+    layers: Sequence[str] | None = None
+    max_pending: int = 1024
+    records: list[dict[str, Any]] = field(default_factory=list)
+    sinks: Sequence[MetricSink] = ()
+    weights: bool = True
+    producers: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.every = check_int(self.every, "every", min=1)
+        self.max_pending = check_int(self.max_pending, "max_pending", min=1)
+        if not isinstance(self.model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(self.model).__name__}")
+        found: dict[str, nn.Module] = {}
+        qualified: dict[str, str] = {}
+        for qname, m in self.model.named_modules():
+            if is_meta_layer(m):
+                label = getattr(m, "orthofx_label", None)
+                label = label if isinstance(label, str) and label else qname
+                if label in found:  # two swaps of one user path: keep them apart
+                    label = qname
+                found[label] = m
+                qualified[label] = qname
+        if self.layers is not None:
+            if isinstance(self.layers, str):
+                raise ConfigError(f"layers must be a list of module names, got the string {self.layers!r}")
+            by_qname = {q: lab for lab, q in qualified.items()}
+            chosen = []
+            missing = []
+            for want in self.layers:
+                lab = want if want in found else by_qname.get(want)
+                (chosen if lab is not None else missing).append(lab if lab is not None else want)
+            if missing:
+                raise ConfigError(f"not meta-layers of the model: {sorted(missing)}; meta-layers: {sorted(found)}")
+            found = {k: found[k] for k in chosen}
+        if not found:
+            raise ConfigError(
+                "the model holds no orthofx meta-layer to monitor (use orthofx.nn modules, or "
+                "orthofx.transform a model with torch.linalg meta-layers first)"
+            )
+        for s in self.sinks:
+            if not isinstance(s, MetricSink):
+                raise ConfigError(f"sinks: {type(s).__name__} has no log(metrics, step)/close() (see orthofx.monitor.sinks)")
+        self.sinks = list(self.sinks)
+        if self.tensorboard_dir is not None:
+            self.sinks.append(TensorBoardSink(self.tensorboard_dir))
+        self._modules: dict[str, nn.Module] = found
+        self._qualified = {k: qualified[k] for k in found}
+        self._producers: list[ProducerWeight] = (
+            producer_weights(self.model, None if self.producers is None else list(self.producers))
+            if self.weights else []
+        )
+        self._step = 0
+        self._armed = False
+        self._pending: list[_Pending] = []
+        self._nonfinite_out: dict[str, torch.Tensor] = {}
+        self._input: dict[str, tuple[torch.dtype, torch.device]] = {}
+        self._weight_seen: set[str] = set()
+        self._handles = [m.register_forward_hook(self._make_hook(name)) for name, m in found.items()]
+        for pw in self._producers:
+            self._handles.append(pw.module.register_forward_pre_hook(self._make_weight_hook(pw)))
+        self._opt_handles: list[Any] = []
+        self._solver_base = self._solver_snapshot()
+        self._arm()
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not module.training:
+                return
+            if self._armed and args and isinstance(args[0], torch.Tensor):
+                self._input[name] = (args[0].dtype, args[0].device)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                with torch.no_grad():
+                    bad = (~torch.isfinite(first.detach())).sum(dtype=torch.int64)
+                acc = self._nonfinite_out.get(name)
+                self._nonfinite_out[name] = bad if acc is None else acc + bad
+
+        return hook
+
+    def _make_weight_hook(self, pw: ProducerWeight):
+        def hook(module: nn.Module, args: Any) -> None:
+            # the weight as this recorded step's forward uses it, once per recorded step
+            if not (self._armed and module.training) or pw.label in self._weight_seen:
+                return
+            self._weight_seen.add(pw.label)
+            with torch.no_grad():
+                w = getattr(pw.module, pw.attr)
+                self._pending.append(_Pending(self._step, PRODUCER, pw.label, weight_summary(w)))
+
+        return hook
+
+    def _arm(self) -> None:
+        on = self._step % int(self.every) == 0
+        self._armed = on
+        self._weight_seen.clear()
+        for m in self._modules.values():
+            m.orthofx_record = on
+            if on:
+                m.orthofx_last_eigenvalues = None
+
+    def _solver_snapshot(self) -> dict[str, Any]:
+        s = solver_stats()
+        return {"failures": s.failures, "fallbacks": sum(s.fallbacks.values())}
+
+    # ------------------------------------------------------------------ API
+    @property
+    def layer_names(self) -> list[str]:
+        """Labels of the monitored meta-layers (the user's module paths)."""
+        return list(self._modules)
+
+    @property
+    def producer_names(self) -> list[str]:
+        """Labels of the monitored producer weights (parameter names in the user's model)."""
+        return [p.label for p in self._producers]
+
+    @property
+    def step_count(self) -> int:
+        """How many steps :meth:`step` has counted (the next step's number)."""
+        return self._step
+
+    def step(self) -> None:
+        """Call once per training step, after the forward (typically after ``optimizer.step()``;
+        :meth:`attach_to` does it for you)."""
+        if self._step % int(self.every) == 0:
+            snap = self._solver_snapshot()
+            for name, m in self._modules.items():
+                lam = getattr(m, "orthofx_last_eigenvalues", None)
+                if lam is None:
+                    continue
+                eps = _layer_eps(m)
+                spec = getattr(m, "orthofx_meta", None)
+                spec_input = getattr(spec, "input", "covariance")
+                dtype, device = self._input.get(name, (lam.dtype, lam.device))
+                u = _unit_roundoff(lam.dtype, _formation_dtype(m, spec_input, dtype, device))
+                summary = summarize_spectrum(lam, eps, u)
+                if summary is not None:
+                    self._pending.append(_Pending(self._step, META, name, summary, snap,
+                                                  self._nonfinite_out.get(name), eps, int(lam.shape[-1])))
+        self._step += 1
+        self._arm()
+        if len(self._pending) >= int(self.max_pending):
+            self.flush()
+
+    def attach_to(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Step the monitor after every ``optimizer.step()`` (an optimizer step post-hook).
+        Returns the removable handle (``handle.remove()``); :meth:`close` removes it too."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"attach_to needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        self._opt_handles.append(handle)
+        return handle
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Turn the pending device-side summaries into records (one host sync), send them to
+        the sinks, and return them."""
+        new: list[dict[str, Any]] = []
+        if not self._pending:
+            return new
+        solver_nonfinite = solver_stats().nonfinite
+        values = _to_host([p.summary for p in self._pending])
+        zero = torch.zeros((), dtype=torch.int64)
+        nonfinite = _to_host([zero if p.nonfinite is None else p.nonfinite for p in self._pending])
+        for p, vals, nf in zip(self._pending, values, nonfinite):
+            rec: dict[str, Any] = {k: None for k in FIELDS}
+            rec.update(run=self.run, step=p.step, kind=p.kind, layer=p.layer)
+            if p.kind == META:
+                rec.update(zip(SPECTRUM_FIELDS, vals))
+                rank = rec["rank"]
+                rec["rank"] = int(rank) if math.isfinite(rank) else None
+                rec.update(
+                    eps=p.eps,
+                    size=p.size,
+                    nonfinite_outputs=int(nf),
+                    solver_failures=p.solver["failures"] - self._solver_base["failures"],
+                    solver_fallbacks=p.solver["fallbacks"] - self._solver_base["fallbacks"],
+                    solver_nonfinite=solver_nonfinite,
+                )
+            else:
+                rec.update(zip(WEIGHT_FIELDS, vals))
+            new.append(rec)
+        self._pending.clear()
+        self.records.extend(new)
+        self._emit(new)
+        return new
+
+    def _emit(self, new: list[dict[str, Any]]) -> None:
+        """Send the new records to the sinks, one ``log`` per step; log problems once."""
+        by_step: dict[int, dict[str, float]] = {}
+        for r in new:
+            by_step.setdefault(int(r["step"]), {}).update(record_metrics(r))
+        for s in self.sinks:
+            for step in sorted(by_step):
+                s.log(by_step[step], step)
+        metas = [r for r in new if r["kind"] == META]
+        if metas:
+            last = max(metas, key=lambda r: r["step"])
+            bad = sorted({r["layer"] for r in metas if r["nonfinite_outputs"]})
+            if bad:
+                log.warning("run %r: non-finite outputs of meta-layer(s) %s (up to step %d)", self.run, bad, last["step"])
+            if last["solver_failures"]:
+                log.warning("run %r: %d solver failure(s) since the monitor started (up to step %d)",
+                            self.run, last["solver_failures"], last["step"])
+        log.debug("run %r: flushed %d record(s)", self.run, len(new))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per meta-layer, over the recorded steps (independent of the order of ``records``):
+
+        ``kappa_median`` / ``kappa_max``: NaN-ignoring median / max of κ (``+inf`` counts;
+        NaN only when every record is NaN); ``kappa_final``: κ of the latest step;
+        ``nan_records``: how many records have a NaN κ; ``records``: how many there are;
+        solver and non-finite-output counters of the latest step (they are cumulative).
+        """
+        self.flush()
+        out: dict[str, dict[str, float]] = {}
+        for name in self._modules:
+            recs = [r for r in self.records if r["layer"] == name and r.get("kind", META) == META]
+            if not recs:
+                continue
+            recs.sort(key=_record_order)
+            ks = [float(r["kappa"]) for r in recs]
+            finite_or_inf = [k for k in ks if not math.isnan(k)]
+            last = recs[-1]
+            out[name] = {
+                "kappa_median": _median(finite_or_inf),
+                "kappa_final": ks[-1],
+                "kappa_max": max(finite_or_inf) if finite_or_inf else math.nan,
+                "solver_failures": last["solver_failures"],
+                "solver_fallbacks": last["solver_fallbacks"],
+                "nonfinite_outputs": last["nonfinite_outputs"],
+                "records": len(ks),
+                "nan_records": len(ks) - len(finite_or_inf),
+            }
+        return out
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write all records as CSV (columns: :data:`orthofx.monitor.records.FIELDS`)."""
+        self.flush()
+        return write_csv(self.records, path)
+
+    def to_jsonl(self, path: str | os.PathLike) -> Path:
+        """Write all records as JSON lines."""
+        self.flush()
+        return write_jsonl(self.records, path)
+
+    def state_dict(self, *, records: bool = True) -> dict[str, Any]:
+        """What a resume needs: the step counter, ``every``/``run``/``max_pending`` and (with
+        ``records=True``) the records so far. Flushes first (one sync), so nothing pending is
+        lost; plain Python values only (``torch.load(weights_only=True)`` reads them)."""
+        self.flush()
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "every": int(self.every),
+            "run": self.run,
+            "max_pending": int(self.max_pending),
+            "layers": list(self._modules),
+            "producers": self.producer_names,
+        }
+        if records:
+            state["records"] = [dict(r) for r in self.records]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the next :meth:`step` continues the saved numbering
+        (and recording schedule); saved records replace the current ones when present.
+        Solver counters in later records count from this monitor's start. A state of another
+        layout raises :class:`~orthofx.errors.InputError`."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise InputError(f"not a ConditioningMonitor state (version {got!r}, expected {STATE_VERSION})")
+        self._pending.clear()
+        self._step = check_int(state["step"], "step", min=0)
+        self.every = check_int(state.get("every", self.every), "every", min=1)
+        self.max_pending = check_int(state.get("max_pending", self.max_pending), "max_pending", min=1)
+        self.run = str(state.get("run", self.run))
+        if "records" in state:
+            self.records = [dict(r) for r in state["records"]]
+        self._arm()
+
+    def close(self) -> None:
+        """Flush, remove the hooks (model and optimizer), stop recording and close the sinks."""
+        self.flush()
+        for h in self._handles + self._opt_handles:
+            h.remove()
+        self._handles.clear()
+        self._opt_handles.clear()
+        self._armed = False
+        for m in self._modules.values():
+            m.orthofx_record = False
+            m.orthofx_last_eigenvalues = None
+        for s in self.sinks:
+            s.close()
+
+    def __repr__(self) -> str:
+        return (f"ConditioningMonitor(run={self.run!r}, layers={len(self._modules)}, "
+                f"producers={len(self._producers)}, every={self.every}, step={self._step}, "
+                f"pending={len(self._pending)}, records={len(self.records)})")
