@@ -1,6 +1,6 @@
 """Optional dependencies: import one, or say which extra installs it.
 
-The core of orthofx needs only ``torch`` and ``networkx``. Everything else lives behind an
+The core of orthofx needs only ``torch``, ``networkx`` and ``numpy``. Everything else lives behind an
 extra of the package (``pip install 'orthofx[plot]'`` ...); :func:`require` is the one place
 that imports such a package and, when it is missing, raises :class:`MissingExtraError` naming
 the extra::
@@ -21,7 +21,6 @@ __all__ = ["EXTRAS", "MissingExtraError", "require"]
 EXTRAS: dict[str, str] = {
     "torchvision": "cli",
     "tqdm": "cli",
-    "numpy": "cli",
     "matplotlib": "plot",
     "tensorboard": "tensorboard",
     "lightning": "lightning",
