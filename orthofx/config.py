@@ -1,8 +1,11 @@
 """``OrthoConfig``: which treatments the pass applies, and the paper's named presets.
 
-A preset is named after the rows of the paper's tables: ``"svd"`` (nothing), ``"sn"``,
-``"ol"``, ``"ow"``, ``"nog"``, ``"olr"`` and their ``+`` combinations such as
-``"nog+ow+olr"``. At most one *weight* treatment (OW, SN or OL) can be active.
+``OrthoConfig`` = a :class:`WeightSpec` (OW / SN / OL and their parameters) + a
+:class:`GradientSpec` (the NOG / OLR chain) + an ``AnalysisConfig``. A preset is the short
+form, named after the rows of the paper's tables: ``"svd"`` (nothing), ``"sn"``, ``"ol"``,
+``"ow"``, ``"nog"``, ``"olr"`` and their ``+`` combinations such as ``"nog+ow+olr"``. At most
+one *weight* treatment (OW, SN or OL) can be active. :func:`resolve_config` is the one place a
+str / dict / config / None becomes an ``OrthoConfig``.
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Mapping
 
 from orthofx.errors import ConfigError, OptionError
-from orthofx.vocab import OW_METHOD_NAMES, POLAR_METHODS, SN_METHODS, WEIGHT_TREATMENTS
+from orthofx.vocab import OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS, WEIGHT_TREATMENTS
+
+if TYPE_CHECKING:
+    from orthofx.graph.config import AnalysisConfig
 
 __all__ = [
     "OrthoConfig",
+    "WeightSpec",
+    "GradientSpec",
     "PRESETS",
     "resolve_config",
     "check_bool",
@@ -135,71 +144,208 @@ def check_weight(value: Any, name: str = "weight") -> float:
     return check_float(value, name, min=0.0)  # type: ignore[return-value]
 
 
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """A method/treatment name from :mod:`orthofx.vocab` (a str enum member is accepted and
+    stored as its plain value)."""
+    if isinstance(value, Enum) and isinstance(value.value, str):
+        value = value.value
+    return check_choice(value, name, choices)
+
+
+def _put(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
 @dataclass(frozen=True)
-class OrthoConfig:
-    """What ``orthofx.transform`` does to each Pre-SVD layer it finds.
+class WeightSpec:
+    """The weight treatment of a config: at most one of OW, SN, OL, with its parameters.
 
     Attributes:
-        weight: ``None``, ``"ow"`` (orthogonal weight W = exp(A − Aᵀ) on the flattened
+        kind: ``None``, ``"ow"`` (orthogonal weight W = exp(A − Aᵀ) on the flattened
             (out, in·k·k) weight), ``"sn"`` (W / σ_max(W)) or ``"ol"`` (loss ‖WWᵀ − I‖_F).
-        ow_method: ``"expm"`` (the paper's matrix exponential) or ``"cayley"``
-            ((I − S/2)⁻¹(I + S/2), much cheaper for wide weights), or ``"soc"`` (the
-            authors' code: skew-orthogonal convolution, an orthogonal conv operator; only
-            stride-1 'same' Conv2d producers with in == out and an odd square kernel — any
-            other producer raises TreatmentError; ``strip`` refuses it).
-        ol_weight: multiplier of the orthogonality loss returned by
-            ``orthofx.orthogonality_loss`` (only with ``weight="ol"``).
+        ow_method: ``"expm"`` (the paper's matrix exponential), ``"cayley"``
+            ((I − S/2)⁻¹(I + S/2), cheaper for wide weights) or ``"soc"`` (the authors' code:
+            skew-orthogonal convolution, an orthogonal conv operator; only stride-1 'same'
+            Conv2d producers with in == out and an odd square kernel — any other producer
+            raises TreatmentError; ``strip`` refuses it).
         sn_method: ``"exact"`` (σ_max from ``svdvals`` every forward: σ_max(W) = 1 to
             rounding) or ``"power"`` (torch's power-iteration spectral norm).
-        sn_power_iterations: power iterations per forward for ``sn_method="power"``.
-        nog: replace each producer's weight gradient by the polar factor U Vᵀ of its
-            flattened gradient (nearest orthogonal gradient).
-        nog_method: ``orthofx.linalg.polar`` method. ``"auto"`` (default): Polar Express
-            + 5 polish steps on CUDA (no host sync; ≤ 1e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
-            float64 Gram ``"eigh"`` on the CPU (2.5e-8); ``"svd"`` is the paper's literal
-            U Vᵀ (synchronises on CUDA).
-        olr: per-step optimal learning rate
-            η* = (wᵀw·lᵀw)/(wᵀw·lᵀl + 2(lᵀw)²), used when 0 < η* < the scheduled lr.
-        stabilize: swap raw ``torch.linalg.eigh``/``svd`` meta-layers that decompose a
-            covariance for orthofx's stable-gradient versions.
-        inplace: rewrite the traced copy without deep-copying the model first (the
-            GraphModule then shares submodules with ``model``).
-        analysis: options of the graph analysis (leaf modules, extra meta-layers, ...);
-            an ``orthofx.graph.AnalysisConfig`` or ``None`` for the defaults.
-        preset: the preset name this config was built from, if any (informational).
+        sn_power_iterations: power iterations per forward for ``sn_method="power"`` (int ≥ 1).
+        ol_weight: λ of the orthogonality loss λ·Σ‖WWᵀ − I‖_F (finite float ≥ 0).
+
+    Errors name the flat field (``weight``, ``ow_method``, ``ol_weight``, ...).
     """
 
-    weight: str | None = None
+    kind: str | None = None
     ow_method: str = "expm"
-    ol_weight: float = 1e-2
     sn_method: str = "exact"
     sn_power_iterations: int = 1
+    ol_weight: float = 1e-2
+
+    def __post_init__(self) -> None:
+        kind = self.kind.value if isinstance(self.kind, Enum) else self.kind
+        if kind is not None and not (isinstance(kind, str) and kind in WEIGHT_TREATMENTS):
+            raise OptionError("weight", self.kind, f"not a weight treatment; use one of {WEIGHT_TREATMENTS} or None")
+        _put(self, "kind", kind)
+        _put(self, "ow_method", _choice(self.ow_method, "ow_method", OW_METHOD_NAMES))
+        _put(self, "sn_method", _choice(self.sn_method, "sn_method", SN_METHODS))
+        _put(self, "sn_power_iterations", check_int(self.sn_power_iterations, "sn_power_iterations", min=1))
+        _put(self, "ol_weight", check_weight(self.ol_weight, "ol_weight"))
+
+
+@dataclass(frozen=True)
+class GradientSpec:
+    """The gradient chain of a config (installed by :func:`orthofx.attach`).
+
+    Attributes:
+        nog: replace each producer's weight gradient G by the polar factor U Vᵀ of its
+            flattened (out, in·k·k) gradient (nearest orthogonal gradient).
+        nog_method: ``orthofx.linalg.polar`` method. ``"auto"`` (default): Polar Express
+            + 5 polish steps on CUDA (no host sync; ≤ 1e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
+            float64 Gram ``"eigh"`` on the CPU; ``"svd"`` is the paper's literal U Vᵀ
+            (synchronises on CUDA).
+        olr: per-step optimal learning rate η* = (wᵀw·lᵀw)/(wᵀw·lᵀl + 2(lᵀw)²), used when
+            0 < η* < the scheduled lr.
+        ow_target: what NOG/OLR act on when OW re-parametrizes the weight: ``"weight"`` (the
+            orthogonal W the layer uses) or ``"generator"`` (the trained parameter A of
+            W = exp(A − Aᵀ)); ``None`` = the treatments' default.
+    """
+
     nog: bool = False
     nog_method: str = "auto"
     olr: bool = False
-    stabilize: bool = True
-    inplace: bool = False
-    analysis: Any = None
-    preset: str | None = field(default=None, compare=False)
+    ow_target: str | None = None
 
     def __post_init__(self) -> None:
-        # validate every field and store its normalised value ("false" -> False, 2.0 -> 2)
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
+        _put(self, "nog", check_bool(self.nog, "nog"))
+        _put(self, "olr", check_bool(self.olr, "olr"))
+        _put(self, "nog_method", _choice(self.nog_method, "nog_method", POLAR_METHODS))
+        if self.ow_target is not None:
+            _put(self, "ow_target", _choice(self.ow_target, "ow_target", OW_TARGETS))
 
-        if self.weight is not None and not (isinstance(self.weight, str) and self.weight in _WEIGHT_TOKENS):
-            raise OptionError(
-                "weight", self.weight, f"not a weight treatment; use one of {_WEIGHT_TOKENS} or None"
-            )
-        check_choice(self.ow_method, "ow_method", OW_METHOD_NAMES)
-        check_choice(self.nog_method, "nog_method", POLAR_METHODS)
-        check_choice(self.sn_method, "sn_method", SN_METHODS)
-        put("ol_weight", check_weight(self.ol_weight, "ol_weight"))
-        put("sn_power_iterations", check_int(self.sn_power_iterations, "sn_power_iterations", min=1))
-        for name in ("nog", "olr", "stabilize", "inplace"):
-            put(name, check_bool(getattr(self, name), name))
-        if self.preset is not None and not isinstance(self.preset, str):
-            raise OptionError("preset", self.preset, "must be a preset name or None")
+
+#: flat keyword / dict name -> (section, field of that section)
+_FLAT: dict[str, tuple[str, str]] = {
+    "weight": ("weights", "kind"),
+    "ow_method": ("weights", "ow_method"),
+    "ol_weight": ("weights", "ol_weight"),
+    "sn_method": ("weights", "sn_method"),
+    "sn_power_iterations": ("weights", "sn_power_iterations"),
+    "nog": ("gradients", "nog"),
+    "nog_method": ("gradients", "nog_method"),
+    "olr": ("gradients", "olr"),
+    "ow_target": ("gradients", "ow_target"),
+}
+_SECTIONS: dict[str, type] = {"weights": WeightSpec, "gradients": GradientSpec}
+_OWN = ("stabilize", "inplace", "analysis", "preset")
+#: every name the constructor, from_preset overrides, replace() and from_dict accept
+CONFIG_KEYS: tuple[str, ...] = tuple(_FLAT) + tuple(_SECTIONS) + _OWN
+_UNSET: Any = object()
+
+
+def _analysis(value: Any) -> "AnalysisConfig | None":
+    """None, an AnalysisConfig, or its dict form (``AnalysisConfig.to_dict()``)."""
+    if value is None:
+        return None
+    from orthofx.graph.config import AnalysisConfig  # local: the graph package is heavier
+
+    if isinstance(value, AnalysisConfig):
+        return value
+    if isinstance(value, Mapping):
+        return AnalysisConfig.from_dict(value)
+    raise OptionError("analysis", value, "must be an orthofx.graph.AnalysisConfig, its dict form, or None")
+
+
+@dataclass(frozen=True, init=False)
+class OrthoConfig:
+    """What ``orthofx.transform`` does to each Pre-SVD layer it finds: a weight treatment
+    (:class:`WeightSpec`) + a gradient chain (:class:`GradientSpec`) + the analysis options
+    (:class:`orthofx.graph.AnalysisConfig`).
+
+    Three equivalent ways to write one::
+
+        OrthoConfig.from_preset("nog+ow+olr", ow_method="cayley")          # the short form
+        OrthoConfig(weight="ow", ow_method="cayley", nog=True, olr=True)   # flat keywords
+        OrthoConfig(weights=WeightSpec("ow", ow_method="cayley"),
+                    gradients=GradientSpec(nog=True, olr=True))            # composed
+
+    A section and its flat keywords cannot be given together (ConfigError). The flat names
+    are read-only properties: ``cfg.weight`` (= ``cfg.weights.kind``), ``cfg.ow_method``,
+    ``cfg.ol_weight``, ``cfg.sn_method``, ``cfg.sn_power_iterations``, ``cfg.nog``,
+    ``cfg.nog_method``, ``cfg.olr``, ``cfg.ow_target`` (see the two specs for their meaning).
+
+    Attributes:
+        weights: the weight treatment and its parameters.
+        gradients: the gradient chain (NOG, OLR) and its parameters.
+        analysis: options of the graph analysis (leaf modules, extra meta-layers, ...), or
+            ``None`` for the defaults; a dict is read with ``AnalysisConfig.from_dict``.
+        stabilize: swap raw ``torch.linalg.eigh``/``svd`` meta-layers that decompose a
+            covariance for orthofx's stable-gradient versions.
+        inplace: rewrite the model itself instead of a deep copy.
+        preset: the preset name this config was built from, if any (informational, not
+            compared).
+    """
+
+    weights: WeightSpec
+    gradients: GradientSpec
+    analysis: "AnalysisConfig | None"
+    stabilize: bool
+    inplace: bool
+    preset: str | None = field(compare=False)
+
+    def __init__(
+        self,
+        weight: str | None = _UNSET,
+        ow_method: str = _UNSET,
+        ol_weight: float = _UNSET,
+        sn_method: str = _UNSET,
+        sn_power_iterations: int = _UNSET,
+        nog: bool = _UNSET,
+        nog_method: str = _UNSET,
+        olr: bool = _UNSET,
+        stabilize: bool = True,
+        inplace: bool = False,
+        analysis: "AnalysisConfig | Mapping[str, Any] | None" = None,
+        preset: str | None = None,
+        *,
+        ow_target: str | None = _UNSET,
+        weights: WeightSpec | Mapping[str, Any] | None = None,
+        gradients: GradientSpec | Mapping[str, Any] | None = None,
+    ) -> None:
+        flat = {k: v for k, v in (("weight", weight), ("ow_method", ow_method), ("ol_weight", ol_weight),
+                                  ("sn_method", sn_method), ("sn_power_iterations", sn_power_iterations),
+                                  ("nog", nog), ("nog_method", nog_method), ("olr", olr),
+                                  ("ow_target", ow_target)) if v is not _UNSET}
+        given = {"weights": weights, "gradients": gradients}
+        for section, cls in _SECTIONS.items():
+            mine = {_FLAT[k][1]: v for k, v in flat.items() if _FLAT[k][0] == section}
+            spec = given[section]
+            if spec is None:
+                spec = cls(**mine)
+            else:
+                if mine:
+                    names = sorted(k for k in flat if _FLAT[k][0] == section)
+                    raise ConfigError(f"OrthoConfig: pass either {section}= or its flat fields {names}, not both")
+                spec = _section(section, spec)
+            _put(self, section, spec)
+        _put(self, "analysis", _analysis(analysis))
+        _put(self, "stabilize", check_bool(stabilize, "stabilize"))
+        _put(self, "inplace", check_bool(inplace, "inplace"))
+        if preset is not None and not isinstance(preset, str):
+            raise OptionError("preset", preset, "must be a preset name or None")
+        _put(self, "preset", preset)
+
+    # ------------------------------------------------------------------ flat, read-only views
+    weight = property(lambda self: self.weights.kind, doc="The weight treatment: None, 'ow', 'sn' or 'ol'.")
+    ow_method = property(lambda self: self.weights.ow_method, doc="WeightSpec.ow_method.")
+    ol_weight = property(lambda self: self.weights.ol_weight, doc="WeightSpec.ol_weight.")
+    sn_method = property(lambda self: self.weights.sn_method, doc="WeightSpec.sn_method.")
+    sn_power_iterations = property(lambda self: self.weights.sn_power_iterations,
+                                   doc="WeightSpec.sn_power_iterations.")
+    nog = property(lambda self: self.gradients.nog, doc="GradientSpec.nog.")
+    nog_method = property(lambda self: self.gradients.nog_method, doc="GradientSpec.nog_method.")
+    olr = property(lambda self: self.gradients.olr, doc="GradientSpec.olr.")
+    ow_target = property(lambda self: self.gradients.ow_target, doc="GradientSpec.ow_target.")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -207,7 +353,8 @@ class OrthoConfig:
         """Build the config of a paper row, e.g. ``OrthoConfig.from_preset("nog+ow+olr")``.
 
         Tokens joined by ``+`` in any order are accepted (``"olr+nog"`` == ``"nog+olr"``);
-        unknown tokens raise :class:`ConfigError` listing the presets.
+        unknown tokens raise :class:`ConfigError` listing the presets. ``overrides`` are flat
+        fields (``ow_method="cayley"``) or sections, and win over the preset's choices.
         """
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"a preset name must be a non-empty string, got {name!r}")
@@ -228,13 +375,12 @@ class OrthoConfig:
         if "svd" in tokens and len(set(tokens)) > 1:
             raise ConfigError(f"preset {name!r}: 'svd' means no treatment and cannot be combined")
         canonical = "+".join(t for t in ("nog", "sn", "ol", "ow", "olr") if t in tokens) or "svd"
-        kwargs: dict[str, Any] = dict(
-            weight=weights[0] if weights else None,
-            nog="nog" in tokens,
-            olr="olr" in tokens,
-            preset=canonical,
-        )
         _check_names(overrides, "from_preset override")
+        kwargs: dict[str, Any] = {"preset": canonical}
+        if "weights" not in overrides:
+            kwargs["weight"] = weights[0] if weights else None
+        if "gradients" not in overrides:
+            kwargs.update(nog="nog" in tokens, olr="olr" in tokens)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -257,51 +403,70 @@ class OrthoConfig:
         return "+".join(self.treatments) or "svd"
 
     def replace(self, **changes: Any) -> "OrthoConfig":
-        """A copy with ``changes`` applied (dataclasses.replace); unknown names raise
+        """A copy with ``changes`` (flat fields or sections) applied; unknown names raise
         :class:`ConfigError`."""
         _check_names(changes, "replace()")
-        return dataclasses.replace(self, **changes)
+        kw: dict[str, Any] = {"stabilize": self.stabilize, "inplace": self.inplace,
+                              "analysis": self.analysis, "preset": self.preset}
+        for section in _SECTIONS:
+            if section in changes:
+                continue
+            flat_changes = {_FLAT[k][1]: changes.pop(k) for k in list(changes) if _FLAT.get(k, ("",))[0] == section}
+            kw[section] = dataclasses.replace(getattr(self, section), **flat_changes)
+        kw.update(changes)
+        return type(self)(**kw)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form; ``analysis`` is serialised with its own ``to_dict``."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        a = d.get("analysis")
-        if a is not None:
-            d["analysis"] = a.to_dict() if hasattr(a, "to_dict") else None
-        return d
+        """JSON-serialisable composed form: ``{"weights": {...}, "gradients": {...},
+        "analysis": AnalysisConfig.to_dict() | None, "stabilize", "inplace", "preset"}``."""
+        return {
+            "weights": dataclasses.asdict(self.weights),
+            "gradients": dataclasses.asdict(self.gradients),
+            "analysis": self.analysis.to_dict() if self.analysis is not None else None,
+            "stabilize": self.stabilize,
+            "inplace": self.inplace,
+            "preset": self.preset,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OrthoConfig":
-        """Inverse of :meth:`to_dict`. Values are checked like the constructor's (booleans
-        accept ``"true"``/``"false"``, numbers must be numbers); unknown keys, a non-mapping
-        and an ``analysis`` that is not a mapping raise :class:`ConfigError`."""
+        """Inverse of :meth:`to_dict`; the flat form (``{"weight": "ow", "nog": true}``) is read
+        as well. Strict: an unknown key (top level or inside a section) raises
+        :class:`ConfigError` naming it and the allowed keys; values are checked like the
+        constructor's (booleans accept ``"true"``/``"false"``, numbers must be numbers)."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"an OrthoConfig dict must be a mapping, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown OrthoConfig keys: {sorted(map(str, unknown))}")
-        kw = dict(d)
-        a = kw.get("analysis")
-        if isinstance(a, Mapping):
-            from orthofx.graph.config import AnalysisConfig  # local: graph imports are heavier
+        _check_names(d, "OrthoConfig.from_dict")
+        return cls(**{str(k): v for k, v in d.items()})
 
-            kw["analysis"] = AnalysisConfig.from_dict(a)
-        elif a is not None:
-            raise OptionError("analysis", a, "must be a mapping (AnalysisConfig.to_dict()) or None")
-        return cls(**kw)
+
+def _section(name: str, value: Any) -> Any:
+    """A section given as its spec or as a mapping of its fields (strict keys)."""
+    cls = _SECTIONS[name]
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} in OrthoConfig {name!r}; allowed keys: {', '.join(allowed)}")
+        return cls(**value)
+    raise OptionError(name, value, f"must be a {cls.__name__} or a mapping of its fields")
 
 
 def _check_names(kwargs: Mapping[str, Any], what: str) -> None:
-    names = {f.name for f in dataclasses.fields(OrthoConfig)}
-    unknown = sorted(set(kwargs) - names)
+    unknown = sorted(str(k) for k in kwargs if k not in CONFIG_KEYS)
     if unknown:
-        raise ConfigError(f"{what}: unknown OrthoConfig fields {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{what}: unknown OrthoConfig key {unknown[0]!r}"
+                          + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+                          + f"; allowed keys: {', '.join(CONFIG_KEYS)}")
 
 
 def resolve_config(config: "OrthoConfig | str | Mapping[str, Any] | None") -> OrthoConfig:
-    """Normalise what users pass as ``config``: None → "svd" defaults, a preset name,
-    a dict (``OrthoConfig.from_dict``) or an ``OrthoConfig``."""
+    """The one place a user's ``config`` becomes an :class:`OrthoConfig`: None → the
+    ``"svd"`` defaults, a preset name (:meth:`OrthoConfig.from_preset`), a dict
+    (:meth:`OrthoConfig.from_dict`, strict) or an ``OrthoConfig`` as it is; anything else
+    raises :class:`ConfigError`."""
     if config is None:
         return OrthoConfig(preset="svd")
     if isinstance(config, OrthoConfig):

@@ -142,3 +142,78 @@ def test_library_errors_are_orthofx_errors() -> None:
         StableDecomposition.for_target(_torch.linalg.qr)
     with _pytest.raises(OrthofxError):
         ns_sqrtm(_torch.eye(3)[None], iters=0)
+
+
+# ---------------------------------------------------------------------------- composed OrthoConfig
+def test_composed_flat_and_preset_forms_are_one_config():
+    from orthofx.config import GradientSpec, WeightSpec
+
+    composed = OrthoConfig(weights=WeightSpec("ow", ow_method="cayley"), gradients=GradientSpec(nog=True, olr=True))
+    flat = OrthoConfig(weight="ow", ow_method="cayley", nog=True, olr=True)
+    preset = OrthoConfig.from_preset("nog+ow+olr", ow_method="cayley")
+    assert composed == flat == preset and hash(composed) == hash(preset)
+    assert (flat.weight, flat.ow_method, flat.nog, flat.olr, flat.nog_method) == ("ow", "cayley", True, True, "auto")
+    assert flat.weights == WeightSpec("ow", ow_method="cayley") and flat.gradients.nog is True
+    with pytest.raises(AttributeError):
+        flat.nog = False  # type: ignore[misc]
+    assert OrthoConfig.from_dict(flat.to_dict()) == flat
+    assert set(flat.to_dict()) == {"weights", "gradients", "analysis", "stabilize", "inplace", "preset"}
+    assert flat.replace(ow_method="expm", olr=False) == OrthoConfig(weight="ow", nog=True)
+
+
+def test_from_dict_reads_the_flat_form_of_older_plans():
+    old = {"weight": "sn", "ow_method": "expm", "ol_weight": 0.01, "sn_method": "power", "sn_power_iterations": 2,
+           "nog": True, "nog_method": "svd", "olr": False, "stabilize": True, "inplace": False, "analysis": None,
+           "preset": "nog+sn"}
+    cfg = OrthoConfig.from_dict(old)
+    assert cfg == OrthoConfig.from_preset("nog+sn", sn_method="power", sn_power_iterations=2, nog_method="svd")
+
+
+@pytest.mark.parametrize("bad, key", [({"nogg": True}, "nogg"), ({"weights": {"kind": "ow", "method": "x"}}, "method"),
+                                      ({"gradients": {"nog": True, "lr": 1}}, "lr")])
+def test_from_dict_is_strict_naming_the_key_and_the_allowed_keys(bad, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*allowed keys: .*(nog_method|ow_method)"):
+        OrthoConfig.from_dict(bad)
+
+
+def test_a_section_and_its_flat_fields_together_are_refused():
+    from orthofx.config import WeightSpec
+
+    with pytest.raises(ConfigError, match="weights=.*weight"):
+        OrthoConfig(weight="ow", weights=WeightSpec("sn"))
+
+
+def test_analysis_is_typed():
+    from orthofx.graph import AnalysisConfig
+
+    cfg = OrthoConfig.from_dict({"analysis": {"leaf_modules": ["head"]}})
+    assert cfg.analysis == AnalysisConfig(leaf_modules=("head",))
+    with pytest.raises(ConfigError, match="analysis"):
+        OrthoConfig(analysis=3)  # type: ignore[arg-type]
+
+
+def test_ow_target_is_checked_and_forwarded_to_the_treatments_only_when_chosen(monkeypatch):
+    import torch
+
+    import orthofx
+    import orthofx.pipeline as pipeline
+
+    with pytest.raises(ConfigError, match="ow_target"):
+        OrthoConfig(ow_target="bias")
+    seen: list[dict] = []
+    monkeypatch.setattr(pipeline, "_attach_params", lambda opt, specs, cfg, **kw: seen.append(kw) or "handle")
+
+    class Cov(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            f = self.lin(x)
+            return torch.linalg.eigvalsh(f.T @ f / x.shape[0] + 1e-3 * torch.eye(3))
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for target, want in ((None, {}), ("generator", {"ow_target": "generator"})):
+        gm, _ = orthofx.transform(Cov(), (x,), OrthoConfig.from_preset("nog+ow", ow_target=target))
+        assert orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm) == "handle"
+        assert seen[-1] == want
