@@ -454,6 +454,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
         warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "
                       "act on", stacklevel=2)
         return None
+    if cfg.ow_target is not None:  # what NOG/OLR act on under OW; forwarded only when chosen
+        overrides.setdefault("ow_target", cfg.ow_target)
     return _attach_params(optimizer, _producer_specs(unwrap(model), plan), cfg, **overrides)
 
 
