@@ -50,13 +50,33 @@ class DatasetNotFound(OrthofxError, FileNotFoundError):
     """A dataset is not on disk; the message holds the exact command that fixes it."""
 
 
+#: decoded IDX files by (resolved path, size, mtime): the demo reads the same files once per
+#: run, and gunzip of the 47 MB training images costs seconds
+_IDX_CACHE: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """Read an IDX file (optionally gzip-compressed) into a uint8/int tensor.
+    """Read an IDX file (optionally gzip-compressed) into a uint8/int tensor (a fresh copy;
+    decoded files are cached per process, keyed by path, size and modification time).
 
     Format: 2 zero bytes, a type code (0x08 = uint8), the number of dims, then big-endian
     uint32 dims, then the data.
     """
     p = Path(path)
+    try:
+        st = p.stat()
+        key: tuple[str, int, int] | None = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _IDX_CACHE:
+        return _IDX_CACHE[key].clone()
+    t = _read_idx(p)
+    if key is not None:
+        _IDX_CACHE[key] = t
+    return t.clone()
+
+
+def _read_idx(p: Path) -> torch.Tensor:
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rb") as f:
         data = f.read()

@@ -1,59 +1,165 @@
-"""``orthofx demo``: the paper's decorrelated-BN experiment (Sec. 6.1) at CPU scale.
+"""``orthofx demo``: the paper's two experiments at CPU scale on real Fashion-MNIST.
 
-A small ResNet with ZCA whitening after its stem is trained on real Fashion-MNIST once per
-row of the paper's tables: the SVD baseline, NOG, OLR, OW, NOG+OW, NOG+OW+OLR and the
-Newton–Schulz baseline. For each row it prints test error, median and final κ of the
-whitening covariance, solver failures, and time per step relative to the SVD baseline; it
-writes ``results.json``, ``results.md`` and PNG plots of log10 κ into ``--out``.
+* ``dbn`` — decorrelated BN (paper Sec. 6.1, Tables 2–4, Figs. 2–4): a small ResNet whose
+  5×5 stem (1 → 64 channels, 25-dimensional patches: Σ of rank ≤ 25 of 64, the paper's 27 of
+  64) is followed by ZCA whitening (:class:`orthofx.nn.DecorrelatedBatchNorm`, ε = 1e-2).
+* ``gcp`` — global covariance pooling (paper Sec. 6.2, Table 5, Fig. 5): a small ResNet down
+  to 7×7, 1×1 reduction to 64 channels → BN → ReLU → :class:`orthofx.nn.CovariancePooling`
+  (49 positions, Σ of rank ≤ 48 of 64), plus a raw ``torch.linalg.eigh`` head as the row that
+  shows what the stable meta-layer removes.
+* ``dbn-small`` — the earlier DBN setting (3×3 stem, 1 → 16 channels, rank ≤ 9 of 16).
+
+Every row is trained as a user would: build the model, ``orthofx.transform`` with a preset,
+SGD, ``orthofx.attach``. Per row: test error, κ per convention (the monitor's fields), solver
+failures, non-finite steps, ‖W‖_F and σ_max/σ_min(W) of the Pre-SVD layer. Step time ratios
+come from one interleaved timing loop (rows round-robin, same batch, same moment), never from
+runs minutes apart. Writes ``results.json``, ``results.md`` and PNGs into ``--out``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
+from orthofx.errors import ConfigError
 from orthofx.experiment.train import ExperimentConfig, _jsonable, run
 
-__all__ = ["ROWS", "DemoRow", "demo", "format_table", "QUICK", "FULL"]
+__all__ = [
+    "DemoRow", "Experiment", "EXPERIMENTS", "EXPERIMENT_CHOICES", "demo", "format_table", "ow_target_available",
+    "KAPPA_FIELDS",
+]
+
+#: κ conventions read from the monitor records, with their meaning (see docs/results.md)
+KAPPA_FIELDS: dict[str, str] = {
+    "kappa": "κ(Σ+εI): the matrix the solver decomposes",
+    "kappa_range": "λ_max/λ_r of Σ on its numerical range (rank r)",
+    "kappa_paper": "the paper's convention (inferred)",
+}
 
 
 @dataclass(frozen=True)
 class DemoRow:
-    """One row of the paper's tables: a label, an orthofx preset and a meta-layer backend."""
+    """One row of a table: a label, an orthofx preset, a meta-layer backend, OrthoConfig
+    overrides (``ortho``), model options, and whether orthofx transforms the model at all."""
 
     label: str
     treatment: str
-    backend: str = "eigh"
+    backend: str = "auto"
+    ortho: tuple[tuple[str, Any], ...] = ()
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    transform: bool = True
+    needs: str | None = None  # an OrthoConfig field this row needs (skipped with a note if missing)
 
 
-ROWS: tuple[DemoRow, ...] = (
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: a model of :mod:`orthofx.experiment.models`, its rows and settings."""
+
+    key: str
+    title: str
+    model: str
+    model_kwargs: tuple[tuple[str, Any], ...]
+    rows: tuple[DemoRow, ...]
+    full: Mapping[str, Any] = field(default_factory=dict)
+    quick: Mapping[str, Any] = field(default_factory=dict)
+
+
+def ow_target_available() -> bool:
+    """True when :class:`orthofx.OrthoConfig` has ``ow_target`` (what NOG/OLR act on under OW)."""
+    from orthofx.config import OrthoConfig
+
+    return any(f.name == "ow_target" for f in dataclasses.fields(OrthoConfig))
+
+
+_W, _A = (("ow_target", "weight"),), (("ow_target", "generator"),)
+
+_DBN_ROWS = (
     DemoRow("SVD", "svd"),
     DemoRow("NOG", "nog"),
     DemoRow("OLR", "olr"),
     DemoRow("OW", "ow"),
+    DemoRow("NOG+OW (W)", "nog+ow", ortho=_W, needs="ow_target"),
+    DemoRow("NOG+OW (A)", "nog+ow", ortho=_A, needs="ow_target"),
+    DemoRow("NOG+OW+OLR (W)", "nog+ow+olr", ortho=_W, needs="ow_target"),
+    DemoRow("NOG+OW+OLR (A)", "nog+ow+olr", ortho=_A, needs="ow_target"),
+    DemoRow("Newton-Schulz", "svd", "ns"),
+)
+#: rows run instead of the "(W)"/"(A)" pairs while OrthoConfig has no ow_target: today's
+#: behaviour, where NOG/OLR act on the gradient of OW's generator A
+_DBN_FALLBACK = {
+    "NOG+OW (A)": DemoRow("NOG+OW (A)", "nog+ow"),
+    "NOG+OW+OLR (A)": DemoRow("NOG+OW+OLR (A)", "nog+ow+olr"),
+}
+
+_GCP_ROWS = (
+    DemoRow("SVD", "svd"),
+    DemoRow("SN", "sn"),
+    DemoRow("OL", "ol"),
+    DemoRow("OW", "ow"),
+    DemoRow("NOG", "nog"),
+    DemoRow("OLR", "olr"),
     DemoRow("NOG+OW", "nog+ow"),
     DemoRow("NOG+OW+OLR", "nog+ow+olr"),
     DemoRow("Newton-Schulz", "svd", "ns"),
+    DemoRow("raw torch eigh", "svd", "auto", model_kwargs=(("head", "raw-eigh"),), transform=False),
 )
 
-#: Full-length default: ≈ 10 minutes on 2 CPU cores for all seven rows and one seed.
-FULL = dict(epochs=4, train_limit=30000, test_limit=10000, batch_size=128, milestones=(3,), monitor_every=10,
-            recalibrate_batches=40)
-#: ``--quick``: a smoke run (well under 50 s on 2 CPU cores) that still writes PNG + JSON.
-QUICK = dict(epochs=1, train_limit=640, test_limit=500, batch_size=64, milestones=(), monitor_every=2,
-             recalibrate_batches=5)
+#: full length: both experiments, one seed, ≤ 12 min on 2 idle CPU cores (see docs/results.md)
+_FULL = dict(epochs=3, train_limit=8192, test_limit=5000, batch_size=128, milestones=(2,), monitor_every=8,
+             recalibrate_batches=20)
+#: ``--quick``: a smoke run of every row (a few steps each; ≤ 50 s for both experiments)
+_QUICK = dict(epochs=1, train_limit=64, test_limit=128, batch_size=32, milestones=(), monitor_every=1,
+              recalibrate_batches=1)
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "dbn": Experiment(
+        "dbn", "Decorrelated BN: 5×5 stem 1→64 (rank ≤ 25 of 64) + ZCA whitening, ε = 1e-2",
+        "small-resnet-dbn", (("stem_kernel", 5), ("stem_channels", 64), ("stem_stride", 2)), _DBN_ROWS,
+        _FULL, _QUICK,
+    ),
+    "gcp": Experiment(
+        "gcp", "GCP: 1×1 reduce 64→64 → BN → ReLU → Σ^{1/2} of 7×7 = 49 positions (rank ≤ 48 of 64), ε = 1e-5",
+        "small-resnet-gcp", (("reduced", 64),), _GCP_ROWS, _FULL, _QUICK,
+    ),
+    "dbn-small": Experiment(
+        "dbn-small", "Decorrelated BN (earlier variant): 3×3 stem 1→16 (rank ≤ 9 of 16), ε = 1e-2",
+        "small-resnet-dbn", (), tuple(r for r in _DBN_ROWS), _FULL, _QUICK,
+    ),
+}
+#: ``orthofx demo --experiment`` choices; "both" = dbn + gcp
+EXPERIMENT_CHOICES = ("both", "dbn", "gcp", "dbn-small")
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
+def _resolve_rows(exp: Experiment, notes: list[str]) -> list[DemoRow]:
+    if ow_target_available():
+        return list(exp.rows)
+    rows = []
+    for r in exp.rows:
+        if r.needs == "ow_target":
+            if r.label in _DBN_FALLBACK:
+                rows.append(_DBN_FALLBACK[r.label])
+            else:
+                notes.append(f"{exp.key}: row {r.label!r} skipped: OrthoConfig has no ow_target yet "
+                             "(TODO: NOG/OLR on W's gradient under OW)")
+            continue
+        rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------------------- formatting
+def _mean_std(xs: Sequence[float | None]) -> tuple[float, float]:
+    ys = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    if not ys:
         return math.nan, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(ys), (statistics.stdev(ys) if len(ys) > 1 else 0.0)
 
 
 def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
@@ -62,23 +168,248 @@ def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
-def _fmt_kappa(xs: Sequence[float]) -> str:
-    finite = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
-    if not finite:
-        return "inf" if xs else "n/a"
-    return f"{10 ** statistics.fmean(math.log10(x) for x in finite):.2e}"
+def _geo(xs: Sequence[float | None]) -> float:
+    """Geometric mean of the positive finite values; +inf if any is +inf; NaN if none."""
+    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    if any(math.isinf(v) for v in vals):
+        return math.inf
+    vals = [v for v in vals if v > 0]
+    return 10 ** statistics.fmean(math.log10(v) for v in vals) if vals else math.nan
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
+def _fmt_sci(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.2e}" if (x >= 1e4 or x < 1e-2) else f"{x:.3g}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table of aggregated rows (see :func:`demo`)."""
-    head = "| row | test error % | κ median | κ final | solver failures | step time vs SVD |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    cols = [
+        ("row", "label"), ("test error %", "error"), ("κ(Σ+εI) median", "kappa_fmt"),
+        ("κ range median", "kappa_range_fmt"), ("rank r", "rank_fmt"), ("κ paper median", "kappa_paper_fmt"),
+        ("‖W‖_F final", "weight_norm_fmt"), ("σmax/σmin(W) final", "weight_cond_fmt"),
+        ("solver failures", "solver_failures"), ("non-finite steps", "nonfinite_steps"),
+        ("step time vs SVD", "time_ratio_fmt"),
+    ]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['error']} | {r['kappa_median']} | {r['kappa_final']} | "
-            f"{r['solver_failures']} | {r['time_ratio']} |"
-        )
+        lines.append("| " + " | ".join(str(r.get(k, "n/a")) for _, k in cols) + " |")
     return "\n".join(lines)
+
+
+def _median(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def _run_kappa(res: Mapping[str, Any], key: str) -> float:
+    """Median over the run's κ records of field ``key`` (NaN when the field is absent)."""
+    vals = [float(r[key]) for r in _meta_records(res) if r.get(key) is not None and r.get(key) != ""]
+    vals = [v for v in vals if not math.isnan(v)]
+    return _median(vals)
+
+
+def _meta_records(res: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The run's κ records (the monitor's ``kind == "meta"``; older records have no kind)."""
+    return [r for r in res.get("kappa_records", []) if r.get("kind", "meta") in ("meta", None)]
+
+
+def _weight_records(res: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The Pre-SVD weight records: the monitor's ``kind == "producer"`` records when it writes
+    them, else the experiment's own :class:`~orthofx.experiment.session.WeightTracker`."""
+    recs = [r for r in res.get("kappa_records", []) if r.get("kind") == "producer"]
+    return recs or list(res.get("weight_records") or [])
+
+
+def _final_weight(res: Mapping[str, Any], key: str) -> float:
+    recs = sorted(_weight_records(res), key=lambda r: int(r["step"]))
+    return float(recs[-1][key]) if recs and recs[-1].get(key) is not None else math.nan
+
+
+def _aggregate(rows: Sequence[DemoRow], runs: Sequence[Mapping[str, Any]], timing: Mapping[str, Any]) -> list[dict]:
+    out = []
+    for row in rows:
+        rs = [r for r in runs if r["label"] == row.label]
+        err_m, err_s = _mean_std([r["final_test_error"] for r in rs])
+        kap = {k: _geo([_run_kappa(r, k) for r in rs]) for k in KAPPA_FIELDS}
+        ranks = [_run_kappa(r, "rank") for r in rs]
+        wn_m, wn_s = _mean_std([_final_weight(r, "weight_norm") for r in rs])
+        wc_m, wc_s = _mean_std([_final_weight(r, "weight_cond") for r in rs])
+        failures = sum(int(next(iter(r["kappa"].values()), {}).get("solver_failures", 0) or 0) for r in rs)
+        failures += sum(int(r.get("solver_exceptions", 0)) for r in rs)
+        nonfinite = sum(int(r.get("nonfinite_steps", 0)) for r in rs)
+        steps = sum(int(r.get("steps", 0)) for r in rs)
+        t = timing.get(row.label, {})
+        ratio = t.get("ratio_median", math.nan)
+        out.append({
+            "label": row.label, "treatment": row.treatment, "backend": row.backend, "ortho": dict(row.ortho),
+            "transform": row.transform, "seeds": len(rs),
+            "test_error_mean": err_m, "test_error_std": err_s, "test_errors": [r["final_test_error"] for r in rs],
+            "kappa_geomean": kap, "rank_median": _median(ranks),
+            "weight_norm_mean": wn_m, "weight_norm_std": wn_s, "weight_cond_mean": wc_m, "weight_cond_std": wc_s,
+            "solver_failures": failures, "nonfinite_steps": f"{nonfinite}/{steps}" if steps else "0",
+            "time_ratio_median": ratio, "time_ratios": t.get("ratios", []),
+            "error": _fmt(err_m, err_s, len(rs)),
+            "kappa_fmt": _fmt_sci(kap["kappa"]), "kappa_range_fmt": _fmt_sci(kap["kappa_range"]),
+            "kappa_paper_fmt": _fmt_sci(kap["kappa_paper"]),
+            "rank_fmt": "n/a" if math.isnan(_median(ranks)) else f"{_median(ranks):.0f}",
+            "weight_norm_fmt": _fmt(wn_m, wn_s, len(rs)), "weight_cond_fmt": _fmt(wc_m, wc_s, len(rs)),
+            "time_ratio_fmt": "n/a" if math.isnan(ratio) else (
+                f"{ratio:.2f}×" if len(t.get("ratios", [])) < 2 else
+                f"{ratio:.2f}× ({min(t['ratios']):.2f}–{max(t['ratios']):.2f})"),
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+def interleaved_step_times(
+    cfgs: Sequence[ExperimentConfig], labels: Sequence[str], *, rounds: int = 3, steps: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Seconds per training step of every config, measured fairly: all sessions are built
+    first, then each round times ``steps`` steps of every row in turn (after one untimed
+    warm-up step per row and round), on the same batch, in an order rotated every round.
+    Returns per label ``{"seconds": [...per round...], "ratios": [...row/first row per round...],
+    "ratio_median": ...}``; ratios are taken within a round, so load that changes between
+    rounds cancels."""
+    from orthofx.experiment.session import build_session, train_step
+    from orthofx.experiment.train import _device, _Dist, _load_data
+
+    d = _Dist()
+    sessions = []
+    batch = None
+    for cfg in cfgs:
+        device = _device(cfg, d)
+        torch.manual_seed(cfg.seed)
+        data = _load_data(cfg, d)
+        if batch is None:
+            batch = next(iter(data.train))
+        sessions.append(build_session(cfg, data, device))
+    assert batch is not None
+    secs: list[list[float]] = [[] for _ in cfgs]
+    n = len(sessions)
+    for rnd in range(rounds):
+        for k in range(n):
+            i = (k + rnd) % n
+            s = sessions[i]
+            x, y = batch[0].to(s.device), batch[1].to(s.device)
+            train_step(s, x, y)  # warm-up (caches, lazily built state)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize(s.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(s, x, y)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize(s.device)
+            secs[i].append((time.perf_counter() - t0) / steps)
+    out = {}
+    for label, ts in zip(labels, secs):
+        ratios = [t / b for t, b in zip(ts, secs[0]) if b > 0]
+        out[label] = {"seconds": ts, "ratios": ratios, "ratio_median": statistics.median(ratios) if ratios else math.nan}
+    for s in sessions:
+        if s.handle is not None:
+            s.handle.remove()
+    return out
+
+
+# ---------------------------------------------------------------------------- plots
+def _plot_lines(ax: Any, series: Mapping[str, list[tuple[int, float]]], log10: bool) -> None:
+    styles = ["-", "--", "-.", ":"]
+    markers = ["", "o", "s", "^", "v", "x", "+", "d", "*", "p"]
+    for i, (label, pts) in enumerate(series.items()):
+        pts = sorted(pts)
+        ys = [(math.log10(v) if v > 0 and math.isfinite(v) else math.nan) if log10 else v for _, v in pts]
+        ax.plot([p[0] for p in pts], ys, styles[i % len(styles)], marker=markers[i % len(markers)],
+                markevery=max(1, len(pts) // 6), markersize=4, linewidth=1.2, label=label)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _figure(w: float, h: float, nplots: int) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure  # no pyplot: the global backend is left alone
+
+    fig = Figure(figsize=(w, h))
+    axes = fig.subplots(1, nplots, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def plot_kappa(runs: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """log10 κ against step for every convention present in the records (seed-0 runs)."""
+    present = [k for k in KAPPA_FIELDS if any(r.get(k) is not None for run in runs for r in _meta_records(run))]
+    fig, axes = _figure(5.2 * len(present), 4.2, len(present))
+    for ax, key in zip(axes, present):
+        series = {}
+        for run in runs:
+            pts = [(int(r["step"]), float(r[key])) for r in _meta_records(run) if r.get(key) is not None]
+            if pts:
+                series[run["label"]] = pts
+        _plot_lines(ax, series, log10=True)
+        ax.set_title(KAPPA_FIELDS[key], fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"log10 {key}")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_weights(runs: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """‖W‖_F and σ_max/σ_min(W) of the Pre-SVD layer against step (seed-0 runs)."""
+    fig, axes = _figure(10.5, 4.0, 2)
+    for ax, key, name in zip(axes, ("weight_norm", "weight_cond"), ("‖W‖_F", "σ_max/σ_min(W)")):
+        series = {}
+        for run in runs:
+            pts = [(int(r["step"]), float(r[key])) for r in _weight_records(run) if r.get(key) is not None]
+            if pts:
+                series[run["label"]] = pts
+        _plot_lines(ax, series, log10=False)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_error(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Bar chart of test error (mean ± std over seeds) per row."""
+    fig, (ax,) = _figure(7.5, 3.6, 1)
+    means = [r["test_error_mean"] for r in rows]
+    stds = [r["test_error_std"] if r["seeds"] > 1 else 0.0 for r in rows]
+    ax.bar(range(len(rows)), [m if math.isfinite(m) else 0.0 for m in means], yerr=stds, color="#4C72B0", capsize=3)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=25, fontsize=7, ha="right")
+    finite = [m for m in means if math.isfinite(m)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        ax.set_ylim(max(0.0, lo - 2 * (hi - lo + 0.5)), hi + (hi - lo + 0.5))
+    ax.set_ylabel("test error %")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- demo
+def _config(exp: Experiment, row: DemoRow, settings: Mapping[str, Any], seed: int, out: Path, **common: Any) -> ExperimentConfig:
+    return ExperimentConfig(
+        dataset="fashion-mnist", model=exp.model, model_kwargs={**dict(exp.model_kwargs), **dict(row.model_kwargs)},
+        treatment=row.treatment, ortho=dict(row.ortho), transform=row.transform, backend=row.backend,
+        guard_nonfinite=True, seed=seed, resume=False, name=row.label,
+        out=str(out / "runs" / exp.key / f"{_slug(row.label)}-seed{seed}"), **{**common, **settings},
+    )
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
 
 
 def demo(
@@ -86,144 +417,86 @@ def demo(
     *,
     quick: bool = False,
     seeds: int = 1,
-    rows: Sequence[DemoRow] = ROWS,
+    experiment: str = "both",
     data_dir: str | None = None,
     download: bool = False,
     device: str = "auto",
     progress: bool = True,
-    overrides: dict[str, Any] | None = None,
+    timing: bool | None = None,
+    overrides: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every row for ``seeds`` seeds; print and write the table, JSON and plots.
+    """Run every row of the chosen experiment(s) for ``seeds`` seeds; print and write the
+    tables, JSON and plots. ``timing`` (default: on for full runs, off for ``quick``) adds the
+    interleaved step-time column. ``overrides`` replace training settings (epochs, ...).
 
-    Returns ``{"rows": [...aggregated...], "runs": [...per seed...], "files": {...}}``.
+    Returns ``{"experiments": {key: {"rows": [...aggregated...], "runs": [...]}}, "files": {...}}``.
     """
     from orthofx.config import check_int
-    from orthofx.monitor import plot
 
     seeds = check_int(seeds, "seeds", min=1)  # OptionError (a ConfigError) for 0, -1, 2.5, "2"
+    if experiment not in EXPERIMENT_CHOICES:
+        raise ConfigError(f"experiment must be one of {EXPERIMENT_CHOICES}, got {experiment!r}")
+    keys = ["dbn", "gcp"] if experiment == "both" else [experiment]
+    timing = (not quick) if timing is None else bool(timing)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = dict(QUICK if quick else FULL)
-    base.update(overrides or {})
+    common = dict(data_dir=data_dir, download=download, device=device, progress=progress)
     t_start = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    for seed in range(seeds):
-        for row in rows:
-            cfg = ExperimentConfig(
-                dataset="fashion-mnist",
-                data_dir=data_dir,
-                download=download,
-                model="small-resnet-dbn",
-                treatment=row.treatment,
-                backend=row.backend,
-                seed=seed,
-                out=str(out / "runs" / f"{row.label.lower()}-seed{seed}"),
-                resume=False,
-                device=device,
-                progress=progress,
-                name=row.label,
-                **base,
-            )
-            res = run(cfg, log=lambda s: None)
-            res["label"], res["seed"] = row.label, seed
-            runs.append(res)
-            k = next(iter(res["kappa"].values()), {})
-            log(
-                f"  {row.label:<14} seed {seed}: test error {res['final_test_error']:.2f}%  "
-                f"κ median {k.get('kappa_median', math.nan):.3g}  {res['ms_per_step']:.1f} ms/step"
-            )
-
-    aggregated = []
-    for row in rows:
-        rs = [r for r in runs if r["label"] == row.label]
-        base_rs = [r for r in runs if r["label"] == rows[0].label]
-        ks = [next(iter(r["kappa"].values()), {}) for r in rs]
-        ratios = [
-            r["ms_per_step"] / b["ms_per_step"]
-            for r, b in zip(rs, base_rs)
-            if r["ms_per_step"] and b["ms_per_step"]
-        ]
-        err_m, err_s = _mean_std([r["final_test_error"] for r in rs])
-        # the median over seeds: one step-time sample disturbed by a noisy neighbour must not
-        # move the ratio (shared CPUs); the spread is reported as min–max
-        rat_m = statistics.median(ratios) if ratios else math.nan
-        aggregated.append(
-            {
-                "label": row.label,
-                "treatment": row.treatment,
-                "backend": row.backend,
-                "seeds": len(rs),
-                "test_error_mean": err_m,
-                "test_error_std": err_s,
-                "kappa_median": [k.get("kappa_median") for k in ks],
-                "kappa_final": [k.get("kappa_final") for k in ks],
-                "solver_failures": sum(int(k.get("solver_failures", 0)) for k in ks),
-                "time_ratio_median": rat_m,
-                "error": _fmt(err_m, err_s, len(rs)),
-                "kappa_median_fmt": _fmt_kappa([k.get("kappa_median") for k in ks]),
-                "kappa_final_fmt": _fmt_kappa([k.get("kappa_final") for k in ks]),
-                "time_ratio": (f"{rat_m:.2f}×" if len(ratios) < 2 else
-                               f"{rat_m:.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"),
-            }
-        )
-    table_rows = [
-        dict(a, kappa_median=a["kappa_median_fmt"], kappa_final=a["kappa_final_fmt"]) for a in aggregated
-    ]
-    table = format_table(table_rows)
+    notes: list[str] = []
+    result: dict[str, Any] = {"quick": quick, "seeds": seeds, "experiments": {}, "files": {}, "notes": notes,
+                              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    md = []
+    for key in keys:
+        exp = EXPERIMENTS[key]
+        settings = dict(exp.quick if quick else exp.full)
+        settings.update(overrides or {})
+        rows = _resolve_rows(exp, notes)
+        log(f"== {exp.title}")
+        t_exp = time.perf_counter()
+        times: dict[str, Any] = {}
+        if timing:
+            cfgs = [_config(exp, r, {**settings, "progress": False}, 0, out, **common) for r in rows]
+            times = interleaved_step_times(cfgs, [r.label for r in rows])
+            log("  step time vs SVD (interleaved): " + ", ".join(
+                f"{k} {v['ratio_median']:.2f}×" for k, v in times.items()))
+        runs: list[dict[str, Any]] = []
+        for seed in range(seeds):
+            for row in rows:
+                res = run(_config(exp, row, settings, seed, out, **common), log=lambda s: None)
+                res["label"], res["seed"] = row.label, seed
+                runs.append(res)
+                k = next(iter(res["kappa"].values()), {})
+                log(f"  {row.label:<16} seed {seed}: test error {res['final_test_error']:.2f}%  "
+                    f"κ median {k.get('kappa_median', math.nan):.3g}  non-finite steps {res['nonfinite_steps']}"
+                    f"/{res['steps']}  solver exceptions {res['solver_exceptions']}")
+        agg = _aggregate(rows, runs, times)
+        table = format_table(agg)
+        log("")
+        log(table)
+        seed0 = [r for r in runs if r["seed"] == 0]
+        files = {
+            "kappa_png": str(plot_kappa(seed0, out / f"{key}_kappa.png", exp.title)),
+            "weights_png": str(plot_weights(seed0, out / f"{key}_weights.png", exp.title)),
+            "error_png": str(plot_error(agg, out / f"{key}_error.png", exp.title)),
+        }
+        result["experiments"][key] = {
+            "title": exp.title, "model": exp.model, "model_kwargs": dict(exp.model_kwargs), "settings": settings,
+            "elapsed_s": time.perf_counter() - t_exp, "timing": times, "rows": agg, "runs": runs, "files": files,
+        }
+        result["files"].update({f"{key}_{k}": v for k, v in files.items()})
+        md += [f"## {exp.title}", "", table, ""]
     elapsed = time.perf_counter() - t_start
-    log("")
-    log(table)
-    log(f"\n({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s; κ: float64, of Σ + εI)")
-
-    # plots: one line per row (seed 0), from the monitor records
-    from orthofx.monitor import load_records
-
-    curves = {}
-    for r in runs:
-        if r["seed"] == 0:
-            csv_path = Path(r["config"]["out"]) / "kappa.csv"
-            if csv_path.exists():
-                curves[r["label"]] = load_records(csv_path)
-    files = {"kappa_png": str(plot(curves, out / "kappa.png", title="Whitening covariance κ (Fashion-MNIST)"))}
-    files["error_png"] = str(_error_plot(aggregated, out / "error.png"))
-    result = {
-        "quick": quick,
-        "seeds": seeds,
-        "elapsed_s": elapsed,
-        "settings": _jsonable(base),
-        "rows": aggregated,
-        "runs": runs,
-        "files": files,
-    }
-    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=2))
-    (out / "results.md").write_text(table + "\n")
-    files["json"] = str(out / "results.json")
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {files['kappa_png']}, {files['error_png']}")
+    result["elapsed_s"] = elapsed
+    for n in notes:
+        log(f"note: {n}")
+    md += [f"({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s, {result['date']}; "
+           "κ from float64 eigenvalues; test error after re-estimating normalisation statistics)"]
+    md += [f"note: {n}" for n in notes]
+    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    result["files"]["json"] = str(out / "results.json")
+    result["files"]["md"] = str(out / "results.md")
+    log(f"\n({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s)")
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len([f for f in result['files'] if f.endswith('png')])} PNGs")
     return result
-
-
-def _error_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels = [r["label"] for r in rows]
-    means = [r["test_error_mean"] for r in rows]
-    stds = [r["test_error_std"] if r["seeds"] > 1 else 0.0 for r in rows]
-    ax.bar(range(len(rows)), means, yerr=stds, color="#4C72B0", capsize=3)
-    ax.set_xticks(range(len(rows)), labels, rotation=20, fontsize=8)
-    finite = [m for m in means if math.isfinite(m)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        ax.set_ylim(max(0.0, lo - 2 * (hi - lo + 0.5)), hi + (hi - lo + 0.5))
-    ax.set_ylabel("test error %")
-    ax.set_title("Fashion-MNIST test error per treatment")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

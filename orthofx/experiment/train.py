@@ -29,7 +29,8 @@ from orthofx.errors import ConfigError, OptionError
 __all__ = ["ExperimentConfig", "run", "load_config"]
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
-MODEL_NAMES = ("small-resnet-dbn", "resnet50-dbn", "resnet18-gcp")
+MODEL_NAMES = ("small-resnet-dbn", "small-resnet-gcp", "resnet50-dbn", "resnet18-gcp")
+_GCP_MODELS = ("small-resnet-gcp", "resnet18-gcp")
 #: meta-layer backends (orthofx.linalg.SPECTRAL_BACKENDS); "gram" only for the GCP head
 BACKENDS = ("auto", "eigh", "svd", "ns")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,10 +45,20 @@ class ExperimentConfig:
             ``train/`` and ``val/``) or "synthetic" (random tensors, for tests).
         data_dir: local dataset directory (None: the standard places, see orthofx.data).
         download: let torchvision download the dataset when it is not on disk.
-        model: "small-resnet-dbn", "resnet50-dbn" or "resnet18-gcp".
+        model: "small-resnet-dbn", "small-resnet-gcp", "resnet50-dbn" or "resnet18-gcp".
+        model_kwargs: constructor options of the small models (e.g. ``{"stem_kernel": 5,
+            "stem_channels": 64}``, ``{"reduced": 64, "head": "raw-eigh"}``).
         treatment: an orthofx preset ("svd", "nog", "olr", "ow", "nog+ow+olr", ...).
-        backend: meta-layer backend, "eigh" (exact SVD meta-layer), "ns" (Newton–Schulz), "svd",
-            "auto" (the layer's default) or, for "resnet18-gcp", "gram".
+        ortho: OrthoConfig fields that override the preset's (e.g. ``{"nog_method": "svd"}``).
+        transform: run ``orthofx.transform``/``attach`` (False: train the model as written, e.g.
+            a raw ``torch.linalg.eigh`` baseline; ``treatment`` must then be "svd").
+        guard_nonfinite: count steps whose loss or gradients are not finite, and steps whose
+            forward/backward raises a solver error (``torch.linalg.LinAlgError``), and skip
+            them (zero gradients, computed on the device without a host sync) instead of
+            letting NaN reach the weights or crashing.
+        backend: meta-layer backend: "auto" (default: the layer's fastest exact route),
+            "eigh" (exact SVD meta-layer), "ns" (Newton–Schulz), "svd" or, for the GCP models,
+            "gram".
         eps: ε of the meta-layer's covariance (None: 1e-2 for whitening, the authors' value;
             1e-5 for GCP).
         epochs, batch_size, lr, momentum, weight_decay, milestones (epochs at which the lr
@@ -72,8 +83,12 @@ class ExperimentConfig:
     data_dir: str | None = None
     download: bool = False
     model: str = "small-resnet-dbn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     treatment: str = "svd"
-    backend: str = "eigh"
+    ortho: dict[str, Any] = field(default_factory=dict)
+    transform: bool = True
+    guard_nonfinite: bool = False
+    backend: str = "auto"
     eps: float | None = None
     epochs: int = 2
     batch_size: int = 128
@@ -104,7 +119,7 @@ class ExperimentConfig:
 
         check_choice(self.dataset, "dataset", DATASETS)
         check_choice(self.model, "model", MODEL_NAMES)
-        check_choice(self.backend, "backend", BACKENDS + (("gram",) if self.model == "resnet18-gcp" else ()))
+        check_choice(self.backend, "backend", BACKENDS + (("gram",) if self.model in _GCP_MODELS else ()))
         check_choice(self.device, "device", DEVICES)
         if not isinstance(self.treatment, str):
             raise OptionError("treatment", self.treatment, "must be a preset name such as 'nog+ow+olr'")
@@ -112,9 +127,17 @@ class ExperimentConfig:
             OrthoConfig.from_preset(self.treatment)
         except ConfigError as e:
             raise OptionError("treatment", self.treatment, str(e)) from None
+        for name in ("model_kwargs", "ortho"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise OptionError(name, getattr(self, name), "must be a mapping")
+            setattr(self, name, dict(getattr(self, name)))
+        try:
+            OrthoConfig.from_preset(self.treatment, **self.ortho)
+        except ConfigError as e:
+            raise OptionError("ortho", self.ortho, str(e)) from None
         self.data_dir = _path_field(self.data_dir, "data_dir", optional=True)
         self.out = _path_field(self.out, "out")
-        for name in ("download", "amp", "resume", "progress"):
+        for name in ("download", "amp", "resume", "progress", "transform", "guard_nonfinite"):
             setattr(self, name, check_bool(getattr(self, name), name))
         self.eps = check_float(self.eps, "eps", min=0.0, min_inclusive=False, optional=True)
         self.lr = check_float(self.lr, "lr", min=0.0)
@@ -137,6 +160,15 @@ class ExperimentConfig:
             raise OptionError("name", self.name, "must be a string or None")
         if not isinstance(self.extra, Mapping):
             raise OptionError("extra", self.extra, "must be a mapping")
+        if not self.transform and (self.treatment != "svd" or self.ortho):
+            raise OptionError("transform", self.transform, f"False trains the model as written; treatment "
+                              f"{self.treatment!r} needs transform=True")
+
+    def ortho_config(self) -> Any:
+        """The :class:`orthofx.OrthoConfig` of this run: ``treatment``'s preset with ``ortho``."""
+        from orthofx.config import OrthoConfig
+
+        return OrthoConfig.from_preset(self.treatment, **self.ortho)
 
     @property
     def run_name(self) -> str:
@@ -403,8 +435,7 @@ def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: to
 def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
     """Train one configuration and return (and write to ``out/results.json``) its results:
     test error, κ summary (median/final), solver failures, ms per step, OLR/NOG statistics."""
-    import orthofx
-    from orthofx.experiment.models import build_model
+    from orthofx.experiment.session import WeightTracker, build_session, train_step
     from orthofx.monitor import ConditioningMonitor
 
     device_kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
@@ -416,19 +447,14 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     data = _load_data(cfg, d)
 
-    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.backend, cfg.eps)
-    gm, report = orthofx.transform(model, (data.example,), config=cfg.treatment)
-    gm.to(device)
-    net: nn.Module = gm
-    if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(gm, device_ids=[device.index] if device.type == "cuda" else None)
-
-    opt = torch.optim.SGD(gm.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    handle = orthofx.attach(opt, gm)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.gamma)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if cfg.amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    monitor = ConditioningMonitor(gm, every=cfg.monitor_every, run=cfg.run_name)
+    sess = build_session(cfg, data, device, d.world)
+    gm, net, opt, handle, sched, scaler = sess.model, sess.net, sess.opt, sess.handle, sess.sched, sess.scaler
+    report, amp_dtype = sess.report, sess.amp_dtype
+    if cfg.transform:
+        monitor: Any = ConditioningMonitor(gm, every=cfg.monitor_every, run=cfg.run_name)
+    else:
+        monitor = _RawMonitor(gm, cfg.monitor_every, cfg.run_name, sess)
+    weights = WeightTracker(gm, sess.producers, cfg.monitor_every, cfg.run_name)
 
     ckpt_path = out / "checkpoint.pt"
     start_epoch, history = 0, []
@@ -477,18 +503,14 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=cfg.amp):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-                loss = loss + orthofx.orthogonality_loss(gm)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss = train_step(sess, x, y)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - t0)
             monitor.step()
+            weights.step()
+            if loss is None:  # a solver exception skipped this step (guarded runs)
+                continue
             loss_acc += loss.detach()
             nb += 1
         sched.step()
@@ -534,6 +556,11 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
         "history": history,
         "final_test_error": history[-1]["test_error"] if history else None,
         "kappa": summary,
+        "kappa_records": [dict(r) for r in monitor.records],
+        "weight_records": weights.records(),
+        "nonfinite_steps": int(sess.nonfinite_steps),
+        "solver_exceptions": sess.solver_exceptions,
+        "steps": len(step_times),
         "ms_per_step": 1000.0 * sum(warm) / max(len(warm), 1) if warm else None,
         "treatment_stats": _treatment_stats(handle),
         "world_size": d.world,
@@ -546,6 +573,46 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
     if handle is not None:
         handle.remove()
     return results
+
+
+class _RawMonitor:
+    """The monitor's interface for a model that holds no orthofx meta-layer (``transform=False``):
+    κ from the modules' own ``last_eigenvalues`` (:class:`~orthofx.experiment.session.RawKappaRecorder`)."""
+
+    def __init__(self, model: nn.Module, every: int, run: str, sess: Any) -> None:
+        from orthofx.experiment.session import RawKappaRecorder
+
+        self._rec, self._sess = RawKappaRecorder(model, every, run), sess
+        self.records = self._rec.records
+
+    @property
+    def _step(self) -> int:
+        return self._rec._step
+
+    @_step.setter
+    def _step(self, value: int) -> None:
+        self._rec._step = value
+
+    def step(self) -> None:
+        self._rec.step(self._sess.solver_exceptions)
+
+    def flush(self) -> list[dict[str, Any]]:
+        return []
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return self._rec.summary()
+
+    def to_csv(self, path: Path) -> None:
+        import csv
+
+        keys = sorted({k for r in self.records for k in r})
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.records)
+
+    def close(self) -> None:
+        pass
 
 
 def _treatment_stats(handle: Any) -> dict[str, Any]:
