@@ -111,3 +111,22 @@ def test_sinks_must_follow_the_protocol():
         _run([object()])
     with pytest.raises(ConfigError):
         CallableSink(3)
+
+
+def test_nonfinite_outputs_warn_once_per_increase(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), DecorrelatedBatchNorm(8, eps=1e-2))
+    mon = ConditioningMonitor(model, max_pending=1)  # a flush per record
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="orthofx"):
+        model(torch.randn(4, 1, 6, 6))
+        mon.step()
+        with torch.no_grad():
+            model[0].weight[0, 0, 0, 0] = 0.5
+        model(torch.randn(4, 1, 6, 6))
+        mon.step()  # finite again: the cumulative counter did not grow, no second warning
+    assert [r["nonfinite_outputs"] > 0 for r in mon.records] == [True, True]
+    assert mon.records[0]["nonfinite_outputs"] == mon.records[1]["nonfinite_outputs"]
+    warns = [r for r in caplog.records if "non-finite outputs" in r.getMessage()]
+    assert len(warns) == 1 and "meta-layer 1" in warns[0].getMessage()

@@ -222,6 +222,7 @@ class ConditioningMonitor:
         for pw in self._producers:
             self._handles.append(pw.module.register_forward_pre_hook(self._make_weight_hook(pw)))
         self._opt_handles: list[Any] = []
+        self._warned: dict[tuple[str, str], int] = {}
         self._solver_base = self._solver_snapshot()
         self._arm()
 
@@ -355,15 +356,17 @@ class ConditioningMonitor:
         for s in self.sinks:
             for step in sorted(by_step):
                 s.log(by_step[step], step)
-        metas = [r for r in new if r["kind"] == META]
-        if metas:
-            last = max(metas, key=lambda r: r["step"])
-            bad = sorted({r["layer"] for r in metas if r["nonfinite_outputs"]})
-            if bad:
-                log.warning("run %r: non-finite outputs of meta-layer(s) %s (up to step %d)", self.run, bad, last["step"])
-            if last["solver_failures"]:
-                log.warning("run %r: %d solver failure(s) since the monitor started (up to step %d)",
-                            self.run, last["solver_failures"], last["step"])
+        # warn when a cumulative counter grew since the last warning (not at every flush)
+        for r in sorted((r for r in new if r["kind"] == META), key=lambda r: r["step"]):
+            nf, seen = r["nonfinite_outputs"], self._warned.get(("nonfinite", r["layer"]), 0)
+            if nf > seen:
+                log.warning("run %r: meta-layer %s produced non-finite outputs (%d values so far, step %d)",
+                            self.run, r["layer"], nf, r["step"])
+                self._warned[("nonfinite", r["layer"])] = nf
+            fails = r["solver_failures"]
+            if fails > self._warned.get(("failures", ""), 0):
+                log.warning("run %r: %d solver failure(s) since the monitor started (step %d)", self.run, fails, r["step"])
+                self._warned[("failures", "")] = fails
         log.debug("run %r: flushed %d record(s)", self.run, len(new))
 
     def summary(self) -> dict[str, dict[str, float]]:
