@@ -3,7 +3,7 @@
     orthofx report resnet18 --head gcp            # what the pass finds, as a table
     orthofx report resnet50 --stem whiten --format dot > chain.dot
     orthofx report mypkg.models:build --format json
-    orthofx demo [--quick] [--out DIR] [--seeds N]
+    orthofx demo [--quick] [--experiment both|dbn|gcp|dbn-small] [--out DIR] [--seeds N]
     orthofx train --config examples/resnet50_dbn_cifar100.json [--epochs 1 --treatment nog]
 """
 
@@ -187,8 +187,22 @@ def _cmd_report(a: argparse.Namespace) -> Callable[[], int]:
     return work
 
 
+def _is_main_process() -> bool:
+    """False on every rank but 0 of a ``torchrun``/DDP job (read from the process group when
+    it is initialised, else from ``$RANK``), so that results are printed once."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:  # pragma: no cover
+        pass
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
     _check_int(a.seeds, "--seeds", 1)
+    _check_int(a.first_seed, "--first-seed", 0)
     _check_out_dir(a.out, "--out")
     _check_data_dir(a.data, "--data", a.download)
     _check_device(a.device)
@@ -197,8 +211,8 @@ def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
         from orthofx.experiment.demo import demo
 
         demo(
-            a.out, quick=a.quick, seeds=a.seeds, data_dir=a.data, download=a.download,
-            device=a.device, progress=not a.no_progress,
+            a.out, quick=a.quick, seeds=a.seeds, first_seed=a.first_seed, experiment=a.experiment, data_dir=a.data, download=a.download,
+            device=a.device, progress=not a.no_progress, timing=False if a.no_timing else None,
         )
         return 0
 
@@ -245,6 +259,8 @@ def _cmd_train(a: argparse.Namespace) -> Callable[[], int]:
         from orthofx.experiment.train import run
 
         res = run(cfg)
+        if not _is_main_process():  # under DDP only rank 0 prints the results line
+            return 0
         k = next(iter(res["kappa"].values()), {})
         print(json.dumps({"run": res["run"], "final_test_error": res["final_test_error"],
                           "kappa_median": k.get("kappa_median"), "ms_per_step": res["ms_per_step"],
@@ -269,47 +285,64 @@ def _line(text: str, prefix: str = "orthofx: ") -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import orthofx
+    from orthofx.config import PRESETS
+    from orthofx.experiment.demo import EXPERIMENT_CHOICES
+    from orthofx.experiment.train import BACKENDS, DATASETS, MODEL_NAMES
+
     p = _Parser(prog="orthofx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"orthofx {orthofx.__version__}",
+                   help="print the orthofx version and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("report", help="inspect a model: meta-layers, Pre-SVD layers, chains")
     r.add_argument("spec", help="torchvision model name (resnet18, ...) or module:callable")
     r.add_argument("--head", choices=["gcp"], help="replace the average pool by a GCP head (ResNet-style)")
     r.add_argument("--stem", choices=["whiten"], help="replace bn1 by ZCA whitening (ResNet-style)")
-    r.add_argument("--format", choices=["table", "json", "dot"], default="table")
+    r.add_argument("--format", choices=["table", "json", "dot"], default="table",
+                   help="output format on stdout (default: table)")
     r.add_argument("--png", help="also write the chain picture to this PNG")
     r.add_argument("--input-size", type=int, default=0, help="record tensor shapes with a 2x3xSxS example")
     r.set_defaults(fn=_cmd_report)
 
-    d = sub.add_parser("demo", help="the paper's decorrelated-BN experiment on Fashion-MNIST (CPU scale)")
-    d.add_argument("--quick", action="store_true", help="smoke run (< 50 s on 2 CPU cores)")
-    d.add_argument("--out", default="out/demo")
+    d = sub.add_parser("demo", help="the paper's decorrelated-BN and GCP experiments on Fashion-MNIST (CPU scale)")
+    d.add_argument("--quick", action="store_true", help="smoke run of every row (< 50 s on 2 CPU cores)")
+    d.add_argument("--experiment", choices=list(EXPERIMENT_CHOICES), default="both",
+                   help="which experiment: dbn (5x5 1->64 stem + ZCA whitening), gcp (covariance pooling), "
+                        "both (default), or dbn-small (the earlier 3x3 1->16 variant)")
+    d.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     d.add_argument("--seeds", type=int, default=1, help="seeds per row; reports mean ± std")
+    d.add_argument("--first-seed", type=int, default=0,
+                   help="first seed (default 0): split seeds over processes sharing one --out")
     d.add_argument("--data", help="directory with Fashion-MNIST IDX files")
     d.add_argument("--download", action="store_true", help="download Fashion-MNIST via torchvision if missing")
-    d.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    d.add_argument("--no-timing", action="store_true",
+                   help="skip the interleaved step-time measurement (the 'step time vs SVD' column)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
 
     t = sub.add_parser("train", help="a full experiment from a JSON/TOML config (torchrun-ready)")
     t.add_argument("--config", help="ExperimentConfig as JSON/TOML; flags below override it")
-    t.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"])
-    t.add_argument("--model", choices=["small-resnet-dbn", "resnet50-dbn", "resnet18-gcp"])
-    t.add_argument("--treatment", help="orthofx preset, e.g. nog+ow+olr")
-    t.add_argument("--backend", choices=["auto", "eigh", "svd", "ns"])
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--train-limit", type=int)
-    t.add_argument("--test-limit", type=int)
+    t.add_argument("--dataset", choices=list(DATASETS), help="dataset (default: fashion-mnist)")
+    t.add_argument("--model", choices=list(MODEL_NAMES), help="model of the paper (default: small-resnet-dbn)")
+    t.add_argument("--treatment", help=f"orthofx preset (default: svd); one of {', '.join(PRESETS)}")
+    t.add_argument("--backend", choices=list(BACKENDS) + ["gram"],
+                   help="meta-layer backend (default: auto, the layer's fastest exact route); "
+                        "ns = Newton-Schulz; gram only for the GCP models")
+    t.add_argument("--epochs", type=int, help="training epochs (default: 2)")
+    t.add_argument("--batch-size", type=int, help="training batch size (default: 128)")
+    t.add_argument("--lr", type=float, help="SGD learning rate (default: 0.1)")
+    t.add_argument("--seed", type=int, help="seed of the weights and the data order (default: 0)")
+    t.add_argument("--train-limit", type=int, help="train on a fixed random subset of this many images")
+    t.add_argument("--test-limit", type=int, help="test on a fixed random subset of this many images")
     t.add_argument("--data", help="dataset directory")
-    t.add_argument("--download", action="store_true")
-    t.add_argument("--out")
-    t.add_argument("--device", help="auto, cpu or cuda")
-    t.add_argument("--amp", action="store_true")
-    t.add_argument("--no-resume", action="store_true")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")
+    t.add_argument("--out", help="output directory: results.json, kappa.csv, checkpoint.pt (default: out/run)")
+    t.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    t.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 + GradScaler on CUDA")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(fn=_cmd_train)
     return p
 

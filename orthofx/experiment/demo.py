@@ -34,7 +34,7 @@ from orthofx.experiment.train import ExperimentConfig, _jsonable, run
 
 __all__ = [
     "DemoRow", "Experiment", "EXPERIMENTS", "EXPERIMENT_CHOICES", "demo", "format_table", "ow_target_available",
-    "KAPPA_FIELDS",
+    "KAPPA_FIELDS", "collect",
 ]
 
 #: κ conventions read from the monitor records, with their meaning (see docs/results.md)
@@ -73,10 +73,25 @@ class Experiment:
 
 
 def ow_target_available() -> bool:
-    """True when :class:`orthofx.OrthoConfig` has ``ow_target`` (what NOG/OLR act on under OW)."""
-    from orthofx.config import OrthoConfig
+    """True when ``OrthoConfig(ow_target=...)`` is accepted and ``orthofx.attach`` installs it
+    (probed on a tiny conv → whitening model)."""
+    import warnings
 
-    return any(f.name == "ow_target" for f in dataclasses.fields(OrthoConfig))
+    import orthofx
+    from orthofx.nn import DecorrelatedBatchNorm
+
+    try:
+        cfg = orthofx.OrthoConfig.from_preset("nog+ow", ow_target="weight")
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), DecorrelatedBatchNorm(4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm, _ = orthofx.transform(model, (torch.randn(2, 1, 5, 5),), config=cfg)
+            handle = orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
+        if handle is not None:
+            handle.remove()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not available in this checkout"
+        return False
 
 
 _W, _A = (("ow_target", "weight"),), (("ow_target", "generator"),)
@@ -114,7 +129,7 @@ _GCP_ROWS = (
 
 #: full length: both experiments, one seed, ≤ 12 min on 2 idle CPU cores (see docs/results.md)
 _FULL = dict(epochs=3, train_limit=8192, test_limit=5000, batch_size=128, milestones=(2,), monitor_every=8,
-             recalibrate_batches=20)
+             recalibrate_batches=12, eval_every=3)
 #: ``--quick``: a smoke run of every row (a few steps each; ≤ 50 s for both experiments)
 _QUICK = dict(epochs=1, train_limit=64, test_limit=128, batch_size=32, milestones=(), monitor_every=1,
               recalibrate_batches=1)
@@ -417,6 +432,7 @@ def demo(
     *,
     quick: bool = False,
     seeds: int = 1,
+    first_seed: int = 0,
     experiment: str = "both",
     data_dir: str | None = None,
     download: bool = False,
@@ -427,14 +443,17 @@ def demo(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every row of the chosen experiment(s) for ``seeds`` seeds; print and write the
-    tables, JSON and plots. ``timing`` (default: on for full runs, off for ``quick``) adds the
-    interleaved step-time column. ``overrides`` replace training settings (epochs, ...).
+    tables, JSON and plots. Seeds are ``first_seed … first_seed + seeds − 1`` (seeds can be
+    split over processes writing into one ``out`` and combined with :func:`collect`).
+    ``timing`` (default: on for full runs, off for ``quick``) adds the interleaved step-time
+    column. ``overrides`` replace training settings (epochs, ...).
 
     Returns ``{"experiments": {key: {"rows": [...aggregated...], "runs": [...]}}, "files": {...}}``.
     """
     from orthofx.config import check_int
 
     seeds = check_int(seeds, "seeds", min=1)  # OptionError (a ConfigError) for 0, -1, 2.5, "2"
+    first_seed = check_int(first_seed, "first_seed", min=0)
     if experiment not in EXPERIMENT_CHOICES:
         raise ConfigError(f"experiment must be one of {EXPERIMENT_CHOICES}, got {experiment!r}")
     keys = ["dbn", "gcp"] if experiment == "both" else [experiment]
@@ -458,10 +477,11 @@ def demo(
         if timing:
             cfgs = [_config(exp, r, {**settings, "progress": False}, 0, out, **common) for r in rows]
             times = interleaved_step_times(cfgs, [r.label for r in rows])
+            (out / f"timing_{key}_seed{first_seed}.json").write_text(json.dumps(_jsonable(times), indent=1))
             log("  step time vs SVD (interleaved): " + ", ".join(
                 f"{k} {v['ratio_median']:.2f}×" for k, v in times.items()))
         runs: list[dict[str, Any]] = []
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             for row in rows:
                 res = run(_config(exp, row, settings, seed, out, **common), log=lambda s: None)
                 res["label"], res["seed"] = row.label, seed
@@ -474,7 +494,7 @@ def demo(
         table = format_table(agg)
         log("")
         log(table)
-        seed0 = [r for r in runs if r["seed"] == 0]
+        seed0 = [r for r in runs if r["seed"] == first_seed]
         files = {
             "kappa_png": str(plot_kappa(seed0, out / f"{key}_kappa.png", exp.title)),
             "weights_png": str(plot_weights(seed0, out / f"{key}_weights.png", exp.title)),
@@ -499,4 +519,48 @@ def demo(
     result["files"]["md"] = str(out / "results.md")
     log(f"\n({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s)")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len([f for f in result['files'] if f.endswith('png')])} PNGs")
+    return result
+
+
+def collect(out: str | Path, experiments: Sequence[str] = ("dbn", "gcp")) -> dict[str, Any]:
+    """Rebuild the tables, plots and ``results.json`` of ``out`` from the per-run results
+    (``out/runs/<experiment>/<row>-seed<k>/results.json``) and interleaved timings
+    (``out/timing_<experiment>_seed<k>.json``) that one or several :func:`demo` processes
+    wrote there — also when some runs have not finished (their rows then have fewer seeds)."""
+    out = Path(out)
+    result: dict[str, Any] = {"experiments": {}, "files": {}, "notes": [], "torch": torch.__version__,
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    md = []
+    for key in experiments:
+        exp = EXPERIMENTS[key]
+        runs = []
+        for p in sorted((out / "runs" / key).glob("*/results.json")):
+            res = json.loads(p.read_text())
+            res["label"], res["seed"] = res["run"], int(res["config"]["seed"])
+            runs.append(res)
+        if not runs:
+            continue
+        labels = {r["label"] for r in runs}
+        rows = [r for r in exp.rows if r.label in labels]
+        timing: dict[str, Any] = {}
+        for tp in sorted(out.glob(f"timing_{key}_seed*.json")):
+            for label, t in json.loads(tp.read_text()).items():
+                e = timing.setdefault(label, {"ratios": []})
+                e["ratios"] += [float(x) for x in t["ratios"]]
+        for e in timing.values():
+            e["ratio_median"] = statistics.median(e["ratios"]) if e["ratios"] else math.nan
+        agg = _aggregate(rows, runs, timing)
+        first = min(r["seed"] for r in runs)
+        seed0 = [r for r in runs if r["seed"] == first]
+        files = {
+            "kappa_png": str(plot_kappa(seed0, out / f"{key}_kappa.png", exp.title)),
+            "weights_png": str(plot_weights(seed0, out / f"{key}_weights.png", exp.title)),
+            "error_png": str(plot_error(agg, out / f"{key}_error.png", exp.title)),
+        }
+        result["experiments"][key] = {"title": exp.title, "rows": agg, "runs": runs, "timing": timing,
+                                      "settings": runs[0]["config"], "files": files}
+        result["files"].update({f"{key}_{k}": v for k, v in files.items()})
+        md += [f"## {exp.title}", "", format_table(agg), ""]
+    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out / "results.md").write_text("\n".join(md) + "\n")
     return result

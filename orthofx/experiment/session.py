@@ -55,8 +55,9 @@ def build_session(cfg: Any, data: Any, device: torch.device, world: int = 1) -> 
     if cfg.transform:
         gm, report = orthofx.transform(model, (data.example,), config=cfg.ortho_config())
         producers = list(getattr(report, "producers", []))
-    else:
-        gm, report, producers = model, None, []
+    else:  # trained as written; the analysis (which changes nothing) still names the Pre-SVD layers
+        gm, report = model, None
+        producers = list(orthofx.analyze(model, (data.example,)).producers)
     gm.to(device)
     net: nn.Module = gm
     if world > 1:
