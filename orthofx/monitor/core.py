@@ -15,9 +15,10 @@ Cost: the meta-layer modules keep the eigenvalues they already computed
 (``orthofx_record``), so the monitor never decomposes a covariance again for the spectral
 backends ("ns" pays one extra float64 eigvalsh on the recorded steps only). Recording is
 switched on only for the forward of every ``every``-th step. Every summary stays on the device
-until :meth:`ConditioningMonitor.flush` (one host sync per flush, not per step); the producer
-weights' float64 ``svdvals`` runs on recorded steps only (on CUDA cuSOLVER checks its own
-status there; ``weights=False`` turns it off).
+until :meth:`ConditioningMonitor.flush` (one host sync per flush, not per step). Producer
+weights are copied (detached, on the device) at the recorded step's forward and their float64
+``svdvals`` (a cuSOLVER call, which synchronises) runs at the flush; a flush also happens once
+those copies hold :data:`PENDING_WEIGHT_BYTES`. ``weights=False`` turns them off.
 
 Labels are the user's module paths: a module that ``orthofx.transform`` swapped in carries
 the path of what it replaced as ``orthofx_label``; otherwise the qualified name is used.
@@ -55,17 +56,22 @@ log = _root_logger.getChild("monitor")
 #: version of :meth:`ConditioningMonitor.state_dict`'s layout
 STATE_VERSION = 1
 
+#: :meth:`ConditioningMonitor.step` flushes once the producer weight copies awaiting their
+#: ``svdvals`` hold this many bytes (64 MiB), whatever ``max_pending`` says
+PENDING_WEIGHT_BYTES = 64 * 2**20
+
 
 @dataclass
 class _Pending:
     step: int
     kind: str
     layer: str
-    summary: torch.Tensor  # float64 on the device: SPECTRUM_FIELDS or WEIGHT_FIELDS
+    summary: torch.Tensor | None  # float64 on the device: SPECTRUM_FIELDS or WEIGHT_FIELDS
     solver: dict[str, int] | None = None  # solver counters at this step (host ints: no sync)
     nonfinite: torch.Tensor | None = None  # running count of non-finite outputs (device tensor)
     eps: float | None = None
     size: int | None = None
+    weight: torch.Tensor | None = None  # producer: a detached copy of W, summarised at flush
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[Any]:
@@ -215,6 +221,7 @@ class ConditioningMonitor:
         self._step = 0
         self._armed = False
         self._pending: list[_Pending] = []
+        self._pending_weight_bytes = 0
         self._nonfinite_out: dict[str, torch.Tensor] = {}
         self._input: dict[str, tuple[torch.dtype, torch.device]] = {}
         self._weight_seen: set[str] = set()
@@ -249,8 +256,9 @@ class ConditioningMonitor:
                 return
             self._weight_seen.add(pw.label)
             with torch.no_grad():
-                w = getattr(pw.module, pw.attr)
-                self._pending.append(_Pending(self._step, PRODUCER, pw.label, weight_summary(w)))
+                w = getattr(pw.module, pw.attr).detach().clone()  # the optimizer updates W in place
+            self._pending.append(_Pending(self._step, PRODUCER, pw.label, None, weight=w))
+            self._pending_weight_bytes += w.numel() * w.element_size()
 
         return hook
 
@@ -303,7 +311,7 @@ class ConditioningMonitor:
                                                   self._nonfinite_out.get(name), eps, int(lam.shape[-1])))
         self._step += 1
         self._arm()
-        if len(self._pending) >= int(self.max_pending):
+        if len(self._pending) >= int(self.max_pending) or self._pending_weight_bytes >= PENDING_WEIGHT_BYTES:
             self.flush()
 
     def attach_to(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -322,6 +330,10 @@ class ConditioningMonitor:
         if not self._pending:
             return new
         solver_nonfinite = solver_stats().nonfinite
+        for p in self._pending:
+            if p.summary is None and p.weight is not None:  # svdvals here, where we sync anyway
+                p.summary, p.weight = weight_summary(p.weight), None
+        self._pending_weight_bytes = 0
         values = _to_host([p.summary for p in self._pending])
         zero = torch.zeros((), dtype=torch.int64)
         nonfinite = _to_host([zero if p.nonfinite is None else p.nonfinite for p in self._pending])
@@ -436,6 +448,7 @@ class ConditioningMonitor:
             got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise InputError(f"not a ConditioningMonitor state (version {got!r}, expected {STATE_VERSION})")
         self._pending.clear()
+        self._pending_weight_bytes = 0
         self._step = check_int(state["step"], "step", min=0)
         self.every = check_int(state.get("every", self.every), "every", min=1)
         self.max_pending = check_int(state.get("max_pending", self.max_pending), "max_pending", min=1)

@@ -12,10 +12,9 @@ They show NOG's step-size effect: the polar factor ``U Vᵀ`` has ``‖·‖_F =
 gradient's size, so NOG moves W by ``lr·√p`` per step and, under a scale-invariant layer (ZCA
 whitening), ``‖W‖`` grows — κ(Σ + εI) grows with ``‖W‖²`` while ``weight_cond`` improves.
 
-Cost: one float64 ``svdvals`` per producer on recorded steps only (a cuSOLVER call: on CUDA
-the solver's own info check synchronises once per producer on those steps; pass
-``ConditioningMonitor(..., weights=False)`` to skip). The results stay on the device until
-the monitor flushes.
+Cost in the monitor: on recorded steps, one detached device copy of each producer weight
+(no sync); at the flush, one float64 ``svdvals`` per copy (a cuSOLVER call, which synchronises
+on CUDA — the flush synchronises anyway). ``ConditioningMonitor(..., weights=False)`` skips them.
 """
 
 from __future__ import annotations
