@@ -187,3 +187,17 @@ def test_swapped_decomposition_label_and_no_eps(dtype):
     assert rec["rank"] == 3 == np.linalg.matrix_rank(s)
     rel = 1e-8 if dtype == torch.float64 else 1e-4
     assert rec["kappa_range"] == pytest.approx(mu[-1] / mu[-3], rel=rel)
+
+
+def test_summary_reports_the_eps_free_conventions():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, bias=False), DecorrelatedBatchNorm(16, eps=1e-2, backend="eigh"))
+    mon = ConditioningMonitor(model)
+    for _ in range(3):
+        model(torch.randn(8, 1, 10, 10))
+        mon.step()
+    s = mon.summary()["1"]
+    ranges = [r["kappa_range"] for r in mon.records]
+    assert s["kappa_range_median"] == float(torch.tensor(ranges, dtype=torch.float64).median())
+    assert s["kappa_range_final"] == ranges[-1] and s["rank_final"] == 9
+    assert s["kappa_paper_final"] == mon.records[-1]["kappa_paper"]

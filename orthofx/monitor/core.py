@@ -387,7 +387,10 @@ class ConditioningMonitor:
         ``kappa_median`` / ``kappa_max``: NaN-ignoring median / max of κ (``+inf`` counts;
         NaN only when every record is NaN); ``kappa_final``: κ of the latest step;
         ``nan_records``: how many records have a NaN κ; ``records``: how many there are;
-        solver and non-finite-output counters of the latest step (they are cumulative).
+        solver and non-finite-output counters of the latest step (they are cumulative);
+        ``kappa_range_median``/``_final``, ``kappa_paper_median``/``_final`` (NaN-ignoring
+        median, latest; NaN for records without them) and ``rank_final``. Producer records
+        are not summarised here.
         """
         self.flush()
         out: dict[str, dict[str, float]] = {}
@@ -409,6 +412,12 @@ class ConditioningMonitor:
                 "records": len(ks),
                 "nan_records": len(ks) - len(finite_or_inf),
             }
+            for f in ("kappa_range", "kappa_paper"):  # the ε-free conventions (docs/kappa.md)
+                vals = [float(r[f]) for r in recs if r.get(f) is not None]
+                kept = [v for v in vals if not math.isnan(v)]
+                out[name][f"{f}_median"] = _median(kept)
+                out[name][f"{f}_final"] = float(recs[-1][f]) if recs[-1].get(f) is not None else math.nan
+            out[name]["rank_final"] = last.get("rank")
         return out
 
     def to_csv(self, path: str | os.PathLike) -> Path:
