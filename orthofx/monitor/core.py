@@ -464,6 +464,10 @@ class ConditioningMonitor:
         self.run = str(state.get("run", self.run))
         if "records" in state:
             self.records = [dict(r) for r in state["records"]]
+        saved = state.get("layers")
+        if saved is not None and list(saved) != list(self._modules):
+            log.warning("monitor state saved for meta-layers %s, loaded into a monitor of %s", list(saved),
+                        list(self._modules))
         self._arm()
 
     def close(self) -> None:
