@@ -18,11 +18,13 @@ eigenvalues of Σ are ``μ_i = λ_i − ε``.
   ``κ(A) = σ_max(A)/σ_min(A)`` "where σ(·) denotes the eigenvalue", read as the singular values
   an SVD *in the layer's precision* returns for Σ **without** ε. For a full-rank Σ it equals
   ``kappa_range``; for a rank-deficient Σ an SVD's smallest singular value is rounding noise
-  (at most ≈ u·σ_max), so this convention saturates at ``1/u`` (4.5e15 in float64, 8.4e6 in
-  float32). Inference (docs/kappa.md): the paper reports ≈1e16 (SVD) and ≈1e15
-  (Newton–Schulz) for GCP, whose Σ (49 positions, 256 channels, float64) is always rank
-  deficient — exactly this saturation; its decorrelated-BN numbers (1e12 … 1e3, with ε = 1e-2
-  in the authors' code) cannot be κ(Σ + 1e-2·I) and therefore also exclude ε.
+  (somewhere in [0, ≈u·σ_max]); flooring it at ``u·σ_max`` makes the value deterministic, between
+  about ``1/(n·u)`` and ``1/u`` (4.5e15 in float64, 8.4e6 in float32). Inference
+  (docs/kappa.md): the paper reports ≈1e16 (SVD) and ≈1e15 (Newton–Schulz) for GCP, whose Σ
+  (49 positions, 256 channels, float64) is always rank deficient — this floor; its
+  decorrelated-BN baseline (1e12, with ε = 1e-2 in the authors' code) cannot be
+  κ(Σ + 1e-2·I), so ε is excluded; no one convention fits all of its decorrelated-BN rows,
+  hence the three fields.
 
 For a batch of matrices (GCP: one per image; grouped whitening: one per group) every quantity
 is computed per matrix and reported as the median over the batch (torch's lower median;
