@@ -104,13 +104,16 @@ def test_gcp_batched_rank_deficient(device, backend):
     model(x)
     mon.step()
     (rec,) = mon.flush()
+    # "auto" on CUDA decomposes the Gram matrix in float32 (the gesvda route): u = u32 there
+    u = U32 if (device.type == "cuda" and backend == "auto") else U64
+    rel = 1e-8 if u == U64 else 1e-4
     assert rec["eps"] == eps and rec["size"] == 16 and rec["kind"] == "meta"
     assert rec["rank"] == ref["rank"] == 4  # a 1×1 conv of 4 channels plus bias: rank ≤ 4
-    assert rec["kappa"] == pytest.approx(ref["kappa"], rel=1e-8)
-    assert rec["kappa_max"] == pytest.approx(ref["kappa_max"], rel=1e-8)
-    assert rec["kappa_range"] == pytest.approx(ref["kappa_range"], rel=1e-8)
-    # the paper's convention on a rank-deficient float64 Σ: the rounding floor (≈1e15..1e16)
-    assert 1.0 / (16 * U64) <= rec["kappa_paper"] <= 1.0 / U64
+    assert rec["kappa"] == pytest.approx(ref["kappa"], rel=rel)
+    assert rec["kappa_max"] == pytest.approx(ref["kappa_max"], rel=rel)
+    assert rec["kappa_range"] == pytest.approx(ref["kappa_range"], rel=rel)
+    # the paper's convention on a rank-deficient Σ: the rounding floor (float64: ≈1e15..4.5e15)
+    assert 1.0 / (16 * u) <= rec["kappa_paper"] <= 1.0 / u
 
 
 def test_grouped_whitening(device):
