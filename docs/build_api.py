@@ -2,8 +2,8 @@
 
     python docs/build_api.py [--out out/docs/api]      (``make docs``)
 
-Documents the ``orthofx`` package and every importable submodule (private ``_x`` modules
-excluded by pdoc). A module whose optional dependency is not installed (``lightning`` for
+Documents the ``orthofx`` package (its page lists the public top-level names, which the package
+imports lazily) and every importable submodule (private ``_x`` modules excluded by pdoc). A module whose optional dependency is not installed (``lightning`` for
 ``orthofx.integrations.lightning``, ``torchvision`` for the command line, ...) is left out with
 a note, so the core's reference builds with the core's dependencies alone. Any other import
 error, and any pdoc warning except an annotation pdoc cannot resolve for display (listed,
@@ -20,6 +20,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 #: top-level packages that only extras of orthofx install (kept in step with orthofx._optional)
 OPTIONAL_PACKAGES = frozenset({
@@ -82,6 +83,30 @@ def select(package: str = "orthofx") -> Selection:
     return sel
 
 
+def expose_public_names(module: ModuleType) -> list[str]:
+    """Give a package without ``__all__`` one listing its public names, so that pdoc documents
+    them on the package's page: the lazily imported names of its ``_LAZY`` table (PEP 562
+    ``__getattr__``, loaded into the module's namespace here) and the classes/functions of the
+    package it re-exports. Returns the list (the existing ``__all__`` when there is one). Only
+    the docs build calls this."""
+    existing = getattr(module, "__all__", None)
+    if existing is not None:
+        return list(existing)
+    lazy = set(getattr(module, "_LAZY", {}) or {})
+    names = []
+    for name in dir(module):
+        if name.startswith("_"):
+            continue
+        obj = getattr(module, name)
+        if isinstance(obj, ModuleType):
+            continue
+        if name in lazy or (getattr(obj, "__module__", None) or "").startswith(module.__name__ + "."):
+            setattr(module, name, obj)  # pdoc reads the module's __dict__, not __getattr__
+            names.append(name)
+    module.__all__ = names
+    return names
+
+
 def build(out: Path, package: str = "orthofx") -> tuple[Selection, list[str]]:
     """Render the reference into ``out``; return the selection and the harmless warnings.
 
@@ -90,6 +115,7 @@ def build(out: Path, package: str = "orthofx") -> tuple[Selection, list[str]]:
     import pdoc.render
 
     sel = select(package)
+    expose_public_names(sys.modules[package])
     specs = [package] + [f"!{re.escape(m)}" for m in sel.skipped]
     pdoc.render.configure(docformat="google", footer_text=f"{package} API reference", show_source=True)
     with warnings.catch_warnings(record=True) as caught:

@@ -114,3 +114,22 @@ def test_api_build_fails_on_a_real_import_error(tmp_path, monkeypatch) -> None:
     pkg = _fake_package(tmp_path, monkeypatch, "from fakepkg_docs.core import does_not_exist\n")
     with pytest.raises(ImportError, match="does_not_exist"):
         build_api.select(pkg)
+
+
+def test_api_build_lists_lazily_imported_top_level_names(tmp_path, monkeypatch) -> None:
+    """A PEP 562 lazy name (``_LAZY`` + ``__getattr__``) is not in the package's ``__dict__``,
+    so pdoc would leave the landing page empty; the build puts it there and in ``__all__``."""
+    build_api = _build_api(monkeypatch)
+    pkg = _fake_package(tmp_path, monkeypatch, '"""Extra."""\n')
+    (tmp_path / pkg / "__init__.py").write_text(
+        '"""A lazy package."""\nimport importlib\n_LAZY = {"f": "fakepkg_docs.core"}\n\n'
+        "def __getattr__(name):\n"
+        "    if name in _LAZY:\n"
+        "        return getattr(importlib.import_module(_LAZY[name]), name)\n"
+        "    raise AttributeError(name)\n\n"
+        "def __dir__():\n    return sorted(set(globals()) | set(_LAZY))\n"
+    )
+    mod = importlib.import_module(pkg)
+    assert "f" not in vars(mod)
+    assert build_api.expose_public_names(mod) == ["f"]
+    assert vars(mod)["f"]() == 1 and mod.__all__ == ["f"]
