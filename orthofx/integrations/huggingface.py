@@ -1,0 +1,204 @@
+"""Hugging Face ``Trainer`` integration: :class:`OrthofxTrainerCallback` (needs
+``pip install 'orthofx[hf]'``).
+
+::
+
+    from transformers import Trainer
+    from orthofx.integrations.huggingface import OrthofxTrainerCallback
+
+    cb = OrthofxTrainerCallback("nog+ow+olr", example_inputs=(batch["pixel_values"],))
+    trainer = OrthofxTrainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    trainer.train()                      # also trainer.train(resume_from_checkpoint=...)
+
+With OLR use :class:`OrthofxTrainer` (a ``Trainer`` whose ``create_optimizer`` attaches), because
+OLR gives each producer a param group of its own, and the Trainer builds its LR scheduler (one
+entry per group) right after the optimizer, before any callback runs. Without OLR (``"nog"``,
+``"nog+ow"``, ...) a plain ``Trainer`` with the callback is enough.
+
+Where each step happens in the Trainer's order (transformers 5.x, ``Trainer.train``):
+
+* ``on_init_end`` (end of ``Trainer.__init__``, before ``train()`` builds the optimizer): the
+  model is transformed **in place** (``OrthoConfig(inplace=True)``): the Trainer keeps its
+  model object, whose producers now carry OW/SN. A model whose raw ``torch.linalg``
+  meta-layers would be swapped cannot be transformed in place: transform it yourself before
+  building the Trainer (``model, _ = orthofx.transform(model, inputs, cfg)``).
+* ``OrthofxTrainer.create_optimizer`` (before the scheduler and a resumed optimizer state):
+  NOG/OLR are attached. With a plain ``Trainer`` they are attached in ``on_train_begin``
+  (after the scheduler and the optimizer state); OLR is refused there (ConfigError), since
+  the scheduler was built for the groups before OLR's split.
+* ``on_step_end``: every ``every`` steps (default ``args.logging_steps``) the
+  :class:`~orthofx.monitor.ConditioningMonitor` is flushed (one host sync) and κ, weight
+  statistics, solver failures, NOG counters and OLR's η*/lr are appended to
+  ``trainer.state.log_history`` and sent to the monitor's ``sinks``.
+* ``on_save``: the plan is written as ``orthofx_plan.json`` next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+from orthofx._optional import require
+from orthofx.config import check_int
+from orthofx.errors import ConfigError
+from orthofx.integrations._common import (
+    attach_all,
+    detach_all,
+    log,
+    plan_entry,
+    resolve_inputs,
+    training_metrics,
+    transform_attr,
+)
+from orthofx.monitor import ConditioningMonitor
+from orthofx.pipeline import TransformReport, plan_of
+
+_tf = require("transformers", "hf", purpose="orthofx.integrations.huggingface")
+
+__all__ = ["OrthofxTrainerCallback", "OrthofxTrainer", "PLAN_FILE"]
+
+#: file written next to each Trainer checkpoint
+PLAN_FILE = "orthofx_plan.json"
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (its ``step`` calls the
+    inner optimizer's, whose hooks therefore fire)."""
+    while type(optimizer).__name__ == "AcceleratedOptimizer":
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class OrthofxTrainerCallback(_tf.TrainerCallback):
+    """Transform, attach, monitor and store the plan of orthofx treatments in a ``Trainer``.
+
+    Args:
+        config: an orthofx preset (``"nog+ow+olr"``), :class:`~orthofx.OrthoConfig` or dict.
+        example_inputs: a tensor or tuple of positional inputs of the model for the analysis.
+        example_input_fn: ``fn(model) -> inputs`` instead. Neither: symbolic analysis.
+        monitor: create a :class:`~orthofx.monitor.ConditioningMonitor` (True), pass your own,
+            or None/False.
+        sinks: the monitor's :mod:`orthofx.monitor.sinks` (TensorBoard, CSV, logging, callable).
+        every: record and log every ``every`` optimizer steps (default ``args.logging_steps``).
+        prefix: metric name prefix. ``attach_options``: keyword arguments of :func:`orthofx.attach`.
+    """
+
+    def __init__(
+        self,
+        config: Any = "nog+ow+olr",
+        example_inputs: Any = None,
+        *,
+        example_input_fn: Callable[[nn.Module], Any] | None = None,
+        monitor: bool | ConditioningMonitor | None = True,
+        sinks: Sequence[Any] = (),
+        every: int | None = None,
+        prefix: str = "orthofx/",
+        attach_options: Mapping[str, Any] | None = None,
+        verify: bool = True,
+    ) -> None:
+        if example_inputs is not None and example_input_fn is not None:
+            raise ConfigError("pass example_inputs or example_input_fn, not both")
+        self.config = config
+        self.example_inputs = example_inputs
+        self.example_input_fn = example_input_fn
+        self._monitor_opt = monitor
+        self.sinks = list(sinks)
+        self.every = None if every is None else check_int(every, "every", min=1)
+        self.prefix = prefix
+        self.attach_options = dict(attach_options or {})
+        self.verify = verify
+        self.report: TransformReport | None = None
+        self.handles: list[Any] = []
+        self.monitor: ConditioningMonitor | None = None
+        self._model: nn.Module | None = None
+        self._opt: Any = None
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ConfigError("OrthofxTrainerCallback needs the Trainer's model (Trainer(model=...))")
+        inputs = None
+        if plan_of(model) is None:
+            inputs = resolve_inputs(model, self.example_inputs, self.example_input_fn)
+        self.report = transform_attr(model, None, self.config, inputs, verify=self.verify)
+        self._model = model
+
+    def attach(self, optimizer: Any, model: nn.Module | None = None) -> None:
+        """Attach NOG/OLR to ``optimizer`` (idempotent); :class:`OrthofxTrainer` calls it from
+        ``create_optimizer``, before the scheduler and the saved optimizer state."""
+        if self.handles:
+            return
+        net = self._model if self._model is not None else model
+        if net is None:
+            raise ConfigError("OrthofxTrainerCallback: no model to attach (the Trainer passed none)")
+        self._opt = _inner(optimizer)
+        self.handles = attach_all([self._opt], net, self.attach_options)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if optimizer is None:
+            raise ConfigError("OrthofxTrainerCallback: the Trainer passed no optimizer to on_train_begin")
+        net = self._model if self._model is not None else model
+        if not self.handles:  # a plain Trainer: attach now, after the scheduler and state load
+            self.attach(optimizer, net)
+            n_groups = len(self._opt.param_groups)
+            base = getattr(lr_scheduler, "base_lrs", None)
+            if any(h.olr for h in self.handles) and base is not None and len(base) != n_groups:
+                detach_all(self.handles)
+                self.handles = []
+                raise ConfigError(
+                    "OLR gives each producer a param group of its own, and the Trainer built its LR scheduler "
+                    f"for {len(base)} group(s) before any callback could attach; use "
+                    "orthofx.integrations.huggingface.OrthofxTrainer (attaches in create_optimizer), or a config "
+                    "without OLR")
+        self.every = self.every or max(1, int(getattr(args, "logging_steps", 50) or 50))
+        if isinstance(self._monitor_opt, ConditioningMonitor):
+            self.monitor = self._monitor_opt
+        elif self._monitor_opt and net is not None:
+            plan = plan_of(net)
+            try:
+                self.monitor = ConditioningMonitor(net, every=self.every, run=plan.config.name if plan else "run",
+                                                   sinks=self.sinks)
+            except ConfigError as e:
+                log.warning("no conditioning monitor: %s", e)
+        if self.monitor is not None:
+            self.monitor.load_state_dict({**self.monitor.state_dict(records=False), "step": int(state.global_step)})
+            self.monitor.attach_to(_inner(optimizer))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = int(state.global_step)
+        if not (self.handles or self.monitor is not None) or (step - 1) % int(self.every or 1) != 0:
+            return
+        metrics = training_metrics(self.monitor, self.handles, self.prefix)
+        if metrics:
+            state.log_history.append({**metrics, "step": step})
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._model is None or plan_of(self._model) is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, PLAN_FILE), "w") as f:
+                json.dump(plan_entry(self._model), f, indent=1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        detach_all(self.handles)
+        self.handles = []
+        if self.monitor is not None and self.monitor is not self._monitor_opt:
+            self.monitor.close()
+
+
+class OrthofxTrainer(_tf.Trainer):
+    """``transformers.Trainer`` that attaches NOG/OLR (of its :class:`OrthofxTrainerCallback`)
+    in ``create_optimizer``: before the LR scheduler is built and before a resumed optimizer
+    state is loaded, as OLR's param-group split needs. Pass the callback in ``callbacks=``."""
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Any:
+        opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        cbs = [c for c in self.callback_handler.callbacks if isinstance(c, OrthofxTrainerCallback)]
+        if not cbs:
+            raise ConfigError("OrthofxTrainer needs an OrthofxTrainerCallback in callbacks=")
+        cbs[0].attach(self.optimizer, self.model)
+        return opt
