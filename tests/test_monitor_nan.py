@@ -80,3 +80,14 @@ def test_malformed_records_file_is_an_input_error(tmp_path):
         load_records(p)
     with pytest.raises(InputError):
         load_records(tmp_path / "missing.csv")
+
+
+def test_transformed_model_without_swaps_says_why_nothing_is_monitored(monkeypatch):
+    """A transformed model whose raw eigh was kept (no meta-layer module, but a plan) gets a
+    message pointing at the transform's notes, not advice to transform it."""
+    import orthofx.pipeline
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.Flatten())
+    monkeypatch.setattr(orthofx.pipeline, "plan_of", lambda m: object())  # "has a plan"
+    with pytest.raises(ConfigError, match="kept its raw"):
+        ConditioningMonitor(model)

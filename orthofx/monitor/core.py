@@ -202,6 +202,15 @@ class ConditioningMonitor:
                 raise ConfigError(f"not meta-layers of the model: {sorted(missing)}; meta-layers: {sorted(found)}")
             found = {k: found[k] for k in chosen}
         if not found:
+            from orthofx.pipeline import plan_of
+
+            if plan_of(self.model) is not None:
+                raise ConfigError(
+                    "the model holds no orthofx meta-layer to monitor: orthofx.transform kept its raw "
+                    "torch.linalg decompositions (the transform report's notes say why), whose "
+                    "eigenvalues the monitor cannot read; orthofx.linalg.condition_number(cov) gives κ "
+                    "of a covariance you hold"
+                )
             raise ConfigError(
                 "the model holds no orthofx meta-layer to monitor (use orthofx.nn modules, or "
                 "orthofx.transform a model with torch.linalg meta-layers first)"
