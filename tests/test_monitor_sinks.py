@@ -109,6 +109,9 @@ def test_sinks_must_follow_the_protocol():
     assert isinstance(Good(), MetricSink)
     with pytest.raises(ConfigError, match="log"):
         _run([object()])
+    calls = []
+    mon = _run([lambda m, step: calls.append(step)], steps=2)  # a bare callable is a sink
+    assert calls == [0, 1] and isinstance(mon.sinks[0], CallableSink)
     with pytest.raises(ConfigError):
         CallableSink(3)
 

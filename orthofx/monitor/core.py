@@ -44,7 +44,7 @@ from orthofx.config import check_int
 from orthofx.errors import ConfigError, InputError
 from orthofx.linalg import solver_stats
 from orthofx.monitor.records import FIELDS, META, PRODUCER, write_csv, write_jsonl
-from orthofx.monitor.sinks import MetricSink, TensorBoardSink, record_metrics
+from orthofx.monitor.sinks import CallableSink, MetricSink, TensorBoardSink, record_metrics
 from orthofx.monitor.spectrum import SPECTRUM_FIELDS, summarize_spectrum
 from orthofx.monitor.weights import WEIGHT_FIELDS, ProducerWeight, producer_weights, weight_summary
 from orthofx.nn.meta import is_meta_layer
@@ -157,7 +157,9 @@ class ConditioningMonitor:
         max_pending: records kept on the device before :meth:`step` flushes them by itself (one
             sync every ``max_pending`` records; :meth:`flush`, :meth:`summary`, :meth:`to_csv`...
             sync once as well).
-        sinks: :class:`~orthofx.monitor.sinks.MetricSink` objects fed at every flush.
+        sinks: :class:`~orthofx.monitor.sinks.MetricSink` objects fed at every flush; a plain
+            callable ``fn(metrics, step)`` (e.g. ``trainer.logger.log_metrics``) is wrapped in a
+            :class:`~orthofx.monitor.sinks.CallableSink`.
         weights: record the producer weights' statistics (default True).
         producers: qualified parameter names of the producer weights (default: the plan's
             producers of a model returned by ``orthofx.transform``; none otherwise).
@@ -215,10 +217,16 @@ class ConditioningMonitor:
                 "the model holds no orthofx meta-layer to monitor (use orthofx.nn modules, or "
                 "orthofx.transform a model with torch.linalg meta-layers first)"
             )
+        sinks: list[MetricSink] = []
         for s in self.sinks:
-            if not isinstance(s, MetricSink):
-                raise ConfigError(f"sinks: {type(s).__name__} has no log(metrics, step)/close() (see orthofx.monitor.sinks)")
-        self.sinks = list(self.sinks)
+            if isinstance(s, MetricSink):
+                sinks.append(s)
+            elif callable(s):  # fn(metrics, step), e.g. a Lightning logger's log_metrics
+                sinks.append(CallableSink(s))
+            else:
+                raise ConfigError(f"sinks: {type(s).__name__} has no log(metrics, step)/close() and is not "
+                                  "callable (see orthofx.monitor.sinks)")
+        self.sinks = sinks
         if self.tensorboard_dir is not None:
             self.sinks.append(TensorBoardSink(self.tensorboard_dir))
         self._modules: dict[str, nn.Module] = found
