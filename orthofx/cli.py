@@ -49,7 +49,9 @@ def _resolve_spec(spec: str) -> Callable[[int], Any]:
         return lambda num_classes: _call(obj)
     import difflib
 
-    import torchvision
+    from orthofx._optional import require
+
+    torchvision = require("torchvision", "cli", purpose="a torchvision model name")
 
     names = torchvision.models.list_models()
     if spec not in names:
