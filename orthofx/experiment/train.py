@@ -313,7 +313,9 @@ def _load_data(cfg: ExperimentConfig, d: _Dist) -> _Data:
 
 
 def _torchvision_data(cfg: ExperimentConfig, d: _Dist) -> _Data:
-    import torchvision
+    from orthofx._optional import require
+
+    torchvision = require("torchvision", "cli", purpose="the CIFAR experiments")
     import torchvision.transforms as T
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
@@ -488,7 +490,9 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
 
     use_tqdm = cfg.progress and d.main
     if use_tqdm:
-        from tqdm.auto import tqdm
+        from orthofx._optional import require
+
+        tqdm = require("tqdm.auto", "cli", purpose="the progress bar (or pass progress=False)").tqdm
     step_times: list[float] = []
     gm.train()
     for epoch in range(start_epoch, cfg.epochs):
