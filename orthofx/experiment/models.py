@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orthofx._optional import require
 from orthofx.errors import ConfigError
 from orthofx.nn import CovariancePooling, DecorrelatedBatchNorm
 
@@ -186,7 +187,7 @@ def cifar_resnet50_dbn(
     num_classes: int = 10, whitening_backend: str = "eigh", whitening_eps: float = 1e-2, in_channels: int = 3
 ) -> nn.Module:
     """torchvision ResNet-50, CIFAR stem (3×3, stride 1, no max-pool), ``bn1`` → ZCA whitening."""
-    import torchvision
+    torchvision = require("torchvision", "models", purpose="resnet50-dbn")
 
     m = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -200,7 +201,7 @@ def resnet18_gcp(
 ) -> nn.Module:
     """torchvision ResNet-18 with global covariance pooling: 1×1 conv to ``reduced`` channels
     (the Pre-SVD layer) + BN + ReLU, covariance, matrix square root, upper triangle, FC."""
-    import torchvision
+    torchvision = require("torchvision", "models", purpose="resnet18-gcp")
 
     m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
