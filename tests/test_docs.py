@@ -5,6 +5,7 @@
   (``<!-- not-run: reason -->``), so no snippet goes unchecked by accident.
 * The README's first command block keeps ``make demo`` / ``make test`` (CI runs the README's
   test command).
+* The commands of examples/README.md's table run (slow: each script trains a few steps).
 * The API reference build (docs/build_api.py) leaves out a module whose optional package is
   missing and fails on any other import error.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +136,47 @@ def test_api_build_lists_lazily_imported_top_level_names(tmp_path, monkeypatch) 
     assert "f" not in vars(mod)
     assert build_api.expose_public_names(mod) == ["f"]
     assert vars(mod)["f"]() == 1 and mod.__all__ == ["f"]
+
+
+_EXAMPLES = ROOT / "examples"
+
+
+def _example_commands() -> list[list[str]]:
+    """``python examples/...`` commands of the examples table (the last column)."""
+    text = (_EXAMPLES / "README.md").read_text(encoding="utf-8")
+    return [shlex.split(c) for c in re.findall(r"\|\s*`(python examples/[^`]+)`\s*\|\s*$", text, re.M)]
+
+
+def test_examples_table_lists_every_script() -> None:
+    listed = {cmd[1] for cmd in _example_commands()}
+    scripts = {f"examples/{p.name}" for p in _EXAMPLES.glob("*.py")}
+    assert scripts == listed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", _example_commands(), ids=lambda c: c[1])
+def test_example_command_runs(cmd: list[str], tmp_path: Path) -> None:
+    """CPU; plot_runs.py gets a κ CSV of a short monitored run instead of the glob."""
+    if cmd[1].endswith("plot_runs.py"):
+        import torch.nn.functional as F
+        from torch import nn
+
+        import orthofx
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), orthofx.nn.DecorrelatedBatchNorm(8),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+        gm, _ = orthofx.transform(model, (x,), config="olr")
+        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+        orthofx.attach(opt, gm)
+        mon = orthofx.ConditioningMonitor(gm, every=1, run="smoke")
+        mon.attach_to(opt)
+        for _ in range(3):
+            opt.zero_grad(); F.cross_entropy(gm(x), y).backward(); opt.step()
+        mon.to_csv(tmp_path / "kappa.csv")
+        cmd = [cmd[0], cmd[1], str(tmp_path / "kappa.csv"), "--out", str(tmp_path / "kappa.png")]
+    out = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if cmd[1].endswith("plot_runs.py"):
+        assert (tmp_path / "kappa.png").stat().st_size > 0
