@@ -39,11 +39,12 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from orthofx.errors import AttachError, TreatmentError
+from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates
 from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
 from orthofx.treatments.lr import LRDelivery, LRMode, resolve_lr_mode, warn_if_syncing
-from orthofx.treatments.options import AttachOptions, check_producers, parse_options, resolve_producers
+from orthofx.treatments.options import AttachOptions, check_producers, ow_producers, parse_options, resolve_producers
+from orthofx.treatments.ow_target import WeightGradCapture, WeightTargetState, weight_target
 from orthofx.treatments.sharding import full, is_dtensor, write
 
 __all__ = ["attach", "AttachHandle", "resolve_producers"]
@@ -60,13 +61,25 @@ class AttachHandle:
         nog, olr, nog_method: the active options (with a custom chain: ``nog=False``,
             ``nog_method=None`` and ``olr`` = the chain's ``sets_lr``).
         lr_mode: how the chain's learning rates reach the optimizer (resolved, never ``"auto"``).
+        ow_target: what the chain acts on for OW producers — ``"weight"`` (W = Φ(A), the
+            chain wrapped in :func:`~orthofx.treatments.ow_target.weight_target`),
+            ``"generator"`` (A), or None when no producer carries OW.
         transform: the gradient chain (a :class:`~orthofx.treatments.gradient.GradientTransformation`) and
         state: its current state (replaced at every step; a
             :class:`~orthofx.treatments.gradient.ChainState` for named chains, read by name:
             ``handle.state["olr"]``; counters and OLR values live on the producers' device).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, slots: list[Slot], opts: AttachOptions, lr_mode: str) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        slots: list[Slot],
+        opts: AttachOptions,
+        lr_mode: str,
+        transform: GradientTransformation | None = None,
+        ow_target: str | None = None,
+        capture: WeightGradCapture | None = None,
+    ) -> None:
         self._opt = weakref.ref(optimizer)
         self._slots = slots
         self._opts = opts
@@ -75,7 +88,9 @@ class AttachHandle:
         self.olr = opts.sets_lr
         self.nog_method: str | None = None if opts.custom else opts.nog_method
         self.lr_mode = lr_mode
-        self.transform = opts.transform()
+        self.ow_target = ow_target
+        self._capture = capture
+        self.transform = opts.transform() if transform is None else transform
         self._params = [s.param for s in slots]
         self.state: Any = self.transform.init(self._params)
         self._lr = LRDelivery(lr_mode)
@@ -96,13 +111,21 @@ class AttachHandle:
         return self._removed
 
     @property
+    def chain_state(self) -> Any:
+        """The chain's own state (under ``ow_target="weight"`` the state of the wrapped chain)."""
+        st = self.state
+        return st.inner if isinstance(st, WeightTargetState) else st
+
+    @property
     def chain_names(self) -> tuple[str, ...]:
         """The names of the chain's members (``()`` for a chain that is not named)."""
-        return self.state.names if isinstance(self.state, ChainState) else ()
+        st = self.chain_state
+        return st.names if isinstance(st, ChainState) else ()
 
     @property
     def options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"nog": self.nog, "olr": self.olr, "nog_method": self.nog_method, "lr_mode": self.lr_mode}
+        out: dict[str, Any] = {"nog": self.nog, "olr": self.olr, "nog_method": self.nog_method, "lr_mode": self.lr_mode,
+                               "ow_target": self.ow_target}
         if self._opts.custom:
             out["chain"] = self.chain_names
         return out
@@ -115,6 +138,8 @@ class AttachHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._capture is not None:
+            self._capture.remove()
         self._lr.restore_groups()
         opt = self._opt()
         if opt is not None and self.olr:
@@ -130,7 +155,7 @@ class AttachHandle:
         self.remove()
 
     def _member(self, names: tuple[str, ...], cls: type) -> Any:
-        st = self.state
+        st = self.chain_state
         if isinstance(st, ChainState):
             for n in names:
                 v = st.get(n)
@@ -164,6 +189,8 @@ class AttachHandle:
             for key in ("eta", "lr", "base"):
                 vals = getattr(st, key).tolist()
                 out[f"last_{key}"] = dict(zip(self.names, vals))
+        if isinstance(self.state, WeightTargetState) and self.state.residual is not None:
+            out["ow_residual"] = {n: v for n, v in zip(self.names, self.state.residual.tolist()) if v == v}
         return out
 
     def olr_history(self) -> dict[str, Tensor]:
@@ -222,12 +249,15 @@ class AttachHandle:
         sharded = any(is_dtensor(g) for g in grads)
         work: list[Tensor | None] = [full(g) for g in grads] if sharded else grads
         # the weights are gathered for OLR's wᵀw, lᵀw (and for any custom chain)
-        tparams = [full(p) for p in params] if (sharded and (self.olr or self._opts.custom)) else params
+        gather_w = self.olr or self._opts.custom or self.ow_target == "weight"
+        tparams = [full(p) for p in params] if (sharded and gather_w) else params
         if scale is not None:  # fused optimizer under GradScaler: grads are still scaled
             work = [None if g is None else g.float() / scale.to(g.device) for g in work]
         hyper = scheduled(opt, self._slots)
         lrs = [hyper[s.orig].get("lr") for s in self._slots]
-        ctx = {"lrs": lrs} if all(v is not None for v in lrs) else {}
+        ctx: dict[str, Any] = {"lrs": lrs} if all(v is not None for v in lrs) else {}
+        if self._capture is not None:  # ∂L/∂W of OW weights (their normal part), ow_target="weight"
+            ctx["weight_grads"] = self._capture.take()
         out = self.transform.update(Updates(list(work)), self.state, tparams, ctx)
         updates, self.state = self._check_output(out)
         self._steps += 1
@@ -271,6 +301,7 @@ def attach(
     history: bool = True,
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
+    ow_target: str | None = None,
 ) -> AttachHandle:
     r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
     ``optimizer.step()``.
@@ -321,6 +352,25 @@ def attach(
             of the first :class:`GuardState` / :class:`OLRState`) for ``stats()`` and
             ``olr_history()``. A custom chain gets no implicit guard: put ``guard()`` first
             to keep non-finite gradients out of the weights.
+        ow_target: what NOG/OLR act on for a producer with OW (given as a ``(module,
+            "weight")`` pair; the optimizer updates the generator A of W = Φ(A)):
+
+            * ``"weight"`` (default for the default chain; the paper's reading — its ∂l/∂W is
+              the gradient of the Pre-SVD weight, and OLR's Proposition 1 needs W itself
+              orthogonal): the chain gets ∂L/∂W (tangent part recovered from A's gradient,
+              normal part captured by a hook on the OW map) and the weight W as its
+              parameter; its output direction D is mapped back to A's gradient
+              ``(J*J)⁺J*D``, so SGD moves W along ``P_T(D)`` (D projected on the tangent
+              space of the orthogonal matrices at W) to first order
+              (:mod:`orthofx.treatments.ow_target`: fixed-iteration preconditioned CG solves,
+              each iteration two backward passes through the OW map — a cost of tens of OW
+              backward passes per producer and step);
+            * ``"generator"`` (default for ``chain=``): the chain acts on A and its gradient,
+              as the optimizer sees them (what the authors' released SOC code does).
+
+            SOC (``ow_method="soc"``) has no weight matrix: its producers always use the
+            generator, and an explicit ``ow_target="weight"`` raises ConfigError. Producers
+            without OW are not affected.
 
     With OLR each producer moves into its **own param group**, a copy of its original group's
     hyperparameters (momentum, weight decay, nesterov, …, re-copied at every step so that
@@ -360,11 +410,12 @@ def attach(
         raise AttachError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     opts = parse_options(
         config, nog=nog, olr=olr, nog_method=nog_method, lr_mode=lr_mode,
-        history=history, max_history=max_history, chain=chain,
+        history=history, max_history=max_history, chain=chain, ow_target=ow_target,
     )
     items = resolve_producers(producers)
     check_producers(items, opts)
     slots = locate(optimizer, items)
+    transform, target, maps = _target_transform(opts, items, producers)
 
     prev = _ATTACHED.get(optimizer)
     if prev is not None and not prev.removed:
@@ -377,12 +428,39 @@ def attach(
 
     mode = resolve_lr_mode(optimizer, slots, lr_mode, opts.sets_lr)
     warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
-    handle = AttachHandle(optimizer, slots, opts, mode)
+    capture = WeightGradCapture(maps) if maps is not None else None
+    handle = AttachHandle(optimizer, slots, opts, mode, transform, target, capture)
     if opts.sets_lr:
         split_groups(optimizer, slots)
     handle._install(optimizer)
     _ATTACHED[optimizer] = handle
     return handle
+
+
+def _target_transform(
+    opts: AttachOptions, items: list[tuple[str, Tensor]], producers: Any
+) -> tuple[GradientTransformation, str | None, list[Any] | None]:
+    """The chain to install, the resolved ``ow_target`` (None: no producer carries OW) and,
+    for ``"weight"``, each producer's OW parametrization (None for the others)."""
+    base = opts.transform()
+    ow = ow_producers(producers)
+    found = [ow.get(id(p)) for _, p in items]
+    if not any(f is not None for f in found):
+        return base, None, None
+    target = opts.target()
+    if opts.ow_target == "weight":
+        soc = [n for (n, _), f in zip(items, found) if f is not None and f[0] == "soc"]
+        if soc:
+            raise ConfigError(
+                f"ow_target='weight': producer(s) {', '.join(map(repr, soc))} carry OW method 'soc', an "
+                "orthogonal convolution operator with no weight matrix to orthogonalise the gradient of; "
+                "use ow_target='generator' (NOG/OLR on the SOC generator, as the authors' code does)"
+            )
+    acts = opts.custom or opts.nog or opts.olr  # a guard alone is the same on W and A
+    maps = [f[1] if (f is not None and f[0] == "flat") else None for f in found]
+    if target == "weight" and acts and any(m is not None for m in maps):
+        return weight_target(base, maps), target, maps
+    return base, target, None
 
 
 def _same(prev: AttachHandle, opts: AttachOptions) -> bool:
@@ -392,4 +470,5 @@ def _same(prev: AttachHandle, opts: AttachOptions) -> bool:
         same = p.chain is opts.chain
     else:
         same = (p.nog, p.olr) == (opts.nog, opts.olr) and (not opts.nog or p.nog_method == opts.nog_method)
+    same = same and opts.ow_target in (None, prev._opts.ow_target)
     return same and (opts.lr_mode == "auto" or prev.lr_mode == opts.lr_mode)

@@ -3,8 +3,10 @@
 * :func:`resolve_producers` — tensors, ``(module, "weight")`` pairs, ``(name, tensor)`` pairs
   or a ``{name: spec}`` map → ``[(name, parameter)]``;
 * :func:`parse_options` — a config (any object with attributes ``nog``, ``olr``,
-  ``nog_method``, e.g. an ``OrthoConfig``, or a mapping with those keys) and the explicit
-  keywords → :class:`AttachOptions` (plain values; this module imports no config class).
+  ``nog_method``, ``ow_target``, e.g. an ``OrthoConfig``, or a mapping with those keys) and
+  the explicit keywords → :class:`AttachOptions` (plain values; this module imports no config
+  class);
+* :func:`ow_producers` — which producers carry OW, and with which parametrization.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.treatments._common import POLAR_METHODS
 from orthofx.treatments.gradient import GradientTransformation, default_chain
 from orthofx.treatments.lr import LR_MODES
+from orthofx.treatments.ow_target import OW_TARGETS, is_soc, ow_parametrization
 
-__all__ = ["AttachOptions", "parse_options", "resolve_producers", "check_producers"]
+__all__ = ["AttachOptions", "parse_options", "resolve_producers", "check_producers", "ow_producers"]
 
 
 # --------------------------------------------------------------------------- producers
@@ -75,6 +78,37 @@ def resolve_producers(
     return out
 
 
+def _ow_one(spec: Any) -> tuple[Tensor, str, nn.Module | None] | None:
+    """(parameter, kind, parametrization) of a ``(module, name)`` spec that carries OW:
+    kind ``"flat"`` (a weight matrix: expm/cayley) or ``"soc"``; None otherwise."""
+    if isinstance(spec, tuple) and len(spec) == 2:
+        a, b = spec
+        if isinstance(a, nn.Module) and isinstance(b, str):
+            po = ow_parametrization(a, b)
+            if po is not None:
+                return _module_param(a, b), "flat", po
+            if is_soc(a, b):
+                return _module_param(a, b), "soc", None
+            return None
+        if isinstance(a, str) and isinstance(b, tuple):
+            return _ow_one(b)
+    return None
+
+
+def ow_producers(producers: "Mapping[str, Any] | Iterable[Any]") -> dict[int, tuple[str, nn.Module | None]]:
+    """``{id(parameter): (kind, parametrization)}`` for the producers given as ``(module,
+    "weight")`` pairs that carry OW (kind ``"flat"`` with its ``FlatOrthogonal``, or ``"soc"``
+    with None). A producer given as a bare tensor is not recognised (the tensor does not
+    know its module): the chain then acts on it as it is, i.e. on the generator."""
+    specs = list(producers.values()) if isinstance(producers, Mapping) else list(producers)
+    out: dict[int, tuple[str, nn.Module | None]] = {}
+    for spec in specs:
+        found = _ow_one(spec)
+        if found is not None:
+            out[id(found[0])] = (found[1], found[2])
+    return out
+
+
 # --------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class AttachOptions:
@@ -88,6 +122,15 @@ class AttachOptions:
     history: bool = True
     max_history: int | None = None
     chain: GradientTransformation | None = None
+    ow_target: str | None = None
+
+    def target(self) -> str:
+        """What NOG/OLR act on for OW producers: the explicit ``ow_target``, else
+        ``"weight"`` for the default chain (the paper's reading) and ``"generator"`` for a
+        custom chain (it gets the gradients the optimizer holds, unless asked otherwise)."""
+        if self.ow_target is not None:
+            return self.ow_target
+        return "generator" if self.custom else "weight"
 
     @property
     def custom(self) -> bool:
@@ -128,6 +171,7 @@ def parse_options(
     history: bool = True,
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
+    ow_target: str | None = None,
 ) -> AttachOptions:
     """Validate and combine ``config`` with the explicit keywords (which win).
 
@@ -152,15 +196,27 @@ def parse_options(
             )
         _check_lr_mode(lr_mode)
         return AttachOptions(nog=False, olr=chain.sets_lr, nog_method="auto", lr_mode=lr_mode,
-                             history=history, max_history=max_history, chain=chain)
+                             history=history, max_history=max_history, chain=chain,
+                             ow_target=_check_target(ow_target))
     use_nog = bool(read_option(config, "nog", nog, False))
     use_olr = bool(read_option(config, "olr", olr, False))
     method = read_option(config, "nog_method", nog_method, "auto")
     if use_nog and method not in POLAR_METHODS:
         raise ConfigError(f"nog_method={method!r}; use one of {POLAR_METHODS}")
     _check_lr_mode(lr_mode)
+    target = _check_target(read_option(config, "ow_target", ow_target, None))
     return AttachOptions(nog=use_nog, olr=use_olr, nog_method=method, lr_mode=lr_mode,
-                         history=history, max_history=max_history)
+                         history=history, max_history=max_history, ow_target=target)
+
+
+def _check_target(target: Any) -> str | None:
+    if target is None:
+        return None
+    if hasattr(target, "value") and not isinstance(target, str):  # an Enum member
+        target = target.value
+    if target not in OW_TARGETS:
+        raise ConfigError(f"ow_target={target!r}; use one of {OW_TARGETS}")
+    return str(target)
 
 
 def _check_lr_mode(lr_mode: Any) -> None:
