@@ -142,3 +142,74 @@ def test_valid_options_still_train(tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run"] == "SVD"
     assert (Path(tmp_path) / "o" / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------- issue 15: CLI polish
+def test_version(capsys):
+    import orthofx
+
+    assert _code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"orthofx {orthofx.__version__}"
+
+
+def test_every_flag_of_every_subcommand_has_help():
+    import argparse
+
+    from orthofx.cli import _parser
+
+    p = _parser()
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sp in [("orthofx", p), *subs.choices.items()]:
+        for action in sp._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+
+
+def _fake_results(monkeypatch, seen: dict) -> None:
+    def fake_run(cfg, **k):
+        seen["cfg"] = cfg
+        return {"run": cfg.run_name, "final_test_error": 1.0, "kappa": {}, "ms_per_step": 2.0}
+
+    monkeypatch.setattr(train_mod, "run", fake_run)
+
+
+def test_train_backend_auto_is_accepted_and_the_default(tmp_path, capsys, monkeypatch):
+    seen: dict = {}
+    _fake_results(monkeypatch, seen)
+    assert _code(["train", "--dataset", "synthetic", "--backend", "auto", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].backend == "auto"
+    assert _code(["train", "--dataset", "synthetic", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].backend == "auto"
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.json")):
+        cfg = json.loads(path.read_text())  # every example config loads, "backend": "auto" included
+        assert train_mod.load_config(path, out=str(tmp_path)).backend == cfg.get("backend", "auto")
+    assert _code(["train", "--dataset", "synthetic", "--backend", "gram", "--out", str(tmp_path)]) == 2
+    assert "gram" in _one_line(capsys, "--backend")
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_only_rank_zero_prints_the_results_line(tmp_path, capsys, monkeypatch, rank, printed):
+    _fake_results(monkeypatch, {})
+    monkeypatch.setenv("RANK", rank)
+    assert _code(["train", "--dataset", "synthetic", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert (len(out) == 1 and json.loads(out[0])["run"] == "SVD") if printed else out == []
+
+
+def test_demo_experiment_and_first_seed_options(tmp_path, capsys, no_work):
+    assert _code(["demo", "--experiment", "imagenet", "--out", str(tmp_path)]) == 2
+    _one_line(capsys, "--experiment")
+    assert _code(["demo", "--first-seed", "-1", "--out", str(tmp_path)]) == 2
+    assert ">= 0" in _one_line(capsys, "--first-seed")
+
+
+def test_demo_passes_experiment_to_the_demo(tmp_path, monkeypatch):
+    seen: dict = {}
+    monkeypatch.setattr("orthofx.experiment.demo.demo", lambda out, **k: seen.update(k, out=out))
+    assert _code(["demo", "--experiment", "gcp", "--first-seed", "2", "--seeds", "3", "--no-timing",
+                  "--out", str(tmp_path)]) == 0
+    assert (seen["experiment"], seen["first_seed"], seen["seeds"], seen["timing"]) == ("gcp", 2, 3, False)

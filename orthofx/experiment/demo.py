@@ -281,11 +281,12 @@ def _aggregate(rows: Sequence[DemoRow], runs: Sequence[Mapping[str, Any]], timin
 
 # ---------------------------------------------------------------------------- timing
 def interleaved_step_times(
-    cfgs: Sequence[ExperimentConfig], labels: Sequence[str], *, rounds: int = 3, steps: int = 3
+    cfgs: Sequence[ExperimentConfig], labels: Sequence[str], *, rounds: int = 5, steps: int = 2
 ) -> dict[str, dict[str, Any]]:
     """Seconds per training step of every config, measured fairly: all sessions are built
-    first, then each round times ``steps`` steps of every row in turn (after one untimed
-    warm-up step per row and round), on the same batch, in an order rotated every round.
+    first and warmed up by one untimed round (2 steps each), then each round times ``steps``
+    steps of every row in turn (after one untimed step per row and round), on the same batch,
+    in an order rotated every round.
     Returns per label ``{"seconds": [...per round...], "ratios": [...row/first row per round...],
     "ratio_median": ...}``; ratios are taken within a round, so load that changes between
     rounds cancels."""
@@ -305,6 +306,9 @@ def interleaved_step_times(
     assert batch is not None
     secs: list[list[float]] = [[] for _ in cfgs]
     n = len(sessions)
+    for s in sessions:  # warm-up round: allocator, caches, lazily built optimizer state
+        for _ in range(2):
+            train_step(s, batch[0].to(s.device), batch[1].to(s.device))
     for rnd in range(rounds):
         for k in range(n):
             i = (k + rnd) % n
