@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from orthofx.treatments.attach import AttachHandle, attach, resolve_producers
+from orthofx.treatments.guidance import AdaptiveOptimizerWarning
 from orthofx.treatments.gradient import (
     ChainState,
     DeviceHistory,
@@ -48,6 +49,7 @@ __all__ = [
     "attach",
     "AttachHandle",
     "resolve_producers",
+    "AdaptiveOptimizerWarning",
     "GradientTransformation",
     "Updates",
     "ChainState",

@@ -33,6 +33,7 @@ local split, no communication). Tested with a 1-D mesh (tests/test_fsdp.py).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Iterable, Mapping
 
@@ -40,7 +41,9 @@ import torch
 from torch import Tensor
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
+from orthofx.linalg._checks import host_read_is_free
 from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates
+from orthofx.treatments.guidance import AdaptiveOptimizerWarning, adaptive_message, is_adaptive, should_warn
 from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
 from orthofx.treatments.lr import LRDelivery, LRMode, resolve_lr_mode, warn_if_syncing
 from orthofx.treatments.options import AttachOptions, check_producers, ow_producers, parse_options, resolve_producers
@@ -90,6 +93,7 @@ class AttachHandle:
         self.lr_mode = lr_mode
         self.ow_target = ow_target
         self._capture = capture
+        self._warn_olr = False  # warn (AdaptiveOptimizerWarning) at the first step, with OLR's values
         self.transform = opts.transform() if transform is None else transform
         self._params = [s.param for s in slots]
         self.state: Any = self.transform.init(self._params)
@@ -264,8 +268,26 @@ class AttachHandle:
         for g, n in zip(grads, updates.grads):
             if g is not None and n is not None:
                 write(g, n if scale is None else n * scale.to(n.device))
+        if self._warn_olr:
+            self._warn_olr = False
+            self._warn_adaptive(opt, updates.lr, lrs)
         if self.olr:
             self._lr.apply(opt, self._slots, updates.lr, grads, scale, hyper)
+
+    def _warn_adaptive(self, opt: torch.optim.Optimizer, lr: Tensor | None, base: list[Any]) -> None:
+        """The once-per-optimizer AdaptiveOptimizerWarning, with what OLR chose at this step
+        (read on the host only where that is free, or costs the one sync "float" makes anyway)."""
+        example = None
+        if lr is not None and (host_read_is_free(lr) or self.lr_mode == "float"):
+            vals = lr.tolist()
+            for name, v, b in zip(self.names, vals, base):
+                b = float(b) if b is not None else None
+                if b is not None and v != b:
+                    example = f"at the first step OLR set lr to {v:.2g} against your base {b:.2g} for {name!r}"
+                    break
+            else:
+                example = "at the first step OLR kept the base lr"
+        warnings.warn(adaptive_message(opt, self.nog, True, example), AdaptiveOptimizerWarning, stacklevel=5)
 
     def _check_output(self, out: Any) -> tuple[Updates, Any]:
         if not (isinstance(out, tuple) and len(out) == 2 and not isinstance(out, Updates)):
@@ -398,6 +420,12 @@ def attach(
     Attaching the same producers with the same options twice returns the existing handle;
     anything else on an optimizer that already has a handle raises :class:`AttachError`.
 
+    Warns:
+        AdaptiveOptimizerWarning: once per optimizer, when the config's NOG/OLR meet an
+            adaptive optimizer (Adam, AdamW, Adagrad, RMSprop, ..., or any optimizer whose
+            state holds a second-moment estimate): at attach for NOG, at the first step for
+            OLR (with the lr it set against the base lr).
+
     Raises:
         AttachError: not an optimizer, no producers, a producer not held by the optimizer,
             a producer that does not require grad, or a conflicting earlier attach.
@@ -426,12 +454,19 @@ def attach(
             f"({prev!r}); call handle.remove() first"
         )
 
+    adaptive = (
+        not opts.custom and (opts.nog or opts.olr) and is_adaptive(optimizer, [p for _, p in items])
+        and should_warn(optimizer)
+    )
+    if adaptive and not opts.olr:
+        warnings.warn(adaptive_message(optimizer, opts.nog, False), AdaptiveOptimizerWarning, stacklevel=2)
     mode = resolve_lr_mode(optimizer, slots, lr_mode, opts.sets_lr)
     warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
     capture = WeightGradCapture(maps) if maps is not None else None
     handle = AttachHandle(optimizer, slots, opts, mode, transform, target, capture)
     if opts.sets_lr:
         split_groups(optimizer, slots)
+    handle._warn_olr = bool(adaptive and opts.olr)
     handle._install(optimizer)
     _ATTACHED[optimizer] = handle
     return handle

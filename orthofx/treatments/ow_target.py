@@ -7,13 +7,19 @@ generator ``A`` and the layer uses ``W = Φ(A)``; in tall form (``FlatOrthogonal
 
 (the paper's square case is ``W = exp(A − Aᵀ)``, ``Y₀ = I``). Let ``J = DΦ(A)`` be the
 Fréchet derivative of the map at the current ``A`` (A-shaped → W-shaped) and ``J*`` its
-adjoint (``J*G = ∂⟨Φ(A), G⟩/∂A``, what autograd computes). For ``f = exp``,
-``J[Δ] = (∫₀¹ e^{(1−t)S} ΔS e^{tS} dt) Y₀`` with ``ΔS = ΔY₀ᵀ − Y₀Δᵀ``, and
-``J*[G] = skew-part pulled back by L_exp(Sᵀ, ·)``; for Cayley ``C(S) = (I − S/2)⁻¹(I + S/2)``,
-``J[Δ] = (I − S/2)⁻¹ ΔS (I − S/2)⁻¹ Y₀``. Both are evaluated by autograd through the very map
-the layer uses (``J*`` as a vector-Jacobian product, ``J`` as the derivative of that linear
-map in its cotangent — double backward), so every method and route (dense, low-rank,
-polished) is covered by the same code.
+adjoint (``J*G = ∂⟨Φ(A), G⟩/∂A``, what autograd computes). In tall form, with
+``ΔS = ΔY₀ᵀ − Y₀Δᵀ`` and ``E`` as below, ``J*G = (E − Eᵀ) Y₀`` (from
+``⟨ΔS, E⟩ = ⟨Δ, (E − Eᵀ)Y₀⟩``):
+
+* ``f = exp``: ``JΔ = L_exp(S, ΔS) Y₀``, ``L_exp(S, X) = ∫₀¹ e^{(1−t)S} X e^{tS} dt`` (the
+  Fréchet derivative), and ``E = L_exp(Sᵀ, G Y₀ᵀ)`` (its adjoint is ``L_exp(Sᵀ, ·)``);
+* Cayley ``C(S) = (I − S/2)⁻¹(I + S/2) = 2M⁻¹ − I``, ``M = I − S/2``: ``JΔ = M⁻¹ ΔS M⁻¹ Y₀``
+  and ``E = M⁻ᵀ G Y₀ᵀ M⁻ᵀ``.
+
+Both are evaluated by autograd through the very map the layer uses (``J*`` as a
+vector-Jacobian product, ``J`` as the derivative of that linear map in its cotangent — double
+backward), so every method and route (dense, low-rank, polished, scaled) is covered by the
+same code.
 
 Facts used (for A generic, i.e. the exponential's derivative invertible, ``‖S‖₂ < 2π``):
 
@@ -49,6 +55,17 @@ iterations (``iters``; no host synchronisation, every product is a backward pass
 map). Far from ``A = 0`` (``‖S‖₂`` approaching 2π) ``J`` becomes ill-conditioned and the
 fixed-iteration solve is an approximation; ``weight_target`` state keeps the relative
 residual ``‖J*J Δ − J*D‖ / ‖J*D‖`` of the last step per producer (``state.residual``).
+
+Why ``"weight"`` is the faithful reading: NOG (eqs. 14–17) and OLR (eqs. 18–21) are stated on
+the Pre-SVD weight ``W`` and ``∂l/∂W``; under OW "``exp(W − Wᵀ)`` is used as the weight"
+(Sec. 4.2); and the NOG+OW+OLR analysis ("when both W and ∂l/∂W are orthogonal, η* is
+bounded", Proposition 1) needs ``w`` to be the orthogonal weight. Under the generator
+reading ``w = A``, which is 0 at registration (η* = 0/0: the scheduled lr).
+
+Cost: per OW producer and step, two solves of ``iters`` iterations, each iteration one
+``J`` (a double-backward pass) and one ``J*`` (a backward pass) through the OW map, plus one
+residual check per solve: about ``4·(iters + 1)`` passes (36 at the default 8) — tens of
+times the map's own forward+backward. The fixed count keeps the step free of host syncs.
 
 ``ow_target="generator"`` is the other reading (and what the authors' released SOC code does:
 NOG on the conv parameter, which under SOC is the generator): the chain acts on ``A`` and its
