@@ -97,7 +97,6 @@ def test_plain_trainer_nog_and_olr_refusal(tmp_path: Any) -> None:
         trainer.train()
 
 
-@pytest.mark.slow
 def test_trainer_resume_matches_uninterrupted(tmp_path: Any) -> None:
     full = Net()
     t_full, _ = make(tmp_path / "a", full, 6)
