@@ -5,6 +5,7 @@
   (``<!-- not-run: reason -->``), so no snippet goes unchecked by accident.
 * The README's first command block keeps ``make demo`` / ``make test`` (CI runs the README's
   test command).
+* Relative links of the user docs point to files that exist.
 * The commands of examples/README.md's table run (slow: each script trains a few steps).
 * The API reference build (docs/build_api.py) leaves out a module whose optional package is
   missing and fails on any other import error.
@@ -25,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+USER_DOCS = [README, ROOT / "docs" / "internals.md", ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md"]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
 _MARK = re.compile(r"<!--\s*(doc-test|not-run:[^>]*)\s*-->\s*$")
@@ -79,6 +81,16 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert first.lang == "bash"
     commands = [ln.split("#")[0].strip() for ln in first.code.splitlines()]
     assert commands[:2] == ["make demo", "make test"]
+
+
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", USER_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_exist(doc: Path) -> None:
+    targets = [t for t in _LINK.findall(doc.read_text(encoding="utf-8")) if "://" not in t]
+    missing = [t for t in targets if not (doc.parent / t).exists()]
+    assert not missing, f"{doc.relative_to(ROOT)} links to missing files: {missing}"
 
 
 def _build_api(monkeypatch: pytest.MonkeyPatch):
