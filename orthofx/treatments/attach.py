@@ -222,11 +222,26 @@ class AttachHandle:
         return f"AttachHandle({state}, producers={list(self.names)}, {self.options})"
 
     # ---------------------------------------------------------------- hooks
-    def _install(self, opt: torch.optim.Optimizer) -> None:
-        self._hooks.append(opt.register_step_pre_hook(self._pre_hook))
+    def _install(self, opt: torch.optim.Optimizer, step_hooks: bool = True) -> None:
+        """Register the hooks; ``step_hooks=False`` leaves the step to the caller, who runs
+        :meth:`before_step` / :meth:`after_step` around the optimizer's own update
+        (``orthofx.optim.OrthoSGD``)."""
+        if step_hooks:
+            self._hooks.append(opt.register_step_pre_hook(self._pre_hook))
         if self.olr:
-            self._hooks.append(opt.register_step_post_hook(self._post_hook))
+            if step_hooks:
+                self._hooks.append(opt.register_step_post_hook(self._post_hook))
             self._hooks.append(opt.register_load_state_dict_pre_hook(self._load_pre_hook))
+
+    def before_step(self, opt: torch.optim.Optimizer) -> None:
+        """Run the chain on the producers' gradients (what the step pre-hook does)."""
+        if not self._removed:
+            self._pre_hook(opt, (opt,), {})
+
+    def after_step(self, opt: torch.optim.Optimizer) -> None:
+        """Finish the lr delivery after the update (what the step post-hook does)."""
+        if not self._removed and self.olr:
+            self._post_hook(opt, (opt,), {})
 
     def _load_pre_hook(self, opt: torch.optim.Optimizer, state_dict: dict) -> dict | None:
         """``optimizer.load_state_dict`` after attach (:func:`groups.split_saved_state`)."""
@@ -324,6 +339,7 @@ def attach(
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
     ow_target: str | None = None,
+    _step_hooks: bool = True,
 ) -> AttachHandle:
     r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
     ``optimizer.step()``.
@@ -467,7 +483,7 @@ def attach(
     if opts.sets_lr:
         split_groups(optimizer, slots)
     handle._warn_olr = bool(adaptive and opts.olr)
-    handle._install(optimizer)
+    handle._install(optimizer, _step_hooks)
     _ATTACHED[optimizer] = handle
     return handle
 

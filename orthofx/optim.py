@@ -1,0 +1,175 @@
+r"""Optimizer form of NOG/OLR: :class:`OrthoSGD`, SGD with momentum whose Pre-SVD producers get
+the paper's gradient treatments — for training loops that want an optimizer, not hooks.
+
+``OrthoSGD(model, lr, ...)`` takes a model returned by :func:`orthofx.transform` (its plan
+names the producers) or any parameters with ``producers=`` given explicitly. Per step:
+
+* producer ``i`` (gradient ``G_i``, weight flattened to ``(out, in·k·k)``): ``G_i ← U Vᵀ`` of
+  ``G_i`` (NOG, :func:`orthofx.treatments.nog`) and/or its lr ``← η*`` if
+  ``0 < η* < lr`` (OLR, :func:`orthofx.treatments.olr`,
+  ``η* = wᵀw·lᵀw / (wᵀw·lᵀl + 2(lᵀw)²)``); with OW the chain acts on the weight W by default
+  (``ow_target``, :mod:`orthofx.treatments.ow_target`);
+* then every parameter takes ``torch.optim.SGD``'s step (momentum μ, dampening, weight decay,
+  Nesterov): ``b ← μb + (1 − dampening)(g + wd·p)``, ``p ← p − lr·b`` (or ``g + μb`` with
+  Nesterov).
+
+It *is* a ``torch.optim.SGD`` whose treatments are the same chain
+:func:`orthofx.treatments.attach` installs (:func:`orthofx.treatments.default_chain`, or your
+``chain=``), run where the optimizer reads the gradient; the numerics are not re-implemented,
+so ``OrthoSGD`` and ``attach`` on ``torch.optim.SGD`` take identical steps
+(tests/test_optim.py). Differences from attaching by hand: nothing to install or remove,
+and ``step(closure)`` is supported (the closure runs first, the treatments then see its
+gradient).
+
+With OLR each producer has a param group of its own (``param_groups`` lists them after the
+others; the scheduled lr of a producer is that of the group it was created in, so LR
+schedulers work as usual); ``state_dict()`` / ``load_state_dict()`` round-trip between
+optimizers built the same way. ``.handle`` is the
+:class:`~orthofx.treatments.attach.AttachHandle` (``stats()``, ``olr_history()``).
+
+A Muon-style optimizer (orthogonalised *momentum*) is the same class with a chain that keeps
+its own momentum and no SGD momentum, e.g. ``OrthoSGD(model, lr, momentum=0,
+chain=named_chain(("guard", guard()), ("muon", muon(beta=0.95))))`` with the transform of
+``examples/muon_chain.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from orthofx.errors import AttachError, ConfigError
+from orthofx.treatments.attach import AttachHandle, attach
+from orthofx.treatments.gradient import GradientTransformation
+
+__all__ = ["OrthoSGD"]
+
+
+def _plan_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str]] | None:
+    """``{name: (module, attr)}`` of a transformed model's plan; None without a plan."""
+    from orthofx.pipeline import _producer_specs, plan_of, unwrap
+
+    plan = plan_of(model)
+    if plan is None:
+        return None
+    return _producer_specs(unwrap(model), plan)
+
+
+def _sgd_step(opt: torch.optim.SGD) -> None:
+    """``torch.optim.SGD.step`` without the hook wrapper torch puts on it once an SGD exists
+    (this class's own ``step`` carries the user's hooks already)."""
+    f = torch.optim.SGD.step
+    if getattr(f, "hooked", False):
+        f = f.__wrapped__  # type: ignore[attr-defined]
+    f(opt)
+
+
+class OrthoSGD(torch.optim.SGD):
+    """SGD (with momentum) whose Pre-SVD producers get NOG and/or OLR.
+
+    Args:
+        params: a model returned by :func:`orthofx.transform` (producers from its plan), or
+            parameters / param-group dicts as for ``torch.optim.SGD`` (then ``producers=``
+            is required).
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
+            differentiable, fused: as ``torch.optim.SGD`` (``momentum`` defaults to 0.9).
+        nog: replace each producer gradient by the polar factor U Vᵀ of its flattened
+            gradient (paper Sec. 5.1).
+        olr: per-step producer lr η* when ``0 < η* < lr`` (paper Sec. 5.2).
+        nog_method: ``orthofx.linalg.polar`` method (``"auto"``, ``"svd"``, ...).
+        ow_target: under OW, act on the weight (``"weight"``, default) or the generator.
+        producers: the producer parameters (any spec :func:`orthofx.treatments.attach`
+            takes: tensors, ``(module, "weight")`` pairs, a ``{name: spec}`` map); overrides
+            the plan's.
+        chain: your own gradient chain instead of NOG/OLR (then ``nog``/``olr``/
+            ``nog_method`` must be left at their defaults).
+        lr_mode, history, max_history: as :func:`orthofx.treatments.attach`.
+
+    Raises:
+        AttachError: a model without an orthofx plan and no ``producers=``.
+        ConfigError: parameters (not a model) without ``producers=``; bad options.
+    """
+
+    handle: AttachHandle | None
+
+    def __init__(
+        self,
+        params: "nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]]",
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        nog: bool = True,
+        olr: bool = False,
+        nog_method: str = "auto",
+        ow_target: str | None = None,
+        producers: "Mapping[str, Any] | Iterable[Any] | None" = None,
+        chain: GradientTransformation | None = None,
+        lr_mode: str = "auto",
+        history: bool = True,
+        max_history: int | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            model = params
+            params = list(model.parameters())
+            if producers is None:
+                producers = _plan_producers(model)
+                if producers is None:
+                    raise AttachError(
+                        f"OrthoSGD: {type(model).__name__} has no orthofx plan — pass a model returned by "
+                        "orthofx.transform, or its parameters with producers=[...] (the Pre-SVD weights)"
+                    )
+        elif producers is None:
+            raise ConfigError(
+                "OrthoSGD: given parameters rather than a transformed model, it needs producers= "
+                "(the Pre-SVD weights: tensors or (module, 'weight') pairs)"
+            )
+        super().__init__(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+        )
+        self.handle = None
+        specs = list(producers.items()) if isinstance(producers, Mapping) else list(producers)
+        if not specs:
+            warnings.warn("OrthoSGD: the model has no Pre-SVD layer; this is plain SGD", stacklevel=2)
+            return
+        kw: dict[str, Any] = {"lr_mode": lr_mode, "history": history, "max_history": max_history,
+                              "ow_target": ow_target}
+        if chain is not None:
+            if (nog, olr, nog_method) != (True, False, "auto"):
+                raise ConfigError("OrthoSGD: pass either chain= or nog/olr/nog_method, not both")
+            kw["chain"] = chain
+        else:
+            kw.update(nog=nog, olr=olr, nog_method=nog_method)
+        producers = dict(specs) if isinstance(producers, Mapping) else specs
+        # the chain runs inside step() (no step hooks: torch runs a subclass's hooks around its
+        # step, i.e. before the closure, and again around SGD.step when that is patched)
+        self.handle = attach(self, producers, _step_hooks=False, **kw)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One step: the treatments on the producers' gradients, then SGD on every parameter.
+        ``closure`` (re-evaluates the loss and its gradients) runs first."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.handle is not None:
+            self.handle.before_step(self)
+        _sgd_step(self)
+        if self.handle is not None:
+            self.handle.after_step(self)
+        return loss
+
+    def __repr__(self) -> str:
+        inner = super().__repr__()
+        return inner.replace("SGD (", f"OrthoSGD ({self.handle!r}\n", 1) if self.handle is not None else inner

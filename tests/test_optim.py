@@ -1,0 +1,189 @@
+"""orthofx.optim.OrthoSGD: the optimizer form of NOG/OLR equals attach on torch.optim.SGD.
+float64 models, compared bitwise (the same chain and the same SGD kernels run)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import orthofx
+from orthofx.errors import AttachError, ConfigError
+from orthofx.optim import OrthoSGD
+from orthofx.treatments import attach, guard, named_chain, nog
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def _batch(device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64).to(device),
+            torch.randint(0, 3, (8,), generator=g).to(device))
+
+
+def _run(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, steps: int, start: int = 0) -> None:
+    for s in range(start, start + steps):
+        x, y = _batch(device, s)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _same(a: nn.Module, b: nn.Module) -> None:
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+OPTIONS = [
+    dict(nog=True, olr=False, momentum=0.9),
+    dict(nog=False, olr=True, momentum=0.9, weight_decay=5e-4),
+    dict(nog=True, olr=True, momentum=0.9, nesterov=True),
+    dict(nog=True, olr=True, momentum=0.0),
+]
+
+
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_orthosgd_equals_attach_on_sgd(device: torch.device, kw: dict) -> None:
+    torch.manual_seed(0)
+    a = Net().double().to(device)
+    b = copy.deepcopy(a)
+    treat = {k: kw[k] for k in ("nog", "olr")}
+    sgd_kw = {k: v for k, v in kw.items() if k not in treat}
+    ref = torch.optim.SGD(a.parameters(), lr=0.05, **sgd_kw)
+    h = attach(ref, [(a.conv1, "weight")], nog_method="eigh", **treat)
+    opt = OrthoSGD(b.parameters(), lr=0.05, producers=[(b.conv1, "weight")], nog_method="eigh", **treat, **sgd_kw)
+    _run(a, ref, device, 5)
+    _run(b, opt, device, 5)
+    _same(a, b)
+    assert opt.handle.stats()["steps"] == h.stats()["steps"] == 5
+    if kw["olr"]:
+        torch.testing.assert_close(opt.handle.olr_history()["lr"], h.olr_history()["lr"], rtol=0, atol=0)
+
+
+def test_transformed_model_uses_its_plan_and_ow_weight_target() -> None:
+    from tests.test_transform import RawGCP, _batch as gcp_batch
+
+    torch.manual_seed(0)
+    gm, report = orthofx.transform(RawGCP(), gcp_batch()[:1], config="nog+ow+olr")
+    gm = gm.double()
+    gm2 = copy.deepcopy(gm)
+    ref = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    h = orthofx.attach(ref, gm, nog=True, olr=True)
+    opt = OrthoSGD(gm2, lr=0.05, momentum=0.9, nog=True, olr=True)
+    assert opt.handle.names == h.names and opt.handle.ow_target == h.ow_target == "weight"
+    for s in range(3):
+        for m, o in ((gm, ref), (gm2, opt)):
+            x, y = gcp_batch(seed=s)
+            o.zero_grad()
+            F.cross_entropy(m(x.double()), y).backward()
+            o.step()
+    _same(gm, gm2)
+
+
+def test_state_dict_round_trip(device: torch.device) -> None:
+    torch.manual_seed(0)
+    a = Net().double().to(device)
+    opt_a = OrthoSGD(a.parameters(), lr=0.05, producers=[(a.conv1, "weight")], nog=True, olr=True)
+    _run(a, opt_a, device, 3)
+    sd = copy.deepcopy(opt_a.state_dict())
+    b = copy.deepcopy(a)
+    opt_b = OrthoSGD(b.parameters(), lr=0.05, producers=[(b.conv1, "weight")], nog=True, olr=True)
+    opt_b.load_state_dict(sd)
+    assert len(opt_b.param_groups) == len(opt_a.param_groups) == 2
+    torch.testing.assert_close(opt_b.state[b.conv1.weight]["momentum_buffer"],
+                               opt_a.state[a.conv1.weight]["momentum_buffer"], rtol=0, atol=0)
+    _run(a, opt_a, device, 2, start=3)
+    _run(b, opt_b, device, 2, start=3)
+    _same(a, b)
+
+
+def test_param_groups_and_scheduler() -> None:
+    """A producer in a group with its own lr keeps that group's schedule; OLR caps at it."""
+    torch.manual_seed(0)
+    a = Net().double()
+    b = copy.deepcopy(a)
+
+    def groups(m: nn.Module) -> list[dict]:
+        rest = [p for n, p in m.named_parameters() if not n.startswith("conv1")]
+        return [{"params": [m.conv1.weight], "lr": 0.02}, {"params": rest}]
+
+    ref = torch.optim.SGD(groups(a), lr=0.1, momentum=0.9)
+    attach(ref, [(a.conv1, "weight")], nog=True, olr=True)
+    opt = OrthoSGD(groups(b), lr=0.1, momentum=0.9, producers=[(b.conv1, "weight")], nog=True, olr=True)
+    sched_a = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for s in range(4):
+        _run(a, ref, torch.device("cpu"), 1, start=s)
+        _run(b, opt, torch.device("cpu"), 1, start=s)
+        sched_a.step()
+        sched_b.step()
+    _same(a, b)
+    base = opt.handle.olr_history()["base"][:, 0].tolist()
+    assert base == [0.02, 0.02, 0.01, 0.01]
+    assert (opt.handle.olr_history()["lr"][:, 0] <= torch.tensor(base, dtype=torch.float64)).all()
+
+
+def test_closure_step_equals_backward_then_step() -> None:
+    torch.manual_seed(0)
+    a = Net().double()
+    b = copy.deepcopy(a)
+    opt_a = OrthoSGD(a.parameters(), lr=0.05, producers=[(a.conv1, "weight")], olr=True)
+    opt_b = OrthoSGD(b.parameters(), lr=0.05, producers=[(b.conv1, "weight")], olr=True)
+    _run(a, opt_a, torch.device("cpu"), 2)
+    for s in range(2):
+        x, y = _batch(torch.device("cpu"), s)
+
+        def closure() -> torch.Tensor:
+            opt_b.zero_grad()
+            loss = F.cross_entropy(b(x), y)
+            loss.backward()
+            return loss
+
+        assert torch.isfinite(opt_b.step(closure))
+    _same(a, b)
+    assert opt_b.handle.stats()["steps"] == 2  # the chain ran once per step (not twice)
+
+
+def test_custom_chain_matches_attach() -> None:
+    torch.manual_seed(0)
+    a = Net().double()
+    b = copy.deepcopy(a)
+    chain = named_chain(("guard", guard()), ("nog", nog("eigh")))
+    ref = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.0)
+    attach(ref, [(a.conv1, "weight")], chain=chain)
+    opt = OrthoSGD(b.parameters(), lr=0.05, momentum=0.0, producers=[(b.conv1, "weight")], chain=chain)
+    _run(a, ref, torch.device("cpu"), 3)
+    _run(b, opt, torch.device("cpu"), 3)
+    _same(a, b)
+    with pytest.raises(ConfigError, match="chain"):
+        OrthoSGD(b.parameters(), lr=0.05, producers=[(b.conv1, "weight")], chain=chain, olr=True)
+
+
+def test_errors_without_plan_or_producers() -> None:
+    with pytest.raises(AttachError, match="no orthofx plan"):
+        OrthoSGD(Net(), lr=0.1)
+    with pytest.raises(ConfigError, match="producers="):
+        OrthoSGD(Net().parameters(), lr=0.1)
+
+
+def test_user_step_hooks_run_once() -> None:
+    m = Net().double()
+    opt = OrthoSGD(m.parameters(), lr=0.05, producers=[(m.conv1, "weight")])
+    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)  # an SGD exists: SGD.step is hook-wrapped
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    _run(m, opt, torch.device("cpu"), 1)
+    assert calls == ["pre", "post"]
