@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,8 +20,10 @@ from torch import nn
 from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
-from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan, SwapRecord, apply_plan, apply_weight_treatments, swap_meta_layers
-from orthofx.fuse import fuse_reconstructions
+from orthofx.plan import Action, ActionKind, Plan, SwapRecord, make_plan
+from orthofx.report import TransformReport
+from orthofx.rewrite import META_KEY, STABLE_PREFIX, apply_plan, swap_meta_layers
+from orthofx.fuse import ExactSpectral, fuse_reconstructions
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
@@ -30,75 +31,6 @@ from orthofx.treatments.weight import orthogonality_loss as _ol
 
 __all__ = ["transform", "replay", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap",
            "safe_deepcopy"]
-
-
-@dataclass
-class TransformReport:
-    """What :func:`transform` found and did.
-
-    Attributes:
-        analysis: the pure :class:`~orthofx.graph.AnalysisReport` (entries, skipped, chains).
-        plan: the applied :class:`~orthofx.rewrite.Plan` (config, producers, swaps).
-        modified: False when the call changed nothing (no meta-layer, or an already
-            transformed model with the same config).
-        actions: human-readable list of the changes made.
-        notes: anything the user should know (no meta-layer found, partial trace, ...).
-    """
-
-    analysis: AnalysisReport
-    plan: Plan
-    modified: bool
-    actions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    # analysis views ---------------------------------------------------------------------
-    @property
-    def entries(self) -> list[Any]:
-        return self.analysis.entries
-
-    @property
-    def skipped(self) -> list[Any]:
-        return self.analysis.skipped
-
-    @property
-    def producers(self) -> list[str]:
-        return self.analysis.producers
-
-    @property
-    def swapped(self) -> list[Any]:
-        return self.plan.swaps
-
-    def to_dot(self) -> str:
-        return self.analysis.to_dot()
-
-    def to_png(self, path: str, **kwargs: Any) -> str:
-        return self.analysis.to_png(path, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "modified": self.modified,
-            "config": self.plan.config.name,
-            "plan": self.plan.to_dict(),
-            "actions": list(self.actions),
-            "notes": list(self.notes),
-            "analysis": self.analysis.to_dict(),
-        }
-
-    def __str__(self) -> str:
-        lines = [str(self.analysis), ""]
-        cfg = self.plan.config
-        lines.append(f"orthofx transform: config {cfg.name!r}, modified={self.modified}")
-        for p in self.plan.producers:
-            treat = "+".join(p.treatments) or "none"
-            lines.append(f"  producer {p.param} {tuple(p.weight_shape)} -> flat {tuple(p.flat_shape)}: {treat}")
-        for s in self.plan.swaps:
-            lines.append(f"  swapped {s.original} at {s.node} -> {s.module} (stable {s.kind} backward)")
-        for a in self.actions:
-            if not a.startswith("stable "):
-                lines.append(f"  {a}")
-        for n in self.notes:
-            lines.append(f"  note: {n}")
-        return "\n".join(lines)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -252,7 +184,11 @@ def transform(
     if not analysis.entries:
         notes.append("no meta-layer with a Pre-SVD layer was found; the model is unchanged"
                      + (f" ({len(analysis.skipped)} meta-layer(s) skipped, see report)" if analysis.skipped else ""))
-    plan, actions = apply_plan(root, analysis, cfg, swaps=swaps)
+    plan = make_plan(analysis, cfg, swaps=swaps)
+    plan, actions = apply_plan(root, plan, analysis=analysis if swaps is None else None)
+    if swaps:
+        actions += [Action.of_swap(s, ActionKind.FUSE if isinstance(root.get_submodule(s.module), ExactSpectral)
+                                   else ActionKind.STABLE_SWAP) for s in swaps]
     modified = bool(actions) or any(p.treatments for p in plan.producers)
     report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
     _store(root, plan, report)
@@ -292,9 +228,10 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
             raise ConfigError(f"the checkpoint swapped meta-layers at {sorted(wanted)}, this model's trace has "
                               f"{sorted(s.node for s in swaps)} (a different architecture?)")
         root = gm
-    apply_weight_treatments(root, plan.producers, plan.config)
-    report = TransformReport(_previous_analysis(root, plan), Plan(plan.config, plan.producers, swaps),
-                             modified=True, notes=["replayed from a saved plan"])
+    applied, actions = apply_plan(root, Plan(plan.config, plan.producers, swaps))
+    actions += [Action.of_swap(s) for s in swaps]
+    report = TransformReport(_previous_analysis(root, plan), applied, modified=True, actions=actions,
+                             notes=["replayed from a saved plan"])
     _store(root, report.plan, report)
     return root
 

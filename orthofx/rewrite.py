@@ -1,7 +1,9 @@
-"""Apply a plan to a GraphModule: weight treatments on the Pre-SVD layers, stable meta-layers.
+"""Apply a plan (:mod:`orthofx.plan`, made purely by ``make_plan``) to the model or its
+GraphModule: weight treatments on the Pre-SVD layers, stable meta-layers.
 
-The analysis (:mod:`orthofx.graph`) is pure; this module is the only place that mutates the
-traced GraphModule. It does two things, both idempotent:
+The analysis (:mod:`orthofx.graph`) and the planning are pure; this module (with
+:mod:`orthofx.fuse`) is the only place that mutates the model. It does two things, both
+idempotent, and reports them as typed :class:`~orthofx.plan.Action` records:
 
 * **weight treatments** (OW, SN) on each producer's weight, registered with
   ``torch.nn.utils.parametrize`` on the flattened (out, in·k·k) matrix
@@ -9,15 +11,15 @@ traced GraphModule. It does two things, both idempotent:
   and :func:`orthofx.attach` read the plan);
 * **stabilisation**: each raw ``torch.linalg.eigh/eigvalsh/svd/svdvals`` / ``torch.svd`` /
   ``Tensor.svd`` node that decomposes a covariance is replaced by a call of a
-  :class:`~orthofx.nn.StableDecomposition` leaf module (same forward, bounded Taylor-K
-  backward), registered as ``orthofx_stable_<node>``.
+  :class:`~orthofx.nn.StableDecomposition` leaf module (same forward, exact backward except
+  at near-ties), registered as ``orthofx_stable_<node>``.
 
 The plan is stored in ``gm.meta["orthofx"]`` (GraphModule deep copies keep ``meta``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from torch import nn
 
 from orthofx.config import OrthoConfig
 from orthofx.errors import ConfigError, TreatmentError
+from orthofx.plan import PLAN_VERSION, Action, ActionKind, Plan, ProducerPlan, SwapRecord, make_plan  # noqa: F401
 from orthofx.nn.stable import StableDecomposition, kind_of_target
 from orthofx.treatments.weight import (
     FlatOrthogonal,
@@ -35,111 +38,10 @@ from orthofx.treatments.weight import (
     treatment_of,
 )
 
-__all__ = ["ProducerPlan", "SwapRecord", "Plan", "apply_plan", "META_KEY", "STABLE_PREFIX", "PLAN_VERSION"]
+__all__ = ["apply_plan", "apply_weight_treatments", "swap_meta_layers", "META_KEY", "STABLE_PREFIX"]
 
 META_KEY = "orthofx"
 STABLE_PREFIX = "orthofx_stable_"
-PLAN_VERSION = 1
-
-
-@dataclass
-class ProducerPlan:
-    """One Pre-SVD weight and what was done to it.
-
-    Attributes:
-        name: qualified name of the module owning the weight (``"head.reduce"``).
-        attr: attribute name of the weight on that module (``"weight"``).
-        param: qualified parameter name in the *original* model (``"head.reduce.weight"``).
-        weight_shape / flat_shape: the weight's shape and its flattened (out, in·k·k) shape.
-        treatments: the paper tokens that act on it (``["nog", "ow", "olr"]``).
-        meta_layers: node names of the meta-layers it feeds.
-    """
-
-    name: str
-    attr: str
-    param: str
-    weight_shape: tuple[int, ...]
-    flat_shape: tuple[int, int]
-    treatments: list[str] = field(default_factory=list)
-    meta_layers: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["weight_shape"] = list(self.weight_shape)
-        d["flat_shape"] = list(self.flat_shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProducerPlan":
-        d = dict(d)
-        d["weight_shape"] = tuple(d["weight_shape"])
-        d["flat_shape"] = tuple(d["flat_shape"])
-        return cls(**d)
-
-
-@dataclass
-class SwapRecord:
-    """A raw decomposition node replaced by a stable leaf module."""
-
-    node: str
-    original: str
-    kind: str
-    module: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Plan:
-    """What the pass did: config, producers and swaps (JSON-serialisable via :meth:`to_dict`)."""
-
-    config: OrthoConfig
-    producers: list[ProducerPlan] = field(default_factory=list)
-    swaps: list[SwapRecord] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": PLAN_VERSION,
-            "config": self.config.to_dict(),
-            "producers": [p.to_dict() for p in self.producers],
-            "swaps": [s.to_dict() for s in self.swaps],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        return cls(
-            config=OrthoConfig.from_dict(d["config"]),
-            producers=[ProducerPlan.from_dict(p) for p in d.get("producers", [])],
-            swaps=[SwapRecord(**s) for s in d.get("swaps", [])],
-        )
-
-
-def _split_param(param: str) -> tuple[str, str]:
-    mod, _, attr = param.rpartition(".")
-    return mod, attr
-
-
-def _producer_plans(analysis: Any, cfg: OrthoConfig) -> list[ProducerPlan]:
-    """One plan per distinct producer parameter, in graph order."""
-    plans: dict[str, ProducerPlan] = {}
-    tokens = list(cfg.treatments)
-    for e in analysis.entries:
-        p = e.producer
-        if p.param in plans:
-            plans[p.param].meta_layers.append(e.node)
-            continue
-        mod, attr = _split_param(p.param)
-        plans[p.param] = ProducerPlan(
-            name=mod,
-            attr=attr,
-            param=p.param,
-            weight_shape=tuple(p.weight_shape),
-            flat_shape=tuple(p.flat_shape),
-            treatments=list(tokens),
-            meta_layers=[e.node],
-        )
-    return list(plans.values())
 
 
 def _check_weight_dtype(module: nn.Module, plan: ProducerPlan) -> None:
@@ -195,12 +97,12 @@ def _check_user_parametrization(module: nn.Module, plan: ProducerPlan) -> None:
                 f"(torch.nn.utils.remove_{what}) or leave this layer untreated")
 
 
-def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: OrthoConfig) -> list[str]:
+def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: OrthoConfig) -> list[Action]:
     """Register OW/SN on each producer weight of ``root``; returns what was registered.
 
     Raises :class:`TreatmentError` for a non-float weight when any treatment is configured.
     """
-    done: list[str] = []
+    done: list[Action] = []
     for plan in plans:
         module = root.get_submodule(plan.name) if plan.name else root
         if plan.treatments:
@@ -210,13 +112,13 @@ def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: Ort
             _check_untied(root, module, plan, cfg.weight)
         if cfg.weight == "ow":
             if register_orthogonal(module, plan.attr, method=cfg.ow_method, qualname=plan.param):
-                done.append(f"ow({cfg.ow_method}) {plan.param}")
+                done.append(Action(ActionKind.OW, plan.param, method=cfg.ow_method))
         elif cfg.weight == "sn":
             if register_spectral_norm(
                 module, plan.attr, method=cfg.sn_method, n_power_iterations=cfg.sn_power_iterations,
                 qualname=plan.param,
             ):
-                done.append(f"sn({cfg.sn_method}) {plan.param}")
+                done.append(Action(ActionKind.SN, plan.param, method=cfg.sn_method))
         else:
             existing = treatment_of(module, plan.attr)
             if existing in ("ow", "sn"):
@@ -261,18 +163,16 @@ def swap_meta_layers(gm: fx.GraphModule, analysis: Any) -> list[SwapRecord]:
     return swaps
 
 
-def apply_plan(root: nn.Module, analysis: Any, cfg: OrthoConfig, *,
-               swaps: list[SwapRecord] | None = None) -> tuple[Plan, list[str]]:
-    """Apply ``cfg`` to ``root`` (a GraphModule, or the deep-copied model).
+def apply_plan(root: nn.Module, plan: Plan, *, analysis: Any = None) -> tuple[Plan, list[Action]]:
+    """Carry out ``plan`` on ``root`` (a GraphModule, or the deep-copied model): OW/SN on its
+    producers; when ``plan.swaps`` is empty, ``root`` is a GraphModule, the config stabilises
+    and the symbolic ``analysis`` of ``root`` is given, its raw decompositions are swapped here.
 
-    Returns the plan and a list of human-readable actions. ``swaps``: stable swaps already
-    made (and verified) by the caller; when None, a GraphModule root is stabilised here.
+    Returns the plan as applied (with the swaps made) and the typed :class:`Action` records.
     """
-    plans = _producer_plans(analysis, cfg)
-    actions = apply_weight_treatments(root, plans, cfg)
-    if swaps is None:
-        swaps = []
-        if cfg.stabilize and isinstance(root, fx.GraphModule):
-            swaps = swap_meta_layers(root, analysis)
-        actions += [f"stable {s.kind} replaces {s.original} at {s.node}" for s in swaps]
-    return Plan(cfg, plans, swaps), actions
+    actions = apply_weight_treatments(root, plan.producers, plan.config)
+    if not plan.swaps and analysis is not None and plan.config.stabilize and isinstance(root, fx.GraphModule):
+        swaps = swap_meta_layers(root, analysis)
+        actions += [Action.of_swap(s) for s in swaps]
+        plan = dataclasses.replace(plan, swaps=swaps)
+    return plan, actions

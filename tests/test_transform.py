@@ -397,3 +397,37 @@ def test_attach_installs_a_users_chain_without_nog_or_olr(preset: str, device: t
     for n, p in gm.named_parameters():
         if n != "reduce.weight":
             torch.testing.assert_close(p.detach(), before[n] - 0.1 * grads[n], atol=1e-6, rtol=1e-6)
+
+
+def test_make_plan_is_pure_and_apply_plan_reports_typed_actions() -> None:
+    """Planning is its own pure step (make_plan mutates nothing); apply_plan carries it out and
+    returns typed Action records, which the report renders as text."""
+    from orthofx.config import OrthoConfig
+    from orthofx.plan import Action, ActionKind, make_plan
+    from orthofx.rewrite import apply_plan
+
+    torch.manual_seed(0)
+    model = RawGCP()
+    x, _ = _batch()
+    analysis = orthofx.analyze(model, (x,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = make_plan(analysis, OrthoConfig.from_preset("nog+ow"))
+    assert [p.param for p in plan.producers] == ["reduce.weight"] and plan.producers[0].treatments == ["nog", "ow"]
+    assert plan.swaps == [] and not parametrize.is_parametrized(model.reduce)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    work = copy.deepcopy(model)
+    applied, actions = apply_plan(work, plan)
+    assert applied == plan and actions == [Action(ActionKind.OW, "reduce.weight", method="expm")]
+    assert str(actions[0]) == "ow(expm) reduce.weight" and not actions[0].is_swap
+    assert parametrize.is_parametrized(work.reduce, "weight")
+
+    gm, report = orthofx.transform(model, (x,), config="ow")
+    assert sorted(a.kind for a in report.actions) == [ActionKind.FUSE, ActionKind.OW]
+    fuse = next(a for a in report.actions if a.kind is ActionKind.FUSE)
+    assert isinstance(gm.get_submodule(fuse.module), ExactSpectral) and fuse.method == "sqrtm"
+    text = str(report).splitlines()
+    assert "  ow(expm) reduce.weight" in text and not any(line.startswith("  stable ") for line in text)
+    assert report.to_dict()["actions"][0]["kind"] in ("ow", "fuse")
+    # a verified stable rewrite alone is a modification (the emitted model is a new GraphModule)
+    _, svd_report = orthofx.transform(model, (x,), config="svd")
+    assert svd_report.modified and [a.kind for a in svd_report.actions] == [ActionKind.FUSE]
