@@ -249,11 +249,11 @@ def nog(method: str = "auto") -> GradientTransformation:
       and polar divides G by max|G| before any norm, so every finite nonzero gradient —
       float32/bfloat16 from 1e-30 to 1e30 and beyond — gets its U Vᵀ, on the CPU and CUDA
       paths alike (tests/test_nog_scale.py).
-    * NOG training is sensitive to tiny differences: every step has the fixed size √min(m, n)
-      whatever ‖G‖, so a 1e-6 relative change of one gradient (rounding, another polar
-      method, another device) grows to ~1e-2 in the weights within 5 steps (measured on the
-      demo's whitening ResNet; the same perturbation without NOG stays at 1e-6). Compare NOG
-      runs by their statistics over seeds, not step by step.
+    * Sensitivity: every step has the fixed size √min(m, n) whatever ‖G‖, and U Vᵀ moves by
+      O(‖ΔG‖/σ_min(G)) for a change ΔG of G (for square G at most 2‖ΔG‖_F/(σ_min(G) +
+      σ_min(G + ΔG)), R.-C. Li's bound), so near-rank-deficient gradients turn
+      rounding-level differences (another polar method, another device) into much larger
+      differences of the step.
     * Rank-deficient gradients are not counted: ``polar`` returns only U Vᵀ, and detecting
       them would need the singular values (an extra decomposition).
 
