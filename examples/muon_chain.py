@@ -13,6 +13,9 @@ optimizer step pre-hook, so a new treatment needs no change to orthofx. Here:
 
 chained after orthofx's ``guard()`` (NaN/Inf gradients become zero and are counted), and
 handed to a plain SGD (no momentum of its own: the momentum lives in the chain).
+
+The same chain in the optimizer form (no hooks to install):
+``orthofx.optim.OrthoSGD(gm, lr, momentum=0, chain=muon_chain())`` — see the end of ``main``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import orthofx
+import orthofx.optim
 from orthofx.linalg import polar
 from orthofx.pipeline import plan_of
 from orthofx.treatments import GradientTransformation, Updates, as_updates, guard, named_chain
@@ -121,6 +125,16 @@ def main() -> None:
     m = handle.state["muon"].momentum[0]
     print("momentum of", handle.names[0], "has norm", round(m.norm().item(), 4))
     print(handle.stats())
+
+    # the optimizer form: a torch.optim.SGD whose producers (from gm's plan) run the chain
+    gm2, _ = orthofx.transform(Net(), (x,), config="svd")
+    opt2 = orthofx.optim.OrthoSGD(gm2, lr=0.02, momentum=0.0, chain=muon_chain(beta=0.9))
+    for step in range(2):
+        loss = F.cross_entropy(gm2(x), y)
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+    print("OrthoSGD + Muon chain:", opt2.handle.stats()["steps"], "steps, loss", round(loss.item(), 4))
 
 
 if __name__ == "__main__":

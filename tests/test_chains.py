@@ -281,3 +281,27 @@ def test_attach_chain_option_errors() -> None:
     assert attach(opt, [(m.up, "weight")], chain=c) is h  # the same chain again: same handle
     with pytest.raises(Exception, match="already has orthofx"):
         attach(opt, [(m.up, "weight")], chain=chain(guard()))
+
+
+def test_muon_chain_in_the_optimizer_form_equals_attach() -> None:
+    """orthofx.optim.OrthoSGD(momentum=0, chain=muon_chain()) takes the attach steps bitwise."""
+    import torch.nn.functional as F
+
+    from orthofx.optim import OrthoSGD
+
+    ex = _example()
+    torch.manual_seed(0)
+    a = ex.Net().double()
+    b = copy.deepcopy(a)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    ref = torch.optim.SGD(a.parameters(), lr=0.02)
+    attach(ref, [(a.reduce, "weight")], chain=ex.muon_chain(beta=0.9, method="eigh"))
+    opt = OrthoSGD(b.parameters(), lr=0.02, momentum=0.0, producers=[(b.reduce, "weight")],
+                   chain=ex.muon_chain(beta=0.9, method="eigh"))
+    for m, o in ((a, ref), (b, opt)):
+        for _ in range(3):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
