@@ -316,3 +316,24 @@ def test_weight_target_step_is_sync_free_on_the_cuda_path() -> None:
         with sync_audit() as audit:
             opt.step()
     assert audit.syncs == {}
+
+
+def test_unscaled_generator_gradient_rescales_the_capture() -> None:
+    """GradScaler-style: backward of 1024·loss, then A.grad /= 1024 (unscale_) — the captured
+    ∂L/∂W is 1024× too large and is rescaled by c = ⟨G_A, J*G_cap⟩/‖J*G_cap‖²: the step equals
+    the unscaled one (float64, to 1e-10 relative)."""
+    x, y = _data(torch.device("cpu"), F64)
+    out = []
+    for scale in (1.0, 1024.0):
+        torch.manual_seed(0)
+        m = _Net().double()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        attach(opt, [(m.conv, "weight")], nog=True, olr=True, nog_method="svd")
+        for _ in range(2):
+            opt.zero_grad()
+            (scale * F.cross_entropy(m(x), y)).backward()
+            for p in m.parameters():
+                p.grad.div_(scale)
+            opt.step()
+        out.append(m.conv.weight.detach().clone())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=1e-12)
