@@ -337,3 +337,19 @@ def test_unscaled_generator_gradient_rescales_the_capture() -> None:
             opt.step()
         out.append(m.conv.weight.detach().clone())
     torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=1e-12)
+
+
+def test_copies_of_an_attached_model_do_not_feed_the_capture() -> None:
+    """deepcopy (e.g. an EMA model) of the model after attach: the copy's backward does not
+    reach the original's capture. (Parametrized modules cannot be pickled whole: torch.)"""
+    import copy
+
+    m = _Net().double()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    h = attach(opt, [(m.conv, "weight")], nog=True)
+    ema = copy.deepcopy(m)
+    x, y = _data(torch.device("cpu"), F64)
+    F.cross_entropy(ema(x), y).backward()
+    assert h._capture.grads[0] is None
+    F.cross_entropy(m(x), y).backward()
+    assert h._capture.grads[0] is not None

@@ -230,25 +230,15 @@ class WeightGradCapture:
         self.maps = list(maps)
         self.grads: list[Tensor | None] = [None] * len(self.maps)
         self._hooks = [
-            po.register_forward_hook(self._forward_hook(i)) for i, po in enumerate(self.maps) if po is not None
+            po.register_forward_hook(_CaptureHook(self, i)) for i, po in enumerate(self.maps) if po is not None
         ]
 
-    def _forward_hook(self, i: int) -> Any:
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-                return
-            gen = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-
-            def grad_hook(g: Tensor) -> None:
-                buf = self.grads[i]
-                if buf is None or (gen is not None and gen.grad is None):
-                    self.grads[i] = g.detach().clone()
-                else:
-                    buf.add_(g.detach())
-
-            output.register_hook(grad_hook)
-
-        return hook
+    def _capture(self, i: int, gen: Tensor | None, g: Tensor) -> None:
+        buf = self.grads[i]
+        if buf is None or (gen is not None and gen.grad is None):
+            self.grads[i] = g.detach().clone()
+        else:
+            buf.add_(g.detach())
 
     def take(self) -> list[Tensor | None]:
         out, self.grads = self.grads, [None] * len(self.maps)
@@ -264,6 +254,30 @@ class WeightGradCapture:
             h.remove()
         self._hooks.clear()
         self.grads = [None] * len(self.maps)
+
+
+class _CaptureHook:
+    """The forward hook of :class:`WeightGradCapture` on one OW map. A copy of the model
+    (``copy.deepcopy``) carries an inert hook instead: an EMA copy must not add its gradients
+    to the original's capture."""
+
+    def __init__(self, capture: WeightGradCapture, i: int) -> None:
+        self.capture, self.i = capture, i
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        gen = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        capture, i = self.capture, self.i
+        output.register_hook(lambda g: capture._capture(i, gen, g))
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        return (_InertHook, ())
+
+
+class _InertHook:
+    def __call__(self, *args: Any) -> None:
+        return None
 
 
 @dataclass
