@@ -87,10 +87,13 @@ def expose_public_names(module: ModuleType) -> list[str]:
     """Give a package without ``__all__`` one listing its public names, so that pdoc documents
     them on the package's page: the lazily imported names of its ``_LAZY`` table (PEP 562
     ``__getattr__``, loaded into the module's namespace here) and the classes/functions of the
-    package it re-exports. Returns the list (the existing ``__all__`` when there is one). Only
-    the docs build calls this."""
+    package it re-exports. A package with ``__all__`` keeps it; its lazy names are loaded into
+    the namespace all the same. Returns the list. Only the docs build calls this."""
     existing = getattr(module, "__all__", None)
     if existing is not None:
+        for name in existing:  # pdoc reads the module's __dict__, not __getattr__
+            if name not in vars(module):
+                setattr(module, name, getattr(module, name))
         return list(existing)
     lazy = set(getattr(module, "_LAZY", {}) or {})
     names = []

@@ -192,3 +192,18 @@ def test_example_command_runs(cmd: list[str], tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     if cmd[1].endswith("plot_runs.py"):
         assert (tmp_path / "kappa.png").stat().st_size > 0
+
+
+def test_api_build_loads_lazy_names_of_an_existing_all(tmp_path, monkeypatch) -> None:
+    build_api = _build_api(monkeypatch)
+    pkg = _fake_package(tmp_path, monkeypatch, '"""Extra."""\n')
+    (tmp_path / pkg / "__init__.py").write_text(
+        '"""A lazy package with __all__."""\nimport importlib\n__all__ = ["f"]\n\n'
+        "def __getattr__(name):\n"
+        "    if name == 'f':\n"
+        "        return importlib.import_module('fakepkg_docs.core').f\n"
+        "    raise AttributeError(name)\n"
+    )
+    mod = importlib.import_module(pkg)
+    assert build_api.expose_public_names(mod) == ["f"]
+    assert vars(mod)["f"]() == 1
