@@ -4,7 +4,11 @@
     orthofx.attach(optimizer, gm)
     plain = orthofx.strip(gm)
 
-Public names are imported lazily (PEP 562), so ``import orthofx`` stays cheap.
+The top level holds the names a training script needs (:data:`__all__`); everything else lives
+in its submodule (``orthofx.linalg``, ``orthofx.nn``, ``orthofx.treatments``, ``orthofx.graph``,
+``orthofx.optim``, ``orthofx.integrations``, ...). Names and submodules are imported lazily
+(PEP 562), so ``import orthofx`` stays cheap. Older top-level names (``orthofx.PRESETS``,
+``orthofx.trace``, ``orthofx.sync_audit``, ...) still resolve, but are not advertised.
 """
 
 from __future__ import annotations
@@ -13,58 +17,84 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
-    from orthofx.config import PRESETS, OrthoConfig  # noqa: F401
-    from orthofx.export import checkpoint, load_checkpoint, save_checkpoint, strip  # noqa: F401
-    from orthofx.graph import AnalysisConfig, AnalysisReport, analyze, analyze_graph, trace  # noqa: F401
+    from orthofx.config import OrthoConfig  # noqa: F401
+    from orthofx.errors import ConfigError, InputError, OrthofxError  # noqa: F401
+    from orthofx.export import load_checkpoint, save_checkpoint, strip  # noqa: F401
+    from orthofx.graph import AnalysisConfig, AnalysisReport, analyze  # noqa: F401
     from orthofx.monitor import ConditioningMonitor  # noqa: F401
-    from orthofx.pipeline import TransformReport, attach, orthogonality_loss, transform  # noqa: F401
-    from orthofx.syncs import cuda_policy, sync_audit  # noqa: F401
-
-from orthofx.errors import (  # noqa: F401
-    AttachError,
-    ConfigError,
-    DTypeError,
-    InputError,
-    OrthofxError,
-    SolverError,
-    TraceFailure,
-    TreatmentError,
-)
+    from orthofx.pipeline import attach, orthogonality_loss, transform  # noqa: F401
+    from orthofx.report import TransformReport  # noqa: F401
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+__all__ = [
+    "transform",
+    "attach",
+    "orthogonality_loss",
+    "strip",
+    "save_checkpoint",
+    "load_checkpoint",
+    "analyze",
+    "OrthoConfig",
+    "AnalysisConfig",
+    "TransformReport",
+    "AnalysisReport",
+    "ConditioningMonitor",
+    "OrthofxError",
+    "ConfigError",
+    "InputError",
+]
+
+# public name -> module that defines it (the advertised ones are __all__)
 _LAZY: dict[str, str] = {
-    "OrthoConfig": "orthofx.config",
-    "PRESETS": "orthofx.config",
-    "analyze": "orthofx.graph",
-    "analyze_graph": "orthofx.graph",
-    "trace": "orthofx.graph",
-    "AnalysisConfig": "orthofx.graph",
-    "AnalysisReport": "orthofx.graph",
     "transform": "orthofx.pipeline",
     "attach": "orthofx.pipeline",
     "orthogonality_loss": "orthofx.pipeline",
-    "TransformReport": "orthofx.pipeline",
     "strip": "orthofx.export",
-    "checkpoint": "orthofx.export",
     "save_checkpoint": "orthofx.export",
     "load_checkpoint": "orthofx.export",
+    "analyze": "orthofx.graph",
+    "OrthoConfig": "orthofx.config",
+    "AnalysisConfig": "orthofx.graph",
+    "TransformReport": "orthofx.report",
+    "AnalysisReport": "orthofx.graph",
     "ConditioningMonitor": "orthofx.monitor",
+    "OrthofxError": "orthofx.errors",
+    "ConfigError": "orthofx.errors",
+    "InputError": "orthofx.errors",
+}
+
+# earlier top-level names: still importable from here, documented in their modules
+_COMPAT: dict[str, str] = {
+    "PRESETS": "orthofx.config",
+    "analyze_graph": "orthofx.graph",
+    "trace": "orthofx.graph",
+    "checkpoint": "orthofx.export",
     "sync_audit": "orthofx.syncs",
     "cuda_policy": "orthofx.syncs",
+    "AttachError": "orthofx.errors",
+    "DTypeError": "orthofx.errors",
+    "SolverError": "orthofx.errors",
+    "TraceFailure": "orthofx.errors",
+    "TreatmentError": "orthofx.errors",
+    "OptionError": "orthofx.errors",
 }
-_SUBMODULES = ("linalg", "nn", "graph", "treatments", "config", "data", "testing", "monitor", "export", "rewrite", "experiment", "syncs")
+
+#: submodules listed by dir(orthofx)
+_SUBMODULES = ("linalg", "nn", "treatments", "graph", "optim", "integrations", "monitor", "testing")
+#: submodules importable as attributes but not advertised
+_HIDDEN_SUBMODULES = ("config", "errors", "export", "pipeline", "plan", "report", "rewrite", "vocab", "syncs",
+                      "data", "experiment", "models", "cli", "fuse", "verify")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
+    if name in _SUBMODULES or name in _HIDDEN_SUBMODULES:
         return importlib.import_module(f"orthofx.{name}")
-    mod = _LAZY.get(name)
+    mod = _LAZY.get(name) or _COMPAT.get(name)
     if mod is None:
         raise AttributeError(f"module 'orthofx' has no attribute {name!r}")
     return getattr(importlib.import_module(mod), name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+    return sorted(set(__all__) | set(_SUBMODULES) | {"__version__"})

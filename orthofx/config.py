@@ -24,18 +24,7 @@ from orthofx.vocab import OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS
 if TYPE_CHECKING:
     from orthofx.graph.config import AnalysisConfig
 
-__all__ = [
-    "OrthoConfig",
-    "WeightSpec",
-    "GradientSpec",
-    "PRESETS",
-    "resolve_config",
-    "check_bool",
-    "check_int",
-    "check_float",
-    "check_weight",
-    "check_choice",
-]
+__all__ = ["OrthoConfig", "WeightSpec", "GradientSpec", "PRESETS", "resolve_config"]
 
 #: The paper's table rows, in the order they appear there.
 PRESETS: tuple[str, ...] = (

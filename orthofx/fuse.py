@@ -29,7 +29,7 @@ from orthofx.graph.record import quiet_user_hooks
 from orthofx.linalg import invsqrtm, sqrtm
 from orthofx.rewrite import STABLE_PREFIX
 
-__all__ = ["FusedRecord", "ExactSpectral", "fuse_reconstructions"]
+__all__ = ["ExactSpectral"]
 
 _RTOL = 1e-4
 

@@ -29,8 +29,7 @@ from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
 from orthofx.treatments.weight import orthogonality_loss as _ol
 
-__all__ = ["transform", "replay", "attach", "orthogonality_loss", "TransformReport", "plan_of", "unwrap",
-           "safe_deepcopy"]
+__all__ = ["transform", "attach", "orthogonality_loss", "replay", "plan_of"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

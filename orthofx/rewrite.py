@@ -38,7 +38,7 @@ from orthofx.treatments.weight import (
     treatment_of,
 )
 
-__all__ = ["apply_plan", "apply_weight_treatments", "swap_meta_layers", "META_KEY", "STABLE_PREFIX"]
+__all__ = ["apply_plan"]
 
 META_KEY = "orthofx"
 STABLE_PREFIX = "orthofx_stable_"

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from orthofx.graph.record import quiet_user_hooks
 
-__all__ = ["Verification", "verify_rewrite", "RTOL", "GRAD_RTOL"]
+__all__ = ["verify_rewrite"]
 
 RTOL = 1e-4
 ATOL_REL = 1e-6

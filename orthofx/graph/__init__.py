@@ -21,22 +21,4 @@ from orthofx.report import (
     SkippedEntry,
 )
 
-__all__ = [
-    "analyze",
-    "analyze_graph",
-    "find_meta_layers",
-    "trace",
-    "trace_info",
-    "TraceInfo",
-    "function_leaf",
-    "function_of",
-    "AnalysisConfig",
-    "MetaSpec",
-    "resolve_analysis_config",
-    "AnalysisReport",
-    "MetaLayerEntry",
-    "SkippedEntry",
-    "ProducerInfo",
-    "CovarianceInfo",
-    "ChainStep",
-]
+__all__ = ["analyze", "analyze_graph", "trace", "function_leaf", "AnalysisConfig", "MetaSpec", "AnalysisReport", "MetaLayerEntry", "SkippedEntry"]

@@ -42,7 +42,7 @@ from orthofx.report import (
     SkippedEntry,
 )
 
-__all__ = ["analyze", "analyze_graph", "find_meta_layers", "MetaSite"]
+__all__ = ["analyze", "analyze_graph"]
 
 
 @dataclass

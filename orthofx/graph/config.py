@@ -20,12 +20,7 @@ from typing import Any, Callable, Mapping
 from orthofx.errors import ConfigError
 from orthofx.vocab import KINDS, INPUTS, MetaSpec  # noqa: F401  (MetaSpec is shared with orthofx.nn)
 
-__all__ = [
-    "AnalysisConfig",
-    "resolve_analysis_config",
-    "callable_name",
-    "resolve_callable_name",
-]
+__all__ = ["AnalysisConfig"]
 
 def callable_name(obj: Any) -> str:
     """``"module:qualname"`` of a function or class (what ``to_dict`` stores)."""

@@ -25,7 +25,7 @@ import torch
 from orthofx.graph.ops import CONVOLUTIONS, CovForm, NodeKind, PRODUCTS, SCALES, SLICES, VIEWS
 from orthofx.graph.record import Node, Recording, Ref
 
-__all__ = ["Covariance", "find_covariances", "strip", "operands", "param_operand"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 
 @dataclass(frozen=True)

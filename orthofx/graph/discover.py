@@ -29,7 +29,7 @@ from orthofx.report import (
     SkippedEntry,
 )
 
-__all__ = ["discover", "discover_recording", "MetaLayer"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 GRAPH = "recorded"
 

@@ -31,8 +31,7 @@ from orthofx.report import CovarianceInfo
 if TYPE_CHECKING:
     from orthofx.graph.fx_walk import Step
 
-__all__ = ["covariance_of_product", "strip_matrix", "strip_centring", "einsum_gram",
-           "einsum_is_gram", "symmetrized_source", "is_mean_of", "eps_value", "covariance_info"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 
 # --------------------------------------------------------------------------- X Xᵀ

@@ -23,9 +23,7 @@ from torch.nn.utils import parametrize
 from orthofx.graph import patterns as P
 from orthofx.graph.trace import TraceInfo, function_of, trace_info
 
-__all__ = ["NodeGraph", "describe_target", "arg_of", "first_arg", "is_batch_index",
-           "fmt_index", "transpose_input", "swaps_last_two", "cast_input", "strip_casts",
-           "is_matmul", "matmul_operands", "same_computation", "CAST_METHODS"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 # --------------------------------------------------------------------------- node graph
 class NodeGraph:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from orthofx.graph import patterns as P
 from orthofx.graph.fx_nodes import NodeGraph, arg_of
 
-__all__ = ["detect_usage"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 _NEUTRAL_METHODS = frozenset({
     "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clip", "abs", "relu", "to",

@@ -43,7 +43,7 @@ from orthofx.vocab import ROLES_AFTER_COV, ROLES_BEFORE_COV, Role
 from orthofx.graph.trace import FUNCTION_KEY, function_of, user_class
 from orthofx.report import ProducerInfo
 
-__all__ = ["INPUT", "Step", "WalkOutcome", "Walker"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 INPUT = "input"  # role of a placeholder
 

@@ -20,21 +20,7 @@ from types import MappingProxyType
 
 from orthofx.vocab import KINDS, MatFn  # the shared vocabulary (re-exported here for the op tables)
 
-__all__ = [
-    "KINDS",
-    "MatFn",
-    "NodeKind",
-    "CovForm",
-    "DECOMPOSITIONS",
-    "PRODUCTS",
-    "VIEWS",
-    "SLICES",
-    "SCALES",
-    "REGION_STOPS",
-    "CONVOLUTIONS",
-    "NORMS",
-    "TERMINALS",
-]
+__all__: list[str] = []  # internal module: import what you need by name
 
 
 class NodeKind(str, Enum):

@@ -26,27 +26,7 @@ from torch import nn
 from orthofx.graph.config import AnalysisConfig
 from orthofx.vocab import TORCH_DECOMPOSITIONS, MetaSpec, Role, meta_spec_of
 
-__all__ = [
-    "META_FUNCTIONS",
-    "META_METHODS",
-    "OUTPUT_FIELDS",
-    "MATMUL_FUNCTIONS",
-    "MATMUL_METHODS",
-    "PRODUCER_MODULES",
-    "TRANSPARENT_MODULES",
-    "STOP_MODULES",
-    "TRANSPARENT_FUNCTIONS",
-    "TRANSPARENT_METHODS",
-    "ARITHMETIC_FUNCTIONS",
-    "ARITHMETIC_METHODS",
-    "SHAPE_FUNCTIONS",
-    "SHAPE_METHODS",
-    "SHAPE_ATTRIBUTES",
-    "TRANSPOSE_ATTRIBUTES",
-    "STOP_FUNCTIONS",
-    "Patterns",
-    "orthofx_linalg_functions",
-]
+__all__: list[str] = []  # internal module: import what you need by name
 
 
 # --------------------------------------------------------------------------- meta-layers

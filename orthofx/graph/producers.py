@@ -23,7 +23,7 @@ from orthofx.graph.covariances import operands
 from orthofx.graph.ops import CONVOLUTIONS, NodeKind, TERMINALS, VIEWS
 from orthofx.graph.record import Node, Recording, Ref
 
-__all__ = ["Producer", "walk_producers", "user_param_name"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 _TRANSPOSING = frozenset({"t", "transpose", "permute", "numpy_T", "mT", "adjoint"})
 

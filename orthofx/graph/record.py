@@ -31,8 +31,7 @@ from torch.utils._pytree import tree_flatten
 from orthofx.errors import TraceFailure
 from orthofx.graph.ops import NodeKind, PRODUCTS
 
-__all__ = ["Node", "Ref", "Recording", "RecordingFailure", "record", "kept_state", "quiet_user_hooks",
-           "function_name"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 # a square matrix output is kept (for numeric checks) when it has at most this many elements
 _KEEP_NUMEL = 1 << 22

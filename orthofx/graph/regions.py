@@ -32,7 +32,7 @@ from orthofx.graph.ops import CONVOLUTIONS, DECOMPOSITIONS, NodeKind, NORMS, PRO
 from orthofx.vocab import MatFn
 from orthofx.graph.record import Node, Recording, Ref
 
-__all__ = ["Region", "region_of"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 
 @dataclass

@@ -45,20 +45,7 @@ from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
 from orthofx.graph.patterns import Patterns
 from orthofx.vocab import is_meta_layer
 
-__all__ = [
-    "OrthoTracer",
-    "TraceInfo",
-    "AutoLeafRecord",
-    "trace",
-    "trace_info",
-    "function_leaf",
-    "function_of",
-    "trace_function_forward",
-    "SCOPE_KEY",
-    "SCOPE_TYPE_KEY",
-    "FUNCTION_KEY",
-    "TRACE_META_KEY",
-]
+__all__ = ["trace", "function_leaf", "function_of"]
 
 SCOPE_KEY = "orthofx_scope"
 SCOPE_TYPE_KEY = "orthofx_scope_type"

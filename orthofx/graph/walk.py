@@ -19,5 +19,4 @@ from orthofx.graph.fx_nodes import swaps_last_two as _swaps_last_two
 from orthofx.graph.fx_usage import detect_usage
 from orthofx.graph.fx_walk import INPUT, Step, Walker, WalkOutcome
 
-__all__ = ["NodeGraph", "Step", "WalkOutcome", "Walker", "describe_target", "detect_usage",
-           "covariance_info", "INPUT"]
+__all__: list[str] = []  # internal module: import what you need by name

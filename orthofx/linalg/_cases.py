@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["random_orthogonal", "spd_with_spectrum", "random_spd", "feature_covariance", "gcp_like", "dbn_like"]
+__all__: list[str] = []  # internal module: import what you need by name
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -21,19 +21,7 @@ from torch import Tensor
 
 from orthofx.errors import ConfigError, DTypeError, InputError
 
-__all__ = [
-    "check_float",
-    "check_matrix",
-    "check_square",
-    "check_finite",
-    "symmetrize",
-    "working_dtype",
-    "resolve_dtype",
-    "no_autocast",
-    "is_empty",
-    "eye_like",
-    "host_read_is_free",
-]
+__all__: list[str] = []  # internal module: import what you need by name
 
 _HALF = (torch.float16, torch.bfloat16)
 

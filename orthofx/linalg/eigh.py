@@ -74,15 +74,7 @@ from orthofx.linalg._checks import check_finite, check_square, no_autocast, symm
 from orthofx.linalg._solver import FiniteGuard, eigh_via_svd, robust_eigh, robust_eigvalsh
 from orthofx.linalg.stats import _untracked, solver_stats
 
-__all__ = [
-    "eigh",
-    "eigvalsh",
-    "stable_k",
-    "near_tie_rel",
-    "resolve_eigh_backend",
-    "EIGH_BACKENDS",
-    "NONFINITE_MODES",
-]
+__all__ = ["eigh", "eigvalsh"]
 
 EIGH_BACKENDS = ("auto", "eigh", "svd")
 NONFINITE_MODES = ("propagate", "raise", "skip")

@@ -44,7 +44,7 @@ from orthofx.linalg._checks import check_finite, check_square, no_autocast, work
 from orthofx.linalg.stats import solver_stats
 from orthofx.syncs import sync_free_preferred
 
-__all__ = ["expm", "EXPM_THETA", "expm_degree"]
+__all__ = ["expm"]
 
 EXPM_THETA = 2.0
 _DEGREE = {torch.float32: 16, torch.float64: 25}

@@ -46,7 +46,7 @@ from orthofx.linalg._checks import check_finite, check_float, no_autocast, resol
 from orthofx.linalg._solver import eigh_via_svd, robust_eigh
 from orthofx.linalg.stats import solver_stats
 
-__all__ = ["covariance_sqrtm", "gram_h", "gram_divided_differences"]
+__all__ = ["covariance_sqrtm"]
 
 
 def gram_h(mu: Tensor, eps: float, inverse: bool) -> Tensor:

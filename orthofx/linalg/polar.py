@@ -76,7 +76,7 @@ from orthofx.linalg.stats import maybe_inject_failure, solver_stats
 from orthofx.syncs import sync_free_preferred
 from orthofx.vocab import POLAR_METHODS
 
-__all__ = ["polar", "resolve_method", "POLAR_METHODS", "NS_COEFFS", "POLAR_EXPRESS_COEFFS", "POLISH_COEFFS"]
+__all__ = ["polar"]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 POLAR_EXPRESS_COEFFS = (

@@ -96,7 +96,7 @@ from orthofx.linalg._solver import eigh_via_svd, robust_eigh, robust_eigvalsh
 from orthofx.linalg.newton_schulz import ns_sqrtm
 from orthofx.linalg.stats import solver_stats
 
-__all__ = ["sqrtm", "invsqrtm", "spectral_floor", "dk_matrix", "SPECTRAL_BACKENDS"]
+__all__ = ["sqrtm", "invsqrtm"]
 
 SPECTRAL_BACKENDS = ("eigh", "svd", "ns", "auto")
 

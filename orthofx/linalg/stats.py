@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from orthofx.errors import ConfigError
 
-__all__ = ["SolverStats", "solver_stats", "inject_failures", "maybe_inject_failure"]
+__all__ = ["SolverStats", "solver_stats", "inject_failures"]
 
 
 @dataclass

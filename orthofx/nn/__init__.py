@@ -9,11 +9,4 @@ from orthofx.nn.decorrelated_bn import DecorrelatedBatchNorm
 from orthofx.nn.meta import MetaLayer, MetaLayerInfo, is_meta_layer
 from orthofx.nn.stable import StableDecomposition
 
-__all__ = [
-    "CovariancePooling",
-    "DecorrelatedBatchNorm",
-    "MetaLayer",
-    "MetaLayerInfo",
-    "StableDecomposition",
-    "is_meta_layer",
-]
+__all__ = ["CovariancePooling", "DecorrelatedBatchNorm", "StableDecomposition", "MetaLayer", "is_meta_layer"]

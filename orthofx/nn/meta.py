@@ -17,7 +17,7 @@ from torch import nn
 
 from orthofx.vocab import MetaSpec, is_meta_layer
 
-__all__ = ["MetaLayerInfo", "MetaLayer", "is_meta_layer"]
+__all__ = ["MetaLayer", "is_meta_layer"]
 
 #: the marker's type: the shared :class:`orthofx.vocab.MetaSpec` (kind, input), under its nn name
 MetaLayerInfo = MetaSpec

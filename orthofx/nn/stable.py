@@ -39,7 +39,7 @@ from orthofx.vocab import TORCH_DECOMPOSITIONS
 from orthofx.nn.meta import MetaLayer
 from orthofx.vocab import MetaSpec
 
-__all__ = ["StableDecomposition", "STABLE_KINDS", "kind_of_target"]
+__all__ = ["StableDecomposition"]
 
 # original callable -> (kind, return convention), from the one table of torch decompositions
 _TARGETS: dict[Callable[..., Any], tuple[str, str]] = {

@@ -1,0 +1,46 @@
+"""The public surface (issue 13): about 15 names at the top level, everything else in its
+submodule; older top-level names still resolve lazily without being advertised."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import orthofx
+
+TOP_LEVEL = [
+    "transform", "attach", "orthogonality_loss", "strip", "save_checkpoint", "load_checkpoint", "analyze",
+    "OrthoConfig", "AnalysisConfig", "TransformReport", "AnalysisReport", "ConditioningMonitor",
+    "OrthofxError", "ConfigError", "InputError",
+]
+
+
+def test_top_level_all_is_pinned() -> None:
+    assert orthofx.__all__ == TOP_LEVEL
+    for name in TOP_LEVEL:
+        assert getattr(orthofx, name) is not None
+
+
+def test_dir_lists_the_public_names_and_submodules_only() -> None:
+    listed = set(dir(orthofx))
+    assert set(TOP_LEVEL) <= listed
+    assert {"linalg", "nn", "treatments", "graph", "optim", "integrations"} <= listed
+    for hidden in ("experiment", "data", "rewrite", "PRESETS", "trace", "sync_audit", "TraceFailure"):
+        assert hidden not in listed
+
+
+def test_older_names_and_hidden_submodules_still_resolve() -> None:
+    from orthofx.config import PRESETS
+    from orthofx.errors import TraceFailure
+    from orthofx.syncs import sync_audit
+
+    assert orthofx.PRESETS is PRESETS and orthofx.TraceFailure is TraceFailure and orthofx.sync_audit is sync_audit
+    for name in ("experiment", "data", "rewrite", "optim", "integrations", "vocab", "plan"):
+        assert getattr(orthofx, name) is importlib.import_module(f"orthofx.{name}")
+
+
+def test_import_orthofx_imports_no_torch() -> None:
+    code = "import sys, orthofx; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
