@@ -218,3 +218,9 @@ def test_collect_aggregates_seeds_from_run_files(tmp_path):
     assert rows["SVD"]["weight_cond_mean"] == 3.0 and rows["SVD"]["nonfinite_steps"] == "2/20"
     assert (tmp_path / "gcp_kappa.png").read_bytes()[:4] == b"\x89PNG"
     assert "| SVD | 11.00 ± 1.41 |" in (tmp_path / "results.md").read_text()
+
+
+def test_demo_rejects_unknown_rows_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_mod, "run", lambda *a, **k: pytest.fail("trained before checking rows"))
+    with pytest.raises(orthofx.errors.ConfigError, match="unknown demo rows"):
+        demo_mod.demo(tmp_path, quick=True, experiment="gcp", rows=["SVD", "NOPE"], log=lambda s: None)

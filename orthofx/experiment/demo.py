@@ -438,6 +438,7 @@ def demo(
     seeds: int = 1,
     first_seed: int = 0,
     experiment: str = "both",
+    rows: Sequence[str] | None = None,
     data_dir: str | None = None,
     download: bool = False,
     device: str = "auto",
@@ -450,7 +451,8 @@ def demo(
     tables, JSON and plots. Seeds are ``first_seed … first_seed + seeds − 1`` (seeds can be
     split over processes writing into one ``out`` and combined with :func:`collect`).
     ``timing`` (default: on for full runs, off for ``quick``) adds the interleaved step-time
-    column. ``overrides`` replace training settings (epochs, ...).
+    column. ``overrides`` replace training settings (epochs, ...). ``rows``: run only the rows
+    with these labels (e.g. to split one experiment's rows over processes).
 
     Returns ``{"experiments": {key: {"rows": [...aggregated...], "runs": [...]}}, "files": {...}}``.
     """
@@ -474,19 +476,26 @@ def demo(
         exp = EXPERIMENTS[key]
         settings = dict(exp.quick if quick else exp.full)
         settings.update(overrides or {})
-        rows = _resolve_rows(exp, notes)
+        exp_rows = _resolve_rows(exp, notes)
+        if rows is not None:
+            unknown = sorted(set(rows) - {r.label for e in keys for r in _resolve_rows(EXPERIMENTS[e], [])})
+            if unknown:
+                raise ConfigError(f"unknown demo rows {unknown}; rows of {keys}: "
+                                  f"{[r.label for e in keys for r in _resolve_rows(EXPERIMENTS[e], [])]}")
+            exp_rows = [r for r in exp_rows if r.label in rows]
+        rows_here = exp_rows
         log(f"== {exp.title}")
         t_exp = time.perf_counter()
         times: dict[str, Any] = {}
         if timing:
-            cfgs = [_config(exp, r, {**settings, "progress": False}, 0, out, **common) for r in rows]
-            times = interleaved_step_times(cfgs, [r.label for r in rows])
+            cfgs = [_config(exp, r, {**settings, "progress": False}, 0, out, **common) for r in rows_here]
+            times = interleaved_step_times(cfgs, [r.label for r in rows_here])
             (out / f"timing_{key}_seed{first_seed}.json").write_text(json.dumps(_jsonable(times), indent=1))
             log("  step time vs SVD (interleaved): " + ", ".join(
                 f"{k} {v['ratio_median']:.2f}×" for k, v in times.items()))
         runs: list[dict[str, Any]] = []
         for seed in range(first_seed, first_seed + seeds):
-            for row in rows:
+            for row in rows_here:
                 res = run(_config(exp, row, settings, seed, out, **common), log=lambda s: None)
                 res["label"], res["seed"] = row.label, seed
                 runs.append(res)
@@ -494,7 +503,7 @@ def demo(
                 log(f"  {row.label:<16} seed {seed}: test error {res['final_test_error']:.2f}%  "
                     f"κ median {k.get('kappa_median', math.nan):.3g}  non-finite steps {res['nonfinite_steps']}"
                     f"/{res['steps']}  solver exceptions {res['solver_exceptions']}")
-        agg = _aggregate(rows, runs, times)
+        agg = _aggregate(rows_here, runs, times)
         table = format_table(agg)
         log("")
         log(table)
