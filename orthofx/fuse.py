@@ -27,7 +27,9 @@ from orthofx.errors import InputError
 
 from orthofx.graph.record import quiet_user_hooks
 from orthofx.linalg import invsqrtm, sqrtm
-from orthofx.rewrite import STABLE_PREFIX
+from orthofx.nn.meta import MetaLayer
+from orthofx.rewrite import STABLE_PREFIX, user_label
+from orthofx.vocab import MetaSpec
 
 __all__ = ["ExactSpectral"]
 
@@ -44,20 +46,32 @@ class FusedRecord:
     module: str    # the ExactSpectral submodule that replaces them
 
 
-class ExactSpectral(nn.Module):
+class ExactSpectral(MetaLayer):
     """``(A)^{1/2}`` or ``(A)^{-1/2}`` with the exact Daleckii–Krein backward
     (:func:`orthofx.linalg.sqrtm` / :func:`~orthofx.linalg.invsqrtm`, float64 eigh, eigenvalue
-    floor n·eps·λ_max), standing in for a user's eigh + reconstruction; errors name it."""
+    floor n·eps·λ_max), standing in for a user's eigh + reconstruction; errors name it.
 
-    def __init__(self, usage: str, name: str) -> None:
+    A meta-layer (``orthofx_meta`` = MetaSpec(usage, "covariance")): with ``orthofx_record``
+    it keeps the eigenvalues of A for the monitor; ``orthofx_label`` is the user's module path
+    of the replaced call (the monitor's label)."""
+
+    orthofx_meta = MetaSpec("sqrtm", "covariance")
+
+    def __init__(self, usage: str, name: str, label: str | None = None) -> None:
         super().__init__()
         self.usage = usage
         self.name = name
+        self.orthofx_meta = MetaSpec(usage, "covariance")
+        self.orthofx_label: str = label or name
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         fn = sqrtm if self.usage == "sqrtm" else invsqrtm
         tracing = torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
         try:
+            if getattr(self, "orthofx_record", False):
+                y, lam = fn(a, validate=not tracing, return_eigenvalues=True)
+                self._remember(lam)
+                return y
             return fn(a, validate=not tracing)
         except InputError as exc:
             raise InputError(f"meta-layer {self.name} (torch.linalg.eigh + U f(Λ) Uᵀ, fused by orthofx): "
@@ -132,7 +146,8 @@ def fuse_reconstructions(gm: fx.GraphModule, entries: Sequence[Any], example_inp
         if hit is None:
             continue
         module = f"{STABLE_PREFIX}{e.node}"
-        gm.add_submodule(module, ExactSpectral(e.usage, f"{e.node} in {e.scope or '<root>'}"))
+        gm.add_submodule(module, ExactSpectral(e.usage, f"{e.node} in {e.scope or '<root>'}",
+                                               label=user_label(eig, e)))
         with gm.graph.inserting_before(hit):
             new = gm.graph.call_module(module, (cov,))
         new.meta.update(hit.meta)

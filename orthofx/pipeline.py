@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from orthofx._log import logger
 from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
@@ -191,6 +192,10 @@ def transform(
     modified = bool(actions) or any(p.treatments for p in plan.producers)
     report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
     _store(root, plan, report)
+    logger.info("orthofx.transform %s: config %r, %d meta-layer(s), Pre-SVD layers [%s], %d skipped, %d change(s) "
+                "(%s)%s", type(model).__name__, cfg.name, len(analysis.entries), ", ".join(analysis.producers),
+                len(analysis.skipped), len(actions), ", ".join(str(a) for a in actions) or "none",
+                "" if modified else "; the model is unchanged")
     return root, report
 
 

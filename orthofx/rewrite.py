@@ -129,6 +129,13 @@ def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: Ort
     return done
 
 
+def user_label(node: fx.Node, entry: Any) -> str:
+    """The user's module path of a replaced decomposition call (``"head.cov_pool"``), or the
+    node's name for a call in the root module's own forward: the ``orthofx_label`` of the
+    module swapped in (the conditioning monitor labels its records with it)."""
+    return str(node.meta.get("orthofx_scope", "") or getattr(entry, "scope", "") or node.name)
+
+
 def swap_meta_layers(gm: fx.GraphModule, analysis: Any) -> list[SwapRecord]:
     """Replace raw torch decomposition nodes of the analysed meta-layers by
     :class:`StableDecomposition` leaf modules. Pure graph surgery; ``gm.recompile()`` is called."""
@@ -149,6 +156,7 @@ def swap_meta_layers(gm: fx.GraphModule, analysis: Any) -> list[SwapRecord]:
             continue
         scope = str(node.meta.get("orthofx_scope", "") or e.scope or "")
         stable = StableDecomposition.for_target(target, name=f"{e.node} in {scope or '<root>'}")
+        stable.orthofx_label = user_label(node, e)
         name = STABLE_PREFIX + node.name
         gm.add_submodule(name, stable)
         with gm.graph.inserting_before(node):

@@ -431,3 +431,58 @@ def test_make_plan_is_pure_and_apply_plan_reports_typed_actions() -> None:
     # a verified stable rewrite alone is a modification (the emitted model is a new GraphModule)
     _, svd_report = orthofx.transform(model, (x,), config="svd")
     assert svd_report.modified and [a.kind for a in svd_report.actions] == [ActionKind.FUSE]
+
+
+class _HeadEigh(nn.Module):
+    """A submodule ``head`` whose forward holds the raw decompositions: an eigh + U √Λ Uᵀ
+    (fused into ExactSpectral) and an eigvalsh (swapped for StableDecomposition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 5, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.proj(x).flatten(2)
+        cov = f @ f.transpose(1, 2) / f.shape[-1] + 1e-3 * torch.eye(f.shape[1], device=f.device)
+        lam, u = torch.linalg.eigh(cov)
+        root = u @ torch.diag_embed(lam.sqrt()) @ u.transpose(1, 2)
+        return root.flatten(1).sum(1) + torch.linalg.eigvalsh(cov).sum(1)
+
+
+class _WithHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _HeadEigh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def test_swapped_meta_layers_carry_the_users_path_as_orthofx_label(caplog) -> None:
+    """Every meta-layer module transform swaps in (ExactSpectral, StableDecomposition) is a
+    meta-layer labelled with the user's module path of the call it replaced; the label survives
+    deepcopy, pickle and strip, and transform logs one INFO summary line on the "orthofx" logger."""
+    import logging
+    import pickle
+
+    from orthofx.vocab import is_meta_layer
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 3, 3)
+    with caplog.at_level(logging.INFO, logger="orthofx"):
+        gm, report = orthofx.transform(_WithHead(), (x,), config="svd")
+    swapped = {type(m).__name__: m for _, m in gm.named_modules() if isinstance(m, (ExactSpectral, StableDecomposition))}
+    assert set(swapped) == {"ExactSpectral", "StableDecomposition"}, report
+    for m in swapped.values():
+        assert is_meta_layer(m) and m.orthofx_label == "head"
+    for copy_ in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), orthofx.strip(gm)):
+        labels = [m.orthofx_label for _, m in copy_.named_modules() if isinstance(m, ExactSpectral)]
+        assert labels == ["head"]
+    fused = swapped["ExactSpectral"]
+    fused.orthofx_record = True
+    gm(x)
+    cov = (lambda f: f @ f.transpose(1, 2) / f.shape[-1] + 1e-3 * torch.eye(5))(gm.head.proj(x).flatten(2))
+    torch.testing.assert_close(fused.orthofx_last_eigenvalues.double(), torch.linalg.eigvalsh(cov.double()),
+                               rtol=1e-5, atol=1e-7)
+    lines = [r for r in caplog.records if r.name == "orthofx" and r.levelno == logging.INFO]
+    assert len(lines) == 1 and "config 'svd'" in lines[0].getMessage() and "head.proj" in lines[0].getMessage()
