@@ -83,8 +83,8 @@ NONFINITE_MODES = ("propagate", "raise", "skip")
 def resolve_eigh_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """"auto" -> "svd" on CUDA for float32 work (gesvda, residual-checked), "eigh" otherwise.
 
-    Measured on an H200 (64 × 256², GCP-like, + 1e-5·I): cusolver eigh float32 338 ms,
-    float64 128 ms, gesvda float32 11.8 ms with smaller eigenvalue errors than eigh float32.
+    (gesvda is much faster than cuSOLVER's eigh at meta-layer sizes and more accurate than
+    its float32 eigh; timings: benchmarks/results/timings.md.)
     """
     if backend not in EIGH_BACKENDS:
         raise ConfigError(f"unknown eigh backend {backend!r}; choose one of {EIGH_BACKENDS}")

@@ -23,14 +23,11 @@ differentiable**; tall inputs are transposed to wide and back):
   full-rank ``G``, and the partial isometry ``U_r V_rᵀ`` (tiny singular values *not* lifted to
   1) of a numerically rank-deficient one:
 
-  - **CUDA: ``"polar_express"`` with 5 polish steps.** ``svd``/``eigh`` synchronise with the
-    host (cuSOLVER info checks) and are launch- or latency-bound at NOG sizes; the iteration
-    is ~25 small matmuls that queue behind the training step. Accuracy (float32, measured
-    over shapes 64×27 … 512×4608 with log-spaced spectra, tests/test_linalg_polar.py):
-    relative distance to ``U Vᵀ`` ≤ 1e-5 when ``σ_min ≥ 1.5e-4·‖G‖_F``; singular values below
+  - **CUDA: ``"polar_express"`` with 5 polish steps** (no host sync). Accuracy (float32,
+    shapes 64×27 … 512×4608 with log-spaced spectra, tests/test_linalg_polar.py): relative
+    distance to ``U Vᵀ`` ≤ 1e-5 when ``σ_min ≥ 1.5e-4·‖G‖_F``; singular values below
     ~2e-5·‖G‖_F are left below 1.
-  - **CPU: ``"eigh"``** (float64 Gram eigh, 2.5e-8): as fast as ``svd`` at 64×27 and 1.8–3×
-    faster at 256×512 and 512×4608 (2-core CPU).
+  - **CPU: ``"eigh"``** (float64 Gram eigh, relative error ~2.5e-8).
   - other devices: ``"svd"``.
 
 The iterations run in ``compute_dtype``: None = float32 (float64 for float64 input);
@@ -38,21 +35,7 @@ The iterations run in ``compute_dtype``: None = float32 (float64 for float64 inp
 which the float32 polish steps cannot undo. An ill-conditioned G (σ_min/σ_max below ~1e-3)
 needs more polish steps: each step multiplies a tiny singular value by only 1.875.
 
-Measured (benchmarks/linalg_bench.py, one float32 Gaussian G, NVIDIA H200, torch 2.11): time in
-ms and relative Frobenius distance to the float64 polar factor:
-
-=====================  ===============  ===============  ===============
-method                 64×27            256×512          512×4608
-=====================  ===============  ===============  ===============
-"svd" (float32)        1.3   (2.1e-6)   7.5   (3.3e-5)   21.4  (7.7e-5)
-"eigh" (float64 Gram)  0.95  (2.5e-8)   2.8   (2.5e-8)   5.8   (2.5e-8)
-"ns" (5 steps)         0.89  (0.23)     0.79  (0.18)     1.3   (0.16)
-"polar_express", 0 pol 0.91  (0.095)    0.85  (0.093)    1.2   (0.096)
-"polar_express"        1.3   (9.3e-7)   1.2   (1.7e-6)   1.6   (2.5e-6)
-"polar_express", bf16  1.2   (3.6e-2)   1.2   (2.9e-2)   1.4   (2.3e-2)
-=====================  ===============  ===============  ===============
-
-The 64×27 case is launch-bound whatever the method; batch all same-shaped gradients into one call.
+Timings per method and device (and why "auto" picks what it picks): benchmarks/results/timings.md.
 
 **Zero input gives zero output**, per batch element, without a host sync. Output dtype = input.
 

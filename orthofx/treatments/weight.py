@@ -89,10 +89,8 @@ class FlatOrthogonal(nn.Module):
     ``M = Rᵀ L``. This low-rank route costs O(n'k² + k³) instead of O(n'³) — for a 512×4608
     weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve) — and is exact up
     to rounding (checked against the dense route in the tests). ``t = max(‖a‖_F, 1)`` (detached) keeps the blocks of ``M`` of similar size.
-    Auto (``lowrank=None``) uses it when ``4k ≤ n'`` (aspect ratio ≥ 4): measured on an H200,
-    float32 forward+backward, expm: 512×4608 9.1 ms low-rank vs 481 ms dense (torch's
-    ``orthogonal``: 509 ms), 256×2048 4.5 vs 43 ms; Cayley: 4.9 vs 24 ms and 3.2 vs 7.9 ms;
-    at 64×27 (launch-bound) dense is a little faster (2.3 vs 3.2 ms expm).
+    Auto (``lowrank=None``) uses it when ``4k ≤ n'`` (aspect ratio ≥ 4); timings:
+    benchmarks/results/timings.md.
 
     Large generators. exp of a skew matrix is computed to full accuracy only while the
     argument ``X`` (``S``, or ``M`` on the low-rank route) has ``‖X‖₁ ≤ OW_RANGE = θ·2^14 =
