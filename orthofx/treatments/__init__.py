@@ -10,12 +10,16 @@
   own) as an optimizer step pre-hook; :mod:`~orthofx.treatments.options`,
   :mod:`~orthofx.treatments.groups`, :mod:`~orthofx.treatments.lr` and
   :mod:`~orthofx.treatments.sharding` are its parts.
+* :mod:`orthofx.treatments.ow_target` — under OW, NOG/OLR act on the weight W = Φ(A)
+  (:func:`weight_target`, ``attach(ow_target="weight")``, the default) or on the generator A.
+* :mod:`orthofx.treatments.guidance` — :class:`AdaptiveOptimizerWarning`.
 """
 
 from __future__ import annotations
 
 from orthofx.treatments.attach import AttachHandle, attach, resolve_producers
 from orthofx.treatments.guidance import AdaptiveOptimizerWarning
+from orthofx.treatments.ow_target import OW_TARGETS, WeightGradCapture, weight_target
 from orthofx.treatments.gradient import (
     ChainState,
     DeviceHistory,
@@ -50,6 +54,9 @@ __all__ = [
     "AttachHandle",
     "resolve_producers",
     "AdaptiveOptimizerWarning",
+    "OW_TARGETS",
+    "weight_target",
+    "WeightGradCapture",
     "GradientTransformation",
     "Updates",
     "ChainState",
