@@ -172,4 +172,5 @@ class OrthoSGD(torch.optim.SGD):
 
     def __repr__(self) -> str:
         inner = super().__repr__()
-        return inner.replace("SGD (", f"OrthoSGD ({self.handle!r}\n", 1) if self.handle is not None else inner
+        head = f"{type(self).__name__} ("
+        return inner.replace(head, f"{head}{self.handle!r}\n", 1) if self.handle is not None else inner

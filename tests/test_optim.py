@@ -171,6 +171,16 @@ def test_custom_chain_matches_attach() -> None:
         OrthoSGD(b.parameters(), lr=0.05, producers=[(b.conv1, "weight")], chain=chain, olr=True)
 
 
+def test_repr_and_model_without_producers() -> None:
+    m = Net().double()
+    opt = OrthoSGD(m.parameters(), lr=0.05, producers=[(m.conv1, "weight")])
+    assert repr(opt).startswith("OrthoSGD (AttachHandle(attached, producers=['Conv2d.weight']")
+    gm, _ = orthofx.transform(nn.Sequential(nn.Linear(3, 2)), torch.randn(2, 3), config="nog")
+    with pytest.warns(UserWarning, match="no Pre-SVD layer"):
+        plain = OrthoSGD(gm, lr=0.1)
+    assert plain.handle is None
+
+
 def test_errors_without_plan_or_producers() -> None:
     with pytest.raises(AttachError, match="no orthofx plan"):
         OrthoSGD(Net(), lr=0.1)
