@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orthofx.linalg as ol  # noqa: E402
-from orthofx.linalg._cases import dbn_like, gcp_like  # noqa: E402
+from orthofx.testing.matrices import dbn_like, gcp_like  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -222,7 +222,7 @@ def bench_eigh_forward(device: torch.device, quick: bool, repeats: int) -> list[
 def bench_svd_route(device: torch.device, quick: bool, repeats: int) -> list[dict[str, Any]]:
     """Raw quality of the SVD forward route (gesvda on CUDA) per batch element: relative residual
     ‖AV − VΛ‖/‖A‖, orthonormality ‖VᵀV − I‖/√n and λ_min/‖A‖, against the acceptance tolerance."""
-    from orthofx.linalg._cases import random_spd
+    from orthofx.testing.matrices import random_spd
     from orthofx.linalg._solver import svd_residual_tol
 
     rows: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ import torch
 
 import orthofx.linalg as ol
 from orthofx.errors import ConfigError, DTypeError, InputError
-from orthofx.linalg._cases import random_spd
+from orthofx.testing.matrices import random_spd
 
 SQUARE_FNS = {
     "eigh": lambda a, **kw: ol.eigh(a, **kw),

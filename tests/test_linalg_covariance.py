@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import orthofx.linalg as ol
-from orthofx.linalg._cases import feature_covariance, spd_with_spectrum
+from orthofx.testing.matrices import feature_covariance, spd_with_spectrum
 
 
 def test_covariance_matches_numpy(device: torch.device) -> None:

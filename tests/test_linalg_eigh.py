@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import orthofx.linalg as ol
-from orthofx.linalg._cases import feature_covariance, random_spd, spd_with_spectrum
+from orthofx.testing.matrices import feature_covariance, random_spd, spd_with_spectrum
 from orthofx.linalg.eigh import near_tie_rel
 
 

@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 
 import orthofx.linalg as ol
-from orthofx.linalg._cases import dbn_like, feature_covariance, random_spd, spd_with_spectrum
+from orthofx.testing.matrices import dbn_like, feature_covariance, random_spd, spd_with_spectrum
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ import torch
 
 import orthofx.linalg as ol
 from orthofx.errors import SolverError
-from orthofx.linalg._cases import feature_covariance, random_spd
+from orthofx.testing.matrices import feature_covariance, random_spd
 
 
 @pytest.fixture(autouse=True)

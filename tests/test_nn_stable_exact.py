@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import orthofx.linalg as ol
 from orthofx.errors import ConfigError, InputError
-from orthofx.linalg._cases import random_spd, spd_with_spectrum
+from orthofx.testing.matrices import random_spd, spd_with_spectrum
 from orthofx.nn import StableDecomposition
 from orthofx.syncs import cuda_policy, sync_audit
 

@@ -1,4 +1,5 @@
-"""Deterministic test/benchmark matrices (private; used by tests/test_linalg_* and benchmarks).
+"""Deterministic test/benchmark matrices (SPD matrices of a given spectrum, feature covariances,
+GCP/DBN-like batches): used by tests/test_linalg_* and benchmarks/linalg_bench.py.
 
 All take a ``seed`` and build on the CPU in float64, then move/cast, so every device and dtype
 sees the same matrices.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__: list[str] = []  # internal module: import what you need by name
+__all__ = ["random_orthogonal", "spd_with_spectrum", "random_spd", "feature_covariance", "gcp_like", "dbn_like"]
 
 
 def _gen(seed: int) -> torch.Generator:
