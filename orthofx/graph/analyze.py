@@ -24,7 +24,7 @@ from orthofx.graph.fx_nodes import NodeGraph, describe_target
 from orthofx.graph.fx_usage import detect_usage
 from orthofx.graph.fx_walk import Step, Walker, WalkOutcome
 from orthofx.graph.patterns import Patterns
-from orthofx.vocab import MetaSpec, Role, is_meta_layer
+from orthofx.vocab import MetaSpec, Role, is_meta_layer, meta_spec_of
 from orthofx.graph.trace import (
     SCOPE_KEY,
     _class_keys,
@@ -447,8 +447,8 @@ def _merge(report: AnalysisReport, sub: AnalysisReport, prefix: str) -> None:
 
 
 def _standalone_meta(mod: nn.Module, name: str, report: AnalysisReport) -> None:
-    info = getattr(type(mod), "orthofx_meta")
-    kind, inp = getattr(info, "kind", "?"), getattr(info, "input", "covariance")
+    spec = meta_spec_of(mod)
+    kind, inp = (spec.kind, spec.input) if spec is not None else ("?", "covariance")
     rel = mod.orthofx_internal_producer() if hasattr(mod, "orthofx_internal_producer") else None
     common = dict(node=name, kind=kind, scope=name, target=type(mod).__name__, source="orthofx",
                   input=inp, graph=name)
