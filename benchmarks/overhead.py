@@ -67,13 +67,11 @@ _VIEW_OPS = frozenset({
 
 
 def _config(row: str) -> Any:
-    import dataclasses
-
     from orthofx.config import resolve_config
 
     if row in VARIANTS:
         base, changes = VARIANTS[row]
-        return dataclasses.replace(resolve_config(base), **changes)
+        return resolve_config(base).replace(**changes)  # flat keywords (composed OrthoConfig)
     return resolve_config(row)
 
 
