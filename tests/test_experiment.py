@@ -226,12 +226,13 @@ def test_demo_rejects_unknown_rows_before_training(tmp_path, monkeypatch):
         demo_mod.demo(tmp_path, quick=True, experiment="gcp", rows=["SVD", "NOPE"], log=lambda s: None)
 
 
-def test_kappa_range_uses_the_modal_rank():
+def test_kappa_range_uses_the_smallest_rank():
     """A step whose rounding-level null eigenvalue crosses the rank tolerance (rank 26 of a
     rank-25 Σ) must not set the row's κ on the range."""
     recs = [{"kind": "meta", "rank": 25, "kappa_range": 1e3}, {"kind": "meta", "rank": 25, "kappa_range": 2e3},
             {"kind": "meta", "rank": 26, "kappa_range": 6e13}, {"kind": "meta", "rank": 26, "kappa_range": 7e13},
+            {"kind": "meta", "rank": 27, "kappa_range": 8e13}, {"kind": "meta", "rank": 26, "kappa_range": 9e13},
             {"kind": "meta", "rank": 25, "kappa_range": 3e3}]
     res = {"kappa_records": recs}
     assert demo_mod._run_kappa(res, "kappa_range") == 2e3
-    assert demo_mod._run_kappa(res, "rank") == 25
+    assert demo_mod._run_kappa(res, "rank") == 26  # the rank column shows the median, crossings included

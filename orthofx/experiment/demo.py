@@ -223,15 +223,16 @@ def _median(xs: list[float]) -> float:
 def _run_kappa(res: Mapping[str, Any], key: str) -> float:
     """Median over the run's κ records of field ``key`` (NaN when the field is absent).
 
-    ``kappa_range`` uses only the records whose numerical rank is the run's most common one:
-    a rounding-level eigenvalue of the null space that crosses the rank tolerance on some
-    steps (rank 26 of a rank-25 Σ, measured on the DBN stem) gives κ ≈ 1e13 there."""
+    ``kappa_range`` uses only the records at the run's smallest numerical rank: a
+    rounding-level eigenvalue of the null space that crosses the rank tolerance (rank 26 or 27
+    of a rank-25 Σ, measured on the DBN stem on up to half of the steps) only ever adds to
+    the rank, and gives κ ≈ 1e13 on those steps."""
     recs = _meta_records(res)
     if key == "kappa_range":
         ranks = [r.get("rank") for r in recs if r.get("rank") is not None and r.get("rank") == r.get("rank")]
         if ranks:
-            mode = statistics.mode(ranks)
-            recs = [r for r in recs if r.get("rank") == mode]
+            low = min(ranks)
+            recs = [r for r in recs if r.get("rank") == low]
     vals = [float(r[key]) for r in recs if r.get(key) is not None and r.get(key) != ""]
     vals = [v for v in vals if not math.isnan(v)]
     return _median(vals)
