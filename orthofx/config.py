@@ -258,7 +258,8 @@ class OrthoConfig:
         OrthoConfig(weights=WeightSpec("ow", ow_method="cayley"),
                     gradients=GradientSpec(nog=True, olr=True))            # composed
 
-    A section and its flat keywords cannot be given together (ConfigError). The flat names
+    Flat keywords given together with their section override its fields (so
+    ``dataclasses.replace(cfg, nog=True)`` works as before). The flat names
     are read-only properties: ``cfg.weight`` (= ``cfg.weights.kind``), ``cfg.ow_method``,
     ``cfg.ol_weight``, ``cfg.sn_method``, ``cfg.sn_power_iterations``, ``cfg.nog``,
     ``cfg.nog_method``, ``cfg.olr``, ``cfg.ow_target`` (see the two specs for their meaning).
@@ -311,11 +312,10 @@ class OrthoConfig:
             spec = given[section]
             if spec is None:
                 spec = cls(**mine)
-            else:
-                if mine:
-                    names = sorted(k for k in flat if _FLAT[k][0] == section)
-                    raise ConfigError(f"OrthoConfig: pass either {section}= or its flat fields {names}, not both")
+            else:  # flat fields given with their section refine it (so dataclasses.replace works)
                 spec = _section(section, spec)
+                if mine:
+                    spec = dataclasses.replace(spec, **mine)
             _put(self, section, spec)
         _put(self, "analysis", _analysis(analysis))
         _put(self, "stabilize", check_bool(stabilize, "stabilize"))

@@ -176,11 +176,16 @@ def test_from_dict_is_strict_naming_the_key_and_the_allowed_keys(bad, key):
         OrthoConfig.from_dict(bad)
 
 
-def test_a_section_and_its_flat_fields_together_are_refused():
+def test_flat_fields_refine_their_section_so_dataclasses_replace_works():
+    import dataclasses
+
     from orthofx.config import WeightSpec
 
-    with pytest.raises(ConfigError, match="weights=.*weight"):
-        OrthoConfig(weight="ow", weights=WeightSpec("sn"))
+    assert OrthoConfig(ow_method="cayley", weights=WeightSpec("ow")) == OrthoConfig(weight="ow", ow_method="cayley")
+    cfg = dataclasses.replace(OrthoConfig.from_preset("sn"), sn_method="power", nog=True)
+    assert (cfg.weight, cfg.sn_method, cfg.nog) == ("sn", "power", True)
+    with pytest.raises(ConfigError, match="sn_method"):
+        dataclasses.replace(cfg, sn_method="exactly")
 
 
 def test_analysis_is_typed():
