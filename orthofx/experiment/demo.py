@@ -40,7 +40,7 @@ __all__ = [
 #: κ conventions read from the monitor records, with their meaning (see docs/results.md)
 KAPPA_FIELDS: dict[str, str] = {
     "kappa": "κ(Σ+εI): the matrix the solver decomposes",
-    "kappa_range": "λ_max/λ_r of Σ on its numerical range (rank r)",
+    "kappa_range": "λ_max/λ_r of Σ on its numerical range (rank r; steps at the run's smallest r)",
     "kappa_paper": "the paper's convention (inferred)",
 }
 
@@ -376,7 +376,11 @@ def plot_kappa(runs: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pat
     for ax, key in zip(axes, present):
         series = {}
         for run in runs:
-            pts = [(int(r["step"]), float(r[key])) for r in _meta_records(run) if r.get(key) is not None]
+            recs = _meta_records(run)
+            if key == "kappa_range":  # as in the table: the records at the run's smallest rank
+                ranks = [r["rank"] for r in recs if r.get("rank") is not None and r["rank"] == r["rank"]]
+                recs = [r for r in recs if not ranks or r.get("rank") == min(ranks)]
+            pts = [(int(r["step"]), float(r[key])) for r in recs if r.get(key) is not None]
             if pts:
                 series[run["label"]] = pts
         _plot_lines(ax, series, log10=True)
