@@ -205,6 +205,7 @@ def _is_main_process() -> bool:
 def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
     _check_int(a.seeds, "--seeds", 1)
     _check_int(a.first_seed, "--first-seed", 0)
+    _check_int(a.threads, "--threads", 0)
     _check_out_dir(a.out, "--out")
     _check_data_dir(a.data, "--data", a.download)
     _check_device(a.device)
@@ -215,6 +216,7 @@ def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
         demo(
             a.out, quick=a.quick, seeds=a.seeds, first_seed=a.first_seed, experiment=a.experiment, data_dir=a.data, download=a.download,
             device=a.device, progress=not a.no_progress, timing=False if a.no_timing else None,
+            threads=a.threads or None,
         )
         return 0
 
@@ -321,6 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     d.add_argument("--no-timing", action="store_true",
                    help="skip the interleaved step-time measurement (the 'step time vs SVD' column)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1, the fastest measured for these small models; "
+                        "0 keeps torch's default)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
 
