@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orthofx.monitor.weights import weight_summary
+
 __all__ = ["Session", "build_session", "train_step", "WeightTracker", "RawKappaRecorder", "SOLVER_ERRORS"]
 
 #: exceptions counted as solver failures by a guarded step (LAPACK/cuSOLVER non-convergence)
@@ -111,11 +113,9 @@ def train_step(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | N
     return loss.detach()
 
 
-def _flat_weight(module: nn.Module) -> torch.Tensor | None:
+def _weight(module: nn.Module) -> torch.Tensor | None:
     w = getattr(module, "weight", None)  # a parametrized weight reads its effective value
-    if not isinstance(w, torch.Tensor) or w.dim() < 2:
-        return None
-    return w.detach().reshape(w.shape[0], -1).to(torch.float64)
+    return w if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
 
 
 class WeightTracker:
@@ -134,10 +134,9 @@ class WeightTracker:
         if self._step % self.every == 0:
             with torch.no_grad():
                 for name, m in self.modules.items():
-                    w = _flat_weight(m)
-                    if w is not None:
-                        sv = torch.linalg.svdvals(w)
-                        self._pending.append((self._step, name, torch.stack([sv.square().sum().sqrt(), sv[0] / sv[-1]])))
+                    w = _weight(m)
+                    if w is not None:  # [‖W‖_F, σ_max/σ_min, σ_max, σ_min], float64 (monitor's)
+                        self._pending.append((self._step, name, weight_summary(w)[:2]))
         self._step += 1
 
     def records(self) -> list[dict[str, Any]]:
