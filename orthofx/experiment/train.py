@@ -439,12 +439,28 @@ def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: to
 
 def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
     """Train one configuration and return (and write to ``out/results.json``) its results:
-    test error, κ summary (median/final), solver failures, ms per step, OLR/NOG statistics."""
+    test error, κ summary (median/final), solver failures, ms per step, OLR/NOG statistics.
+
+    Under torchrun, a process group that ``run`` created is torn down before it returns (a
+    barrier, then ``destroy_process_group``): a gloo group left to interpreter exit can abort a
+    rank ("terminate called without an active exception")."""
+    device_kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    owned = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    d = _init_distributed(device_kind)
+    try:
+        results = _run(cfg, d, log)
+        if owned:
+            dist.barrier()  # on success only: a failed rank must not leave the others waiting
+        return results
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: ExperimentConfig, d: _Dist, log: Any) -> dict[str, Any]:
     from orthofx.experiment.session import WeightTracker, build_session, train_step
     from orthofx.monitor import ConditioningMonitor
 
-    device_kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
-    d = _init_distributed(device_kind)
     device = _device(cfg, d)
     _seed_everything(cfg.seed)
     out = Path(cfg.out)
