@@ -2,4 +2,5 @@
 
 from orthofx.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned worker processes (``orthofx demo --jobs``) import this module too
+    raise SystemExit(main())

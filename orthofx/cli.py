@@ -3,7 +3,7 @@
     orthofx report resnet18 --head gcp            # what the pass finds, as a table
     orthofx report resnet50 --stem whiten --format dot > chain.dot
     orthofx report mypkg.models:build --format json
-    orthofx demo [--quick] [--experiment both|dbn|gcp|dbn-small] [--out DIR] [--seeds N]
+    orthofx demo [--quick] [--experiment both|dbn|gcp|dbn-small] [--out DIR] [--seeds N] [--jobs N] [--extended]
     orthofx train --config examples/resnet50_dbn_cifar100.json [--epochs 1 --treatment nog]
 """
 
@@ -206,6 +206,7 @@ def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
     _check_int(a.seeds, "--seeds", 1)
     _check_int(a.first_seed, "--first-seed", 0)
     _check_int(a.threads, "--threads", 0)
+    _check_int(a.jobs, "--jobs", 0)
     _check_out_dir(a.out, "--out")
     _check_data_dir(a.data, "--data", a.download)
     _check_device(a.device)
@@ -216,7 +217,7 @@ def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
         demo(
             a.out, quick=a.quick, seeds=a.seeds, first_seed=a.first_seed, experiment=a.experiment, data_dir=a.data, download=a.download,
             device=a.device, progress=not a.no_progress, timing=False if a.no_timing else None,
-            threads=a.threads or None,
+            threads=a.threads or None, jobs=a.jobs or None, extended=a.extended,
         )
         return 0
 
@@ -326,6 +327,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1, the fastest measured for these small models; "
                         "0 keeps torch's default)")
+    d.add_argument("--extended", action="store_true",
+                   help="also the DBN rows SN, OL, NOG+SN, NOG+OL, NOG+OLR, OW+OLR (the rest of the paper's "
+                        "Tables 1-3; about 2 more minutes per seed on 2 cores)")
+    d.add_argument("--jobs", type=int, default=0,
+                   help="runs at once, each in its own worker process (default 0: one per CPU core, 1 on CUDA); "
+                        "results do not depend on it")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
 

@@ -205,11 +205,16 @@ def test_demo_experiment_and_first_seed_options(tmp_path, capsys, no_work):
     _one_line(capsys, "--experiment")
     assert _code(["demo", "--first-seed", "-1", "--out", str(tmp_path)]) == 2
     assert ">= 0" in _one_line(capsys, "--first-seed")
+    assert _code(["demo", "--jobs", "-2", "--out", str(tmp_path)]) == 2
+    assert ">= 0" in _one_line(capsys, "--jobs")
 
 
 def test_demo_passes_experiment_to_the_demo(tmp_path, monkeypatch):
     seen: dict = {}
     monkeypatch.setattr("orthofx.experiment.demo.demo", lambda out, **k: seen.update(k, out=out))
     assert _code(["demo", "--experiment", "gcp", "--first-seed", "2", "--seeds", "3", "--no-timing",
-                  "--out", str(tmp_path)]) == 0
+                  "--jobs", "3", "--out", str(tmp_path)]) == 0
     assert (seen["experiment"], seen["first_seed"], seen["seeds"], seen["timing"]) == ("gcp", 2, 3, False)
+    assert seen["jobs"] == 3
+    assert _code(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["jobs"] is None  # 0 (the default): one per CPU core, decided by the demo

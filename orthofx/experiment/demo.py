@@ -57,6 +57,8 @@ class DemoRow:
     model_kwargs: tuple[tuple[str, Any], ...] = ()
     transform: bool = True
     needs: str | None = None  # an OrthoConfig field this row needs (skipped with a note if missing)
+    cost: float = 1.0  # wall time relative to the experiment's SVD row (measured), to schedule jobs
+    extended: bool = False  # run only with ``demo(extended=True)`` (``--extended``) or when named in ``rows``
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Experiment:
     rows: tuple[DemoRow, ...]
     full: Mapping[str, Any] = field(default_factory=dict)
     quick: Mapping[str, Any] = field(default_factory=dict)
+    cost: float = 1.0  # wall time of its SVD row relative to the DBN SVD row (measured), to schedule jobs
 
 
 def ow_target_available() -> bool:
@@ -101,11 +104,18 @@ _DBN_ROWS = (
     DemoRow("NOG", "nog"),
     DemoRow("OLR", "olr"),
     DemoRow("OW", "ow"),
-    DemoRow("NOG+OW (W)", "nog+ow", ortho=_W, needs="ow_target"),
+    DemoRow("NOG+OW (W)", "nog+ow", ortho=_W, needs="ow_target", cost=2.1),
     DemoRow("NOG+OW (A)", "nog+ow", ortho=_A, needs="ow_target"),
-    DemoRow("NOG+OW+OLR (W)", "nog+ow+olr", ortho=_W, needs="ow_target"),
+    DemoRow("NOG+OW+OLR (W)", "nog+ow+olr", ortho=_W, needs="ow_target", cost=2.1),
     DemoRow("NOG+OW+OLR (A)", "nog+ow+olr", ortho=_A, needs="ow_target"),
     DemoRow("Newton-Schulz", "svd", "ns"),
+    # the rest of the paper's Tables 1–3 (outside the 12-minute budget: ``--extended``)
+    DemoRow("SN", "sn", extended=True),
+    DemoRow("OL", "ol", extended=True),
+    DemoRow("NOG+SN", "nog+sn", extended=True),
+    DemoRow("NOG+OL", "nog+ol", extended=True),
+    DemoRow("NOG+OLR", "nog+olr", extended=True),
+    DemoRow("OW+OLR", "ow+olr", extended=True, cost=2.0),
 )
 #: rows run instead of the "(W)"/"(A)" pairs while OrthoConfig has no ow_target: today's
 #: behaviour, where NOG/OLR act on the gradient of OW's generator A
@@ -121,10 +131,10 @@ _GCP_ROWS = (
     DemoRow("OW", "ow"),
     DemoRow("NOG", "nog"),
     DemoRow("OLR", "olr"),
-    DemoRow("NOG+OW", "nog+ow"),
-    DemoRow("NOG+OW+OLR", "nog+ow+olr"),
+    DemoRow("NOG+OW", "nog+ow", cost=1.65),
+    DemoRow("NOG+OW+OLR", "nog+ow+olr", cost=1.65),
     DemoRow("Newton-Schulz", "svd", "ns"),
-    DemoRow("raw torch eigh", "svd", "auto", model_kwargs=(("head", "raw-eigh"),), transform=False),
+    DemoRow("raw torch eigh", "svd", "auto", model_kwargs=(("head", "raw-eigh"),), transform=False, cost=0.8),
 )
 
 #: full length: both experiments, one seed, ≤ 12 min on 2 idle CPU cores (see docs/results.md)
@@ -142,11 +152,11 @@ EXPERIMENTS: dict[str, Experiment] = {
     ),
     "gcp": Experiment(
         "gcp", "GCP: 1×1 reduce 64→64 → BN → ReLU → Σ^{1/2} of 7×7 = 49 positions (rank ≤ 48 of 64), ε = 1e-5",
-        "small-resnet-gcp", (("reduced", 64),), _GCP_ROWS, _FULL, _QUICK,
+        "small-resnet-gcp", (("reduced", 64),), _GCP_ROWS, _FULL, _QUICK, cost=1.6,
     ),
     "dbn-small": Experiment(
         "dbn-small", "Decorrelated BN (earlier variant): 3×3 stem 1→16 (rank ≤ 9 of 16), ε = 1e-2",
-        "small-resnet-dbn", (), tuple(r for r in _DBN_ROWS), _FULL, _QUICK,
+        "small-resnet-dbn", (), _DBN_ROWS, _FULL, _QUICK,
     ),
 }
 #: ``orthofx demo --experiment`` choices; "both" = dbn + gcp
@@ -446,6 +456,11 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
 
 
+def _run_quiet(cfg: ExperimentConfig) -> dict[str, Any]:
+    """One training run without its log lines (a :class:`~orthofx.experiment.jobs.Task`)."""
+    return run(cfg, log=lambda s: None)
+
+
 def demo(
     out: str | Path = "out/demo",
     *,
@@ -454,12 +469,14 @@ def demo(
     first_seed: int = 0,
     experiment: str = "both",
     rows: Sequence[str] | None = None,
+    extended: bool = False,
     data_dir: str | None = None,
     download: bool = False,
     device: str = "auto",
     progress: bool = True,
     timing: bool | None = None,
     threads: int | None = 1,
+    jobs: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -467,77 +484,113 @@ def demo(
     tables, JSON and plots. Seeds are ``first_seed … first_seed + seeds − 1`` (seeds can be
     split over processes writing into one ``out`` and combined with :func:`collect`).
     ``timing`` (default: on for full runs, off for ``quick``) adds the interleaved step-time
-    column. ``threads``: torch intra-op threads while the demo runs (default 1: measured on
-    2 idle cores, ``--quick`` took 68 s with torch's 2 threads and 16 s with 1 — the many small
-    batched decompositions thrash with 2; None keeps torch's setting). ``overrides`` replace
-    training settings (epochs, ...). ``rows``: run only the rows
-    with these labels (e.g. to split one experiment's rows over processes).
+    column. ``threads``: torch intra-op threads per run (default 1: measured on 2 idle cores,
+    ``--quick`` took 68 s with torch's 2 threads and 16 s with 1 — the many small batched
+    decompositions thrash with 2; None keeps torch's setting). ``jobs``: runs at once, each in
+    its own spawned worker process (default: one per usable CPU core on the CPU, 1 on CUDA;
+    1 runs everything in this process). Every run is seeded and deterministic, so ``jobs``
+    changes the wall time, not the results. ``overrides`` replace training settings
+    (epochs, ...). ``rows``: run only the rows with these labels (extended ones included).
+    ``extended``: also the rows outside the 12-minute budget (DBN: SN, OL, NOG+SN, NOG+OL,
+    NOG+OLR, OW+OLR — the rest of the paper's Tables 1–3).
 
     Returns ``{"experiments": {key: {"rows": [...aggregated...], "runs": [...]}}, "files": {...}}``.
     """
     from orthofx.config import check_int
+    from orthofx.experiment.jobs import default_jobs
 
     seeds = check_int(seeds, "seeds", min=1)  # OptionError (a ConfigError) for 0, -1, 2.5, "2"
     first_seed = check_int(first_seed, "first_seed", min=0)
     threads = check_int(threads, "threads", min=1, optional=True)
+    jobs = check_int(jobs, "jobs", min=1, optional=True)
+    if jobs is None:
+        jobs = default_jobs(device)
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _demo(out, quick, seeds, first_seed, experiment, rows, data_dir, download, device, progress, timing,
-                     overrides, log)
+        return _demo(out, quick, seeds, first_seed, experiment, rows, bool(extended), data_dir, download, device,
+                     progress, timing, overrides, log, jobs, threads)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, rows: Any, data_dir: Any,
-          download: bool, device: str, progress: bool, timing: Any, overrides: Any, log: Any) -> dict[str, Any]:
+def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, rows: Any, extended: bool, data_dir: Any,
+          download: bool, device: str, progress: bool, timing: Any, overrides: Any, log: Any, jobs: int,
+          threads: int | None) -> dict[str, Any]:
+    from orthofx.experiment.jobs import Task, run_tasks
+
     if experiment not in EXPERIMENT_CHOICES:
         raise ConfigError(f"experiment must be one of {EXPERIMENT_CHOICES}, got {experiment!r}")
     keys = ["dbn", "gcp"] if experiment == "both" else [experiment]
     timing = (not quick) if timing is None else bool(timing)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    common = dict(data_dir=data_dir, download=download, device=device, progress=progress)
-    t_start = time.perf_counter()
     notes: list[str] = []
-    result: dict[str, Any] = {"quick": quick, "seeds": seeds, "experiments": {}, "files": {}, "notes": notes,
-                              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    md = []
-    for key in keys:
+    chosen: dict[str, tuple[Experiment, dict[str, Any], list[DemoRow]]] = {}
+    for key in keys:  # every check before any work
         exp = EXPERIMENTS[key]
         settings = dict(exp.quick if quick else exp.full)
         settings.update(overrides or {})
         exp_rows = _resolve_rows(exp, notes)
         if rows is not None:
-            unknown = sorted(set(rows) - {r.label for e in keys for r in _resolve_rows(EXPERIMENTS[e], [])})
+            known = [r.label for e in keys for r in _resolve_rows(EXPERIMENTS[e], [])]
+            unknown = sorted(set(rows) - set(known))
             if unknown:
-                raise ConfigError(f"unknown demo rows {unknown}; rows of {keys}: "
-                                  f"{[r.label for e in keys for r in _resolve_rows(EXPERIMENTS[e], [])]}")
+                raise ConfigError(f"unknown demo rows {unknown}; rows of {keys}: {known}")
             exp_rows = [r for r in exp_rows if r.label in rows]
-        rows_here = exp_rows
-        log(f"== {exp.title}")
-        t_exp = time.perf_counter()
-        times: dict[str, Any] = {}
+        elif not extended:
+            exp_rows = [r for r in exp_rows if not r.extended]
+        chosen[key] = (exp, settings, exp_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(data_dir=data_dir, download=download, device=device, progress=progress and jobs == 1)
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"quick": quick, "seeds": seeds, "extended": extended, "jobs": jobs, "threads": threads, "experiments": {},
+                              "files": {}, "notes": notes, "torch": torch.__version__,
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    tasks: list[Task] = []
+    for key, (exp, settings, rows_here) in chosen.items():
         if timing:
             cfgs = [_config(exp, r, {**settings, "progress": False}, 0, out, **common) for r in rows_here]
-            times = interleaved_step_times(cfgs, [r.label for r in rows_here])
-            (out / f"timing_{key}_seed{first_seed}.json").write_text(json.dumps(_jsonable(times), indent=1))
-            log("  step time vs SVD (interleaved): " + ", ".join(
-                f"{k} {v['ratio_median']:.2f}×" for k, v in times.items()))
+            tasks.append(Task(("timing", key), interleaved_step_times, (cfgs, [r.label for r in rows_here]),
+                              cost=0.1 * exp.cost * sum(r.cost for r in rows_here)))
+        for seed in range(first_seed, first_seed + seeds):
+            for row in rows_here:
+                tasks.append(Task(("run", key, row.label, seed), _run_quiet,
+                                  (_config(exp, row, settings, seed, out, **common),), cost=exp.cost * row.cost))
+    log(f"{len(tasks)} tasks ({', '.join(chosen)}) on {min(jobs, len(tasks))} worker process(es), "
+        f"{threads or torch.get_num_threads()} torch thread(s) each")
+    done = [0]
+
+    def on_done(task: Task, res: Any, secs: float) -> None:
+        done[0] += 1
+        kind, key = task.key[0], task.key[1]
+        if kind == "timing":
+            (out / f"timing_{key}_seed{first_seed}.json").write_text(json.dumps(_jsonable(res), indent=1))
+            log(f"  [{done[0]}/{len(tasks)}] {key} step time vs SVD (interleaved): " + ", ".join(
+                f"{k} {v['ratio_median']:.2f}×" for k, v in res.items()))
+            return
+        label, seed = task.key[2], task.key[3]
+        k = next(iter(res["kappa"].values()), {})
+        log(f"  [{done[0]}/{len(tasks)}] {key} {label:<16} seed {seed}: test error {res['final_test_error']:.2f}%  "
+            f"κ median {k.get('kappa_median', math.nan):.3g}  non-finite steps {res['nonfinite_steps']}"
+            f"/{res['steps']}  solver exceptions {res['solver_exceptions']}  ({secs:.0f} s)")
+
+    done_tasks = run_tasks(tasks, jobs=jobs, threads=threads, on_done=on_done)
+
+    md = []
+    for key, (exp, settings, rows_here) in chosen.items():
+        times: dict[str, Any] = done_tasks.get(("timing", key), {})
         runs: list[dict[str, Any]] = []
         for seed in range(first_seed, first_seed + seeds):
             for row in rows_here:
-                res = run(_config(exp, row, settings, seed, out, **common), log=lambda s: None)
+                res = done_tasks[("run", key, row.label, seed)]
                 res["label"], res["seed"] = row.label, seed
                 runs.append(res)
-                k = next(iter(res["kappa"].values()), {})
-                log(f"  {row.label:<16} seed {seed}: test error {res['final_test_error']:.2f}%  "
-                    f"κ median {k.get('kappa_median', math.nan):.3g}  non-finite steps {res['nonfinite_steps']}"
-                    f"/{res['steps']}  solver exceptions {res['solver_exceptions']}")
         agg = _aggregate(rows_here, runs, times)
         table = format_table(agg)
         log("")
+        log(f"== {exp.title}")
         log(table)
         seed0 = [r for r in runs if r["seed"] == first_seed]
         files = {
@@ -547,7 +600,7 @@ def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, r
         }
         result["experiments"][key] = {
             "title": exp.title, "model": exp.model, "model_kwargs": dict(exp.model_kwargs), "settings": settings,
-            "elapsed_s": time.perf_counter() - t_exp, "timing": times, "rows": agg, "runs": runs, "files": files,
+            "timing": times, "rows": agg, "runs": runs, "files": files,
         }
         result["files"].update({f"{key}_{k}": v for k, v in files.items()})
         md += [f"## {exp.title}", "", table, ""]
@@ -555,14 +608,14 @@ def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, r
     result["elapsed_s"] = elapsed
     for n in notes:
         log(f"note: {n}")
-    md += [f"({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s, {result['date']}; "
-           "κ from float64 eigenvalues; test error after re-estimating normalisation statistics)"]
+    md += [f"({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s wall with {jobs} job(s), "
+           f"{result['date']}; κ from float64 eigenvalues; test error after re-estimating normalisation statistics)"]
     md += [f"note: {n}" for n in notes]
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
     (out / "results.md").write_text("\n".join(md) + "\n")
     result["files"]["json"] = str(out / "results.json")
     result["files"]["md"] = str(out / "results.md")
-    log(f"\n({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s)")
+    log(f"\n({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s wall, {jobs} job(s))")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len([f for f in result['files'] if f.endswith('png')])} PNGs")
     return result
 
