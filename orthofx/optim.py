@@ -50,12 +50,12 @@ __all__ = ["OrthoSGD"]
 
 def _plan_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str]] | None:
     """``{name: (module, attr)}`` of a transformed model's plan; None without a plan."""
-    from orthofx.pipeline import _producer_specs, plan_of, unwrap
+    from orthofx.pipeline import plan_of, producer_specs, unwrap
 
     plan = plan_of(model)
     if plan is None:
         return None
-    return _producer_specs(unwrap(model), plan)
+    return producer_specs(unwrap(model), plan)
 
 
 def _sgd_step(opt: torch.optim.SGD) -> None:

@@ -30,7 +30,7 @@ from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
 from orthofx.treatments.weight import orthogonality_loss as _ol
 
-__all__ = ["transform", "attach", "orthogonality_loss", "replay", "plan_of"]
+__all__ = ["transform", "attach", "orthogonality_loss", "replay", "plan_of", "producer_specs"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -360,7 +360,9 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
     return gm, swaps, ["stable rewrite not verified (verify=False)"]
 
 
-def _producer_specs(gm: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
+def producer_specs(gm: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
+    """``{parameter name: (owning module, attribute)}`` of the plan's Pre-SVD weights in
+    ``gm`` (the unwrapped transformed module): what the gradient treatments act on."""
     return {p.param: ((gm.get_submodule(p.name) if p.name else gm), p.attr) for p in plan.producers}
 
 
@@ -397,7 +399,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
         return None
     if cfg.ow_target is not None:  # what NOG/OLR act on under OW; forwarded only when chosen
         overrides.setdefault("ow_target", cfg.ow_target)
-    return _attach_params(optimizer, _producer_specs(unwrap(model), plan), cfg, **overrides)
+    return _attach_params(optimizer, producer_specs(unwrap(model), plan), cfg, **overrides)
 
 
 def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
@@ -415,5 +417,5 @@ def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.T
         p = next(root.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
     w = plan.config.ol_weight if weight is None else check_weight(weight, "weight")
-    tensors = [getattr(m, attr) for m, attr in _producer_specs(root, plan).values()]
+    tensors = [getattr(m, attr) for m, attr in producer_specs(root, plan).values()]
     return _ol(tensors, weight=w)

@@ -395,17 +395,21 @@ class AnalysisReport:
         return "\n".join(out) + "\n"
 
     def to_png(self, path: str, *, dpi: int = 120) -> str:
-        """Draw the chains with networkx + matplotlib (Agg) into ``path``; returns ``path``."""
-        import matplotlib
+        """Draw the chains with networkx + matplotlib into ``path``; returns ``path``.
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        Builds a ``matplotlib.figure.Figure`` with an Agg canvas (no ``pyplot``: the global
+        backend is left alone). Needs matplotlib (extra ``plot``): without it,
+        :class:`~orthofx.errors.MissingExtraError`."""
         import networkx as nx
 
+        from orthofx._optional import require
+
+        mfig = require("matplotlib.figure", "plot", purpose="Report.to_png")
         g = self.to_networkx()
         n_rows = max((d["row"] for _, d in g.nodes(data=True)), default=0) + 1
         n_cols = max((d["column"] for _, d in g.nodes(data=True)), default=0) + 1
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.9 * n_cols), max(2.0, 1.3 * n_rows)))
+        fig = mfig.Figure(figsize=(max(4.0, 1.9 * n_cols), max(2.0, 1.3 * n_rows)))
+        ax = fig.subplots()
         pos = {k: (d["column"], -d["row"]) for k, d in g.nodes(data=True)}
         colors = [_ROLE_COLORS.get(d["role"], "#ffffff") for _, d in g.nodes(data=True)]
         edge_colors = ["black" if g.nodes[u]["ok"] else "red" for u, _ in g.edges()]
@@ -422,7 +426,6 @@ class AnalysisReport:
         ax.axis("off")
         fig.tight_layout()
         fig.savefig(path, dpi=dpi)
-        plt.close(fig)
         return path
 
 

@@ -165,3 +165,31 @@ def test_integrations_name_their_extra(monkeypatch: pytest.MonkeyPatch, module: 
     with pytest.raises(MissingExtraError, match=rf"orthofx\[{extra}\]"):
         importlib.import_module(module)
     assert orthofx.__version__  # the core is untouched
+
+
+def test_report_png_and_demo_plots_name_their_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without matplotlib, Report.to_png and the demo's plots raise MissingExtraError naming
+    the extra to install, not a bare ImportError from deep inside."""
+    from orthofx.experiment import demo as demo_mod
+
+    report = orthofx.analyze(torch.nn.Sequential(torch.nn.Linear(3, 3)), (torch.randn(2, 3),))
+    _hide(monkeypatch, "matplotlib")
+    with pytest.raises(MissingExtraError, match=r"orthofx\[plot\]"):
+        report.to_png(str(tmp_path / "r.png"))
+    with pytest.raises(MissingExtraError, match=r"orthofx\[demo\]"):
+        demo_mod.plot_error([], tmp_path / "e.png", "t")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_report_png_leaves_the_pyplot_backend_alone(tmp_path: Path) -> None:
+    import matplotlib
+
+    saved = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's choice that drawing a report must not override
+    try:
+        report = orthofx.analyze(torch.nn.Sequential(torch.nn.Linear(3, 3)), (torch.randn(2, 3),))
+        assert report.to_png(str(tmp_path / "r.png")) == str(tmp_path / "r.png")
+        assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(saved)

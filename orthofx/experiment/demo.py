@@ -372,9 +372,10 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _figure(w: float, h: float, nplots: int) -> tuple[Any, list[Any]]:
-    from matplotlib.figure import Figure  # no pyplot: the global backend is left alone
+    from orthofx._optional import require
 
-    fig = Figure(figsize=(w, h))
+    mfig = require("matplotlib.figure", "demo", purpose="the demo's plots")  # no pyplot: the backend is left alone
+    fig = mfig.Figure(figsize=(w, h))
     axes = fig.subplots(1, nplots, squeeze=False)[0]
     return fig, list(axes)
 
