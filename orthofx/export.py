@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from orthofx.errors import ConfigError
+from orthofx.fuse import ExactSpectral, emit_plain
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan
 from orthofx.pipeline import plan_of, replay, safe_deepcopy, unwrap
@@ -34,19 +35,25 @@ __all__ = ["strip", "save_checkpoint", "load_checkpoint", "checkpoint"]
 
 
 def _unswap(gm: fx.GraphModule) -> int:
-    """Put the original torch decomposition calls back in place of StableDecomposition modules."""
+    """Put plain torch back in place of orthofx's swapped meta-layers: the original decomposition
+    call for a StableDecomposition, the ops of :func:`orthofx.fuse.emit_plain` (the same forward)
+    for an ExactSpectral. Returns how many modules were replaced."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(STABLE_PREFIX):
             continue
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, StableDecomposition) or mod.original is None:
+        if isinstance(mod, ExactSpectral) and len(node.args) == 1 and not node.kwargs:
+            with gm.graph.inserting_before(node):
+                new = emit_plain(gm.graph, node.args[0], mod.usage)
+        elif isinstance(mod, StableDecomposition) and mod.original is not None:
+            with gm.graph.inserting_before(node):
+                if isinstance(mod.original, str):
+                    new = gm.graph.call_method(mod.original, node.args, node.kwargs)
+                else:
+                    new = gm.graph.call_function(mod.original, node.args, node.kwargs)
+        else:
             continue
-        with gm.graph.inserting_before(node):
-            if isinstance(mod.original, str):
-                new = gm.graph.call_method(mod.original, node.args, node.kwargs)
-            else:
-                new = gm.graph.call_function(mod.original, node.args, node.kwargs)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -61,7 +68,10 @@ def _unswap(gm: fx.GraphModule) -> int:
 def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
     """A plain copy of a transformed model: parametrizations baked (OW/SN weights hold their
     current value under the original key), stable meta-layers swapped back to the original
-    torch calls (unless ``keep_stable``), the orthofx plan removed. ``model`` is untouched.
+    torch calls and fused ``ExactSpectral`` meta-layers replaced by plain torch ops with the
+    same forward (``U f(max(Λ, floor)) Uᵀ`` of a float64 eigh, :func:`orthofx.fuse.emit_plain`;
+    its backward is autograd's through ``eigh``) — both unless ``keep_stable`` — and the orthofx
+    plan removed. ``model`` is untouched.
 
     A model with ``ow_method="soc"`` cannot be stripped (the exponential of a convolution is
     not one kernel of the layer's shape): :class:`~orthofx.errors.TreatmentError`.

@@ -9,21 +9,27 @@ repeated eigenvalues (where any backward through the eigenvectors alone is not).
 Which node holds the finished reconstruction is decided by what runs: the graph is run once on
 the example inputs (on a copy, in training mode), and the first descendant of the ``eigh``
 whose value equals ``C^{±1/2}`` (float64 reference, relative 1e-4 of its largest entry) is
-the one replaced. Nodes that then feed nothing are removed. The caller verifies the result
-against the original model (:mod:`orthofx.verify`).
+the one replaced (:func:`fuse_at`, which needs only the two node names: replaying a saved plan
+on a fresh symbolic trace uses it without running anything). Nodes that then feed nothing are
+removed. The caller verifies the result against the original model (:mod:`orthofx.verify`).
+
+:func:`emit_plain` is the way back (:func:`orthofx.strip`): plain torch ops computing the
+same forward, so a stripped model does not depend on orthofx.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from orthofx.errors import InputError
+from orthofx.errors import ConfigError, InputError
 
 from orthofx.graph.record import quiet_user_hooks
 from orthofx.linalg import invsqrtm, sqrtm
@@ -31,9 +37,12 @@ from orthofx.nn.meta import MetaLayer
 from orthofx.rewrite import STABLE_PREFIX, user_label
 from orthofx.vocab import MetaSpec
 
-__all__ = ["ExactSpectral"]
+__all__ = ["ExactSpectral", "FusedRecord", "FUSED_ORIGINAL", "fuse_reconstructions", "fuse_at", "emit_plain"]
 
 _RTOL = 1e-4
+
+#: ``SwapRecord.original`` of a fused eigh + reconstruction
+FUSED_ORIGINAL = "torch.linalg.eigh + U f(Λ) Uᵀ"
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,9 @@ def _close(v: Any, ref: torch.Tensor) -> bool:
 def fuse_reconstructions(gm: fx.GraphModule, entries: Sequence[Any], example_inputs: Sequence[Any]
                          ) -> list[FusedRecord]:
     """Fuse each raw eigh entry (``source == "torch"``, ``kind == "eigh"``, usage sqrtm or
-    invsqrtm) of ``entries`` (symbolic-analysis entries naming nodes of ``gm``). Returns what
-    was fused; ``gm`` is recompiled when anything was."""
+    invsqrtm) of ``entries`` (symbolic-analysis entries naming nodes of ``gm``) whose
+    reconstruction is found by running ``gm`` on ``example_inputs`` (module doc); the surgery is
+    :func:`fuse_at`. Returns what was fused; ``gm`` is recompiled when anything was."""
     targets = [e for e in entries if e.source == "torch" and e.kind == "eigh"
                and e.usage in ("sqrtm", "invsqrtm")]
     if not targets:
@@ -142,22 +152,83 @@ def fuse_reconstructions(gm: fx.GraphModule, entries: Sequence[Any], example_inp
             continue
         ref = _reference(c, e.usage)
         below = _descendants(eig)
-        hit = next((n for n in sorted(below, key=order.__getitem__) if _close(values.get(n.name), ref)), None)
+        hit = next((n for n in sorted(below, key=lambda n: order.get(n, len(order))) if _close(values.get(n.name), ref)), None)
         if hit is None:
             continue
-        module = f"{STABLE_PREFIX}{e.node}"
-        gm.add_submodule(module, ExactSpectral(e.usage, f"{e.node} in {e.scope or '<root>'}",
-                                               label=user_label(eig, e)))
-        with gm.graph.inserting_before(hit):
-            new = gm.graph.call_module(module, (cov,))
-        new.meta.update(hit.meta)
-        hit.replace_all_uses_with(new)
-        _remove_dead(gm.graph, below)
-        done.append(FusedRecord(e.node, hit.name, e.usage, module))
-    if done:
-        gm.graph.lint()
-        gm.recompile()
+        done.append(fuse_at(gm, e.node, hit.name, e.usage, scope=e.scope or ""))
     return done
+
+
+def fuse_at(gm: fx.GraphModule, eigh_node: str, output_node: str, usage: str, *, scope: str = "") -> FusedRecord:
+    """Fuse without running anything: the node ``output_node`` (a descendant of the ``eigh``
+    node ``eigh_node``) is replaced by ``ExactSpectral(usage)(C)``, C the eigh's input, as
+    :func:`fuse_reconstructions` did where it found ``output_node`` holding ``C^{±1/2}``
+    (:func:`orthofx.pipeline.replay` uses the recorded names on a fresh symbolic trace, whose
+    node names are deterministic). ``scope``: the user's module path of the eigh call (the
+    module's name and label). ``gm`` is recompiled.
+
+    Raises :class:`ConfigError` when a node is missing, the eigh node has no tensor input,
+    ``output_node`` is not computed from it, or ``usage`` is not "sqrtm"/"invsqrtm".
+    """
+    if usage not in ("sqrtm", "invsqrtm"):
+        raise ConfigError(f"fuse_at: usage must be 'sqrtm' or 'invsqrtm', got {usage!r}")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    eig, hit = nodes.get(eigh_node), nodes.get(output_node)
+    if eig is None or eig.op not in ("call_function", "call_method") or not eig.args \
+            or not isinstance(eig.args[0], fx.Node):
+        raise ConfigError(f"the graph has no eigh call named {eigh_node!r}")
+    if hit is None or hit is eig or hit not in _descendants(eig):
+        raise ConfigError(f"the graph has no node {output_node!r} computed from the eigh {eigh_node!r}")
+    module = f"{STABLE_PREFIX}{eigh_node}"
+    label = user_label(eig, SimpleNamespace(scope=scope))
+    gm.add_submodule(module, ExactSpectral(usage, f"{eigh_node} in {scope or '<root>'}", label=label))
+    below = _descendants(eig)
+    with gm.graph.inserting_before(hit):
+        new = gm.graph.call_module(module, (eig.args[0],))
+    new.meta.update(hit.meta)
+    hit.replace_all_uses_with(new)
+    _remove_dead(gm.graph, below)
+    gm.graph.lint()
+    gm.recompile()
+    return FusedRecord(eigh_node, output_node, usage, module)
+
+
+def emit_plain(graph: fx.Graph, a: fx.Node, usage: str) -> fx.Node:
+    """Append to ``graph`` plain torch ops (call_function on torch/operator callables and
+    call_method, nothing of orthofx) computing :class:`ExactSpectral`'s forward on ``a``, in the
+    same order of operations (so the values are bitwise the same on the same device):
+
+        S = ((A + Aᵀ)·0.5).to(float64);  Λ, U = torch.linalg.eigh(S)
+        floor = max(max(λ_max, 0)·(n·eps64), tiny64);  s = √max(Λ, floor);  g = s or 1/s
+        Y = (U·gᵀ) @ Uᵀ;  Y = ((Y + Yᵀ)·0.5).type_as(A)
+
+    (:func:`orthofx.linalg.sqrtm`/``invsqrtm`` with backend "eigh", ε = 0,
+    :func:`orthofx.linalg.spectral.spectral_floor`). What it does not do: the NaN/Inf check
+    (InputError), the eigh failure recovery chain, the eigenvalue record for the monitor, the
+    Daleckii–Krein backward (autograd differentiates through ``eigh`` instead). Returns the
+    node of Y; insert with ``graph.inserting_before``."""
+    if usage not in ("sqrtm", "invsqrtm"):
+        raise ConfigError(f"emit_plain: usage must be 'sqrtm' or 'invsqrtm', got {usage!r}")
+    f64 = torch.finfo(torch.float64)
+    g = graph
+
+    def sym(x: fx.Node) -> fx.Node:
+        both = g.call_function(operator.add, (x, g.call_method("transpose", (x, -2, -1))))
+        return g.call_function(operator.mul, (both, 0.5))
+
+    s64 = g.call_method("to", (sym(a), torch.float64))
+    dec = g.call_function(torch.linalg.eigh, (s64,))
+    lam = g.call_function(operator.getitem, (dec, 0))
+    vec = g.call_function(operator.getitem, (dec, 1))
+    top = g.call_method("clamp_min", (g.call_function(torch.amax, (lam, -1, True)), 0.0))
+    scale = g.call_function(operator.mul, (g.call_method("size", (lam, -1)), f64.eps))
+    floor = g.call_method("clamp_min", (g.call_function(operator.mul, (top, scale)), f64.tiny))
+    root = g.call_method("sqrt", (g.call_function(torch.maximum, (lam, floor)),))
+    if usage == "invsqrtm":
+        root = g.call_function(operator.truediv, (1.0, root))
+    scaled = g.call_function(operator.mul, (vec, g.call_method("unsqueeze", (root, -2))))
+    y = g.call_function(operator.matmul, (scaled, g.call_method("transpose", (vec, -2, -1))))
+    return g.call_method("type_as", (sym(y), a))
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:

@@ -24,7 +24,7 @@ from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
 from orthofx.plan import Action, ActionKind, Plan, SwapRecord, make_plan
 from orthofx.report import TransformReport
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, apply_plan, swap_meta_layers
-from orthofx.fuse import ExactSpectral, fuse_reconstructions
+from orthofx.fuse import FUSED_ORIGINAL, ExactSpectral, fuse_at, fuse_reconstructions
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
@@ -202,10 +202,14 @@ def transform(
 def replay(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply a saved :class:`~orthofx.rewrite.Plan` to a fresh, unmodified ``model`` without
     analysing it again (checkpoints): the same producers get the same treatments, and raw
-    decompositions the plan swapped are swapped again (symbolic trace, same node names).
+    decompositions the plan swapped are swapped again on a symbolic trace (same node names):
+    a fused eigh + ``U f(Λ) Uᵀ`` (a swap with an ``output`` node) becomes the same
+    ``ExactSpectral`` (:func:`orthofx.fuse.fuse_at`), the others ``StableDecomposition``.
+    A fused swap from a plan written before orthofx recorded ``output`` is replayed as a
+    ``StableDecomposition`` with a warning (same forward, not the same backward).
 
     Raises :class:`ConfigError` naming the first producer that is missing from ``model`` or has
-    another shape (a different architecture).
+    another shape, or the swapped nodes this model's trace does not have (a different architecture).
     """
     _refuse_wrappers(model)
     work = _deepcopy(model)
@@ -222,18 +226,39 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
                               f"this model's is {got} (a different architecture?)")
     root: nn.Module = work
     swaps: list[SwapRecord] = []
+    fused_nodes: set[str] = set()
     if plan.swaps:
         gm = trace(work, plan.config.analysis)
         fx_analysis = analyze_graph(gm, plan.config.analysis)
-        wanted = {s.node for s in plan.swaps}
+        scopes = {e.node: e.scope or "" for e in fx_analysis.entries}
+        done: dict[str, SwapRecord] = {}
+        for s in plan.swaps:
+            if s.output is None:
+                if s.original == FUSED_ORIGINAL:
+                    warnings.warn(f"the checkpoint's plan fused the eigh + U f(Λ) Uᵀ at {s.node!r} without "
+                                  f"recording its output node (an older orthofx): it is replayed as a stable eigh, "
+                                  f"with the same forward but not the exact {s.kind} backward", UserWarning,
+                                  stacklevel=2)
+                continue
+            try:
+                f = fuse_at(gm, s.node, s.output, s.kind, scope=scopes.get(s.node, ""))
+            except ConfigError as exc:
+                raise ConfigError(f"the checkpoint fused an eigh + U f(Λ) Uᵀ at {s.node!r} -> {s.output!r}; "
+                                  f"this model's trace does not fit ({exc}; a different architecture?)") from None
+            done[s.node] = SwapRecord(f.node, FUSED_ORIGINAL, f.usage, f.module, output=f.output)
+        wanted = {s.node for s in plan.swaps if s.node not in done}
         fx_analysis.entries = [e for e in fx_analysis.entries if e.node in wanted]
-        swaps = swap_meta_layers(gm, fx_analysis)
-        if {s.node for s in swaps} != wanted:
+        stable = swap_meta_layers(gm, fx_analysis) if wanted else []
+        if {s.node for s in stable} != wanted:
             raise ConfigError(f"the checkpoint swapped meta-layers at {sorted(wanted)}, this model's trace has "
-                              f"{sorted(s.node for s in swaps)} (a different architecture?)")
+                              f"{sorted(s.node for s in stable)} (a different architecture?)")
+        done.update((s.node, s) for s in stable)
+        swaps = [done[s.node] for s in plan.swaps]
+        fused_nodes = {s.node for s in swaps if s.output is not None}
         root = gm
     applied, actions = apply_plan(root, Plan(plan.config, plan.producers, swaps))
-    actions += [Action.of_swap(s) for s in swaps]
+    actions += [Action.of_swap(s, ActionKind.FUSE if s.node in fused_nodes else ActionKind.STABLE_SWAP)
+                for s in swaps]
     report = TransformReport(_previous_analysis(root, plan), applied, modified=True, actions=actions,
                              notes=["replayed from a saved plan"])
     _store(root, report.plan, report)
@@ -343,7 +368,7 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
     fused_nodes = {f.node for f in fused}
     fx_analysis.entries = [e for e in fx_analysis.entries if e.node not in fused_nodes]
     swaps = swap_meta_layers(gm, fx_analysis)
-    swaps += [SwapRecord(node=f.node, original="torch.linalg.eigh + U f(Λ) Uᵀ", kind=f.usage, module=f.module)
+    swaps += [SwapRecord(node=f.node, original=FUSED_ORIGINAL, kind=f.usage, module=f.module, output=f.output)
               for f in fused]
     if not swaps:
         return work, None, []

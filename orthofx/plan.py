@@ -57,15 +57,31 @@ class ProducerPlan:
 
 @dataclass
 class SwapRecord:
-    """A raw decomposition node replaced by a stable leaf module."""
+    """A raw decomposition node replaced by a stable leaf module.
+
+    Attributes:
+        node: the replaced decomposition node (``"linalg_eigh"``).
+        original: what it called (``"torch.linalg.eigh"``).
+        kind: the stable kind (``"eigh"``), or the usage of a fused reconstruction
+            (``"sqrtm"``/``"invsqrtm"``).
+        module: the submodule that replaces it.
+        output: for a fused eigh + ``U f(Λ) Uᵀ`` (an ``ExactSpectral``), the node that held the
+            reconstruction (what :func:`orthofx.pipeline.replay` fuses again); None for a plain
+            swap. Omitted from :meth:`to_dict` when None, so plans without fusions keep the
+            older format, and older plans (no ``output`` key) still load.
+    """
 
     node: str
     original: str
     kind: str
     module: str
+    output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.output is None:
+            del d["output"]
+        return d
 
 
 @dataclass

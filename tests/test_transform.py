@@ -461,7 +461,7 @@ class _WithHead(nn.Module):
 def test_swapped_meta_layers_carry_the_users_path_as_orthofx_label(caplog) -> None:
     """Every meta-layer module transform swaps in (ExactSpectral, StableDecomposition) is a
     meta-layer labelled with the user's module path of the call it replaced; the label survives
-    deepcopy, pickle and strip, and transform logs one INFO summary line on the "orthofx" logger."""
+    deepcopy, pickle and strip(keep_stable=True), and transform logs one INFO summary line on the "orthofx" logger."""
     import logging
     import pickle
 
@@ -475,7 +475,7 @@ def test_swapped_meta_layers_carry_the_users_path_as_orthofx_label(caplog) -> No
     assert set(swapped) == {"ExactSpectral", "StableDecomposition"}, report
     for m in swapped.values():
         assert is_meta_layer(m) and m.orthofx_label == "head"
-    for copy_ in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), orthofx.strip(gm)):
+    for copy_ in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), orthofx.strip(gm, keep_stable=True)):
         labels = [m.orthofx_label for _, m in copy_.named_modules() if isinstance(m, ExactSpectral)]
         assert labels == ["head"]
     fused = swapped["ExactSpectral"]
