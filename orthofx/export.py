@@ -26,6 +26,7 @@ from torch import nn
 
 from orthofx.errors import ConfigError
 from orthofx.fuse import ExactSpectral, emit_plain
+from orthofx.graph.trace import TRACE_META_KEY
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan
 from orthofx.pipeline import plan_of, replay, safe_deepcopy, unwrap
@@ -65,6 +66,20 @@ def _unswap(gm: fx.GraphModule) -> int:
     return count
 
 
+_PLAIN_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _plain_calls(gm: fx.GraphModule) -> bool:
+    """Whether every function the graph calls is torch's, ``operator``'s, a builtin or ``math``'s
+    (then fx's own Tracer re-traces its code as orthofx's tracer did)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            mod = getattr(n.target, "__module__", None) or ""
+            if mod.partition(".")[0] not in _PLAIN_MODULES:
+                return False
+    return True
+
+
 def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
     """A plain copy of a transformed model: parametrizations baked (OW/SN weights hold their
     current value under the original key), stable meta-layers swapped back to the original
@@ -75,6 +90,9 @@ def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
 
     A model with ``ow_method="soc"`` cannot be stripped (the exponential of a convolution is
     not one kernel of the layer's shape): :class:`~orthofx.errors.TreatmentError`.
+
+    Without ``keep_stable`` nothing in the result refers to orthofx (its code, modules and
+    ``meta``): it pickles and unpickles where orthofx is not installed.
 
     The result is hook-free: its ``state_dict()`` loads into the original model class
     (``strict=True`` whenever the original model uses all its submodules in ``forward``), and
@@ -89,9 +107,13 @@ def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
         if not keep_stable:
             _unswap(out)
         out.meta.pop(META_KEY, None)
+        out.meta.pop(TRACE_META_KEY, None)  # a TraceInfo: unpickling it would import orthofx
+        if not keep_stable and _plain_calls(out):  # unpickling re-traces the code with this class
+            out._tracer_cls = out.graph._tracer_cls = None
         out.meta.get("_user_preserved_attributes", {}).pop("_orthofx_meta", None)
     for m in out.modules():
         m.__dict__.pop("_orthofx_meta", None)
+        m.__dict__.pop("_orthofx_plan_cache", None)
     return out
 
 
