@@ -236,3 +236,31 @@ def test_kappa_range_uses_the_smallest_rank():
     res = {"kappa_records": recs}
     assert demo_mod._run_kappa(res, "kappa_range") == 2e3
     assert demo_mod._run_kappa(res, "rank") == 26  # the rank column shows the median, crossings included
+
+
+def test_demo_plots_keep_rows_apart_beyond_ten_rows(tmp_path):
+    """The extended DBN table has 15 rows: two rows drawn in the same colour must differ in
+    marker and line style (measured: NOG and NOG+SN were both orange circles)."""
+    from matplotlib.figure import Figure
+
+    runs = [{"label": f"row{i}", "kappa_records": [{"kind": "meta", "step": s, "kappa": 10.0 + i + s}
+                                                   for s in range(0, 40, 8)]} for i in range(15)]
+    captured = {}
+    real = demo_mod._save
+
+    def keep(fig, path):
+        captured["fig"] = fig
+        return real(fig, path)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(demo_mod, "_save", keep):
+        demo_mod.plot_kappa(runs, tmp_path / "k.png", "t")
+    fig = captured["fig"]
+    assert isinstance(fig, Figure)
+    lines = fig.axes[0].lines
+    assert len(lines) == 15
+    for a in lines:
+        for b in lines:
+            if a is not b and a.get_color() == b.get_color():
+                assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()

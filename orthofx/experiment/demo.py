@@ -356,13 +356,15 @@ def interleaved_step_times(
 
 # ---------------------------------------------------------------------------- plots
 def _plot_lines(ax: Any, series: Mapping[str, list[tuple[int, float]]], log10: bool) -> None:
-    styles = ["-", "--", "-.", ":"]
-    markers = ["", "o", "s", "^", "v", "x", "+", "d", "*", "p"]
-    for i, (label, pts) in enumerate(series.items()):
+    """One line per series, styled by the monitor's :func:`~orthofx.monitor.plotting.line_styles`
+    (lines that share a colour differ in line style and marker)."""
+    from orthofx.monitor.plotting import line_styles
+
+    for style, (label, pts) in zip(line_styles(), series.items()):
         pts = sorted(pts)
         ys = [(math.log10(v) if v > 0 and math.isfinite(v) else math.nan) if log10 else v for _, v in pts]
-        ax.plot([p[0] for p in pts], ys, styles[i % len(styles)], marker=markers[i % len(markers)],
-                markevery=max(1, len(pts) // 6), markersize=4, linewidth=1.2, label=label)
+        ax.plot([p[0] for p in pts], ys, markevery=max(1, len(pts) // 6), markersize=4, linewidth=1.2,
+                label=label, **style)
 
 
 def _save(fig: Any, path: Path) -> Path:
