@@ -152,7 +152,8 @@ def fuse_reconstructions(gm: fx.GraphModule, entries: Sequence[Any], example_inp
             continue
         ref = _reference(c, e.usage)
         below = _descendants(eig)
-        hit = next((n for n in sorted(below, key=lambda n: order.get(n, len(order))) if _close(values.get(n.name), ref)), None)
+        ordered = sorted(below, key=lambda n: order.get(n, len(order)))  # nodes of earlier fusions last
+        hit = next((n for n in ordered if _close(values.get(n.name), ref)), None)
         if hit is None:
             continue
         done.append(fuse_at(gm, e.node, hit.name, e.usage, scope=e.scope or ""))

@@ -237,3 +237,47 @@ def test_fuse_at_checks_its_nodes() -> None:
         fuse_at(gm, eig, "matmul_2", "expm")
     with pytest.raises(ConfigError, match="computed from"):
         fuse_at(gm, eig, "x", "sqrtm")
+
+
+class _Head(nn.Module):
+    """An eigh + U (1/√Λ) Uᵀ (fused) and an eigvalsh (a stable swap) of one covariance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 5, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.proj(x).flatten(2)
+        cov = f @ f.transpose(1, 2) / f.shape[-1] + 1e-3 * torch.eye(5, dtype=f.dtype, device=f.device)
+        lam, u = torch.linalg.eigh(cov)
+        white = u @ torch.diag_embed(lam.rsqrt()) @ u.transpose(1, 2)
+        return white.flatten(1).sum(1) + torch.linalg.eigvalsh(cov).sum(1)
+
+
+class _WithHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def test_replay_of_fused_and_stable_swaps_in_a_submodule_matches_transform() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    gm, report = orthofx.transform(_WithHead().double(), x, config="svd")
+    torch.manual_seed(1)
+    back = orthofx.load_checkpoint(_WithHead().double(), orthofx.checkpoint(gm))
+    kinds = {n: (type(m).__name__, m.orthofx_label) for n, m in back.named_modules()
+             if isinstance(m, (ExactSpectral, StableDecomposition))}
+    assert kinds == {n: (type(m).__name__, m.orthofx_label) for n, m in gm.named_modules()
+                     if isinstance(m, (ExactSpectral, StableDecomposition))}
+    assert sorted(k for k, _ in kinds.values()) == ["ExactSpectral", "StableDecomposition"]
+    assert {label for _, label in kinds.values()} == {"head"}
+    replayed = back.meta["orthofx"]["report"]["actions"]
+    assert sorted(a["kind"] for a in replayed) == sorted(a.kind.value for a in report.actions) == ["fuse", "stable"]
+    torch.testing.assert_close(back(x), gm(x), rtol=1e-12, atol=1e-14)
+    want, got = _grads(gm, x), _grads(back, x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
