@@ -388,6 +388,7 @@ def trace(
             ) from exc
         raise TraceFailure(f"torch.fx could not build a GraphModule for "
                            f"{type(model).__name__}: {_first_line(exc)}") from exc
+    _constants_out_of_state(gm, model)
     gm.meta[TRACE_META_KEY] = TraceInfo(
         leaf_modules=tuple(sorted(set(leaf_names) | set(tracer.config_leaves))),
         auto_leaves=tuple(auto),
@@ -396,6 +397,20 @@ def trace(
         model_type=type(model).__name__,
     )
     return gm
+
+
+def _constants_out_of_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Keep the tensors that a forward creates from constants (``torch.eye(n)``, ``torch.ones(k)``:
+    fx stores them on the root as ``_tensor_constant<i>``) out of the state_dict.
+
+    fx registers them as persistent buffers, so a traced model would gain state_dict keys the
+    user's model never had (and a checkpoint of one would not load into the other). They are
+    re-registered as non-persistent buffers: the same values in ``forward``, moved by ``.to()``,
+    absent from ``state_dict``."""
+    persistent_before = set(model.state_dict(keep_vars=True))
+    for name in list(gm._buffers):
+        if name.startswith("_tensor_constant") and name not in persistent_before:
+            gm.register_buffer(name, gm.get_buffer(name), persistent=False)
 
 
 #: attributes of fx.GraphModule that a root submodule must not shadow
