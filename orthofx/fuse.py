@@ -75,7 +75,10 @@ class ExactSpectral(MetaLayer):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         fn = sqrtm if self.usage == "sqrtm" else invsqrtm
-        tracing = torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
+        # no input checks (they read values) while a tracer sees the call; not fx's is_fx_tracing(),
+        # which logs a warning on every call, i.e. on every training step
+        tracing = (isinstance(a, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                   or torch.jit.is_tracing())
         try:
             if getattr(self, "orthofx_record", False):
                 y, lam = fn(a, validate=not tracing, return_eigenvalues=True)

@@ -281,3 +281,19 @@ def test_replay_of_fused_and_stable_swaps_in_a_submodule_matches_transform() -> 
     want, got = _grads(gm, x), _grads(back, x)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+
+
+def test_exact_spectral_forward_logs_nothing(caplog):
+    """Every training step runs ExactSpectral.forward: it must not log (torch.fx's
+    is_fx_tracing() logs a warning on every call)."""
+    import logging
+
+    from orthofx.fuse import ExactSpectral
+
+    a = torch.randn(3, 5, 5, dtype=torch.float64)
+    a = a @ a.mT + 1e-3 * torch.eye(5, dtype=torch.float64)
+    mod = ExactSpectral("sqrtm", "test")
+    with caplog.at_level(logging.DEBUG):
+        y = mod(a)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    torch.testing.assert_close(y @ y, a, rtol=1e-9, atol=1e-10)
