@@ -109,3 +109,33 @@ def test_trainer_resume_matches_uninterrupted(tmp_path: Any) -> None:
     t2.train(resume_from_checkpoint=os.fspath(tmp_path / "b" / "checkpoint-3"))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_resume_with_another_plan_is_refused_before_loading(tmp_path: Any) -> None:
+    """A checkpoint saved under one plan (OW: the weight lives in a generator) resumed into a
+    model transformed with another: the Trainer would load non-strictly and only log the
+    missing keys; OrthofxTrainer refuses before touching the weights."""
+    t1, _ = make(tmp_path / "b", Net(), 3, save=True)
+    t1.train()
+    other = Net(seed=7)
+    t2, _ = make(tmp_path / "c", other, 6, config="nog+olr")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"'nog\+ow\+olr'.*'nog\+olr'"):
+        t2.train(resume_from_checkpoint=os.fspath(tmp_path / "b" / "checkpoint-3"))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+class HFStyleNet(Net):
+    """As a ``PreTrainedModel``: the Trainer then loads a mismatched checkpoint non-strictly and
+    only logs the missing keys (for a bare nn.Module its warning code fails first)."""
+
+    _keys_to_ignore_on_save = None
+
+
+def test_plain_trainer_resume_with_another_plan_stops_training(tmp_path: Any) -> None:
+    t1, _ = make(tmp_path / "b", HFStyleNet(), 3, save=True, config="nog+ow", cls=transformers.Trainer)
+    t1.train()
+    t2, _ = make(tmp_path / "b", HFStyleNet(seed=7), 6, config="nog", cls=transformers.Trainer)
+    with pytest.raises(ConfigError, match="plan"):
+        t2.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
+    assert t2.state.global_step == 3  # stopped at train begin, no step taken

@@ -31,6 +31,12 @@ Where each step happens in the Trainer's order (transformers 5.x, ``Trainer.trai
   statistics, solver failures, NOG counters and OLR's η*/lr are appended to
   ``trainer.state.log_history`` and sent to the monitor's ``sinks``.
 * ``on_save``: the plan is written as ``orthofx_plan.json`` next to the checkpoint.
+* resuming: ``OrthofxTrainer.train(resume_from_checkpoint=...)`` compares the checkpoint's
+  ``orthofx_plan.json`` with the live model's plan **before** anything is loaded, and raises
+  :class:`~orthofx.errors.ConfigError` when they differ (the Trainer would otherwise load the
+  weights non-strictly, leaving e.g. OW's generator at its initial value, and only log the
+  missing keys). With a plain ``Trainer`` the same check runs in ``on_train_begin``, after the
+  Trainer has loaded the state, and stops training.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class OrthofxTrainerCallback(_tf.TrainerCallback):
         self.monitor: ConditioningMonitor | None = None
         self._model: nn.Module | None = None
         self._opt: Any = None
+        self._resume_checked = False
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
@@ -141,6 +148,12 @@ class OrthofxTrainerCallback(_tf.TrainerCallback):
         if optimizer is None:
             raise ConfigError("OrthofxTrainerCallback: the Trainer passed no optimizer to on_train_begin")
         net = self._model if self._model is not None else model
+        if not self._resume_checked and int(state.global_step) > 0:  # a plain Trainer resumed: check late
+            for folder in (getattr(args, "resume_from_checkpoint", None),
+                           os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
+                if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+                    self.check_resume(folder)
+                    break
         if not self.handles:  # a plain Trainer: attach now, after the scheduler and state load
             self.attach(optimizer, net)
             n_groups = len(self._opt.param_groups)
@@ -166,6 +179,33 @@ class OrthofxTrainerCallback(_tf.TrainerCallback):
         if self.monitor is not None:
             self.monitor.load_state_dict({**self.monitor.state_dict(records=False), "step": int(state.global_step)})
             self.monitor.attach_to(_inner(optimizer))
+
+    def check_resume(self, folder: str | os.PathLike[str]) -> None:
+        """Raise :class:`ConfigError` when the checkpoint ``folder`` holds an orthofx plan that
+        differs from the live model's (a missing plan file only logs a warning)."""
+        path = os.path.join(os.fspath(folder), PLAN_FILE)
+        if self._model is None or plan_of(self._model) is None:
+            return
+        if not os.path.isfile(path):
+            log.warning("checkpoint %s holds no %s (saved without OrthofxTrainerCallback): its weights are "
+                        "loaded into the transformed model as they are", os.fspath(folder), PLAN_FILE)
+            return
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable orthofx plan ({e})") from None
+        live = plan_entry(self._model)
+        if not isinstance(saved, Mapping) or saved.get("plan") != live["plan"]:
+            def name(entry: Any) -> str:
+                try:
+                    return repr(entry["plan"]["config"].get("preset") or entry["plan"]["config"].get("name"))
+                except (KeyError, TypeError, AttributeError):
+                    return "an unreadable plan"
+            raise ConfigError(
+                f"the checkpoint {os.fspath(folder)!r} was saved with the orthofx plan {name(saved)}, this Trainer's "
+                f"model carries {name(live)}: its weights would load non-strictly into other parameters. Build the "
+                "callback with the checkpoint's config (or start a new run)")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = int(state.global_step)
@@ -202,3 +242,16 @@ class OrthofxTrainer(_tf.Trainer):
             raise ConfigError("OrthofxTrainer needs an OrthofxTrainerCallback in callbacks=")
         cbs[0].attach(self.optimizer, self.model)
         return opt
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; a resumed checkpoint's orthofx plan is checked against the live
+        model's before anything is loaded (:meth:`OrthofxTrainerCallback.check_resume`)."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = require("transformers.trainer_utils", "hf").get_last_checkpoint(self.args.output_dir)
+        if isinstance(folder, (str, os.PathLike)):
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, OrthofxTrainerCallback):
+                    cb.check_resume(folder)
+                    cb._resume_checked = True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
