@@ -240,3 +240,59 @@ def training_metrics(monitor: ConditioningMonitor | None, handles: Iterable[Any]
             for name, v in st.get(f"last_{key}", {}).items():
                 out[f"{prefix}{tag}olr/{key}/{name}"] = float(v)
     return out
+
+
+class CallbackOptions:
+    """The options the framework callbacks share (Lightning's ``OrthofxCallback``, the Hugging
+    Face ``OrthofxTrainerCallback``): which config, how to get example inputs, the monitor and
+    its sinks, how often to log, the metric prefix, :func:`orthofx.attach`'s options and
+    :func:`orthofx.transform`'s ``verify``; checked here, once for both."""
+
+    def _init_options(
+        self,
+        config: Any,
+        example_inputs: Any,
+        example_input_fn: Callable[[nn.Module], Any] | None,
+        monitor: bool | ConditioningMonitor | None,
+        sinks: Sequence[Any],
+        every: int | None,
+        prefix: str,
+        attach_options: Mapping[str, Any] | None,
+        verify: bool,
+    ) -> None:
+        from orthofx.config import check_int
+
+        if example_inputs is not None and example_input_fn is not None:
+            raise ConfigError("pass example_inputs or example_input_fn, not both")
+        if not isinstance(prefix, str):
+            raise ConfigError(f"prefix must be a string, got {type(prefix).__name__}")
+        if attach_options is not None and not isinstance(attach_options, Mapping):
+            raise ConfigError(f"attach_options must be a mapping of orthofx.attach keywords, got "
+                              f"{type(attach_options).__name__}")
+        self.config = config
+        self.example_inputs = example_inputs
+        self.example_input_fn = example_input_fn
+        self._monitor_opt = monitor
+        self.sinks = list(sinks)
+        self.every = None if every is None else check_int(every, "every", min=1)
+        self.prefix = prefix
+        self.attach_options = dict(attach_options or {})
+        self.verify = verify
+        self.report: TransformReport | None = None
+        self.handles: list[Any] = []
+        self.monitor: ConditioningMonitor | None = None
+
+    def _make_monitor(self, net: nn.Module, every: int) -> ConditioningMonitor | None:
+        """The user's monitor, a new one on ``net`` (with the callback's sinks), or None (no
+        monitor wanted, or no meta-layer to watch: a warning)."""
+        mon = self._monitor_opt
+        if isinstance(mon, ConditioningMonitor):
+            return mon
+        if not mon:
+            return None
+        plan = plan_of(net)
+        try:
+            return ConditioningMonitor(net, every=every, run=plan.config.name if plan else "run", sinks=self.sinks)
+        except ConfigError as e:  # no meta-layer to watch
+            log.warning("no conditioning monitor: %s", e)
+            return None

@@ -48,9 +48,9 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from orthofx._optional import require
-from orthofx.config import check_int
 from orthofx.errors import ConfigError
 from orthofx.integrations._common import (
+    CallbackOptions,
     attach_all,
     detach_all,
     log,
@@ -60,7 +60,7 @@ from orthofx.integrations._common import (
     transform_attr,
 )
 from orthofx.monitor import ConditioningMonitor
-from orthofx.pipeline import TransformReport, plan_of
+from orthofx.pipeline import plan_of
 
 _tf = require("transformers", "hf", purpose="orthofx.integrations.huggingface")
 
@@ -78,7 +78,7 @@ def _inner(optimizer: Any) -> Any:
     return optimizer
 
 
-class OrthofxTrainerCallback(_tf.TrainerCallback):
+class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
     """Transform, attach, monitor and store the plan of orthofx treatments in a ``Trainer``.
 
     Args:
@@ -105,20 +105,8 @@ class OrthofxTrainerCallback(_tf.TrainerCallback):
         attach_options: Mapping[str, Any] | None = None,
         verify: bool = True,
     ) -> None:
-        if example_inputs is not None and example_input_fn is not None:
-            raise ConfigError("pass example_inputs or example_input_fn, not both")
-        self.config = config
-        self.example_inputs = example_inputs
-        self.example_input_fn = example_input_fn
-        self._monitor_opt = monitor
-        self.sinks = list(sinks)
-        self.every = None if every is None else check_int(every, "every", min=1)
-        self.prefix = prefix
-        self.attach_options = dict(attach_options or {})
-        self.verify = verify
-        self.report: TransformReport | None = None
-        self.handles: list[Any] = []
-        self.monitor: ConditioningMonitor | None = None
+        self._init_options(config, example_inputs, example_input_fn, monitor, sinks, every, prefix, attach_options,
+                           verify)
         self._model: nn.Module | None = None
         self._opt: Any = None
         self._resume_checked = False
@@ -167,15 +155,8 @@ class OrthofxTrainerCallback(_tf.TrainerCallback):
                     "orthofx.integrations.huggingface.OrthofxTrainer (attaches in create_optimizer), or a config "
                     "without OLR")
         self.every = self.every or max(1, int(getattr(args, "logging_steps", 50) or 50))
-        if isinstance(self._monitor_opt, ConditioningMonitor):
-            self.monitor = self._monitor_opt
-        elif self._monitor_opt and net is not None:
-            plan = plan_of(net)
-            try:
-                self.monitor = ConditioningMonitor(net, every=self.every, run=plan.config.name if plan else "run",
-                                                   sinks=self.sinks)
-            except ConfigError as e:
-                log.warning("no conditioning monitor: %s", e)
+        if net is not None:
+            self.monitor = self._make_monitor(net, self.every)
         if self.monitor is not None:
             self.monitor.load_state_dict({**self.monitor.state_dict(records=False), "step": int(state.global_step)})
             self.monitor.attach_to(_inner(optimizer))

@@ -38,14 +38,14 @@ Where each step happens in Lightning's order (lightning 2.6, ``Trainer._run``):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
 from orthofx._optional import require
-from orthofx.config import check_int
 from orthofx.errors import ConfigError
 from orthofx.integrations._common import (
+    CallbackOptions,
     CHECKPOINT_KEY,
     attach_all,
     detach_all,
@@ -58,7 +58,7 @@ from orthofx.integrations._common import (
     transform_attr,
 )
 from orthofx.monitor import ConditioningMonitor
-from orthofx.pipeline import TransformReport, plan_of
+from orthofx.pipeline import plan_of
 
 _pl = require("lightning.pytorch", "lightning", purpose="orthofx.integrations.lightning")
 
@@ -67,7 +67,7 @@ __all__ = ["OrthofxCallback"]
 _HOOK = "on_load_checkpoint"
 
 
-class OrthofxCallback(_pl.Callback):
+class OrthofxCallback(_pl.Callback, CallbackOptions):
     """Transform, attach, monitor and checkpoint orthofx treatments in a Lightning ``Trainer``.
 
     Args:
@@ -80,6 +80,8 @@ class OrthofxCallback(_pl.Callback):
             possible when raw ``torch.linalg`` meta-layers would be swapped).
         monitor: create a :class:`~orthofx.monitor.ConditioningMonitor` (True), pass your
             own, or None/False for none. A model without meta-layer gets none.
+        sinks: the created monitor's :mod:`orthofx.monitor.sinks` (TensorBoard, CSV, JSONL,
+            logging, callable), besides ``pl_module.log``.
         every: record and log every ``every`` optimizer steps (default: the trainer's
             ``log_every_n_steps``); each logging step costs one host sync.
         prefix: metric name prefix.
@@ -101,28 +103,18 @@ class OrthofxCallback(_pl.Callback):
         example_input_fn: Callable[[nn.Module], Any] | None = None,
         model_attr: str | None = "model",
         monitor: bool | ConditioningMonitor | None = True,
+        sinks: Sequence[Any] = (),
         every: int | None = None,
         prefix: str = "orthofx/",
         attach_options: Mapping[str, Any] | None = None,
         verify: bool = True,
     ) -> None:
         super().__init__()
-        if example_inputs is not None and example_input_fn is not None:
-            raise ConfigError("pass example_inputs or example_input_fn, not both")
         if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
             raise ConfigError(f"model_attr must be a dotted attribute path or None, got {model_attr!r}")
-        self.config = config
-        self.example_inputs = example_inputs
-        self.example_input_fn = example_input_fn
+        self._init_options(config, example_inputs, example_input_fn, monitor, sinks, every, prefix, attach_options,
+                           verify)
         self.model_attr = model_attr
-        self._monitor_opt = monitor
-        self.every = None if every is None else check_int(every, "every", min=1)
-        self.prefix = prefix
-        self.attach_options = dict(attach_options or {})
-        self.verify = verify
-        self.report: TransformReport | None = None
-        self.handles: list[Any] = []
-        self.monitor: ConditioningMonitor | None = None
         self.replayed = False
         self._pending_state: Mapping[str, Any] | None = None
         self._logged_at = -1
@@ -173,16 +165,7 @@ class OrthofxCallback(_pl.Callback):
         self.handles = attach_all(list(trainer.optimizers), net, self.attach_options, closure_first=True)
         every = self.every if self.every is not None else max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         self.every = every
-        mon = self._monitor_opt
-        if isinstance(mon, ConditioningMonitor):
-            self.monitor = mon
-        elif mon:
-            plan = plan_of(net)
-            try:
-                self.monitor = ConditioningMonitor(net, every=every, run=plan.config.name if plan else "run")
-            except ConfigError as e:  # no meta-layer to watch
-                log.warning("no conditioning monitor: %s", e)
-                self.monitor = None
+        self.monitor = self._make_monitor(net, every)
         if self.monitor is not None:
             if self._pending_state is not None:
                 self.monitor.load_state_dict(self._pending_state)
