@@ -181,12 +181,12 @@ def fuse_at(gm: fx.GraphModule, eigh_node: str, output_node: str, usage: str, *,
     if eig is None or eig.op not in ("call_function", "call_method") or not eig.args \
             or not isinstance(eig.args[0], fx.Node):
         raise ConfigError(f"the graph has no eigh call named {eigh_node!r}")
-    if hit is None or hit is eig or hit not in _descendants(eig):
+    below = _descendants(eig)
+    if hit is None or hit is eig or hit not in below:
         raise ConfigError(f"the graph has no node {output_node!r} computed from the eigh {eigh_node!r}")
     module = f"{STABLE_PREFIX}{eigh_node}"
     label = user_label(eig, SimpleNamespace(scope=scope))
     gm.add_submodule(module, ExactSpectral(usage, f"{eigh_node} in {scope or '<root>'}", label=label))
-    below = _descendants(eig)
     with gm.graph.inserting_before(hit):
         new = gm.graph.call_module(module, (eig.args[0],))
     new.meta.update(hit.meta)

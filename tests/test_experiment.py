@@ -178,7 +178,6 @@ def test_interleaved_timing_ratios_are_per_round(tmp_path):
         assert t["ratio_median"] == pytest.approx(sorted(t["ratios"])[0] / 2 + sorted(t["ratios"])[1] / 2)
 
 
-@pytest.mark.skipif(not demo_mod.ow_target_available(), reason="OrthoConfig(ow_target=...) not installed by attach")
 def test_ow_target_rows_differ(tmp_path):
     """NOG under OW on W's gradient and on the generator's gradient are different updates."""
     out = []

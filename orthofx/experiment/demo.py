@@ -33,7 +33,7 @@ from orthofx.errors import ConfigError
 from orthofx.experiment.train import ExperimentConfig, _jsonable, run
 
 __all__ = [
-    "DemoRow", "Experiment", "EXPERIMENTS", "EXPERIMENT_CHOICES", "demo", "format_table", "ow_target_available",
+    "DemoRow", "Experiment", "EXPERIMENTS", "EXPERIMENT_CHOICES", "demo", "format_table",
     "KAPPA_FIELDS", "collect",
 ]
 
@@ -56,7 +56,6 @@ class DemoRow:
     ortho: tuple[tuple[str, Any], ...] = ()
     model_kwargs: tuple[tuple[str, Any], ...] = ()
     transform: bool = True
-    needs: str | None = None  # an OrthoConfig field this row needs (skipped with a note if missing)
     cost: float = 1.0  # wall time relative to the experiment's SVD row (measured), to schedule jobs
     extended: bool = False  # run only with ``demo(extended=True)`` (``--extended``) or when named in ``rows``
 
@@ -75,28 +74,6 @@ class Experiment:
     cost: float = 1.0  # wall time of its SVD row relative to the DBN SVD row (measured), to schedule jobs
 
 
-def ow_target_available() -> bool:
-    """True when ``OrthoConfig(ow_target=...)`` is accepted and ``orthofx.attach`` installs it
-    (probed on a tiny conv → whitening model)."""
-    import warnings
-
-    import orthofx
-    from orthofx.nn import DecorrelatedBatchNorm
-
-    try:
-        cfg = orthofx.OrthoConfig.from_preset("nog+ow", ow_target="weight")
-        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), DecorrelatedBatchNorm(4))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gm, _ = orthofx.transform(model, (torch.randn(2, 1, 5, 5),), config=cfg)
-            handle = orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
-        if handle is not None:
-            handle.remove()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not available in this checkout"
-        return False
-
-
 _W, _A = (("ow_target", "weight"),), (("ow_target", "generator"),)
 
 _DBN_ROWS = (
@@ -104,10 +81,10 @@ _DBN_ROWS = (
     DemoRow("NOG", "nog"),
     DemoRow("OLR", "olr"),
     DemoRow("OW", "ow"),
-    DemoRow("NOG+OW (W)", "nog+ow", ortho=_W, needs="ow_target", cost=2.1),
-    DemoRow("NOG+OW (A)", "nog+ow", ortho=_A, needs="ow_target"),
-    DemoRow("NOG+OW+OLR (W)", "nog+ow+olr", ortho=_W, needs="ow_target", cost=2.1),
-    DemoRow("NOG+OW+OLR (A)", "nog+ow+olr", ortho=_A, needs="ow_target"),
+    DemoRow("NOG+OW (W)", "nog+ow", ortho=_W, cost=2.1),
+    DemoRow("NOG+OW (A)", "nog+ow", ortho=_A),
+    DemoRow("NOG+OW+OLR (W)", "nog+ow+olr", ortho=_W, cost=2.1),
+    DemoRow("NOG+OW+OLR (A)", "nog+ow+olr", ortho=_A),
     DemoRow("Newton-Schulz", "svd", "ns"),
     # the rest of the paper's Tables 1–3 (outside the 12-minute budget: ``--extended``)
     DemoRow("SN", "sn", extended=True),
@@ -117,12 +94,6 @@ _DBN_ROWS = (
     DemoRow("NOG+OLR", "nog+olr", extended=True),
     DemoRow("OW+OLR", "ow+olr", extended=True, cost=2.0),
 )
-#: rows run instead of the "(W)"/"(A)" pairs while OrthoConfig has no ow_target: today's
-#: behaviour, where NOG/OLR act on the gradient of OW's generator A
-_DBN_FALLBACK = {
-    "NOG+OW (A)": DemoRow("NOG+OW (A)", "nog+ow"),
-    "NOG+OW+OLR (A)": DemoRow("NOG+OW+OLR (A)", "nog+ow+olr"),
-}
 
 _GCP_ROWS = (
     DemoRow("SVD", "svd"),
@@ -161,22 +132,6 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 #: ``orthofx demo --experiment`` choices; "both" = dbn + gcp
 EXPERIMENT_CHOICES = ("both", "dbn", "gcp", "dbn-small")
-
-
-def _resolve_rows(exp: Experiment, notes: list[str]) -> list[DemoRow]:
-    if ow_target_available():
-        return list(exp.rows)
-    rows = []
-    for r in exp.rows:
-        if r.needs == "ow_target":
-            if r.label in _DBN_FALLBACK:
-                rows.append(_DBN_FALLBACK[r.label])
-            else:
-                notes.append(f"{exp.key}: row {r.label!r} skipped: OrthoConfig has no ow_target yet "
-                             "(TODO: NOG/OLR on W's gradient under OW)")
-            continue
-        rows.append(r)
-    return rows
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -534,9 +489,9 @@ def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, r
         exp = EXPERIMENTS[key]
         settings = dict(exp.quick if quick else exp.full)
         settings.update(overrides or {})
-        exp_rows = _resolve_rows(exp, notes)
+        exp_rows = list(exp.rows)
         if rows is not None:
-            known = [r.label for e in keys for r in _resolve_rows(EXPERIMENTS[e], [])]
+            known = [r.label for e in keys for r in EXPERIMENTS[e].rows]
             unknown = sorted(set(rows) - set(known))
             if unknown:
                 raise ConfigError(f"unknown demo rows {unknown}; rows of {keys}: {known}")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
-__all__ = ["Task", "default_jobs", "run_tasks"]
+__all__ = ["Task", "default_jobs", "run_tasks", "usable_cores"]
 
 
 @dataclass(frozen=True)

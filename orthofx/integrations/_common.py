@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from orthofx._log import logger as _root_logger
+from orthofx.config import check_int
 from orthofx.errors import AttachError, ConfigError
 from orthofx.export import checkpoint as _checkpoint
 from orthofx.monitor import ConditioningMonitor, record_metrics
@@ -260,8 +261,6 @@ class CallbackOptions:
         attach_options: Mapping[str, Any] | None,
         verify: bool,
     ) -> None:
-        from orthofx.config import check_int
-
         if example_inputs is not None and example_input_fn is not None:
             raise ConfigError("pass example_inputs or example_input_fn, not both")
         if not isinstance(prefix, str):
