@@ -19,7 +19,10 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Mapping
 
 from orthofx.errors import ConfigError, OptionError
-from orthofx.vocab import OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS, WEIGHT_TREATMENTS
+from orthofx.vocab import (
+    NOG_DEFICIENT, NOG_SCALES, OW_GENERATORS, OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS,
+    WEIGHT_TREATMENTS,
+)
 
 if TYPE_CHECKING:
     from orthofx.graph.config import AnalysisConfig
@@ -157,6 +160,16 @@ class WeightSpec:
             skew-orthogonal convolution, an orthogonal conv operator; only stride-1 'same'
             Conv2d producers with in == out and an odd square kernel — any other producer
             raises TreatmentError; ``strip`` refuses it).
+        ow_generator: for ``"expm"``/``"cayley"``: ``"free"`` (W = f(S) Y₀ with S = a Y₀ᵀ − Y₀ aᵀ
+            unconstrained, a = 0 at registration) or ``"normalized"`` (W = f(ρ S/σ̂(S)) Y₀, the
+            authors' SOC normalisation applied to the flat map: a random nonzero start, and W
+            does not depend on ‖a‖). SOC is always normalised.
+        ow_radius: ρ of the normalised generators (SOC, ``ow_generator="normalized"``):
+            ‖M‖₂ = ρ; the authors' 0.7. A float in (0, 3].
+        soc_terms: Taylor terms T of SOC's exp(M)x ≈ Σ_{j≤T} M^j x/j! in training (the
+            authors' 5); ``soc_eval_terms`` in eval (their 10). The deviation from an
+            orthogonal operator is ≤ 2ε + ε², ε = ρ^{T+1}/(T+1)! (3.3e-4 at ρ = 0.7, T = 5;
+            1.0e-9 at T = 10).
         sn_method: ``"exact"`` (σ_max from ``svdvals`` every forward: σ_max(W) = 1 to
             rounding) or ``"power"`` (torch's power-iteration spectral norm).
         sn_power_iterations: power iterations per forward for ``sn_method="power"`` (int ≥ 1).
@@ -167,6 +180,10 @@ class WeightSpec:
 
     kind: str | None = None
     ow_method: str = "expm"
+    ow_generator: str = "free"
+    ow_radius: float = 0.7
+    soc_terms: int = 5
+    soc_eval_terms: int = 10
     sn_method: str = "exact"
     sn_power_iterations: int = 1
     ol_weight: float = 1e-2
@@ -177,6 +194,10 @@ class WeightSpec:
             raise OptionError("weight", self.kind, f"not a weight treatment; use one of {WEIGHT_TREATMENTS} or None")
         _put(self, "kind", kind)
         _put(self, "ow_method", _choice(self.ow_method, "ow_method", OW_METHOD_NAMES))
+        _put(self, "ow_generator", _choice(self.ow_generator, "ow_generator", OW_GENERATORS))
+        _put(self, "ow_radius", check_float(self.ow_radius, "ow_radius", min=0.0, min_inclusive=False, max=3.0))
+        _put(self, "soc_terms", check_int(self.soc_terms, "soc_terms", min=1, max=64))
+        _put(self, "soc_eval_terms", check_int(self.soc_eval_terms, "soc_eval_terms", min=1, max=64))
         _put(self, "sn_method", _choice(self.sn_method, "sn_method", SN_METHODS))
         _put(self, "sn_power_iterations", check_int(self.sn_power_iterations, "sn_power_iterations", min=1))
         _put(self, "ol_weight", check_weight(self.ol_weight, "ol_weight"))
@@ -193,15 +214,23 @@ class GradientSpec:
             + 5 polish steps on CUDA (no host sync; ≤ 1e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
             float64 Gram ``"eigh"`` on the CPU; ``"svd"`` is the paper's literal U Vᵀ
             (synchronises on CUDA).
+        nog_scale: ``"unit"`` (default, the paper: U Vᵀ, every step of size √rank) or
+            ``"frobenius"`` (U Vᵀ rescaled to ‖G‖_F: NOG's direction with SGD's step size).
+        nog_deficient: a rank-deficient G: ``"partial"`` (default: the partial isometry
+            U_r V_rᵀ, null directions stay 0) or ``"full"`` (the authors' ``s[:] = 1``: the full
+            thin SVD's U Vᵀ, null directions lifted to 1 along the SVD's own basis).
         olr: per-step optimal learning rate η* = (wᵀw·lᵀw)/(wᵀw·lᵀl + 2(lᵀw)²), used when
             0 < η* < the scheduled lr.
-        ow_target: what NOG/OLR act on when OW re-parametrizes the weight: ``"weight"`` (the
-            orthogonal W the layer uses) or ``"generator"`` (the trained parameter A of
-            W = exp(A − Aᵀ)); ``None`` = the treatments' default.
+        ow_target: what NOG/OLR act on when OW re-parametrizes the weight: ``"generator"``
+            (the trained parameter of the OW map, as the authors' code does; the default) or
+            ``"weight"`` (the orthogonal W the layer uses: a Riemannian step on W, pulled back
+            to the generator exactly); ``None`` = the treatments' default (``"generator"``).
     """
 
     nog: bool = False
     nog_method: str = "auto"
+    nog_scale: str = "unit"
+    nog_deficient: str = "partial"
     olr: bool = False
     ow_target: str | None = None
 
@@ -209,6 +238,8 @@ class GradientSpec:
         _put(self, "nog", check_bool(self.nog, "nog"))
         _put(self, "olr", check_bool(self.olr, "olr"))
         _put(self, "nog_method", _choice(self.nog_method, "nog_method", POLAR_METHODS))
+        _put(self, "nog_scale", _choice(self.nog_scale, "nog_scale", NOG_SCALES))
+        _put(self, "nog_deficient", _choice(self.nog_deficient, "nog_deficient", NOG_DEFICIENT))
         if self.ow_target is not None:
             _put(self, "ow_target", _choice(self.ow_target, "ow_target", OW_TARGETS))
 
@@ -217,11 +248,17 @@ class GradientSpec:
 _FLAT: dict[str, tuple[str, str]] = {
     "weight": ("weights", "kind"),
     "ow_method": ("weights", "ow_method"),
+    "ow_generator": ("weights", "ow_generator"),
+    "ow_radius": ("weights", "ow_radius"),
+    "soc_terms": ("weights", "soc_terms"),
+    "soc_eval_terms": ("weights", "soc_eval_terms"),
     "ol_weight": ("weights", "ol_weight"),
     "sn_method": ("weights", "sn_method"),
     "sn_power_iterations": ("weights", "sn_power_iterations"),
     "nog": ("gradients", "nog"),
     "nog_method": ("gradients", "nog_method"),
+    "nog_scale": ("gradients", "nog_scale"),
+    "nog_deficient": ("gradients", "nog_deficient"),
     "olr": ("gradients", "olr"),
     "ow_target": ("gradients", "ow_target"),
 }
@@ -299,13 +336,22 @@ class OrthoConfig:
         preset: str | None = None,
         *,
         ow_target: str | None = _UNSET,
+        ow_generator: str = _UNSET,
+        ow_radius: float = _UNSET,
+        soc_terms: int = _UNSET,
+        soc_eval_terms: int = _UNSET,
+        nog_scale: str = _UNSET,
+        nog_deficient: str = _UNSET,
         weights: WeightSpec | Mapping[str, Any] | None = None,
         gradients: GradientSpec | Mapping[str, Any] | None = None,
     ) -> None:
         flat = {k: v for k, v in (("weight", weight), ("ow_method", ow_method), ("ol_weight", ol_weight),
                                   ("sn_method", sn_method), ("sn_power_iterations", sn_power_iterations),
                                   ("nog", nog), ("nog_method", nog_method), ("olr", olr),
-                                  ("ow_target", ow_target)) if v is not _UNSET}
+                                  ("ow_target", ow_target), ("ow_generator", ow_generator),
+                                  ("ow_radius", ow_radius), ("soc_terms", soc_terms),
+                                  ("soc_eval_terms", soc_eval_terms), ("nog_scale", nog_scale),
+                                  ("nog_deficient", nog_deficient)) if v is not _UNSET}
         given = {"weights": weights, "gradients": gradients}
         for section, cls in _SECTIONS.items():
             mine = {_FLAT[k][1]: v for k, v in flat.items() if _FLAT[k][0] == section}
@@ -335,6 +381,12 @@ class OrthoConfig:
     nog_method = property(lambda self: self.gradients.nog_method, doc="GradientSpec.nog_method.")
     olr = property(lambda self: self.gradients.olr, doc="GradientSpec.olr.")
     ow_target = property(lambda self: self.gradients.ow_target, doc="GradientSpec.ow_target.")
+    ow_generator = property(lambda self: self.weights.ow_generator, doc="WeightSpec.ow_generator.")
+    ow_radius = property(lambda self: self.weights.ow_radius, doc="WeightSpec.ow_radius.")
+    soc_terms = property(lambda self: self.weights.soc_terms, doc="WeightSpec.soc_terms.")
+    soc_eval_terms = property(lambda self: self.weights.soc_eval_terms, doc="WeightSpec.soc_eval_terms.")
+    nog_scale = property(lambda self: self.gradients.nog_scale, doc="GradientSpec.nog_scale.")
+    nog_deficient = property(lambda self: self.gradients.nog_deficient, doc="GradientSpec.nog_deficient.")
 
     # ------------------------------------------------------------------ presets
     @classmethod

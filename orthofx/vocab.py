@@ -43,6 +43,12 @@ __all__ = [
     "SN_METHODS",
     "OWTarget",
     "OW_TARGETS",
+    "OWGenerator",
+    "OW_GENERATORS",
+    "NOGScale",
+    "NOG_SCALES",
+    "NOGDeficient",
+    "NOG_DEFICIENT",
     "TorchDecomposition",
     "TORCH_DECOMPOSITIONS",
 ]
@@ -246,6 +252,36 @@ class OWTarget(_StrEnum):
 
 
 OW_TARGETS: tuple[str, ...] = _values(OWTarget)
+
+
+class OWGenerator(_StrEnum):
+    """How the flat OW maps (``expm``/``cayley``) use their generator S."""
+
+    FREE = "free"              # W = f(S) Y₀, S unconstrained (starts at 0)
+    NORMALIZED = "normalized"  # W = f(ρ S/σ̂(S)) Y₀, as the authors' SOC (random nonzero start)
+
+
+OW_GENERATORS: tuple[str, ...] = _values(OWGenerator)
+
+
+class NOGScale(_StrEnum):
+    """The size of NOG's step."""
+
+    UNIT = "unit"            # U Vᵀ: unit singular values, ‖·‖_F = √rank (the paper)
+    FROBENIUS = "frobenius"  # U Vᵀ · ‖G‖_F/‖U Vᵀ‖_F: NOG's direction at the gradient's size
+
+
+NOG_SCALES: tuple[str, ...] = _values(NOGScale)
+
+
+class NOGDeficient(_StrEnum):
+    """What NOG does with the zero singular values of a rank-deficient gradient."""
+
+    PARTIAL = "partial"  # the partial isometry U_r V_rᵀ (null directions stay 0)
+    FULL = "full"        # the authors' s[:] = 1: U Vᵀ of the full thin SVD (null directions lifted to 1)
+
+
+NOG_DEFICIENT: tuple[str, ...] = _values(NOGDeficient)
 
 
 # ------------------------------------------------------------------------ torch decompositions
