@@ -58,6 +58,14 @@ def _plan_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str]] | None
     return producer_specs(unwrap(model), plan)
 
 
+def _plan_ow_target(model: nn.Module) -> str | None:
+    """The ``ow_target`` of a transformed model's config (None: not chosen, or no plan)."""
+    from orthofx.pipeline import plan_of
+
+    plan = plan_of(model)
+    return None if plan is None else plan.config.ow_target
+
+
 def _sgd_step(opt: torch.optim.SGD) -> None:
     """``torch.optim.SGD.step`` without the hook wrapper torch puts on it once an SGD exists
     (this class's own ``step`` carries the user's hooks already)."""
@@ -80,12 +88,15 @@ class OrthoSGD(torch.optim.SGD):
             gradient (paper Sec. 5.1).
         olr: per-step producer lr η* when ``0 < η* < lr`` (paper Sec. 5.2).
         nog_method: ``orthofx.linalg.polar`` method (``"auto"``, ``"svd"``, ...).
-        ow_target: under OW, act on the weight (``"weight"``, default) or the generator.
+        nog_scale: ``"unit"`` (U Vᵀ, the paper) or ``"frobenius"`` (U Vᵀ rescaled to ‖G‖_F).
+        nog_deficient: rank-deficient G: ``"partial"`` (U_r V_rᵀ) or ``"full"`` (null
+            directions lifted to 1, the authors' ``s[:] = 1``; needs ``nog_method`` "svd"/"auto").
+        ow_target: under OW, act on the generator (``"generator"``, default) or the weight (``"weight"``).
         producers: the producer parameters (any spec :func:`orthofx.treatments.attach`
             takes: tensors, ``(module, "weight")`` pairs, a ``{name: spec}`` map); overrides
             the plan's.
         chain: your own gradient chain instead of NOG/OLR (then ``nog``/``olr``/
-            ``nog_method`` must be left at their defaults).
+            ``nog_method``/``nog_scale``/``nog_deficient`` must be left at their defaults).
         lr_mode, history, max_history: as :func:`orthofx.treatments.attach`.
 
     Raises:
@@ -107,6 +118,8 @@ class OrthoSGD(torch.optim.SGD):
         nog: bool = True,
         olr: bool = False,
         nog_method: str = "auto",
+        nog_scale: str = "unit",
+        nog_deficient: str = "partial",
         ow_target: str | None = None,
         producers: "Mapping[str, Any] | Iterable[Any] | None" = None,
         chain: GradientTransformation | None = None,
@@ -121,6 +134,8 @@ class OrthoSGD(torch.optim.SGD):
         if isinstance(params, nn.Module):
             model = params
             params = list(model.parameters())
+            if ow_target is None:  # the plan's choice, as orthofx.attach(opt, model) reads it
+                ow_target = _plan_ow_target(model)
             if producers is None:
                 producers = _plan_producers(model)
                 if producers is None:
@@ -145,11 +160,11 @@ class OrthoSGD(torch.optim.SGD):
         kw: dict[str, Any] = {"lr_mode": lr_mode, "history": history, "max_history": max_history,
                               "ow_target": ow_target}
         if chain is not None:
-            if (nog, olr, nog_method) != (True, False, "auto"):
-                raise ConfigError("OrthoSGD: pass either chain= or nog/olr/nog_method, not both")
+            if (nog, olr, nog_method, nog_scale, nog_deficient) != (True, False, "auto", "unit", "partial"):
+                raise ConfigError("OrthoSGD: pass either chain= or nog/olr/nog_method/nog_scale/nog_deficient, not both")
             kw["chain"] = chain
         else:
-            kw.update(nog=nog, olr=olr, nog_method=nog_method)
+            kw.update(nog=nog, olr=olr, nog_method=nog_method, nog_scale=nog_scale, nog_deficient=nog_deficient)
         producers = dict(specs) if isinstance(producers, Mapping) else specs
         # the chain runs inside step() (no step hooks: torch runs a subclass's hooks around its
         # step, i.e. before the closure, and again around SGD.step when that is patched)

@@ -76,7 +76,8 @@ def test_transformed_model_uses_its_plan_and_ow_weight_target() -> None:
     from tests.test_transform import RawGCP, _batch as gcp_batch
 
     torch.manual_seed(0)
-    gm, report = orthofx.transform(RawGCP(), gcp_batch()[:1], config="nog+ow+olr")
+    cfg = orthofx.OrthoConfig.from_preset("nog+ow+olr", ow_target="weight")
+    gm, report = orthofx.transform(RawGCP(), gcp_batch()[:1], config=cfg)
     gm = gm.double()
     gm2 = copy.deepcopy(gm)
     ref = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
@@ -90,6 +91,10 @@ def test_transformed_model_uses_its_plan_and_ow_weight_target() -> None:
             F.cross_entropy(m(x.double()), y).backward()
             o.step()
     _same(gm, gm2)
+    # both re-based the OW map after every step (ow_target="weight"): the generator is 0
+    for m in (gm, gm2):
+        gens = [p for n, p in m.named_parameters() if n.endswith("parametrizations.weight.original")]
+        assert gens and all(float(p.detach().abs().max()) == 0.0 for p in gens)
 
 
 def test_state_dict_round_trip(device: torch.device) -> None:

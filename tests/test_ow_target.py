@@ -1,5 +1,6 @@
-"""ow_target: what NOG/OLR act on under OW — the weight W = Φ(A) (the paper's reading) or the
-generator A. float64 unless stated; ε of the central finite differences: 1e-6."""
+"""ow_target: what NOG/OLR act on under OW — the generator A (default, as the authors' code) or
+the weight W = Φ(A) (closed-form pull-back at A = 0, re-based after every step). float64 unless
+stated; ε of the central finite differences: 1e-6."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from orthofx.errors import ConfigError
 from orthofx.syncs import cuda_policy, sync_audit
 from orthofx.treatments import attach, named_chain, nog, olr_eta, register_orthogonal
 from orthofx.treatments._common import polar
-from orthofx.treatments.ow_target import OWLinearization, WeightTargetState, ow_parametrization
+from orthofx.treatments.ow_target import (
+    OWLinearization, WeightTargetState, jacobian_at_zero, ow_parametrization, pullback, rebase,
+    tangent_from_generator_grad,
+)
 
 F64 = torch.float64
 CASES = [  # (weight shape, method, lowrank)
@@ -67,34 +71,58 @@ def test_J_is_the_derivative_of_the_map(shape, method, lowrank) -> None:
     torch.testing.assert_close((lin.J(x) * y).sum(), (x * lin.Jt(y)).sum(), rtol=1e-10, atol=1e-12)
 
 
+def _rebased(shape, method, lowrank, scale: float):
+    """An OW map whose generator was moved to ``scale`` and then re-based (A = 0, Y₀ = W)."""
+    m, po = _ow(shape, method, lowrank)
+    A = m.parametrizations.weight.original
+    with torch.no_grad():
+        A.copy_(_generator(shape, scale))
+    W = m.weight.detach().clone()
+    rebase(po, A)
+    return m, po, A, W
+
+
+@pytest.mark.parametrize("shape,method,lowrank", CASES)
+@pytest.mark.parametrize("scale", [0.0, 0.5, 3.0])
+def test_rebase_keeps_W_and_makes_J_the_closed_form(shape, method, lowrank, scale) -> None:
+    """After rebase A = 0, W is unchanged (1e-12), and autograd's J of the real map (dense or
+    low-rank, polished) equals the closed form J X = X − Y₀XᵀY₀ (1e-10 relative)."""
+    m, po, A, W = _rebased(shape, method, lowrank, scale)
+    assert float(A.detach().abs().max()) == 0.0
+    torch.testing.assert_close(m.weight.detach(), W, rtol=0, atol=1e-12)
+    lin = OWLinearization(po, A)
+    Y0 = po.base
+    x = torch.randn(*shape, dtype=F64)
+    want = po._from_tall(jacobian_at_zero(Y0, po._to_tall(x)))
+    torch.testing.assert_close(lin.J(x), want, rtol=0, atol=1e-10 * want.norm().item())
+    torch.testing.assert_close(lin.Jt(x), want, rtol=0, atol=1e-10 * want.norm().item())
+
+
 @pytest.mark.parametrize("shape,method,lowrank", CASES)
 @pytest.mark.parametrize("scale", [0.0, 0.5])
 def test_pullback_moves_W_along_the_tangent_direction(shape, method, lowrank, scale) -> None:
-    """The mapped A-update Δ changes W to first order by exactly P_T(D) (finite differences)."""
-    _, po = _ow(shape, method, lowrank)
-    A = _generator(shape, scale)
-    lin = OWLinearization(po, A)
+    """The closed-form A-update Δ changes W to first order by exactly P_T(D) (finite
+    differences through the real map), and it is the least-norm such Δ."""
+    _, po, A, W = _rebased(shape, method, lowrank, scale)
     D = polar(torch.randn(shape[0], math.prod(shape[1:]), dtype=F64), "svd").reshape(shape)
-    delta, res = lin.pullback(D, iters=16)
-    assert float(res) < 1e-9
-    want = _tangent(po, lin.W, D)
-    torch.testing.assert_close(_fd(po, A, delta), want, rtol=0, atol=1e-7 * want.norm().item())
+    Y0 = po.base
+    delta = po._from_tall(pullback(Y0, po._to_tall(D)))
+    want = _tangent(po, W, D)
+    torch.testing.assert_close(_fd(po, A.detach(), delta), want, rtol=0, atol=1e-8 * want.norm().item())
     # the least-norm step: nothing along ker J = {Y₀Σ}, Σ symmetric
-    P = lin.Y0.mT @ po._to_tall(delta)
-    torch.testing.assert_close(P + P.mT, torch.zeros_like(P), rtol=0, atol=1e-9)
+    P = Y0.mT @ po._to_tall(delta)
+    torch.testing.assert_close(P + P.mT, torch.zeros_like(P), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape,method,lowrank", CASES)
 def test_riemannian_gradient_recovered_from_the_generator_gradient(shape, method, lowrank) -> None:
-    """G_A = J* G_W (what autograd gives A) determines P_T(G_W), and the solve recovers it."""
-    _, po = _ow(shape, method, lowrank)
-    A = _generator(shape, 0.5).requires_grad_(True)
+    """G_A = J* G_W (what autograd gives A at A = 0) determines P_T(G_W) in closed form."""
+    _, po, A, W = _rebased(shape, method, lowrank, 0.5)
+    A = A.detach().requires_grad_(True)
     G_W = torch.randn(*shape, dtype=F64)
     (G_A,) = torch.autograd.grad((po(A) * G_W).sum(), A)
-    lin = OWLinearization(po, A.detach())
-    G_T, res = lin.riemannian(G_A, iters=16)
-    assert float(res) < 1e-9
-    torch.testing.assert_close(G_T, _tangent(po, lin.W, G_W), rtol=0, atol=1e-8 * G_W.norm().item())
+    G_T = po._from_tall(tangent_from_generator_grad(po.base, po._to_tall(G_A)))
+    torch.testing.assert_close(G_T, _tangent(po, W, G_W), rtol=0, atol=1e-10 * G_W.norm().item())
 
 
 def test_gradcheck_of_the_ow_map_used_for_J() -> None:
@@ -137,7 +165,7 @@ def test_sgd_step_moves_W_along_nog_of_the_weight_gradient() -> None:
     want = _tangent(po, W, polar(G_W.reshape(6, -1), "svd").reshape(G_W.shape))
     lr = 1e-5
     opt = torch.optim.SGD(m.parameters(), lr=lr)
-    h = attach(opt, [(m.conv, "weight")], nog=True, nog_method="svd")
+    h = attach(opt, [(m.conv, "weight")], nog=True, nog_method="svd", ow_target="weight")
     assert h.ow_target == "weight" and h.options["ow_target"] == "weight"
     F.cross_entropy(m(x), y).backward()
     opt.step()
@@ -152,7 +180,7 @@ def test_olr_sees_the_orthogonal_weight() -> None:
     m = _Net().double()
     x, y = _data(torch.device("cpu"), F64)
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    h = attach(opt, [(m.conv, "weight")], nog=True, olr=True, nog_method="svd")
+    h = attach(opt, [(m.conv, "weight")], nog=True, olr=True, nog_method="svd", ow_target="weight")
     W = m.conv.weight.detach().clone()
     Wv = W.clone().requires_grad_(True)
     (G_W,) = torch.autograd.grad(F.cross_entropy(m.head(F.relu(F.conv2d(x, Wv)).mean((2, 3))), y), Wv)
@@ -177,6 +205,7 @@ def test_without_capture_the_chain_sees_the_riemannian_gradient() -> None:
     m = _Net().double()
     po = ow_parametrization(m.conv, "weight")
     A = m.conv.parametrizations.weight.original
+    rebase(po, A)  # what attach does first: Y₀ = Φ(A) orthonormal in float64 (it was built in float32)
     x, y = _data(torch.device("cpu"), F64)
     F.cross_entropy(m(x), y).backward()
     seen = {}
@@ -199,7 +228,7 @@ def test_capture_sums_micro_batches_and_restarts_after_zero_grad() -> None:
     m = _Net().double()
     x, y = _data(torch.device("cpu"), F64)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    h = attach(opt, [(m.conv, "weight")], nog=True)
+    h = attach(opt, [(m.conv, "weight")], nog=True, ow_target="weight")
     cap = h._capture
     Wv = m.conv.weight.detach().clone().requires_grad_(True)
     (G1,) = torch.autograd.grad(F.cross_entropy(m.head(F.relu(F.conv2d(x[:8], Wv)).mean((2, 3))), y[:8]), Wv)
@@ -262,7 +291,7 @@ def test_targets_differ_and_generator_is_the_earlier_behaviour() -> None:
 def test_nonfinite_gradient_is_counted_and_skipped() -> None:
     m = _Net().double()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    h = attach(opt, [(m.conv, "weight")], nog=True, olr=True)
+    h = attach(opt, [(m.conv, "weight")], nog=True, olr=True, ow_target="weight")
     A = m.conv.parametrizations.weight.original
     before = A.detach().clone()
     A.grad = torch.full_like(A, math.nan)
@@ -294,7 +323,62 @@ def test_defaults_validation_and_soc() -> None:
     with pytest.raises(ConfigError, match="soc"):
         attach(sopt, [(soc, "weight")], nog=True, ow_target="weight")
     h = attach(sopt, [(soc, "weight")], nog=True)
-    assert h.ow_target == "weight" and not isinstance(h.state, WeightTargetState)
+    assert h.ow_target == "generator" and not isinstance(h.state, WeightTargetState)
+
+
+def test_default_target_is_the_generator_as_in_the_authors_code() -> None:
+    """With nothing chosen, NOG acts on the generator's gradient (bitwise what a bare generator
+    tensor gets) and no weight-gradient capture or re-base is installed."""
+    x, y = _data(torch.device("cpu"), F64)
+    out = []
+    for spec in ("pair", "tensor"):
+        torch.manual_seed(0)
+        m = _Net().double()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        A = m.conv.parametrizations.weight.original
+        h = attach(opt, [(m.conv, "weight")] if spec == "pair" else [A], nog=True, olr=True)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        out.append(A.detach().clone())
+        if spec == "pair":
+            assert h.ow_target == "generator" and h._capture is None and not isinstance(h.state, WeightTargetState)
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    assert float(out[0].abs().max()) > 0  # the generator moved (no re-base)
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-6), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("shape,method,lowrank", CASES)
+def test_weight_target_residual_and_rebase_over_steps(dtype, tol, shape, method, lowrank) -> None:
+    """Over 5 NOG+OLR steps with momentum the pull-back residual stays ≤ 1e-6 (float64) / 1e-4
+    (float32), A is 0 after every step, W stays orthonormal and moves."""
+    torch.manual_seed(0)
+    lin = nn.Linear(math.prod(shape[1:]), shape[0], bias=False).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(shape[0], math.prod(shape[1:])))
+    register_orthogonal(lin, method=method, lowrank=lowrank)
+    head = nn.Linear(shape[0], 3).to(dtype)
+    opt = torch.optim.SGD([*lin.parameters(), *head.parameters()], lr=0.05, momentum=0.9)
+    h = attach(opt, [(lin, "weight")], nog=True, olr=True, nog_method="svd", ow_target="weight")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, lin.in_features, generator=g).to(dtype), torch.randint(0, 3, (32,), generator=g)
+    W0 = lin.weight.detach().clone()
+    A = lin.parametrizations.weight.original
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(head(torch.tanh(lin(x))), y).backward()
+        opt.step()
+        assert float(A.detach().abs().max()) == 0.0
+        assert h.stats()["ow_residual"][h.names[0]] <= tol
+    Wt = ow_parametrization(lin, "weight")._to_tall(lin.weight.detach()).double()
+    torch.testing.assert_close(Wt.mT @ Wt, torch.eye(Wt.shape[1], dtype=F64), rtol=0, atol=10 * tol)
+    assert (lin.weight.detach() - W0).norm() > 1e-3
+
+
+def test_weight_target_refuses_a_normalised_generator() -> None:
+    m = _Net()
+    ow_parametrization(m.conv, "weight").generator = "normalized"  # as ow_generator="normalized" builds it
+    with pytest.raises(ConfigError, match="normalised"):
+        attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv, "weight")], nog=True, ow_target="weight")
 
 
 def test_config_mapping_carries_ow_target() -> None:
@@ -313,6 +397,9 @@ def test_weight_target_step_is_sync_free_on_the_cuda_path() -> None:
     with cuda_policy():
         attach(opt, [(m.conv, "weight")], nog=True, olr=True, ow_target="weight")
         F.cross_entropy(m(x), y).backward()
+        opt.step()  # the first step (and its re-base) out of the audit window: warm caches
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
         with sync_audit() as audit:
             opt.step()
     assert audit.syncs == {}
@@ -328,7 +415,7 @@ def test_unscaled_generator_gradient_rescales_the_capture() -> None:
         torch.manual_seed(0)
         m = _Net().double()
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        attach(opt, [(m.conv, "weight")], nog=True, olr=True, nog_method="svd")
+        attach(opt, [(m.conv, "weight")], nog=True, olr=True, nog_method="svd", ow_target="weight")
         for _ in range(2):
             opt.zero_grad()
             (scale * F.cross_entropy(m(x), y)).backward()
@@ -346,7 +433,7 @@ def test_copies_of_an_attached_model_do_not_feed_the_capture() -> None:
 
     m = _Net().double()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    h = attach(opt, [(m.conv, "weight")], nog=True)
+    h = attach(opt, [(m.conv, "weight")], nog=True, ow_target="weight")
     ema = copy.deepcopy(m)
     x, y = _data(torch.device("cpu"), F64)
     F.cross_entropy(ema(x), y).backward()

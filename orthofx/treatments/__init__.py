@@ -10,8 +10,9 @@
   own) as an optimizer step pre-hook; :mod:`~orthofx.treatments.options`,
   :mod:`~orthofx.treatments.groups`, :mod:`~orthofx.treatments.lr` and
   :mod:`~orthofx.treatments.sharding` are its parts.
-* :mod:`orthofx.treatments.ow_target` — under OW, NOG/OLR act on the weight W = Φ(A)
-  (:func:`weight_target`, ``attach(ow_target="weight")``, the default) or on the generator A.
+* :mod:`orthofx.treatments.ow_target` — under OW, NOG/OLR act on the generator A (the
+  default, as the authors' code) or on the weight W = Φ(A) (:func:`weight_target`,
+  ``attach(ow_target="weight")``: exact closed-form pull-back at A = 0, re-based every step).
 * :mod:`orthofx.treatments.guidance` — :class:`AdaptiveOptimizerWarning`.
 """
 

@@ -47,7 +47,7 @@ from orthofx.treatments.guidance import AdaptiveOptimizerWarning, adaptive_messa
 from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
 from orthofx.treatments.lr import LRDelivery, LRMode, resolve_lr_mode, warn_if_syncing
 from orthofx.treatments.options import AttachOptions, check_producers, ow_producers, parse_options, resolve_producers
-from orthofx.treatments.ow_target import WeightGradCapture, WeightTargetState, weight_target
+from orthofx.treatments.ow_target import WeightGradCapture, WeightTargetState, is_free, rebase, weight_target
 from orthofx.treatments.sharding import full, is_dtensor, write
 
 __all__ = ["attach", "AttachHandle", "resolve_producers"]
@@ -93,6 +93,8 @@ class AttachHandle:
         self.lr_mode = lr_mode
         self.ow_target = ow_target
         self._capture = capture
+        #: (parametrization, generator) of the OW maps re-based after every step (ow_target="weight")
+        self._rebase = [(m, s.param) for m, s in zip(capture.maps, slots) if m is not None] if capture else []
         self._warn_olr = False  # warn (AdaptiveOptimizerWarning) at the first step, with OLR's values
         self.transform = opts.transform() if transform is None else transform
         self._params = [s.param for s in slots]
@@ -130,6 +132,8 @@ class AttachHandle:
     def options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"nog": self.nog, "olr": self.olr, "nog_method": self.nog_method, "lr_mode": self.lr_mode,
                                "ow_target": self.ow_target}
+        if self.nog:  # NOG's two choices (orthofx.treatments.gradient.nog)
+            out.update(nog_scale=self._opts.nog_scale, nog_deficient=self._opts.nog_deficient)
         if self._opts.custom:
             out["chain"] = self.chain_names
         return out
@@ -228,10 +232,11 @@ class AttachHandle:
         (``orthofx.optim.OrthoSGD``)."""
         if step_hooks:
             self._hooks.append(opt.register_step_pre_hook(self._pre_hook))
+        if step_hooks and (self.olr or self._rebase):
+            self._hooks.append(opt.register_step_post_hook(self._post_hook))
         if self.olr:
-            if step_hooks:
-                self._hooks.append(opt.register_step_post_hook(self._post_hook))
             self._hooks.append(opt.register_load_state_dict_pre_hook(self._load_pre_hook))
+        self._rebase_all()  # ow_target="weight": every step starts at A = 0
 
     def before_step(self, opt: torch.optim.Optimizer) -> None:
         """Run the chain on the producers' gradients (what the step pre-hook does)."""
@@ -239,8 +244,8 @@ class AttachHandle:
             self._pre_hook(opt, (opt,), {})
 
     def after_step(self, opt: torch.optim.Optimizer) -> None:
-        """Finish the lr delivery after the update (what the step post-hook does)."""
-        if not self._removed and self.olr:
+        """Finish the lr delivery and re-base OW maps after the update (what the step post-hook does)."""
+        if not self._removed and (self.olr or self._rebase):
             self._post_hook(opt, (opt,), {})
 
     def _load_pre_hook(self, opt: torch.optim.Optimizer, state_dict: dict) -> dict | None:
@@ -322,7 +327,15 @@ class AttachHandle:
 
     @torch.no_grad()
     def _post_hook(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._lr.after_step(opt)
+        if self.olr:
+            self._lr.after_step(opt)
+        self._rebase_all()
+
+    def _rebase_all(self) -> None:
+        """``ow_target="weight"``: Y₀ ← Φ(A), A ← 0 for every OW map (W unchanged; see
+        :mod:`orthofx.treatments.ow_target`)."""
+        for po, A in self._rebase:
+            rebase(po, A)
 
 
 # --------------------------------------------------------------------------- attach
@@ -339,6 +352,8 @@ def attach(
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
     ow_target: str | None = None,
+    nog_scale: str | None = None,
+    nog_deficient: str | None = None,
     _step_hooks: bool = True,
 ) -> AttachHandle:
     r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
@@ -359,6 +374,8 @@ def attach(
             read at every step, so LR schedulers keep working.
         nog_method: ``orthofx.linalg.polar`` method (default ``"auto"``: sync-free Polar
             Express on CUDA, float64 Gram eigh on the CPU; ``"svd"`` is the paper's literal one).
+        nog_scale, nog_deficient: NOG's step size (``"unit"`` | ``"frobenius"``) and its rank-deficient
+            case (``"partial"`` | ``"full"``), :func:`orthofx.treatments.gradient.nog`'s ``scale``/``deficient``.
         lr_mode: how the OLR lr reaches the optimizer (the η* computation itself never syncs):
 
             * ``"float"``: one host transfer per step for all producers
@@ -393,21 +410,19 @@ def attach(
         ow_target: what NOG/OLR act on for a producer with OW (given as a ``(module,
             "weight")`` pair; the optimizer updates the generator A of W = Φ(A)):
 
-            * ``"weight"`` (default for the default chain; the paper's reading — its ∂l/∂W is
-              the gradient of the Pre-SVD weight, and OLR's Proposition 1 needs W itself
-              orthogonal): the chain gets ∂L/∂W (tangent part recovered from A's gradient,
-              normal part captured by a hook on the OW map) and the weight W as its
-              parameter; its output direction D is mapped back to A's gradient
-              ``(J*J)⁺J*D``, so SGD moves W along ``P_T(D)`` (D projected on the tangent
-              space of the orthogonal matrices at W) to first order
-              (:mod:`orthofx.treatments.ow_target`: fixed-iteration preconditioned CG solves,
-              each iteration two backward passes through the OW map — a cost of tens of OW
-              backward passes per producer and step);
-            * ``"generator"`` (default for ``chain=``): the chain acts on A and its gradient,
-              as the optimizer sees them (what the authors' released SOC code does).
+            * ``"generator"`` (default): the chain acts on A and its gradient, as the
+              optimizer sees them (what the authors' released code does: NOG/OLR on the SOC
+              generator);
+            * ``"weight"``: the chain gets ∂L/∂W (tangent part from A's gradient, normal part
+              captured by a hook on the OW map) and the orthogonal W as its parameter; its
+              direction D is pulled back to A's gradient exactly, so SGD moves W along
+              ``P_T(D)`` (D projected on the tangent space at W). The map is re-based after
+              every step (Y₀ ← W, A ← 0; W unchanged), which makes the pull-back closed form
+              (:mod:`orthofx.treatments.ow_target`; a few small products per producer).
 
-            SOC (``ow_method="soc"``) has no weight matrix: its producers always use the
-            generator, and an explicit ``ow_target="weight"`` raises ConfigError. Producers
+            SOC (``ow_method="soc"``) and normalised generators have no A = 0 point: their
+            producers always use the generator, and an explicit ``ow_target="weight"`` raises
+            ConfigError. Producers
             without OW are not affected.
 
     With OLR each producer moves into its **own param group**, a copy of its original group's
@@ -455,6 +470,7 @@ def attach(
     opts = parse_options(
         config, nog=nog, olr=olr, nog_method=nog_method, lr_mode=lr_mode,
         history=history, max_history=max_history, chain=chain, ow_target=ow_target,
+        nog_scale=nog_scale, nog_deficient=nog_deficient,
     )
     items = resolve_producers(producers)
     check_producers(items, opts)
@@ -507,6 +523,13 @@ def _target_transform(
                 "orthogonal convolution operator with no weight matrix to orthogonalise the gradient of; "
                 "use ow_target='generator' (NOG/OLR on the SOC generator, as the authors' code does)"
             )
+        normed = [n for (n, _), f in zip(items, found) if f is not None and f[0] == "flat" and not is_free(f[1])]
+        if normed:
+            raise ConfigError(
+                f"ow_target='weight': producer(s) {', '.join(map(repr, normed))} use a normalised OW generator "
+                "(ow_generator='normalized'), whose map has no A = 0 point to re-base the weight step to; "
+                "use ow_target='generator' or ow_generator='free'"
+            )
     acts = opts.custom or opts.nog or opts.olr  # a guard alone is the same on W and A
     maps = [f[1] if (f is not None and f[0] == "flat") else None for f in found]
     if target == "weight" and acts and any(m is not None for m in maps):
@@ -520,6 +543,8 @@ def _same(prev: AttachHandle, opts: AttachOptions) -> bool:
     if p.chain is not None or opts.chain is not None:
         same = p.chain is opts.chain
     else:
-        same = (p.nog, p.olr) == (opts.nog, opts.olr) and (not opts.nog or p.nog_method == opts.nog_method)
+        same = (p.nog, p.olr) == (opts.nog, opts.olr) and (
+            not opts.nog or (p.nog_method, p.nog_scale, p.nog_deficient)
+            == (opts.nog_method, opts.nog_scale, opts.nog_deficient))
     same = same and opts.ow_target in (None, prev._opts.ow_target)
     return same and (opts.lr_mode == "auto" or prev.lr_mode == opts.lr_mode)

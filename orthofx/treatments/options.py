@@ -3,7 +3,7 @@
 * :func:`resolve_producers` — tensors, ``(module, "weight")`` pairs, ``(name, tensor)`` pairs
   or a ``{name: spec}`` map → ``[(name, parameter)]``;
 * :func:`parse_options` — a config (any object with attributes ``nog``, ``olr``,
-  ``nog_method``, ``ow_target``, e.g. an ``OrthoConfig``, or a mapping with those keys) and
+  ``nog_method``, ``nog_scale``, ``nog_deficient``, ``ow_target``, e.g. an ``OrthoConfig``, or a mapping with those keys) and
   the explicit keywords → :class:`AttachOptions` (plain values; this module imports no config
   class);
 * :func:`ow_producers` — which producers carry OW, and with which parametrization.
@@ -21,7 +21,8 @@ from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.treatments._common import POLAR_METHODS
 from orthofx.treatments.gradient import GradientTransformation, default_chain
 from orthofx.treatments.lr import LR_MODES
-from orthofx.treatments.ow_target import OW_TARGETS, is_soc, ow_parametrization
+from orthofx.vocab import NOG_DEFICIENT, NOG_SCALES
+from orthofx.treatments.ow_target import DEFAULT_TARGET, OW_TARGETS, is_soc, ow_parametrization
 
 __all__ = ["AttachOptions", "parse_options", "resolve_producers", "check_producers", "ow_producers"]
 
@@ -113,7 +114,8 @@ def ow_producers(producers: "Mapping[str, Any] | Iterable[Any]") -> dict[int, tu
 @dataclass(frozen=True)
 class AttachOptions:
     """The resolved options of one attach. ``chain`` is the user's chain, or None for the
-    default chain built from ``nog``/``olr``/``nog_method`` (:meth:`transform`)."""
+    default chain built from ``nog``/``olr``/``nog_method``/``nog_scale``/``nog_deficient``
+    (:meth:`transform`)."""
 
     nog: bool
     olr: bool
@@ -123,14 +125,13 @@ class AttachOptions:
     max_history: int | None = None
     chain: GradientTransformation | None = None
     ow_target: str | None = None
+    nog_scale: str = "unit"
+    nog_deficient: str = "partial"
 
     def target(self) -> str:
         """What NOG/OLR act on for OW producers: the explicit ``ow_target``, else
-        ``"weight"`` for the default chain (the paper's reading) and ``"generator"`` for a
-        custom chain (it gets the gradients the optimizer holds, unless asked otherwise)."""
-        if self.ow_target is not None:
-            return self.ow_target
-        return "generator" if self.custom else "weight"
+        ``"generator"`` (:data:`~orthofx.treatments.ow_target.DEFAULT_TARGET`, as the authors' code)."""
+        return self.ow_target if self.ow_target is not None else DEFAULT_TARGET
 
     @property
     def custom(self) -> bool:
@@ -147,6 +148,7 @@ class AttachOptions:
         return default_chain(
             nog=self.nog, olr=self.olr, nog_method=self.nog_method,
             history=self.history, max_history=self.max_history,
+            nog_scale=self.nog_scale, nog_deficient=self.nog_deficient,
         )
 
 
@@ -172,14 +174,18 @@ def parse_options(
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
     ow_target: str | None = None,
+    nog_scale: str | None = None,
+    nog_deficient: str | None = None,
 ) -> AttachOptions:
     """Validate and combine ``config`` with the explicit keywords (which win).
 
     ``config`` is a plain-value source: ``None``, a mapping, or an object with attributes
     (``OrthoConfig``). A preset *name* is not resolved here (that would tie the treatments to
     the top-level config module): pass ``orthofx.config.resolve_config(name)``. With
-    ``chain=`` the config's ``nog``/``olr``/``nog_method`` are not used, and passing them
-    explicitly as well is an error."""
+    ``chain=`` the config's ``nog``/``olr``/``nog_method``/``nog_scale``/``nog_deficient`` are
+    not used, and passing them explicitly as well is an error. ``nog_scale`` and
+    ``nog_deficient`` are checked here (ConfigError naming the field), with NOG on also
+    against ``nog_method`` (``"full"`` needs "svd" or "auto")."""
     if isinstance(config, str):
         raise ConfigError(
             f"attach: config={config!r} is a preset name; pass the config itself "
@@ -188,7 +194,8 @@ def parse_options(
     if chain is not None:
         if not isinstance(chain, GradientTransformation):
             raise ConfigError(f"attach: chain= must be a GradientTransformation, got {type(chain).__name__}")
-        given = [k for k, v in (("nog", nog), ("olr", olr), ("nog_method", nog_method)) if v is not None]
+        given = [k for k, v in (("nog", nog), ("olr", olr), ("nog_method", nog_method), ("nog_scale", nog_scale),
+                                ("nog_deficient", nog_deficient)) if v is not None]
         if given:
             raise ConfigError(
                 f"attach: pass either chain= or {'/'.join(given)}= (the chain replaces the default "
@@ -203,10 +210,28 @@ def parse_options(
     method = read_option(config, "nog_method", nog_method, "auto")
     if use_nog and method not in POLAR_METHODS:
         raise ConfigError(f"nog_method={method!r}; use one of {POLAR_METHODS}")
+    scale = _check_choice(read_option(config, "nog_scale", nog_scale, "unit"), "nog_scale", NOG_SCALES)
+    deficient = _check_choice(read_option(config, "nog_deficient", nog_deficient, "partial"), "nog_deficient",
+                              NOG_DEFICIENT)
+    if use_nog and deficient == "full" and method not in ("auto", "svd"):
+        raise ConfigError(
+            f"nog_deficient='full' with nog_method={method!r}: only an SVD returns the null-space basis the "
+            "lift needs; use nog_method='svd' or 'auto' (runs the SVD: one host sync per step on CUDA), "
+            "or nog_deficient='partial'"
+        )
     _check_lr_mode(lr_mode)
     target = _check_target(read_option(config, "ow_target", ow_target, None))
     return AttachOptions(nog=use_nog, olr=use_olr, nog_method=method, lr_mode=lr_mode,
-                         history=history, max_history=max_history, ow_target=target)
+                         history=history, max_history=max_history, ow_target=target,
+                         nog_scale=scale, nog_deficient=deficient)
+
+
+def _check_choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
+    if hasattr(value, "value") and not isinstance(value, str):  # an Enum member
+        value = value.value
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{field}={value!r}; use one of {allowed}")
+    return str(value)
 
 
 def _check_target(target: Any) -> str | None:

@@ -1,75 +1,49 @@
-r"""What NOG and OLR act on under OW: the weight ``W`` (the paper's reading) or the generator ``A``.
+r"""What NOG and OLR act on under OW: the generator ``A`` (the default, as the authors' code) or the
+orthogonal weight ``W`` (a Riemannian step on W, pulled back to ``A`` exactly).
 
-With OW (:class:`~orthofx.treatments.weight.FlatOrthogonal`) the optimizer updates the
-generator ``A`` and the layer uses ``W = Φ(A)``; in tall form (``FlatOrthogonal``)
+With flat OW (:class:`~orthofx.treatments.weight.FlatOrthogonal`, free generator) the optimizer
+updates ``A`` and the layer uses ``W = Φ(A)``; in tall form (n'×k, orthonormal columns)
 
-    Q = W_tall = f(S) Y₀,    S = a Y₀ᵀ − Y₀ aᵀ,    f = exp  or  Cayley,
+    Q = W_tall = f(S) Y₀,    S = a Y₀ᵀ − Y₀ aᵀ,    f = exp  or  Cayley.
 
-(the paper's square case is ``W = exp(A − Aᵀ)``, ``Y₀ = I``). Let ``J = DΦ(A)`` be the
-Fréchet derivative of the map at the current ``A`` (A-shaped → W-shaped) and ``J*`` its
-adjoint (``J*G = ∂⟨Φ(A), G⟩/∂A``, what autograd computes). In tall form, with
-``ΔS = ΔY₀ᵀ − Y₀Δᵀ`` and ``E`` as below, ``J*G = (E − Eᵀ) Y₀`` (from
-``⟨ΔS, E⟩ = ⟨Δ, (E − Eᵀ)Y₀⟩``):
+``ow_target="generator"`` (default): the chain acts on ``A`` and its gradient as the optimizer
+holds them — what the authors' ``run.sh --nog --olr --ow`` does (their NOG/OLR act on the SOC
+generator).
 
-* ``f = exp``: ``JΔ = L_exp(S, ΔS) Y₀``, ``L_exp(S, X) = ∫₀¹ e^{(1−t)S} X e^{tS} dt`` (the
-  Fréchet derivative), and ``E = L_exp(Sᵀ, G Y₀ᵀ)`` (its adjoint is ``L_exp(Sᵀ, ·)``);
-* Cayley ``C(S) = (I − S/2)⁻¹(I + S/2) = 2M⁻¹ − I``, ``M = I − S/2``: ``JΔ = M⁻¹ ΔS M⁻¹ Y₀``
-  and ``E = M⁻ᵀ G Y₀ᵀ M⁻ᵀ``.
+``ow_target="weight"``: the chain acts on ``∂l/∂W`` and ``W`` (NOG eqs. 14–17 and OLR eqs.
+18–21 are stated on the Pre-SVD weight; Proposition 1 needs ``W`` orthogonal). The map is kept
+**at A = 0 before every step** by re-basing after it (a dynamic trivialisation):
 
-Both are evaluated by autograd through the very map the layer uses (``J*`` as a
-vector-Jacobian product, ``J`` as the derivative of that linear map in its cotangent — double
-backward), so every method and route (dense, low-rank, polished, scaled) is covered by the
-same code.
+    after each optimizer step:   Y₀ ← Φ(A) (already orthonormal),   A ← 0,
 
-Facts used (for A generic, i.e. the exponential's derivative invertible, ``‖S‖₂ < 2π``):
+which leaves ``W`` unchanged (to rounding: Φ(0) = polish(Y₀) = Y₀ for orthonormal Y₀). At
+``A = 0`` the derivative of the map is ``J Δ = Δ − Y₀ΔᵀY₀`` (``L_f(0, X) = X`` for exp and
+Cayley; the polish is the identity on tangent directions), so everything is closed form,
+O(n'k²) per producer, exact to rounding, with no solve and no host sync:
 
-* ``range(J) = T_Q``, the tangent space of the Stiefel manifold at ``Q`` (orthonormal
-  columns); its orthogonal projection is ``P_T(G) = G − Q sym(QᵀG)``.
-* ``ker(J) = {Y₀Σ : Σ symmetric}`` (then ``ΔS = 0``) whatever ``A``; so ``J*J`` is positive
-  definite on the fixed space ``H = {Y₀Ω + Y₀⊥K : Ω skew}``, and at ``A = 0`` it is
-  ``Y₀Ω + Y₀⊥K ↦ 4Y₀Ω + Y₀⊥K`` — its inverse is the preconditioner of the solves below, which
-  therefore converge in one step at ``A = 0`` and in a few near it.
+* ``range(J) = T_Q``, the tangent space of the Stiefel manifold at ``Q = Y₀``;
+  ``P_T(G) = G − Y₀ sym(Y₀ᵀG)``.
+* The generator's gradient is ``G_A = J*G_W = G_W − Y₀G_WᵀY₀``, hence
+  ``P_T(G_W) = Y₀(Y₀ᵀG_A)/2 + (I − Y₀Y₀ᵀ)G_A``. The normal part ``Y₀ sym(Y₀ᵀG_W)`` never
+  reaches ``A``; it comes from a :class:`WeightGradCapture` (``ctx["weight_grads"]``, as
+  ``attach`` installs), rescaled to the optimizer's gradient by
+  ``c = ⟨G_A, J*G_cap⟩/‖J*G_cap‖²`` (1 unless a GradScaler unscaled ``G_A``). The chain thus
+  sees the Euclidean ``∂l/∂W``. Without a capture it sees ``P_T(∂l/∂W)``.
+* The chain's direction ``D`` is pulled back to the least-norm ``Δ`` with ``JΔ = P_T(D)``:
+  ``Δ = Y₀ skew(Y₀ᵀD)/2 + (I − Y₀Y₀ᵀ)D``, which the optimizer applies as ``A``'s gradient. So
+  an SGD step moves ``W ← f(−η S(Δ)) W``: the retraction of ``−η P_T(D)`` (momentum
+  buffers are carried across re-bases as they are: the identity transport of the generator
+  coordinates). Weight decay acts on ``A = 0``, i.e. not at all (‖W‖ is fixed under OW).
+* ``state.residual`` holds ``‖JΔ − P_T(D)‖/‖P_T(D)‖`` per producer, evaluated with the
+  actual ``Y₀`` (float64: ~1e-16, float32: ~1e-7); NaN where a producer has no OW or no
+  gradient.
 
-``ow_target="weight"`` (:func:`weight_target`), per OW producer and step:
+Cost per OW producer and step: a few (n'×k)·(k×k) products for the pull-back and one forward
+of the map (no autograd) for the re-base — against an OW forward+backward, a small fraction.
 
-1. the gradient of W: its tangent part ``P_T(∂L/∂W) = J (J*J)⁺ G_A`` is recovered from the
-   generator's gradient ``G_A = J*(∂L/∂W)`` (exact, and already reduced by DDP, unscaled by
-   GradScaler, accumulated over micro-batches); its normal part ``Q sym(Qᵀ ∂L/∂W)`` never
-   reaches ``A`` and comes from a :class:`WeightGradCapture` (``ctx["weight_grads"]``, as
-   ``attach`` installs), rescaled to the optimizer's gradient
-   (``c = ⟨G_A, J*G_cap⟩ / ‖J*G_cap‖²``, 1 unless a GradScaler unscaled ``G_A``). The chain
-   thus sees the paper's Euclidean ``∂l/∂W``. Without a capture it sees the Riemannian
-   gradient ``P_T(∂L/∂W)`` only — then every NOG direction is orthogonal to W
-   (``⟨Q, polar(QΩ + Q⊥K)⟩ = tr(Ω M^{-1/2}) = 0``), so OLR's ``lᵀw`` is 0 and η* = 0: OLR
-   falls back to the scheduled lr;
-2. the chain (NOG, OLR, …) runs on the gradient ``G_T`` of the parameter ``W`` (OLR's
-   ``w`` is the orthogonal weight: Proposition 1's setting) and returns a direction ``D``
-   (and OLR's lr η);
-3. ``D`` is mapped back to the generator: ``Δ = (J*J)⁺ J* D`` (the least-norm Δ with
-   ``J Δ = P_T(D)``), which the optimizer applies as A's gradient. So a plain SGD step
-   ``A ← A − ηΔ`` moves the weight by ``W ← W − η P_T(D) + O(η²)``: along NOG's direction,
-   projected on the manifold.
-
-Both solves are preconditioned conjugate gradients on ``J*J`` with a fixed number of
-iterations (``iters``; no host synchronisation, every product is a backward pass through the
-map). Far from ``A = 0`` (``‖S‖₂`` approaching 2π) ``J`` becomes ill-conditioned and the
-fixed-iteration solve is an approximation; ``weight_target`` state keeps the relative
-residual ``‖J*J Δ − J*D‖ / ‖J*D‖`` of the last step per producer (``state.residual``).
-
-Why ``"weight"`` is the faithful reading: NOG (eqs. 14–17) and OLR (eqs. 18–21) are stated on
-the Pre-SVD weight ``W`` and ``∂l/∂W``; under OW "``exp(W − Wᵀ)`` is used as the weight"
-(Sec. 4.2); and the NOG+OW+OLR analysis ("when both W and ∂l/∂W are orthogonal, η* is
-bounded", Proposition 1) needs ``w`` to be the orthogonal weight. Under the generator
-reading ``w = A``, which is 0 at registration (η* = 0/0: the scheduled lr).
-
-Cost: per OW producer and step, two solves of ``iters`` iterations, each iteration one
-``J`` (a double-backward pass) and one ``J*`` (a backward pass) through the OW map, plus one
-residual check per solve: about ``4·(iters + 1)`` passes (36 at the default 8) — tens of
-times the map's own forward+backward. The fixed count keeps the step free of host syncs.
-
-``ow_target="generator"`` is the other reading (and what the authors' released SOC code does:
-NOG on the conv parameter, which under SOC is the generator): the chain acts on ``A`` and its
-gradient directly.
+SOC (``ow_method="soc"``) and normalised generators (``ow_generator="normalized"``) have no
+``A = 0`` point to re-base to: they always use ``"generator"`` (an explicit ``"weight"`` raises
+ConfigError).
 """
 
 from __future__ import annotations
@@ -85,14 +59,14 @@ from orthofx.errors import ConfigError, TreatmentError
 from orthofx.treatments.gradient import GradientTransformation, Updates, as_updates
 
 __all__ = [
-    "OW_TARGETS", "OWLinearization", "WeightGradCapture", "WeightTargetState", "weight_target",
-    "ow_parametrization", "DEFAULT_ITERS",
+    "OW_TARGETS", "DEFAULT_TARGET", "OWLinearization", "WeightGradCapture", "WeightTargetState", "weight_target",
+    "ow_parametrization", "rebase", "tangent_project", "pullback", "tangent_from_generator_grad",
 ]
 
 #: the readings of "the gradient of the Pre-SVD weight" under OW
 OW_TARGETS: tuple[str, ...] = ("weight", "generator")
-#: conjugate-gradient iterations of each solve (exact in 1 at A = 0)
-DEFAULT_ITERS = 8
+#: what NOG/OLR act on under OW when nothing is chosen (the authors' code)
+DEFAULT_TARGET = "generator"
 
 
 def ow_parametrization(module: nn.Module, name: str) -> nn.Module | None:
@@ -111,6 +85,11 @@ def ow_parametrization(module: nn.Module, name: str) -> nn.Module | None:
     if isinstance(p, FlatOrthogonal) and not isinstance(p, SOCOrthogonal):
         return p
     return None
+
+
+def is_free(po: nn.Module) -> bool:
+    """A flat OW map with a free generator (one that has the point A = 0 to re-base to)."""
+    return getattr(po, "generator", "free") == "free"
 
 
 def is_soc(module: nn.Module, name: str) -> bool:
@@ -134,12 +113,11 @@ def _safe_div(a: Tensor, b: Tensor) -> Tensor:
 
 
 class OWLinearization:
-    r"""``W = Φ(A)`` and its derivative at the current ``A`` for one OW parametrization.
-
-    ``J(x)`` (A-shaped → W-shaped), ``Jt(g)`` (= ``J*g``, W-shaped → A-shaped),
-    :meth:`solve` (``(J*J)⁺ b`` on ``H`` by preconditioned CG), :meth:`riemannian`
-    (``P_T(G_W)`` from ``G_A``) and :meth:`pullback` (``Δ`` with ``JΔ = P_T(D)``).
-    Computed in ``A``'s dtype (float16/bfloat16 in float32)."""
+    r"""``W = Φ(A)`` and its derivative at the current ``A`` for one OW parametrization, by
+    autograd through the very map the layer uses: ``J(x)`` (A-shaped → W-shaped, double
+    backward) and ``Jt(g) = J*g`` (W-shaped → A-shaped, a vector-Jacobian product). A reference
+    for the closed forms at ``A = 0`` used by :func:`weight_target` (tests), and a tool to
+    inspect the map anywhere. Computed in ``A``'s dtype (float16/bfloat16 in float32)."""
 
     def __init__(self, param: nn.Module, A: Tensor) -> None:
         self.po = param
@@ -151,7 +129,6 @@ class OWLinearization:
             (jt,) = torch.autograd.grad(W, a, u, create_graph=True)
         self._a, self._W, self._u, self._jt = a, W, u, jt
         self.W = W.detach()
-        self.Y0 = param.base.detach().to(self.dtype)
 
     def J(self, x: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -161,55 +138,46 @@ class OWLinearization:
         with torch.enable_grad():
             return torch.autograd.grad(self._W, self._a, g.to(self.dtype), retain_graph=True)[0]
 
-    def precondition(self, r: Tensor) -> Tensor:
-        """``(J*J)⁺`` at ``A = 0``: ``Y₀Ω + Y₀⊥K ↦ Y₀Ω/4 + Y₀⊥K`` (and ``Y₀·sym ↦ 0``)."""
-        rt = self.po._to_tall(r)
-        P = self.Y0.mT @ rt
-        out = self.Y0 @ ((P - P.mT) / 8) + (rt - self.Y0 @ P)
-        return self.po._from_tall(out)
 
-    def solve(self, b: Tensor, iters: int = DEFAULT_ITERS) -> tuple[Tensor, Tensor]:
-        """``(x, relative residual)`` with ``x ≈ (J*J)⁺ b`` after at most ``iters`` PCG steps.
-
-        A step is frozen (α = β = 0, decided on the device) once ``rᵀM r`` has dropped below
-        ``(100·eps)²`` of its start: converged iterates stay put instead of dividing
-        rounding noise by rounding noise."""
-        b = b.to(self.dtype)
-        x = torch.zeros_like(b)
-        r = b
-        z = self.precondition(r)
-        p = z
-        rz = _dot(r, z)
-        tol = rz * (100 * torch.finfo(self.dtype).eps) ** 2
-        for _ in range(iters):
-            active = rz > tol
-            q = self.Jt(self.J(p))
-            alpha = torch.where(active, _safe_div(rz, _dot(p, q)), torch.zeros_like(rz))
-            x = x + alpha * p
-            r = r - alpha * q
-            z = self.precondition(r)
-            rz_new = _dot(r, z)
-            beta = torch.where(active, _safe_div(rz_new, rz), torch.zeros_like(rz))
-            p = z + beta * p
-            rz = torch.where(active, rz_new, rz)
-        res = _safe_div(torch.linalg.vector_norm(self.Jt(self.J(x)) - b), torch.linalg.vector_norm(b))
-        return x, res
-
-    def riemannian(self, grad_A: Tensor, iters: int = DEFAULT_ITERS) -> tuple[Tensor, Tensor]:
-        """``P_T(∂L/∂W)`` from ``∂L/∂A = J*(∂L/∂W)``: ``J (J*J)⁺ G_A``."""
-        y, res = self.solve(grad_A, iters)
-        return self.J(y), res
-
-    def pullback(self, D: Tensor, iters: int = DEFAULT_ITERS) -> tuple[Tensor, Tensor]:
-        """The least-norm generator step ``Δ = (J*J)⁺ J* D``: ``J Δ = P_T(D)``."""
-        return self.solve(self.Jt(D), iters)
+# ----------------------------------------------------------------- closed forms at A = 0 (tall form)
+def _sym(X: Tensor) -> Tensor:
+    return (X + X.mT) / 2
 
 
-    def normal(self, G: Tensor) -> Tensor:
-        """The normal part ``Q sym(QᵀG)`` of a W-shaped ``G`` (``G = P_T(G) + normal(G)``)."""
-        Q, Gt = self.po._to_tall(self.W), self.po._to_tall(G.to(self.dtype))
-        S = Q.mT @ Gt
-        return self.po._from_tall(Q @ ((S + S.mT) / 2))
+def tangent_project(Y0: Tensor, G: Tensor) -> Tensor:
+    """``P_T(G) = G − Y₀ sym(Y₀ᵀG)``: the tangent part at ``Y₀`` (n'×k, orthonormal columns)."""
+    return G - Y0 @ _sym(Y0.mT @ G)
+
+
+def tangent_from_generator_grad(Y0: Tensor, G_A: Tensor) -> Tensor:
+    """``P_T(G_W)`` from ``G_A = J*G_W = G_W − Y₀G_WᵀY₀`` (J at A = 0):
+    ``Y₀(Y₀ᵀG_A)/2 + (I − Y₀Y₀ᵀ)G_A``."""
+    P = Y0.mT @ G_A
+    return G_A - Y0 @ (P / 2)
+
+
+def jacobian_at_zero(Y0: Tensor, X: Tensor) -> Tensor:
+    """``J X = X − Y₀XᵀY₀`` (the map's derivative at A = 0; also ``J*``, it is self-adjoint)."""
+    return X - Y0 @ (X.mT @ Y0)
+
+
+def pullback(Y0: Tensor, D: Tensor) -> Tensor:
+    """The least-norm ``Δ`` with ``JΔ = P_T(D)`` at A = 0: ``Y₀ skew(Y₀ᵀD)/2 + (I − Y₀Y₀ᵀ)D``."""
+    P = Y0.mT @ D
+    return D - Y0 @ P + Y0 @ ((P - P.mT) / 4)
+
+
+@torch.no_grad()
+def rebase(po: nn.Module, A: Tensor) -> None:
+    """Re-base one flat OW map at its current weight: ``Y₀ ← Φ(A)`` (tall), ``A ← 0``.
+    ``W`` is unchanged to rounding; afterwards the map's derivative is the closed form above.
+    ``A`` may be a sharded DTensor (FSDP2): the whole generator is gathered for the map and
+    every rank zeroes its own shard."""
+    from orthofx.treatments.sharding import full
+
+    W = po.forward(full(A))
+    po.base.copy_(po._to_tall(W).to(po.base.dtype))
+    A.zero_()
 
 
 class WeightGradCapture:
@@ -283,8 +251,8 @@ class _InertHook:
 @dataclass
 class WeightTargetState:
     """The inner chain's state (``inner``, what the chain's own readers see) and the relative
-    residuals of the last step's pull-back solves, a (P,) device tensor (NaN where a producer
-    has no OW or no gradient)."""
+    residuals ``‖JΔ − P_T(D)‖/‖P_T(D)‖`` of the last step's pull-backs, a (P,) device tensor
+    (NaN where a producer has no OW or no gradient)."""
 
     inner: Any
     residual: Tensor | None = None
@@ -300,27 +268,24 @@ class WeightTargetState:
 
 
 def weight_target(
-    inner: GradientTransformation, maps: Sequence[nn.Module | None], *, iters: int = DEFAULT_ITERS
+    inner: GradientTransformation, maps: Sequence[nn.Module | None]
 ) -> GradientTransformation:
     r"""Run ``inner`` on the weights ``W = Φ(A)`` of OW producers instead of their generators.
 
-    ``maps[i]`` is producer ``i``'s OW parametrization (:func:`ow_parametrization`) or
-    ``None`` (that producer passes through ``inner`` as it is). Per OW producer: the gradient
-    handed to ``inner`` is ``∂L/∂W = J (J*J)⁺ G_A + c·Q sym(QᵀG_cap)`` (tangent part from
-    A's gradient, normal part from ``ctx["weight_grads"][i]`` when given, see
-    :class:`WeightGradCapture`), the parameter handed to it is the
-    current weight ``W``, and the direction ``D`` it returns is applied as the generator
-    gradient ``Δ = (J*J)⁺ J* D`` (so that ``W`` moves along ``P_T(D)`` to first order); see
-    the module docstring for the derivation. ``Updates.lr`` passes through unchanged. A
-    non-finite generator gradient reaches ``inner`` as NaN (guards count and zero it) and
-    never enters the solves.
+    ``maps[i]`` is producer ``i``'s flat OW parametrization (:func:`ow_parametrization`) or
+    ``None`` (that producer passes through ``inner`` as it is). Each map must be at ``A = 0``
+    when the step runs — :func:`rebase` after every step keeps it there (``attach`` installs
+    that as an optimizer step post-hook and re-bases once at attach). Per OW producer the
+    gradient handed to ``inner`` is ``∂L/∂W = P_T(G_W) + c·Y₀ sym(Y₀ᵀG_cap)`` (tangent part
+    from ``A``'s gradient, normal part from ``ctx["weight_grads"][i]`` when given, see
+    :class:`WeightGradCapture`), the parameter handed to it is ``W = Y₀``, and the direction
+    ``D`` it returns is applied as the generator gradient ``Δ`` with ``JΔ = P_T(D)`` (module
+    docstring: closed forms, exact). ``Updates.lr`` passes through unchanged. A non-finite
+    generator gradient reaches ``inner`` as NaN (guards count and zero it).
     """
     if not isinstance(inner, GradientTransformation):
         raise ConfigError(f"weight_target: expected a GradientTransformation, got {type(inner).__name__}")
-    if int(iters) < 1:
-        raise ConfigError(f"weight_target: iters must be >= 1, got {iters!r}")
     maps = list(maps)
-    iters = int(iters)
 
     def init(params: Sequence[Tensor]) -> WeightTargetState:
         if len(params) != len(maps):
@@ -340,42 +305,47 @@ def weight_target(
         grads = ups.grads
         g_in: list[Tensor | None] = list(grads)
         p_in: list[Tensor] = list(params)
-        lins: dict[int, OWLinearization] = {}
+        bases: dict[int, Tensor] = {}
         captured = (ctx or {}).get("weight_grads") or [None] * len(maps)
         for i, po in enumerate(maps):
             g = grads[i]
             if po is None or g is None:
                 continue
-            lin = OWLinearization(po, params[i])
+            cd = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+            Y0 = po.base.to(device=g.device, dtype=cd)
             finite = g.abs().amax() < math.inf
-            clean = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
-            gt, _ = lin.riemannian(clean, iters)
+            G_A = po._to_tall(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)).to(cd))
+            gt = tangent_from_generator_grad(Y0, G_A)
             cap = captured[i] if i < len(captured) else None
             if cap is not None:  # the normal part, from the capture scaled to the optimizer's gradient
-                cap = cap.to(lin.dtype)
-                cap = torch.where(torch.isfinite(cap), cap, torch.zeros((), dtype=cap.dtype, device=cap.device))
-                jc = lin.Jt(cap)
-                c = _safe_div(_dot(clean.to(lin.dtype), jc), _dot(jc, jc))
-                gt = gt + c * lin.normal(cap)
+                cap = po._to_tall(cap.to(device=g.device, dtype=cd))
+                cap = torch.where(torch.isfinite(cap), cap, torch.zeros((), dtype=cd, device=cap.device))
+                jc = jacobian_at_zero(Y0, cap)
+                c = _safe_div(_dot(G_A, jc), _dot(jc, jc))
+                gt = gt + c * (Y0 @ _sym(Y0.mT @ cap))
             nan = torch.full((), math.nan, dtype=gt.dtype, device=gt.device)
-            g_in[i] = torch.where(finite, gt, nan).to(g.dtype)
-            p_in[i] = lin.W.to(params[i].dtype)
-            lins[i] = lin
+            g_in[i] = po._from_tall(torch.where(finite, gt, nan)).to(g.dtype)
+            p_in[i] = po._from_tall(Y0).to(params[i].dtype)
+            bases[i] = Y0
         out = inner.update(Updates(g_in, ups.lr), state.inner, p_in, {**(ctx or {}), **kw})
         res, new_inner = out
         res = as_updates(res) if not isinstance(res, Updates) else res
         grads_out = list(res.grads)
         residual = None
-        if lins:
-            dev = next(iter(lins.values())).W.device
+        if bases:
+            dev = next(iter(bases.values())).device
             residual = torch.full((len(maps),), math.nan, dtype=torch.float32, device=dev)
-        for i, lin in lins.items():
+        for i, Y0 in bases.items():
             d = grads_out[i]
             if d is None:
                 continue
-            delta, rr = lin.pullback(d, iters)
+            po = maps[i]
+            Dt = po._to_tall(d.to(Y0.dtype))  # type: ignore[union-attr]
+            delta = pullback(Y0, Dt)
+            want = tangent_project(Y0, Dt)
+            rr = _safe_div(torch.linalg.vector_norm(jacobian_at_zero(Y0, delta) - want), torch.linalg.vector_norm(want))
             delta = torch.where(torch.isfinite(delta), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-            grads_out[i] = delta.to(grads[i].dtype)  # type: ignore[union-attr]
+            grads_out[i] = po._from_tall(delta).to(grads[i].dtype)  # type: ignore[union-attr]
             residual[i] = rr.to(residual.dtype)  # type: ignore[index]
         return Updates(grads_out, res.lr), WeightTargetState(new_inner, residual)
 
