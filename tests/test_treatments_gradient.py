@@ -25,9 +25,9 @@ def test_nog_is_polar_factor_and_batched_per_shape(device: torch.device, monkeyp
     calls: list[tuple[int, ...]] = []
     real = gradient_mod.polar
 
-    def counting(G: torch.Tensor, method: str) -> torch.Tensor:
+    def counting(G: torch.Tensor, method: str, deficient: str | None = None) -> torch.Tensor:
         calls.append(tuple(G.shape))
-        return real(G, method)
+        return real(G, method, deficient)
 
     monkeypatch.setattr(gradient_mod, "polar", counting)
     t = nog("svd")

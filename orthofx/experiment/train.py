@@ -437,9 +437,13 @@ def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: to
     return {"test_error": 100.0 * (1 - correct / max(total, 1)), "test_loss": loss_sum / max(total, 1)}
 
 
-def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
+def run(cfg: ExperimentConfig, *, log: Any = print, observer: Any = None) -> dict[str, Any]:
     """Train one configuration and return (and write to ``out/results.json``) its results:
     test error, κ summary (median/final), solver failures, ms per step, OLR/NOG statistics.
+
+    ``observer``: optional ``session -> object`` with ``step()`` (called after every training
+    step) and ``records()`` (called once at the end; its value is the result's ``"observer"``
+    entry), e.g. :class:`orthofx.experiment.study.StepLogger`. None (default) changes nothing.
 
     Under torchrun, a process group that ``run`` created is torn down before it returns (a
     barrier, then ``destroy_process_group``): a gloo group left to interpreter exit can abort a
@@ -448,7 +452,7 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
     owned = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     d = _init_distributed(device_kind)
     try:
-        results = _run(cfg, d, log)
+        results = _run(cfg, d, log, observer)
         if owned:
             dist.barrier()  # on success only: a failed rank must not leave the others waiting
         return results
@@ -457,7 +461,7 @@ def run(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _run(cfg: ExperimentConfig, d: _Dist, log: Any) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig, d: _Dist, log: Any, observer: Any = None) -> dict[str, Any]:
     from orthofx.experiment.session import WeightTracker, build_session, train_step
     from orthofx.monitor import ConditioningMonitor
 
@@ -476,6 +480,7 @@ def _run(cfg: ExperimentConfig, d: _Dist, log: Any) -> dict[str, Any]:
     else:
         monitor = _RawMonitor(gm, cfg.monitor_every, cfg.run_name, sess)
     weights = WeightTracker(gm, sess.producers, cfg.monitor_every, cfg.run_name)
+    obs = observer(sess) if observer is not None else None
 
     ckpt_path = out / "checkpoint.pt"
     start_epoch, history = 0, []
@@ -532,6 +537,8 @@ def _run(cfg: ExperimentConfig, d: _Dist, log: Any) -> dict[str, Any]:
             step_times.append(time.perf_counter() - t0)
             monitor.step()
             weights.step()
+            if obs is not None:
+                obs.step()
             if loss is None:  # a solver exception skipped this step (guarded runs)
                 continue
             loss_acc += loss.detach()
@@ -592,6 +599,8 @@ def _run(cfg: ExperimentConfig, d: _Dist, log: Any) -> dict[str, Any]:
         "world_size": d.world,
         "replicas_identical": replicas_identical,
     }
+    if obs is not None:
+        results["observer"] = obs.records()
     if d.main:
         monitor.to_csv(out / "kappa.csv")
         (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))

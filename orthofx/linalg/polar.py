@@ -4,9 +4,12 @@ Methods (all run under ``torch.no_grad``: polar() is meant for gradients and is 
 differentiable**; tall inputs are transposed to wide and back):
 
 * ``"svd"``  exact ``U Vᵀ`` of ``torch.linalg.svd(G, full_matrices=False)``, computed in float32
-  (float64 stays float64). Rank-deficient ``G``: every singular value, zeros included, becomes 1,
-  as in the authors' code, so the result is ``U Vᵀ`` of the thin SVD, whose null-space columns
-  are whatever the SVD returned (orthonormal, but not unique).
+  (float64 stays float64). Rank-deficient ``G``: by default (``deficient=None`` or ``"full"``)
+  every singular value, zeros included, becomes 1, as in the authors' code, so the result is
+  ``U Vᵀ`` of the thin SVD, whose null-space columns are whatever the SVD returned
+  (orthonormal, but not unique). ``deficient="partial"`` keeps only ``σ_i > max(m, n)·u·σ_max``
+  (``u`` the unit roundoff ``torch.finfo(d).eps`` of the dtype ``d`` the SVD ran in: float32,
+  or float64 for float64 input and for the float64 recovery path) and returns ``U_r V_rᵀ``.
 * ``"eigh"`` ``(G Gᵀ)^{-1/2} G`` on the small side (wide G), float64 eigh of the Gram matrix.
   Eigenvalues ``≤ λ_max·max(m, n)·eps(float64)`` (i.e. ``σ ≲ 1.5e-7·σ_max·√max(m,n)``) are
   treated as zero, so a rank-deficient ``G`` gives the partial isometry ``U_r V_rᵀ`` (zero
@@ -35,6 +38,14 @@ The iterations run in ``compute_dtype``: None = float32 (float64 for float64 inp
 which the float32 polish steps cannot undo. An ill-conditioned G (σ_min/σ_max below ~1e-3)
 needs more polish steps: each step multiplies a tiny singular value by only 1.875.
 
+**Rank-deficient G** (``deficient``): ``"partial"`` = the partial isometry ``U_r V_rᵀ`` (null
+directions map to 0), ``"full"`` = ``U Vᵀ`` of the full thin SVD (null directions lifted to 1
+along the SVD's own, non-unique basis), ``None`` = each method's own behaviour (above). Only
+the SVD returns a null-space basis: ``"full"`` runs ``"svd"`` for ``method="auto"`` (a host
+synchronisation per call on CUDA, and a batched SVD's cost) and raises ConfigError for
+``"eigh"``, ``"ns"`` and ``"polar_express"``, which are partial by construction (their odd
+polynomials / Gram pseudo-inverse keep an exact zero singular value at 0).
+
 Timings per method and device (and why "auto" picks what it picks): benchmarks/results/timings.md.
 
 **Zero input gives zero output**, per batch element, without a host sync. Output dtype = input.
@@ -59,7 +70,9 @@ from orthofx.linalg.stats import maybe_inject_failure, solver_stats
 from orthofx.syncs import sync_free_preferred
 from orthofx.vocab import POLAR_METHODS
 
-__all__ = ["polar"]
+__all__ = ["polar", "check_deficient"]
+
+DEFICIENT = ("partial", "full")
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 POLAR_EXPRESS_COEFFS = (
@@ -75,12 +88,30 @@ DEFAULT_POLISH = {"ns": 0, "polar_express": 3}
 AUTO_POLISH = 5
 
 
-def resolve_method(method: str, device: torch.device | str) -> str:
-    """The method ``polar(..., method=method)`` runs on ``device`` ("auto" resolved)."""
+def check_deficient(method: str, deficient: str | None) -> None:
+    """Raise ConfigError unless ``method`` can honour ``deficient`` (None: always)."""
+    if deficient is None:
+        return
+    if deficient not in DEFICIENT:
+        raise ConfigError(f"deficient={deficient!r}; use one of {DEFICIENT} (or None: the method's own)")
+    if deficient == "full" and method not in ("auto", "svd"):
+        raise ConfigError(
+            f"deficient='full' needs the SVD's null-space basis, which method={method!r} does not compute "
+            "(its result is a partial isometry); use method='svd' or 'auto' (which then runs the SVD: "
+            "a host synchronisation per call on CUDA)"
+        )
+
+
+def resolve_method(method: str, device: torch.device | str, deficient: str | None = None) -> str:
+    """The method ``polar(..., method=method, deficient=deficient)`` runs on ``device``
+    ("auto" resolved; ``deficient="full"`` resolves "auto" to "svd")."""
     if method not in POLAR_METHODS:
         raise ConfigError(f"unknown polar method {method!r}; choose one of {POLAR_METHODS}")
+    check_deficient(method, deficient)
     if method != "auto":
         return method
+    if deficient == "full":
+        return "svd"
     if sync_free_preferred(device):
         return "polar_express"
     return "eigh" if torch.device(device).type == "cpu" else "svd"
@@ -99,13 +130,22 @@ def _normalise(x: Tensor, base: torch.dtype) -> tuple[Tensor, Tensor]:
     return x.to(base) / torch.where(zero, 1.0, amax).to(base), zero
 
 
-def _svd_factor(x: Tensor) -> Tensor:
-    """U Vᵀ of a wide x (float32/float64) with recovery: float64, then CPU. NaN elements -> NaN."""
+def _svd_uvt(u: Tensor, s: Tensor, vh: Tensor, partial: bool) -> Tensor:
+    """``U Vᵀ``, or with ``partial`` ``U_r V_rᵀ`` over ``σ_i > max(m, n)·eps(σ.dtype)·σ_max``."""
+    if not partial:
+        return u @ vh
+    tol = s[..., :1] * (max(u.shape[-2], vh.shape[-1]) * torch.finfo(s.dtype).eps)
+    return (u * (s > tol).to(u.dtype).unsqueeze(-2)) @ vh
+
+
+def _svd_factor(x: Tensor, partial: bool = False) -> Tensor:
+    """U Vᵀ of a wide x (float32/float64) with recovery: float64, then CPU. NaN elements -> NaN.
+    ``partial``: U_r V_rᵀ (:func:`_svd_uvt`)."""
     stats = solver_stats()
     try:
         maybe_inject_failure("svd")
-        u, _, vh = torch.linalg.svd(x, full_matrices=False)
-        return u @ vh
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return _svd_uvt(u, s, vh, partial)
     except torch.linalg.LinAlgError as exc:
         stats.record_failure()
         first = exc
@@ -115,12 +155,12 @@ def _svd_factor(x: Tensor) -> Tensor:
     for name, make in attempts:
         try:
             maybe_inject_failure(f"svd fallback {name}")
-            u, _, vh = torch.linalg.svd(make(), full_matrices=False)
+            u, s, vh = torch.linalg.svd(make(), full_matrices=False)
         except torch.linalg.LinAlgError:
             stats.record_failure()
             continue
         stats.record_fallback(name)
-        q = (u @ vh).to(device=x.device, dtype=x.dtype)
+        q = _svd_uvt(u, s, vh, partial).to(device=x.device, dtype=x.dtype)
         return torch.where(bad[..., None, None], torch.nan, q)
     raise SolverError(f"SVD failed for a batch of shape {tuple(x.shape)} after every recovery step: {first}")
 
@@ -159,6 +199,7 @@ def polar(
     compute_dtype: torch.dtype | None = None,
     validate: bool = True,
     track_nonfinite: bool = True,
+    deficient: str | None = None,
 ) -> Tensor:
     """Polar factor ``U Vᵀ`` of a batch ``G`` (..., m, n) (module doc for the methods).
 
@@ -174,13 +215,17 @@ def polar(
             non-finite batch element gives a NaN output (counted in ``solver_stats().nonfinite``).
         track_nonfinite: count non-finite outputs in ``solver_stats()`` (a few small kernels;
             callers that sanitise their input, like NOG, turn it off).
+        deficient: rank-deficient G: None (each method's own behaviour), ``"partial"``
+            (``U_r V_rᵀ``; "svd" truncates at ``σ ≤ max(m, n)·eps·σ_max`` in its dtype) or
+            ``"full"`` (null directions lifted to 1: "svd", or "auto" run as "svd"; other
+            methods raise ConfigError). See the module doc.
 
     Returns:
         (..., m, n) in ``G``'s dtype; rows (m ≤ n) or columns (m > n) orthonormal for full-rank
         G (exactly for "svd"/"eigh", approximately for the iterations); zero where G is zero.
     """
     check_matrix(G, "polar input")
-    resolved = resolve_method(method, G.device)
+    resolved = resolve_method(method, G.device, deficient)
     if method == "auto" and resolved == "polar_express" and polish is None:
         polish = AUTO_POLISH
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
@@ -197,7 +242,7 @@ def polar(
         base = torch.float64 if x.dtype == torch.float64 else torch.float32
         x, zero = _normalise(x, base)
         if resolved == "svd":
-            q = _svd_factor(x)
+            q = _svd_factor(x, partial=deficient == "partial")
         elif resolved == "eigh":
             q = _eigh_factor(x)
         else:

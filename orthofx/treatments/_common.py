@@ -41,9 +41,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def polar(G: Tensor, method: str) -> Tensor:
+def polar(G: Tensor, method: str, deficient: str | None = None) -> Tensor:
     """``orthofx.linalg.polar`` without validation or non-finite tracking (no host sync; the
     caller has replaced NaN/Inf already). Zero input gives zero output."""
     from orthofx.linalg.polar import polar as _polar
 
-    return _polar(G, method=method, validate=False, track_nonfinite=False)
+    return _polar(G, method=method, validate=False, track_nonfinite=False, deficient=deficient)

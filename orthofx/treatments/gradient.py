@@ -20,10 +20,13 @@ A transform is a :class:`GradientTransformation` ``(init, update, sets_lr)``:
 Transforms:
 
 * :func:`nog` — Nearest Orthogonal Gradient: ``G ← U Vᵀ`` of the flattened gradient
-  (``G = U S Vᵀ``), all producers of one shape in one batched ``orthofx.linalg.polar`` call.
+  (``G = U S Vᵀ``), all producers of one shape in one batched ``orthofx.linalg.polar`` call
+  (``scale``: unit singular values or ‖G‖_F; ``deficient``: partial isometry or lifted
+  null space).
 * :func:`guard` — zero (and count) non-finite gradients; count zero gradients.
 * :func:`olr` — Optimal Learning Rate: computes
-  ``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` per producer and returns the lr to use as
+  ``η* = (wᵀw·lᵀw) / (wᵀw·lᵀl + 2(lᵀw)²)`` per producer (the first-order minimiser of
+  ‖W − ηG‖_F⁴, which is what the paper's eqs. 18–20 reduce to) and returns the lr to use as
   ``Updates.lr``; the gradients pass through unchanged.
 * :func:`named_chain` — compose named transforms; the state is a :class:`ChainState`, read
   by name (``state["olr"]``) or position. :func:`chain` is the same with names
@@ -48,7 +51,9 @@ import torch
 from torch import Tensor
 
 from orthofx.errors import ConfigError, TreatmentError
-from orthofx.treatments._common import POLAR_METHODS, flat_shape, polar
+from orthofx.linalg.polar import check_deficient
+from orthofx.treatments._common import POLAR_METHODS, compute_dtype, flat_shape, polar
+from orthofx.vocab import NOG_DEFICIENT, NOG_SCALES
 
 __all__ = [
     "GradientTransformation",
@@ -171,9 +176,11 @@ class GuardState:
 
 @dataclass
 class NOGState(GuardState):
-    """:class:`GuardState` plus the polar ``method``."""
+    """:class:`GuardState` plus NOG's options: the polar ``method``, ``scale`` and ``deficient``."""
 
     method: str = "auto"
+    scale: str = "unit"
+    deficient: str = "partial"
 
 
 def _new_counters(params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -223,37 +230,54 @@ def guard() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def nog(method: str = "auto") -> GradientTransformation:
+def nog(method: str = "auto", *, scale: str = "unit", deficient: str = "partial") -> GradientTransformation:
     r"""Nearest Orthogonal Gradient (paper Sec. 5.1, eqs. 14–17).
 
     For each producer gradient ``g`` of shape (out, in, *k), with ``G = g.reshape(out, -1)``
     (m × n) and thin SVD ``G = U S Vᵀ``:
 
-        G ← U Vᵀ = G (GᵀG)^{-1/2}      (reshaped back to g's shape)
+        G ← U Vᵀ = G (GᵀG)^{-1/2}                          (scale="unit", the paper)
+        G ← U Vᵀ · ‖G‖_F / ‖U Vᵀ‖_F                          (scale="frobenius")
 
-    the orthogonal matrix nearest to ``G`` in Frobenius norm. As in the authors' code there is
-    no rescaling: ‖U Vᵀ‖_F = √min(m, n) for full-rank ``G``. For a rank-deficient ``G``,
-    ``method="svd"`` (the authors' code) also lifts the zero singular values to 1, along
-    arbitrary null-space directions; ``"auto"``, ``"eigh"`` and ``"polar_express"`` return the
-    partial isometry U_r V_rᵀ. The optimizer then applies lr, momentum and weight decay to
-    this gradient as usual.
+    reshaped back to g's shape: the orthogonal matrix nearest to ``G`` in Frobenius norm. The
+    optimizer then applies lr, momentum and weight decay to this gradient as usual.
+
+    * ``scale="unit"`` (default, the paper and the authors' code): no rescaling, so every step
+      has the fixed size ‖U Vᵀ‖_F = √rank(G) (√min(m, n) for full-rank G) whatever ‖G‖.
+      ``"frobenius"``: NOG's direction at the gradient's own size, ‖out‖_F = ‖G‖_F (0 stays 0).
+      The factor is ``max|G| · ‖G/max|G|‖_F / ‖U Vᵀ‖_F``, formed in float32 (float64 for
+      float64 gradients): no under/overflow for any finite G whose result is representable.
+    * ``deficient`` — what a rank-deficient ``G`` (r = rank < min(m, n)) gives:
+
+      - ``"partial"`` (default): the partial isometry ``U_r V_rᵀ`` (null directions stay 0,
+        singular values 1 on the range). The rank is numerical: "eigh" (and "auto" on the CPU)
+        drops Gram eigenvalues ≤ max(m, n)·eps(float64)·λ_max, "svd" drops σ ≤ max(m, n)·
+        eps(d)·σ_max with d the SVD's dtype (float32; float64 for float64 gradients), and
+        the iterations ("ns", "polar_express", "auto" on CUDA) keep an exact zero singular
+        value at 0 but move tiny ones only part of the way to 1 (``orthofx.linalg.polar``).
+      - ``"full"``: the authors' ``s[:] = 1`` — ``U Vᵀ`` of the full thin SVD, all min(m, n)
+        singular values 1, the null directions lifted along the SVD's own (non-unique)
+        basis. Only an SVD returns that basis: ``method="auto"`` then runs ``"svd"`` (on
+        CUDA a host synchronisation per step and a batched SVD's cost); ``"eigh"``, ``"ns"``
+        and ``"polar_express"`` raise ConfigError.
+
+      For a full-rank ``G`` both give ``U Vᵀ``.
 
     * Gradients of the same flattened shape, dtype and device are stacked and sent to
-      ``orthofx.linalg.polar(G, method=method)`` in **one** batched call.
+      ``orthofx.linalg.polar(G, method=method, deficient=deficient)`` in **one** batched call.
     * A zero gradient stays zero (no update from it) and is counted in ``state.zero``.
     * A gradient holding NaN/Inf becomes zero and is counted in ``state.nonfinite``; it never
       reaches the SVD. The counters are device tensors (no host sync).
     * dtype: as ``orthofx.linalg.polar`` (half precision is decomposed in float32); the result
-      has the gradient's dtype. No ε is involved.
+      has the gradient's dtype. No ε beyond the rank tolerances above.
     * Scale-safe: the zero/non-finite masks use max|G| in G's dtype (never under/overflows)
       and polar divides G by max|G| before any norm, so every finite nonzero gradient —
       float32/bfloat16 from 1e-30 to 1e30 and beyond — gets its U Vᵀ, on the CPU and CUDA
       paths alike (tests/test_nog_scale.py).
-    * Sensitivity: every step has the fixed size √min(m, n) whatever ‖G‖, and U Vᵀ moves by
-      O(‖ΔG‖/σ_min(G)) for a change ΔG of G (for square G at most 2‖ΔG‖_F/(σ_min(G) +
-      σ_min(G + ΔG)), R.-C. Li's bound), so near-rank-deficient gradients turn
-      rounding-level differences (another polar method, another device) into much larger
-      differences of the step.
+    * Sensitivity: U Vᵀ moves by O(‖ΔG‖/σ_min(G)) for a change ΔG of G (for square G at most
+      2‖ΔG‖_F/(σ_min(G) + σ_min(G + ΔG)), R.-C. Li's bound), so near-rank-deficient
+      gradients turn rounding-level differences (another polar method, another device) into
+      much larger differences of the step.
     * Rank-deficient gradients are not counted: ``polar`` returns only U Vᵀ, and detecting
       them would need the singular values (an extra decomposition).
 
@@ -262,13 +286,24 @@ def nog(method: str = "auto") -> GradientTransformation:
             5 polish steps on CUDA — no host sync, ≤ 1e-5 from U Vᵀ when σ_min ≥ 1.5e-4‖G‖_F —
             and float64 Gram ``"eigh"`` on the CPU), ``"svd"`` (the paper's literal U Vᵀ;
             synchronises on CUDA), ``"eigh"``, ``"ns"`` or ``"polar_express"``.
+        scale: ``"unit"`` or ``"frobenius"`` (``orthofx.vocab.NOGScale``).
+        deficient: ``"partial"`` or ``"full"`` (``orthofx.vocab.NOGDeficient``).
+
+    Raises:
+        ConfigError: an unknown method, scale or deficient, or ``deficient="full"`` with a
+            method other than "svd"/"auto".
     """
     if not isinstance(method, str) or method not in POLAR_METHODS:
         raise ConfigError(f"nog: method={method!r}; use one of {POLAR_METHODS}")
+    scale, deficient = _nog_choice(scale, "scale", NOG_SCALES), _nog_choice(deficient, "deficient", NOG_DEFICIENT)
+    try:
+        check_deficient(method, deficient)
+    except ConfigError as exc:
+        raise ConfigError(f"nog: {exc}") from None
 
     def init(params: Sequence[Tensor]) -> NOGState:
         z, nf = _new_counters(params)
-        return NOGState(zero=z, nonfinite=nf, method=method)
+        return NOGState(zero=z, nonfinite=nf, method=method, scale=scale, deficient=deficient)
 
     @_pure(GuardState)
     def update(
@@ -297,7 +332,8 @@ def nog(method: str = "auto") -> GradientTransformation:
             is_zero = amax == 0
             G = torch.where(finite[:, None, None], G, torch.zeros((), dtype=dtype, device=dev))
             # polar maps zero (and sanitised non-finite) gradients to exactly zero
-            R = polar(G, state.method).to(dtype)
+            R = polar(G, state.method, state.deficient)
+            R = R.to(dtype) if state.scale == "unit" else _to_frobenius(G, R, amax, finite)
             state.nonfinite.add_((~finite).sum().to(state.nonfinite.device))
             state.zero.add_(is_zero.sum().to(state.zero.device))
             for j, i in enumerate(idxs):
@@ -305,6 +341,29 @@ def nog(method: str = "auto") -> GradientTransformation:
         return updates._replace(grads=out), dataclasses.replace(state, steps=state.steps + 1)
 
     return GradientTransformation(init, update)
+
+
+def _nog_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    if hasattr(value, "value") and not isinstance(value, str):  # an Enum member
+        value = value.value
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"nog: {name}={value!r}; use one of {allowed}")
+    return str(value)
+
+
+def _to_frobenius(G: Tensor, R: Tensor, amax: Tensor, finite: Tensor) -> Tensor:
+    """``R · ‖G‖_F / ‖R‖_F`` per batch element (B, m, n), in G's dtype; 0 where R or G is 0.
+
+    ``‖G‖_F = max|G| · ‖G/max|G|‖_F`` and all norms are taken in float32 (float64 for float64
+    G) on matrices with entries in [-1, 1] (R: ‖R‖_2 ≤ ~1.2), so nothing under- or overflows
+    unless the result itself is out of range."""
+    cd = compute_dtype(G.dtype)
+    a = torch.where(finite & (amax > 0), amax, torch.ones((), dtype=amax.dtype, device=amax.device)).to(cd)
+    Rc = R.to(cd)
+    gn = torch.linalg.matrix_norm(G.to(cd) / a[:, None, None]) * a
+    rn = torch.linalg.matrix_norm(Rc)
+    c = torch.where(rn > 0, gn / torch.where(rn > 0, rn, 1.0), 0.0)
+    return (Rc * c[:, None, None]).to(G.dtype)
 
 
 # --------------------------------------------------------------------------- OLR
@@ -433,8 +492,17 @@ def olr(
         lr = η*   if 0 < η* < base   else   base,
 
     where ``base`` is the scheduled lr (``ctx["lrs"]``, one float or 0-d tensor per
-    producer). η* ≤ 0, η* ≥ base, and NaN (from l = 0) all give ``base``. The chosen lr is
+    producer). η* ≤ 0, η* ≥ base, and NaN (0/0, from w = 0 or l = 0) all give ``base``: capped
+    at the scheduled lr and used only when positive, as the authors' code. The chosen lr is
     returned as ``Updates.lr`` (a (P,) tensor); the gradients pass through unchanged.
+
+    What η* is. Eq. 18 asks for η minimising ‖(W − ηG)(W − ηG)ᵀ − I‖_F, but eq. 19 writes
+    (w − ηl)ᵀ(w − ηl) — a scalar, ‖W − ηG‖_F² — in place of WWᵀ and the dropped identity term
+    leaves e(η) = ‖W − ηG‖_F⁴. η* is the root of de/dη linearised at η = 0 (one Newton step
+    from 0: e′(0) = −4wᵀw·lᵀw, e″(0) = 4wᵀw·lᵀl + 8(lᵀw)²). So η* has no orthogonality left in
+    it: for lᵀw > 0 it lies in (0, lᵀw/lᵀl), below the exact minimiser lᵀw/lᵀl of
+    ‖W − ηG‖_F, and the step W − η*G always shrinks ‖W‖_F. With a zero-initialised OW
+    generator as ``w`` (``ow_target="generator"``) the first η* is 0/0 → the scheduled lr.
 
     The dot products are computed in ``dtype`` (float64 by default: lᵀw is a cancelling sum
     and its sign decides the switch) on the producers' device, under no grad, without host
@@ -623,11 +691,16 @@ def default_chain(
     nog_method: str = "auto",
     history: bool = True,
     max_history: int | None = None,
+    nog_scale: str = "unit",
+    nog_deficient: str = "partial",
 ) -> GradientTransformation:
-    """The chain :func:`orthofx.treatments.attach` builds from a config: ``("nog", nog(method))``
-    — or ``("guard", guard())`` without NOG, so that non-finite gradients never reach a
-    weight — then ``("olr", olr(history=..., max_history=...))`` with OLR."""
-    parts: list[tuple[str, GradientTransformation]] = [("nog", _nog(nog_method)) if nog else ("guard", guard())]
+    """The chain :func:`orthofx.treatments.attach` builds from a config:
+    ``("nog", nog(nog_method, scale=nog_scale, deficient=nog_deficient))`` — or
+    ``("guard", guard())`` without NOG, so that non-finite gradients never reach a weight —
+    then ``("olr", olr(history=..., max_history=...))`` with OLR."""
+    parts: list[tuple[str, GradientTransformation]] = [
+        ("nog", _nog(nog_method, scale=nog_scale, deficient=nog_deficient)) if nog else ("guard", guard())
+    ]
     if olr:
         parts.append(("olr", _olr(history=history, max_history=max_history)))
     return named_chain(*parts)
