@@ -48,72 +48,146 @@ __all__ = ["expm"]
 
 EXPM_THETA = 2.0
 _DEGREE = {torch.float32: 16, torch.float64: 25}
+#: Paterson–Stockmeyer-optimal degrees (the largest degree for each number of matmuls)
+_PS_DEGREES = (1, 2, 4, 6, 9, 12, 16, 20, 25)
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
 def expm_degree(dtype: torch.dtype) -> int:
-    """Taylor degree used for ``dtype`` (16 for float32 and below, 25 for float64)."""
+    """Largest Taylor degree used for ``dtype`` (16 for float32 and below, 25 for float64): the
+    sync-free path's fixed degree."""
     return _DEGREE[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
-_COEF_CACHE: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+def _ps_block(m: int) -> int:
+    """Block size q of the Paterson–Stockmeyer scheme for degree m (the cheapest q)."""
+    return min(range(2, m + 1), key=lambda q: (q - 1 + m // q - (m % q == 0), q)) if m > 1 else 1
 
 
-def _coefficients(m: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(m//q + 1, q) matrix of 1/k! (k = j·q + i), cached per device: the host→device copy
-    (which synchronises) happens once, at the first call, not every step."""
-    key = (m, q, dtype, device)
-    c = _COEF_CACHE.get(key)
-    if c is None:
-        c = torch.zeros(m // q + 1, q, dtype=torch.float64)
-        for k in range(m + 1):
-            c[k // q, k % q] = 1.0 / math.factorial(k)
-        c = c.to(dtype=dtype, device=device)
-        _COEF_CACHE[key] = c
-    return c
+def taylor_matmuls(m: int) -> int:
+    """Matrix products of :func:`_taylor` at degree m: (q − 1) powers + ⌊m/q⌋ − [q | m] Horner
+    steps (0, 1, 2, 3, 4, 5, 6, 7, 8 for m = 1, 2, 4, 6, 9, 12, 16, 20, 25)."""
+    q = _ps_block(m)
+    return 0 if m == 1 else q - 1 + m // q - (m % q == 0)
+
+
+def _theta(m: int, u: float) -> float:
+    """Largest θ with θ^{m+1}/(m+1)! · e^{2θ} ≤ u (bisection): for ‖X‖₁ ≤ θ the degree-m
+    Taylor truncation error relative to ‖e^X‖ (≥ e^{−θ}) is below the unit roundoff u."""
+    lo, hi = 0.0, 16.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        bound = math.exp((m + 1) * math.log(mid) - math.lgamma(m + 2) + 2 * mid)
+        lo, hi = (mid, hi) if bound <= u else (lo, mid)
+    return lo
+
+
+#: dtype -> ((degree, θ_degree), ...), increasing; the top degree's θ is EXPM_THETA (its bound
+#: holds there: 2.0e-8 in float32, 9e-18 in float64), so the scaling range is unchanged
+_THETAS = {
+    dt: tuple((m, EXPM_THETA if m == _DEGREE[dt] else _theta(m, u)) for m in _PS_DEGREES if m <= _DEGREE[dt])
+    for dt, u in _UNIT_ROUNDOFF.items()
+}
+
+
+def expm_plan(norm: float, dtype: torch.dtype, max_squarings: int = 14) -> tuple[int, int]:
+    """(degree m, squarings s) for ‖X‖₁ = ``norm`` (a host float): the pair of least cost
+    ``taylor_matmuls(m) + s`` (ties: fewer squarings, whose rounding errors double each step)
+    with ``‖X‖₁/2^s ≤ θ_m`` (truncation below the unit roundoff of ``dtype``), s ≤ max_squarings.
+    NaN gives the top degree and s = 0 (NaN propagates); beyond the range, s = max_squarings."""
+    table = _THETAS[torch.float64 if dtype == torch.float64 else torch.float32]
+    if not math.isfinite(norm):
+        return table[-1][0], 0 if math.isnan(norm) else max_squarings
+    best: tuple[int, int, int] | None = None
+    for m, theta in table:
+        s = max(0, math.ceil(math.log2(norm / theta))) if norm > theta else 0
+        if s > max_squarings:
+            continue
+        key = (taylor_matmuls(m) + s, s, m)
+        best = key if best is None or key < best else best
+    if best is None:
+        return table[-1][0], max_squarings
+    return best[2], best[1]
 
 
 def _taylor(x: Tensor, m: int) -> Tensor:
-    """Σ_{k=0}^{m} x^k/k! for x of shape (B, n, n) by Paterson–Stockmeyer with block size
-    q = ⌈√(m+1)⌉: all blocks ``B_j = Σ_{i<q} c_{jq+i} x^i`` in one small matmul over the stacked
-    powers, then Horner in x^q with fused multiply-adds (baddbmm)."""
-    q = max(2, math.ceil(math.sqrt(m + 1)))
-    b, n = x.shape[0], x.shape[-1]
-    eye = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
-    powers = [eye, x]
+    """Σ_{k=0}^{m} x^k/k! for x (B, n, n) by Paterson–Stockmeyer: blocks
+    ``B_j = Σ_{i<q} x^i/(jq+i)!`` from the powers x..x^{q−1} (elementwise sums), then Horner in
+    x^q; :func:`taylor_matmuls` products, no in-place ops (autograd goes through it)."""
+    n = x.shape[-1]
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    if m == 1:
+        return eye + x
+    q = _ps_block(m)
+    powers: list[Tensor | None] = [None, x]  # x^0 = I is added as a diagonal
     for _ in range(2, q + 1):
-        powers.append(torch.bmm(powers[-1], x))
-    nblocks = m // q + 1
-    stacked = torch.stack(powers[:q], dim=1).reshape(b, q, n * n)  # (B, q, n²)
-    blocks = torch.matmul(_coefficients(m, q, x.dtype, x.device), stacked).reshape(b, nblocks, n, n)
-    out = blocks[:, -1]
-    for j in range(nblocks - 2, -1, -1):
-        out = torch.baddbmm(blocks[:, j], powers[q], out)
+        powers.append(torch.matmul(powers[-1], x))  # type: ignore[arg-type]
+
+    def block(j: int) -> Tensor | None:
+        out: Tensor | None = None
+        for i in range(1, q):
+            k = j * q + i
+            if k <= m:
+                term = powers[i] * (1.0 / math.factorial(k))  # type: ignore[operator]
+                out = term if out is None else out + term
+        return out
+
+    top = m // q
+    c_top = 1.0 / math.factorial(top * q)
+    # B_top (its identity term c_top·I plus the powers of degree > top·q), applied to x^q
+    rest = block(top)
+    out = powers[q] * c_top if rest is None else powers[q] * c_top + torch.matmul(powers[q], rest)  # type: ignore[operator]
+    for j in range(top - 1, -1, -1):
+        bj = block(j)
+        out = out if bj is None else out + bj
+        out = out + eye * (1.0 / math.factorial(j * q))
+        if j:
+            out = torch.matmul(powers[q], out)  # type: ignore[arg-type]
     return out
 
 
 def _expm_forward(a: Tensor, max_squarings: int, sync_free: bool) -> Tensor:
-    """exp(a) for a float32/float64 batch, no autograd (see module doc)."""
+    """exp(a) on the sync-free path (top degree, masked squarings; see the module doc)."""
     shape = a.shape
     a = a.reshape(-1, shape[-2], shape[-1])
     norm = torch.linalg.matrix_norm(a, ord=1)  # ‖A‖₁ = max column sum, (B,)
     s = torch.ceil(torch.log2(norm / EXPM_THETA)).clamp(0, max_squarings)
     s = torch.where(torch.isnan(norm), norm, s)[:, None, None]  # NaN input -> NaN output
     y = _taylor(a * torch.exp2(-s), expm_degree(a.dtype))
-    if sync_free:
-        if max_squarings:
-            steps = torch.arange(max_squarings, device=a.device, dtype=s.dtype)
-            active = s > steps  # (B, 1, max_squarings): one comparison for all steps
-            for i in range(max_squarings):
-                y = torch.where(active[..., i : i + 1], torch.bmm(y, y), y)
-        return y.reshape(shape)
-    top = int(torch.nan_to_num(s, nan=0.0).max())  # the host decides: free on the CPU
-    if top == max_squarings:  # maybe out of range: count the matrices that are
+    if max_squarings:
+        steps = torch.arange(max_squarings, device=a.device, dtype=s.dtype)
+        active = s > steps  # (B, 1, max_squarings): one comparison for all steps
+        for i in range(max_squarings):
+            y = torch.where(active[..., i : i + 1], torch.bmm(y, y), y)
+    return y.reshape(shape)
+
+
+def expm_host(a: Tensor, max_squarings: int = 14) -> tuple[Tensor, int]:
+    """(exp(a), squarings of the largest element) on the host path, differentiable by autograd
+    through the Taylor and squaring steps (the exact derivative of the computed approximant:
+    about 2× the forward's products, against ≈ 8× for the 2n×2n block exponential). Degree
+    and squarings from :func:`expm_plan` of the batch's largest ‖A‖₁ (one host read: free on
+    the CPU); each element is scaled by its own 2^{−s_i}. Counts out-of-range matrices."""
+    shape = a.shape
+    a = a.reshape(-1, shape[-2], shape[-1])
+    norm = torch.linalg.matrix_norm(a.detach(), ord=1)
+    top_norm = float(torch.nan_to_num(norm, nan=0.0).max()) if not bool(norm.isnan().all()) else math.nan
+    m, top = expm_plan(top_norm, a.dtype, max_squarings)
+    if top == max_squarings and max_squarings:
         over = int((torch.nan_to_num(norm, nan=0.0) > EXPM_THETA * 2.0**max_squarings).sum())
         if over:
             solver_stats().record_fallback("expm-range", over)
+    if a.shape[0] == 1:
+        y = _taylor(a * 2.0**-top if top else a, m)
+        for _ in range(top):
+            y = y @ y
+        return y.reshape(shape), top
+    theta = dict(_THETAS[torch.float64 if a.dtype == torch.float64 else torch.float32])[m]
+    s = torch.ceil(torch.log2(norm / theta)).clamp(0, top).nan_to_num(0.0)[:, None, None]
+    y = _taylor(a * torch.exp2(-s), m)
     for i in range(top):
-        y = torch.where(s > i, torch.bmm(y, y), y) if s.numel() > 1 else torch.bmm(y, y)
-    return y.reshape(shape)
+        y = torch.where(s > i, y @ y, y)
+    return y.reshape(shape), top
 
 
 class _Expm(torch.autograd.Function):
@@ -169,6 +243,9 @@ def expm(A: Tensor, *, max_squarings: int = 14, sync_free: bool | None = None, v
         sync_free = sync_free_preferred(A.device) or torch.compiler.is_compiling() or torch.jit.is_tracing()
     cd = working_dtype(A.dtype)
     with no_autocast(A.device.type):
-        y = _Expm.apply(A.to(cd), max_squarings, sync_free)
+        if sync_free:
+            y = _Expm.apply(A.to(cd), max_squarings, True)
+        else:
+            y = expm_host(A.to(cd), max_squarings)[0]
         solver_stats().record_nonfinite(y, event_dims=2)
         return y.to(A.dtype)

@@ -1,33 +1,99 @@
 r"""The flat OW map on the Stiefel manifold: ``W_tall = f(c·S) Y₀`` with ``S = a Y₀ᵀ − Y₀ aᵀ``,
 ``f = exp`` or the Cayley map, dense (n'×n') or low-rank (2k×2k), polished; see
 :class:`orthofx.treatments.weight.FlatOrthogonal` for the math and the accuracy contract.
+
+Two paths compute the same function (they differ by rounding only):
+
+* **host path** (a CPU tensor outside ``cuda_policy``/compile/export/trace: host reads are
+  free, :func:`orthofx.linalg._checks.host_read_is_free`): the exponential's Taylor degree and
+  squarings follow ‖X‖₁ (:func:`orthofx.linalg.expm.expm_plan`: degree 4 at ‖X‖₁ ≤ 0.09 in
+  float32, 2 products instead of 6) and its derivative is autograd through those products;
+  the saturation ``c`` is skipped (exactly 1) when ‖X‖₁ ≤ OW_RANGE; the polish runs only after
+  squarings (exp) or for ‖X‖₁ > 2 (Cayley), and then only until ``‖QᵀQ − I‖_F ≤ 4·u·√k``
+  (u the unit roundoff: 2⁻²⁴ float32, 2⁻⁵³ float64), at most ``OW_MAX_POLISH`` steps;
+* **sync-free path** (CUDA, ``cuda_policy``, tracing): nothing is read on the host — the
+  exponential's fixed degree and masked squarings with its block-exponential backward,
+  ``c`` always applied, ``OW_POLISH`` polish steps always.
+
+Both build the small matrices from their structure: ``S = P − Pᵀ`` with ``P = a Y₀ᵀ`` (one
+n'²k product) and ``M = [[Y₀ᵀa, t·Y₀ᵀY₀], [−aᵀa/t, −aᵀY₀]]`` (three n'k² products, one of them
+without gradient) with ``t = max(‖a‖_F, eps)`` (detached), which keeps ‖M‖ of the order of
+‖S‖ (so a small generator gets a small Taylor degree) — the function does not depend on t.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from orthofx.linalg.expm import EXPM_THETA, expm
+from orthofx.linalg._checks import host_read_is_free
+from orthofx.linalg.expm import EXPM_THETA, expm, expm_host, taylor_matmuls
 from orthofx.linalg.polar import POLISH_COEFFS
+from orthofx.linalg.stats import solver_stats
 
-__all__ = ["OW_RANGE", "OW_POLISH", "stiefel_map", "stiefel_map_flagged"]
+__all__ = ["OW_RANGE", "OW_POLISH", "OW_MAX_POLISH", "choose_lowrank", "route_cost", "stiefel_map",
+           "stiefel_map_flagged"]
 
 
 #: largest ‖X‖₁ of the map's argument X (S, or M on the low-rank route): the exact range of
 #: :func:`orthofx.linalg.expm.expm` with its default 14 squarings, θ·2^14 = 32768
 OW_RANGE = EXPM_THETA * 2.0**14
-#: polish steps X ← X(a I + b XᵀX + c (XᵀX)²) on the tall result (orthofx.linalg.polar's)
+#: polish steps X ← X(a I + b XᵀX + c (XᵀX)²) on the tall result, sync-free path (always)
 OW_POLISH = 2
+#: most polish steps on the host path (each one checked first; cubic convergence: an error
+#: of 1e-2 is at the float32 floor after two)
+OW_MAX_POLISH = 3
+_MAX_SQUARINGS = 14
+#: Taylor degree of the flop model below: 4 (‖X‖₁ ≤ 0.09 in float32), where training keeps OW
+_MODEL_DEGREE = 4
 
 
-def _saturation(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(c, saturated): c = min(1, OW_RANGE/‖x‖₁) (differentiable; 1 with zero gradient where
-    ‖x‖₁ ≤ OW_RANGE, also at x = 0) and the 0-d flag c < 1."""
+def route_cost(k: int, n_big: int, method: str, lowrank: bool) -> float:
+    """Multiply-adds of one forward + backward of the map for a k×n' tall form (the flop model
+    of :func:`choose_lowrank`; a small generator, degree-4 Taylor = p = 2 products, each
+    costing 3 with its backward):
+
+    * dense exp: ``3p·n'³ + 4n'²k`` (P = aY₀ᵀ, exp(S)·Y₀ and their gradients);
+    * low-rank exp: ``3p·(2k)³ + 10n'k²`` (M's three blocks, L·F and their gradients);
+    * dense Cayley: ``n'³/3 + 7n'²k`` (LU, two solves with k columns, S, S·Y₀, gradients);
+    * low-rank Cayley: ``(2k)³/3 + 16k³ + 10n'k²``.
+    """
+    k, n = float(k), float(n_big)
+    if method == "expm":
+        p = 3 * taylor_matmuls(_MODEL_DEGREE)
+        return p * (2 * k) ** 3 + 10 * n * k * k if lowrank else p * n**3 + 4 * n * n * k
+    return (2 * k) ** 3 / 3 + 16 * k**3 + 10 * n * k * k if lowrank else n**3 / 3 + 7 * n * n * k
+
+
+def choose_lowrank(k: int, n_big: int, method: str) -> bool:
+    """True when the low-rank route (2k×2k) is cheaper than the dense one (n'×n') by
+    :func:`route_cost`: for exp when n' > ≈2.05k, for Cayley when n' > ≈2.3k."""
+    return route_cost(k, n_big, method, True) < route_cost(k, n_big, method, False)
+
+
+def _host_path(x: Tensor) -> bool:
+    return host_read_is_free(x)
+
+
+def _saturation(x: Tensor, host: bool) -> tuple[Tensor, Tensor]:
+    """(c·x, flag c < 1) with c = min(1, OW_RANGE/‖x‖₁) (differentiable; 1 with zero gradient
+    where ‖x‖₁ ≤ OW_RANGE, also at x = 0). On the host path an in-range x is returned as is."""
+    if host:
+        over = torch.linalg.matrix_norm(x.detach(), ord=1) > OW_RANGE
+        if not bool(over.any()):
+            return x, over
     nu = torch.linalg.matrix_norm(x, ord=1)
     over = nu > OW_RANGE
     c = torch.where(over, OW_RANGE / torch.where(over, nu, 1.0), 1.0)
-    return c, over
+    return x * c[..., None, None], over
+
+
+def _polish_step(q: Tensor, g: Tensor) -> Tensor:
+    a, b, c = POLISH_COEFFS
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return q @ (a * eye + g @ (b * eye + c * g))
 
 
 def _polish(q: Tensor, steps: int = OW_POLISH) -> Tensor:
@@ -35,13 +101,34 @@ def _polish(q: Tensor, steps: int = OW_POLISH) -> Tensor:
     ``q ← q (1.875 I − 1.25 G + 0.375 G²)``, ``G = qᵀq``, the convergent polynomial of
     ``orthofx.linalg.polar`` (σ ↦ p(σ), p(1) = 1, p′(1) = p″(1) = 0: an error e in the singular
     values becomes ≈ 2.5e³). Identity on an exactly orthonormal q and on its tangent
-    directions, so the map and its gradient are unchanged to rounding."""
-    a, b, c = POLISH_COEFFS
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    directions, so the map and its gradient are unchanged to rounding. Cost per step:
+    2n'k² + k³ multiply-adds (forward)."""
     for _ in range(steps):
-        g = q.mT @ q
-        q = q @ (a * eye + g @ (b * eye + c * g))
+        q = _polish_step(q, q.mT @ q)
     return q
+
+
+def _polish_checked(q: Tensor) -> Tensor:
+    """Host path: polish steps while ``‖qᵀq − I‖_F > 4·u·√k`` (read on the host), at most
+    OW_MAX_POLISH; the Gram matrix of the check is the step's G."""
+    k = q.shape[-1]
+    tol = 4.0 * torch.finfo(q.dtype).eps / 2 * math.sqrt(k)
+    eye = torch.eye(k, dtype=q.dtype, device=q.device)
+    for _ in range(OW_MAX_POLISH):
+        g = q.mT @ q
+        if not float(torch.linalg.matrix_norm(g.detach() - eye).max()) > tol:  # NaN: keep going
+            break
+        q = _polish_step(q, g)
+    return q
+
+
+def _expm(x: Tensor, host: bool) -> tuple[Tensor, int]:
+    """(exp(x), squarings); the squarings are not known on the sync-free path (−1)."""
+    if host:
+        y, s = expm_host(x, _MAX_SQUARINGS)
+        solver_stats().record_nonfinite(y, event_dims=2)
+        return y, s
+    return expm(x, max_squarings=_MAX_SQUARINGS, sync_free=True), -1
 
 
 def _stiefel_map(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> Tensor:
@@ -51,28 +138,49 @@ def _stiefel_map(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> Tensor:
 
 
 def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> tuple[Tensor, Tensor]:
-    """(:func:`_stiefel_map`, the 0-d flag "c < 1": the generator was scaled down)."""
+    """(:func:`_stiefel_map`, the 0-d flag "c < 1": the generator was scaled down).
+
+    a, Y0: float32/float64 (n'×k) tall forms. Cost (forward, multiply-adds, small generator):
+    dense ``n'²k`` (S) + ``p·n'³`` (p Taylor products, or an n'³/3 LU) + ``n'²k``; low-rank
+    ``3n'k²`` (M) + ``8p·k³`` + ``2n'k²``; backward about twice that (host path)."""
     k = a.shape[-1]
+    host = _host_path(a)
     if lowrank:
-        t = torch.linalg.matrix_norm(a.detach()).clamp_min(1.0)
-        L = torch.cat([a / t, Y0], dim=-1)  # n' × 2k
-        R = torch.cat([t * Y0, -a], dim=-1)  # n' × 2k,  S = L Rᵀ
-        M = R.mT @ L  # 2k × 2k;  f(c L Rᵀ) L = L f(c M)
-        c, over = _saturation(M)
-        M = M * c
+        eps = torch.finfo(a.dtype).eps
+        t = torch.linalg.matrix_norm(a.detach()).clamp_min(eps)[..., None, None]
+        P = Y0.mT @ a  # k × k
+        with torch.no_grad():
+            G0 = Y0.mT @ Y0  # = I for an orthonormal base; kept for exactness
+        M = torch.cat([torch.cat([P, t * G0], dim=-1), torch.cat([-(a.mT @ a) / t, -P.mT], dim=-1)], dim=-2)
+        M, over = _saturation(M, host)  # f(c L Rᵀ) L = L f(c M),  L = [a/t, Y₀]
         if method == "expm":
-            F = expm(M)[..., k:]
+            E, s = _expm(M, host)
+            F = E[..., k:]
+            polish = s != 0
         else:
             I2 = torch.eye(2 * k, dtype=M.dtype, device=M.device)
             F = _solve(I2 - 0.5 * M, I2[:, k:] + 0.5 * M[..., k:])
-        return _polish(L @ F), over
-    S = a @ Y0.mT - Y0 @ a.mT
-    c, over = _saturation(S)
-    S = S * c
-    if method == "expm":
-        return _polish(expm(S) @ Y0), over
-    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    return _polish(_solve(eye - 0.5 * S, Y0 + 0.5 * (S @ Y0))), over
+            polish = _needs_polish_cayley(M, host)
+        Q = (a / t) @ F[..., :k, :] + Y0 @ F[..., k:, :]
+    else:
+        P = a @ Y0.mT
+        S, over = _saturation(P - P.mT, host)
+        if method == "expm":
+            E, s = _expm(S, host)
+            Q = E @ Y0
+            polish = s != 0
+        else:
+            eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+            Q = _solve(eye - 0.5 * S, Y0 + 0.5 * (S @ Y0))
+            polish = _needs_polish_cayley(S, host)
+    if not host:
+        return _polish(Q), over
+    return (_polish_checked(Q) if polish else Q), over
+
+
+def _needs_polish_cayley(x: Tensor, host: bool) -> bool:
+    """Host path: polish the Cayley result only for ‖X‖₁ > 2 (cond(I − X/2) grows with ‖X‖)."""
+    return not host or bool((torch.linalg.matrix_norm(x.detach(), ord=1) > EXPM_THETA).any())
 
 
 def _solve(A: Tensor, B: Tensor) -> Tensor:

@@ -1,0 +1,149 @@
+"""OW against torch's own orthogonal parametrization, per weight shape, measured side by side.
+
+    python benchmarks/ow_shapes.py [--quick] [--threads N] [--device cpu|cuda] [--json PATH]
+                                   [--shapes 256x784,256x256,...]
+
+One ``nn.Linear`` (weight out×in, float32), batch 1024, loss ``mean((Wx + b − y)²)``, a
+training step = forward + backward + SGD (lr 1e-2, momentum 0.9). Rows:
+
+* ``plain``: the untreated layer;
+* ``torch matrix_exp`` / ``torch cayley`` / ``torch householder``:
+  ``torch.nn.utils.parametrizations.orthogonal(layer, orthogonal_map=...)`` (its default
+  trivialization: the parameter is a generator around the registration-time base);
+* ``orthofx expm`` / ``orthofx cayley``: ``orthofx.treatments.register_orthogonal(layer,
+  method=...)`` (auto route).
+
+Every parametrization starts at its generator = 0 (the weight at registration) and is timed in
+interleaved rounds (the order rotates each round); ``x plain`` and ``x torch best`` are medians
+over rounds of the row's time over the same round's plain time / the same round's fastest torch
+map (min of the three). ``--quick`` uses 3 rounds of 1 step (instead of 7 rounds of 2 steps);
+the torch maps on 256×2048 dominate the run (≈ 11 s a round on 1 CPU thread).
+Absolute times mean something only on a quiet machine; on a shared CPU read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orthofx.treatments import register_orthogonal  # noqa: E402
+
+SHAPES = ((256, 784), (256, 256), (512, 512), (256, 2048))
+TORCH_MAPS = ("matrix_exp", "cayley", "householder")
+ROWS = ("plain",) + tuple(f"torch {m}" for m in TORCH_MAPS) + ("orthofx expm", "orthofx cayley")
+BATCH = 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(row: str, shape: tuple[int, int], device: torch.device) -> Callable[[], None]:
+    """A training step of one Linear(in, out) under ``row``'s parametrization."""
+    out, inp = shape
+    torch.manual_seed(0)
+    layer = nn.Linear(inp, out).to(device)
+    if row.startswith("torch "):
+        nn.utils.parametrizations.orthogonal(layer, orthogonal_map=row.split()[1])
+    elif row.startswith("orthofx "):
+        register_orthogonal(layer, method=row.split()[1])
+    x = torch.randn(BATCH, inp, device=device)
+    y = torch.randn(BATCH, out, device=device)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9)
+
+    def step() -> None:
+        loss = (layer(x) - y).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def bench_shape(shape: tuple[int, int], device: torch.device, rounds: int, iters: int) -> list[dict[str, Any]]:
+    steps = {r: make_step(r, shape, device) for r in ROWS}
+    for fn in steps.values():  # warm-up (allocator, lazy init)
+        fn()
+    samples: dict[str, list[float]] = {r: [] for r in ROWS}
+    order = list(ROWS)
+    for i in range(rounds):
+        for r in order[i % len(order):] + order[: i % len(order)]:
+            samples[r].append(_time(steps[r], device, iters))
+    torch_best = [min(samples[f"torch {m}"][i] for m in TORCH_MAPS) for i in range(rounds)]
+    best_name = min(TORCH_MAPS, key=lambda m: statistics.median(samples[f"torch {m}"]))
+    rows = []
+    for r in ROWS:
+        rows.append({
+            "shape": f"{shape[0]}x{shape[1]}", "row": r, "ms": round(statistics.median(samples[r]), 3),
+            "x_plain": round(statistics.median(a / b for a, b in zip(samples[r], samples["plain"])), 3),
+            "x_torch_best": round(statistics.median(a / b for a, b in zip(samples[r], torch_best)), 3),
+            "torch_best": f"torch {best_name}",
+        })
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print("| shape | row | ms | × plain | × torch best |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['row']} | {r['ms']:.1f} | {r['x_plain']:.2f} | {r['x_torch_best']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 rounds of 1 step per row")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--shapes", default=None, help="comma-separated OUTxIN, default: the four of the issue")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = SHAPES if a.shapes is None else tuple(
+        tuple(int(v) for v in s.split("x")) for s in a.shapes.split(","))
+    rounds = a.rounds or (3 if a.quick else 7)
+    iters = 1 if a.quick else 2
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        rows += bench_shape(shape, device, rounds, iters)  # type: ignore[arg-type]
+        print_rows([r for r in rows if r["shape"] == f"{shape[0]}x{shape[1]}"])
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - t0
+    print(f"# OW per shape on {dev}, torch {torch.__version__}, batch {BATCH}, {rounds} rounds × {iters} steps, "
+          f"{elapsed:.1f} s")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick, "batch": BATCH,
+                                      "rounds": rounds, "iters": iters, "date": time.strftime("%Y-%m-%d"),
+                                      "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
