@@ -518,6 +518,8 @@ class TransformReport:
         lines = [str(self.analysis), ""]
         cfg = self.plan.config
         lines.append(f"orthofx transform: config {cfg.name!r}, modified={self.modified}")
+        if cfg.nog:  # NOG's method and its two choices (orthofx.treatments.gradient.nog)
+            lines.append(f"  nog: method={cfg.nog_method}, scale={cfg.nog_scale}, deficient={cfg.nog_deficient}")
         for p in self.plan.producers:
             treat = "+".join(p.treatments) or "none"
             lines.append(f"  producer {p.param} {tuple(p.weight_shape)} -> flat {tuple(p.flat_shape)}: {treat}")

@@ -275,6 +275,9 @@ def _model(device, **cfg) -> tuple[nn.Module, torch.Tensor]:
     x, _ = _batch(0, device)
     gm, report = orthofx.transform(model, (x,), config=OrthoConfig(nog=True, **cfg))
     assert report.producers == ["stem"]
+    scale, deficient = cfg.get("nog_scale", "unit"), cfg.get("nog_deficient", "partial")
+    assert f"nog: method={cfg.get('nog_method', 'auto')}, scale={scale}, deficient={deficient}" in str(report)
+    assert report.to_dict()["plan"]["config"]["gradients"]["nog_scale"] == scale
     return gm, dict(gm.named_parameters())["stem.weight"]
 
 
