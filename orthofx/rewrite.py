@@ -111,8 +111,12 @@ def apply_weight_treatments(root: nn.Module, plans: list[ProducerPlan], cfg: Ort
         if cfg.weight in ("ow", "sn"):
             _check_untied(root, module, plan, cfg.weight)
         if cfg.weight == "ow":
-            if register_orthogonal(module, plan.attr, method=cfg.ow_method, qualname=plan.param):
-                done.append(Action(ActionKind.OW, plan.param, method=cfg.ow_method))
+            if register_orthogonal(module, plan.attr, method=cfg.ow_method, generator=cfg.ow_generator,
+                                   radius=cfg.ow_radius, terms=cfg.soc_terms, eval_terms=cfg.soc_eval_terms,
+                                   qualname=plan.param):
+                normalized = cfg.ow_method != "soc" and cfg.ow_generator == "normalized"
+                done.append(Action(ActionKind.OW, plan.param,
+                                   method=f"{cfg.ow_method}, normalized" if normalized else cfg.ow_method))
         elif cfg.weight == "sn":
             if register_spectral_norm(
                 module, plan.attr, method=cfg.sn_method, n_power_iterations=cfg.sn_power_iterations,

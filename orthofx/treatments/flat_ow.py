@@ -1,0 +1,262 @@
+r"""OW on the *flattened* weight: :class:`FlatOrthogonal`, a ``torch.nn.utils.parametrize``
+parametrization ``W_tall = f(S) Y₀`` (``f`` = exp or Cayley, the map of
+:mod:`orthofx.treatments.stiefel`), with a free or a normalised generator.
+
+Registered by :func:`orthofx.treatments.weight.register_orthogonal` (``ow_method`` ``"expm"``
+/ ``"cayley"``); :class:`orthofx.treatments.soc.SOCOrthogonal` subclasses it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from orthofx.errors import ConfigError, TreatmentError
+from orthofx.linalg._checks import host_read_is_free, no_autocast
+from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
+from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged
+
+__all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS"]
+
+OWMethod = Literal["expm", "cayley", "soc"]
+OWGeneratorKind = Literal["free", "normalized"]
+#: the methods of :class:`FlatOrthogonal` (matrix maps of the flattened weight)
+_FLAT_METHODS = ("expm", "cayley")
+#: the generator kinds of :class:`FlatOrthogonal` (``OrthoConfig.ow_generator``)
+OW_GENERATOR_KINDS = ("free", "normalized")
+#: power iterations at registration (from a random start) and in every eval forward (from the
+#: carried vector, not written back); one per training forward
+POWER_INIT_ITERS = 200
+POWER_EVAL_ITERS = 100
+
+
+def _unit(v: Tensor, dim: int = -1) -> Tensor:
+    """``v / ‖v‖`` along ``dim`` (a zero vector stays zero: the norm is clamped to the dtype's tiny)."""
+    return v / torch.linalg.vector_norm(v, dim=dim, keepdim=True).clamp_min(torch.finfo(v.real.dtype).tiny)
+
+
+def _power_step(v: Tensor, w: Tensor, dim: int = -1) -> Tensor:
+    """One power-iteration update: ``w/‖w‖`` along ``dim``, and the old unit ``v`` where
+    ``w = 0`` (so an iterate never collapses to zero; decided on the device, no host sync)."""
+    n = torch.linalg.vector_norm(w, dim=dim, keepdim=True)
+    return torch.where(n > 0, w / n.clamp_min(torch.finfo(n.dtype).tiny), v)
+
+
+# --------------------------------------------------------------------------- OW
+class FlatOrthogonal(nn.Module):
+    r"""Orthogonal weight (OW) on the flattened weight, a ``torch.nn.utils.parametrize``
+    parametrization.
+
+    Let ``W ∈ R^{out×n}`` be the flattened weight, ``k = min(out, n)``, ``n' = max(out, n)``,
+    and write matrices in their *tall* form (``n' × k``: ``W`` itself when ``out ≥ n``, else
+    ``Wᵀ``). With the trainable parameter ``A`` (tall form ``a ∈ R^{n'×k}``; stored with the
+    weight's own shape, zero at registration) and the buffer ``base = Y₀ ∈ R^{n'×k}`` with
+    orthonormal columns,
+
+        S = a Y₀ᵀ − Y₀ aᵀ          (n'×n', skew-symmetric)
+        W_tall = f(S) Y₀,           f = exp ("expm")  or  f(S) = (I − S/2)⁻¹(I + S/2) ("cayley").
+
+    ``f(S)`` is orthogonal, so ``W_tall`` has orthonormal columns: **for a wide weight
+    (out ≤ n) the rows of W are orthonormal (W Wᵀ = I_out); for a tall weight (out > n) the
+    columns are (Wᵀ W = I_n)**. For a square weight this is the paper's ``exp(A' − A'ᵀ)``
+    rotated by the base: ``W = Y₀ exp(Y₀ᵀa − aᵀY₀)``. The generators ``a Y₀ᵀ − Y₀ aᵀ`` span the
+    whole tangent space of the Stiefel manifold at ``Y₀``, so every nearby orthonormal ``W``
+    is reachable.
+
+    ``base`` is set by :meth:`right_inverse`, which ``parametrize`` calls at registration (and
+    on ``module.weight = value``): ``Y₀`` = the exact polar factor ``U Vᵀ`` of the given weight
+    (float64 thin SVD), i.e. the **nearest orthogonal matrix** to it, and ``A = 0``. The
+    parametrized weight right after registration is therefore the nearest orthogonal matrix
+    to the original weight (its Frobenius norm becomes √k).
+
+    Cost. ``S`` has rank ≤ 2k: with ``L = [a/t, Y₀]``, ``R = [t·Y₀, −a]`` (``S = L Rᵀ``, ``t``
+    a balancing scalar) every analytic/rational ``f`` obeys ``f(L Rᵀ) L = L f(Rᵀ L)``, and
+    ``Y₀`` is the second block of ``L``, so ``W_tall = L · f(M)[:, k:]`` with the 2k×2k matrix
+    ``M = Rᵀ L``. This low-rank route costs O(n'k² + k³) instead of O(n'³) — for a 512×4608
+    weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve) — and is exact up
+    to rounding (checked against the dense route in the tests). ``t = max(‖a‖_F, 1)`` (detached) keeps the blocks of ``M`` of similar size.
+    Auto (``lowrank=None``) uses it when ``4k ≤ n'`` (aspect ratio ≥ 4); timings:
+    benchmarks/results/timings.md.
+
+    Large generators. exp of a skew matrix is computed to full accuracy only while the
+    argument ``X`` (``S``, or ``M`` on the low-rank route) has ``‖X‖₁ ≤ OW_RANGE = θ·2^14 =
+    32768`` (expm's scaling range; beyond it the result was inaccurate from ‖A‖ ≈ 1e5 and NaN
+    from 1e6), and each squaring doubles the rounding error. So, without any host sync:
+
+    * the argument is scaled to the range, ``X ← c·X`` with ``c = min(1, OW_RANGE/‖X‖₁)``
+      (differentiable; ``W = f(c·S) Y₀`` since ``f(c L Rᵀ) L = L f(c M)``). For ‖X‖₁ beyond the
+      range W stays orthogonal but no longer follows A — there float32 could not resolve the
+      rotation angles anyway (error ≈ ‖S‖·2⁻²⁴ ≥ 2e-3 rad). The two routes measure different
+      X, so they may saturate at slightly different ‖A‖. On the host path (CPU, outside
+      ``cuda_policy``/compile/export) a RuntimeWarning is issued once per parametrization;
+      on CUDA it is silent;
+    * the tall result is re-orthonormalised by ``OW_POLISH = 2`` polish steps
+      ``Q ← Q(1.875 I − 1.25 QᵀQ + 0.375 (QᵀQ)²)`` (identity on an orthonormal Q and on its
+      tangent space, so the map and its gradient change only by rounding).
+
+    Measured (tests/test_ow_large.py, float32, shapes 8×8 … 64×27, both routes and methods):
+    ``‖W Wᵀ − I‖_F`` ≤ 1e-6 for every ‖A‖_F from 1e-3 to 1e8 (before: 1.7 at 1e5, NaN at 1e6).
+
+    dtype: float16/bfloat16 weights are computed in float32; float32/float64 in their own
+    dtype. The output has the weight's dtype. No ε is involved.
+
+    Per step the map runs once per forward (and its backward once): no host sync on CUDA (the
+    exponential's squarings are decided on the device, Cayley uses ``solve_ex``). A forward
+    that reads the weight several times can share one evaluation with
+    ``torch.nn.utils.parametrize.cached()``.
+
+    Normalised generator (``generator="normalized"``, the authors' SOC normalisation applied
+    to the flat map; ``OrthoConfig.ow_generator``). The map uses ``a·ρ/σ̂`` instead of ``a``:
+
+        W_tall = f(ρ·S/σ̂) Y₀,   σ̂ ≈ ‖S‖₂,   ρ = ``radius`` (default 0.7),
+
+    (``S`` is linear in ``a``, so ``S(a·c) = c·S(a)``). ``W`` therefore does not change when
+    ``a`` is scaled by any ``c > 0`` (up to rounding, with the same iteration vector), and
+    ``‖ρS/σ̂‖₂ = ρ`` once the iteration has converged: an optimizer step can turn ``W`` but
+    never push it further than ρ radians (per eigen-plane) from ``Y₀``. ``σ̂ = ‖S v‖₂`` for a
+    unit vector ``v`` (buffer ``_v``, shape (n',), no gradient through it, as in torch's
+    ``spectral_norm``) carried across steps by power iteration on ``SᵀS = −S²`` with the
+    factored products ``S v = a(Y₀ᵀv) − Y₀(aᵀv)`` (O(n'k) per product, S is never formed):
+    one iteration per training forward (before σ̂ is read; the buffer is updated), and
+    ``POWER_EVAL_ITERS = 100`` from the carried vector in eval (not written back, so eval
+    forwards are pure); ``POWER_INIT_ITERS = 200`` from a random start at registration. Any
+    unit ``v`` gives ``σ̂ ≤ ‖S‖₂``. The trainable ``A`` starts **random and nonzero**:
+    ``a ~ N(0, 1/n')`` entrywise (variance 1/n'), so right after registration ``W`` is ``Y₀``
+    turned by ``exp(ρS/σ̂)``, not ``Y₀`` itself. ``a = 0`` (no direction) gives ``W = Y₀``
+    (σ̂ is clamped to the dtype's smallest normal number). A zero iterate keeps the previous
+    vector. Measured accuracy: tests/test_ow_normalized.py.
+
+    dtype (normalised generator): σ̂ and the scaling are computed in the compute dtype
+    (float16/bfloat16 in float32); ``_v`` is stored in the weight's dtype.
+
+    Args:
+        shape: shape of the weight (out, in, *kernel).
+        method: ``"expm"`` (the paper; :func:`orthofx.linalg.expm.expm`, scaling and
+            squaring decided on the device, so no host sync on CUDA) or ``"cayley"``
+            (``torch.linalg.solve_ex`` without the info check; cheaper, also orthogonal).
+        lowrank: force (``True``) or forbid (``False``) the low-rank route; ``None`` = auto.
+        generator: ``"free"`` (default: ``a`` unconstrained, zero at registration; exactly the
+            map above without scaling) or ``"normalized"``.
+        radius: ρ of the normalised generator (> 0; unused for ``"free"``).
+    """
+
+    base: Tensor
+
+    def __init__(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        method: OWMethod = "expm",
+        lowrank: bool | None = None,
+        generator: OWGeneratorKind = "free",
+        radius: float = 0.7,
+    ) -> None:
+        super().__init__()
+        if method not in _FLAT_METHODS:
+            raise ConfigError(
+                f"FlatOrthogonal: method={method!r}; use one of {_FLAT_METHODS} "
+                "('soc' is SOCOrthogonal, registered by register_orthogonal)"
+            )
+        if generator not in OW_GENERATOR_KINDS:
+            raise ConfigError(f"FlatOrthogonal: generator={generator!r}; use one of {OW_GENERATOR_KINDS}")
+        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ConfigError(f"FlatOrthogonal: radius={radius!r}; a finite number > 0 is needed")
+        self.generator = generator
+        self.radius = float(radius)
+        self.shape = torch.Size(shape)
+        self.out, self.n = flat_shape(self.shape)
+        self.k, self.n_big = min(self.out, self.n), max(self.out, self.n)
+        self.wide = self.out < self.n
+        self.method = method
+        self.lowrank = (4 * self.k <= self.n_big) if lowrank is None else bool(lowrank)
+        self.register_buffer("base", torch.zeros(self.n_big, self.k))
+        if generator == "normalized":
+            self.register_buffer("_v", torch.zeros(self.n_big))
+        self._warned = False
+
+    def extra_repr(self) -> str:
+        gen = f"generator={self.generator!r}"
+        if self.generator == "normalized":
+            gen += f", radius={self.radius:g}"
+        return (
+            f"flat=({self.out}, {self.n}), method={self.method!r}, lowrank={self.lowrank}, {gen}, "
+            f"orthonormal={'rows' if self.out <= self.n else 'columns'}"
+        )
+
+    # tall form <-> weight shape
+    def _to_tall(self, X: Tensor) -> Tensor:
+        X = X.reshape(self.out, self.n)
+        return X.mT if self.wide else X
+
+    def _from_tall(self, T: Tensor) -> Tensor:
+        return (T.mT if self.wide else T).reshape(self.shape)
+
+    def forward(self, A: Tensor) -> Tensor:
+        cd = compute_dtype(A.dtype)
+        with no_autocast(A.device.type):  # matrix_exp/solve in ≥ float32, also under AMP
+            a = self._to_tall(A).to(cd)
+            Y0 = self.base.to(cd)
+            if self.generator == "normalized":
+                a = a * (self.radius / self._sigma(a, Y0))
+            Q, over = _stiefel_map_flagged(a, Y0, self.method, self.lowrank)
+        if not getattr(self, "_warned", False) and host_read_is_free(over) and bool(over):
+            self._warned = True  # once per parametrization; only where the read is free
+            warnings.warn(
+                f"OW {self.extra_repr()}: the generator is beyond the exponential's range "
+                f"(‖X‖₁ > {OW_RANGE:g}); it is scaled down to that range, so W stays orthogonal "
+                "but no longer follows A there. A lower lr, or bake() and re-register OW, "
+                "keeps A small",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self._from_tall(Q).to(A.dtype)
+
+    @torch.no_grad()
+    def right_inverse(self, W: Tensor) -> Tensor:
+        """Set ``base`` to the polar factor of ``W`` (nearest orthogonal matrix) and return A = 0."""
+        check_weight(W, f"a weight of shape {tuple(W.shape)}", "OW")
+        if W.shape != self.shape:
+            raise TreatmentError(
+                f"OW: assigned a weight of shape {tuple(W.shape)} to a parametrization of shape "
+                f"{tuple(self.shape)}"
+            )
+        if not torch.isfinite(W).all():
+            raise TreatmentError("OW: the weight holds NaN/Inf; cannot take its polar factor")
+        # The exact polar factor through a float64 thin SVD. orthofx.linalg.polar maps a zero
+        # matrix to zero by contract, but the base must always have orthonormal columns; the
+        # thin SVD gives orthonormal U, V even for a rank-deficient (or zero) weight.
+        T = self._to_tall(W).to(torch.float64)
+        U, _, Vh = torch.linalg.svd(T, full_matrices=False)
+        self.base = (U @ Vh).to(device=W.device, dtype=W.dtype)
+        if self.generator == "free":
+            return torch.zeros_like(W)
+        cd = compute_dtype(W.dtype)
+        a = torch.randn(self.n_big, self.k, dtype=cd, device=W.device) / math.sqrt(self.n_big)
+        v = _unit(torch.randn(self.n_big, dtype=cd, device=W.device))
+        Y0 = self.base.to(cd)
+        for _ in range(POWER_INIT_ITERS):
+            v = _power_step(v, -_skew_mv(a, Y0, _skew_mv(a, Y0, v)), dim=-1)
+        self._v = v.to(W.dtype)
+        return self._from_tall(a).to(W.dtype)
+
+    def _sigma(self, a: Tensor, Y0: Tensor) -> Tensor:
+        """σ̂ = ‖S v‖₂ (differentiable in ``a``; ``v`` detached) after the power iteration(s)
+        on ``SᵀS = −S²`` — one (buffer updated) in training, ``POWER_EVAL_ITERS`` (buffer kept)
+        in eval. Clamped to the dtype's tiny (a = 0 gives σ̂ = tiny, W = Y₀)."""
+        with torch.no_grad():
+            ad, v = a.detach(), self._v.to(a.dtype)
+            for _ in range(1 if self.training else POWER_EVAL_ITERS):
+                v = _power_step(v, -_skew_mv(ad, Y0, _skew_mv(ad, Y0, v)), dim=-1)
+            if self.training:
+                self._v.copy_(v)
+        sigma = torch.linalg.vector_norm(_skew_mv(a, Y0, v))
+        return sigma.clamp_min(torch.finfo(a.dtype).tiny)
+
+
+def _skew_mv(a: Tensor, Y0: Tensor, v: Tensor) -> Tensor:
+    """``S v`` with ``S = a Y₀ᵀ − Y₀ aᵀ`` (n'×n', never formed): ``a(Y₀ᵀv) − Y₀(aᵀv)``, O(n'k)."""
+    return a @ (Y0.mT @ v) - Y0 @ (a.mT @ v)
+
