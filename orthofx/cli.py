@@ -1,9 +1,10 @@
-"""Command line: ``orthofx report | demo | train``.
+"""Command line: ``orthofx report | demo | study | train``.
 
     orthofx report resnet18 --head gcp            # what the pass finds, as a table
     orthofx report resnet50 --stem whiten --format dot > chain.dot
     orthofx report mypkg.models:build --format json
     orthofx demo [--quick] [--experiment both|dbn|gcp|dbn-small] [--out DIR] [--seeds N] [--jobs N] [--extended]
+    orthofx study [--quick] [--experiment both|dbn|gcp] [--rows LABEL ...] [--seeds N] [--steps N] [--profile cpu|gpu]
     orthofx train --config examples/resnet50_dbn_cifar100.json [--epochs 1 --treatment nog]
 """
 
@@ -224,6 +225,35 @@ def _cmd_demo(a: argparse.Namespace) -> Callable[[], int]:
     return work
 
 
+def _cmd_study(a: argparse.Namespace) -> Callable[[], int]:
+    from orthofx.experiment.study import PROFILES, plan_study
+
+    _check_int(a.seeds, "--seeds", 1)
+    _check_int(a.steps, "--steps", 1)
+    _check_int(a.jobs, "--jobs", 0)
+    out = a.out or ("out/study-quick" if a.quick else "out/study")
+    _check_out_dir(out, "--out")
+    _check_data_dir(a.data, "--data", False)
+    try:  # unknown --rows labels, before any work
+        plan_study(out, rows=a.rows, seeds=1, profile="quick" if a.quick else a.profile, steps=1)
+    except OptionError as e:
+        raise OptionError(f"--{e.option}", e.value, e.problem) from None
+    if a.profile == "gpu" and not a.quick:
+        _check_device(PROFILES["gpu"].device)
+
+    def work() -> int:
+        from orthofx.experiment.study import study
+
+        try:
+            study(out, experiment=a.experiment, rows=a.rows, seeds=a.seeds, jobs=a.jobs or None, profile=a.profile,
+                  steps=a.steps, quick=a.quick, data_dir=a.data, progress=not a.no_progress)
+        except OptionError as e:
+            raise OptionError(f"--{e.option}", e.value, e.problem) from None
+        return 0
+
+    return work
+
+
 def _cmd_train(a: argparse.Namespace) -> Callable[[], int]:
     from orthofx.experiment.train import ExperimentConfig, load_config
 
@@ -335,6 +365,22 @@ def _parser() -> argparse.ArgumentParser:
                         "results do not depend on it")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
+
+    st = sub.add_parser("study", help="paired-seed study of every treatment (>= 2000 steps, >= 6 seeds; resumable)")
+    st.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, ~20 steps, tiny data (not evidence)")
+    st.add_argument("--experiment", choices=["both", "dbn", "gcp"], default="both", help="which experiment (default both)")
+    st.add_argument("--rows", nargs="+", metavar="ROW",
+                    help="only these rows, by label or slug (e.g. SVD 'NOG+OW(expm, A)' nog-ow-expm-a); default all 13")
+    st.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 6; --quick 2)")
+    st.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the profile's, cpu 2000)")
+    st.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                    help="cpu (default: small models, ~1 min per run on one thread) or gpu (larger models, batch 128)")
+    st.add_argument("--jobs", type=int, default=0,
+                    help="worker processes, one single-threaded run each (default 0: one per CPU core, 1 on CUDA)")
+    st.add_argument("--out", default=None, help="output directory (default out/study, --quick: out/study-quick)")
+    st.add_argument("--data", help="directory with Fashion-MNIST IDX files")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished run)")
+    st.set_defaults(fn=_cmd_study)
 
     t = sub.add_parser("train", help="a full experiment from a JSON/TOML config (torchrun-ready)")
     t.add_argument("--config", help="ExperimentConfig as JSON/TOML; flags below override it")
