@@ -211,7 +211,7 @@ class GradientSpec:
         nog: replace each producer's weight gradient G by the polar factor U Vᵀ of its
             flattened (out, in·k·k) gradient (nearest orthogonal gradient).
         nog_method: ``orthofx.linalg.polar`` method. ``"auto"`` (default): Polar Express
-            + 5 polish steps on CUDA (no host sync; ≤ 1e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
+            + 5 polish steps on CUDA (no host sync; ≤ 2e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
             float64 Gram ``"eigh"`` on the CPU; ``"svd"`` is the paper's literal U Vᵀ
             (synchronises on CUDA).
         nog_scale: ``"unit"`` (default, the paper: U Vᵀ, every step of size √rank) or
