@@ -283,7 +283,7 @@ def nog(method: str = "auto", *, scale: str = "unit", deficient: str = "partial"
 
     Args:
         method: an ``orthofx.linalg.polar`` method: ``"auto"`` (default: Polar Express with
-            5 polish steps on CUDA — no host sync, ≤ 1e-5 from U Vᵀ when σ_min ≥ 1.5e-4‖G‖_F —
+            5 polish steps on CUDA — no host sync, ≤ 2e-5 from U Vᵀ when σ_min ≥ 1.5e-4‖G‖_F —
             and float64 Gram ``"eigh"`` on the CPU), ``"svd"`` (the paper's literal U Vᵀ;
             synchronises on CUDA), ``"eigh"``, ``"ns"`` or ``"polar_express"``.
         scale: ``"unit"`` or ``"frobenius"`` (``orthofx.vocab.NOGScale``).
