@@ -11,7 +11,10 @@ training step = forward + backward + SGD (lr 1e-2, momentum 0.9). Rows:
   ``torch.nn.utils.parametrizations.orthogonal(layer, orthogonal_map=...)`` (its default
   trivialization: the parameter is a generator around the registration-time base);
 * ``orthofx expm`` / ``orthofx cayley``: ``orthofx.treatments.register_orthogonal(layer,
-  method=...)`` (auto route).
+  method=..., lowrank=choose_lowrank(k, n', method))``: the route that
+  :func:`orthofx.treatments.stiefel.choose_lowrank` picks (low-rank for 256×784 and 256×2048,
+  dense for the squares), passed explicitly so the row does not depend on the auto rule of
+  the FlatOrthogonal checkout (which used ``4k ≤ n'`` before it called ``choose_lowrank``).
 
 Every parametrization starts at its generator = 0 (the weight at registration) and is timed in
 interleaved rounds (the order rotates each round); ``x plain`` and ``x torch best`` are medians
@@ -37,6 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orthofx.treatments import register_orthogonal  # noqa: E402
+from orthofx.treatments.stiefel import choose_lowrank  # noqa: E402
 
 SHAPES = ((256, 784), (256, 256), (512, 512), (256, 2048))
 TORCH_MAPS = ("matrix_exp", "cayley", "householder")
@@ -57,7 +61,8 @@ def make_step(row: str, shape: tuple[int, int], device: torch.device) -> Callabl
     if row.startswith("torch "):
         nn.utils.parametrizations.orthogonal(layer, orthogonal_map=row.split()[1])
     elif row.startswith("orthofx "):
-        register_orthogonal(layer, method=row.split()[1])
+        method = row.split()[1]
+        register_orthogonal(layer, method=method, lowrank=choose_lowrank(min(shape), max(shape), method))
     x = torch.randn(BATCH, inp, device=device)
     y = torch.randn(BATCH, out, device=device)
     opt = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9)
