@@ -17,16 +17,22 @@ Schedule (paper, supplementary training details, mapped to the run length T):
   Test error on the full 10 000-image test set after re-estimating the normalisation statistics
   over 12 training batches (the demo's recalibration).
 
-CPU profile (``--profile cpu``, the default; one single-threaded worker per core), measured on
-this 2-core machine with one thread (see :data:`PROFILES`):
+CPU profile (``--profile cpu``, the default; one single-threaded worker per core; see
+:data:`PROFILES`), timed on this 2-core machine, one thread per run:
 
 * dbn: 5×5 stride-2 stem 1→64 + ZCA (ε = 1e-2, rank ≤ 25 of 64), ResNet widths (8, 16, 32),
-  batch 32: ≈ 25 ms/step (SVD), ≈ 60 s per 2000-step run with evaluation.
+  1 block per stage, batch 32: 23.6 ms/step (SVD) on an idle core ⇒ ≈ 52 s per 2000-step run
+  with κ/logs every 10 steps and evaluation (91 s measured while other jobs shared the cores).
 * gcp: ResNet widths (8, 16, 64), 1×1 reduce 64→64 at 7×7 (49 positions, rank ≤ 48 of 64) →
-  covariance pooling, batch 16: ≈ 20 ms/step (SVD), ≈ 50 s per run.
-* κ (monitor) and the step logs every 10 steps.
-* whole study (13 rows × 2 experiments × 6 seeds = 156 runs) on 2 idle cores: ≈ 1.5 h
-  (printed at start from the per-row costs; other load on the cores lengthens it).
+  covariance pooling, batch 16: 20.8 ms/step (SVD) ⇒ ≈ 48 s per run (83 s on shared cores).
+* treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 5.8×
+  (≈ 5 min per run: SOC applies 10 convolutions 64→64 to the zero-padded stem input).
+* whole study (13 rows × 2 experiments × 6 seeds = 156 runs) on 2 workers: ≈ 1.9 h on idle
+  cores (40 % of it the DBN SOC rows), ≈ 3 h when the cores are shared (the start-up line
+  prints the estimate).
+
+GPU profile (``--profile gpu``; ``benchmarks/gpu_study.sh``): the same meta-layers in larger
+models (widths (32, 64, 128), 2 blocks per stage), batch 128, 8000 steps, one run at a time.
 
 Statistics (:func:`analyze`, a pure function of the saved runs): per row, test error mean ± SD
 over its finished seeds; against SVD, over the seeds where both finished, the paired differences
@@ -77,8 +83,7 @@ BASELINE = "SVD"
 _SOC = (("ow_method", "soc"),)
 _SOC_A = (("ow_method", "soc"), ("ow_target", "generator"))
 
-#: the study's rows (both experiments): label, preset, backend, OrthoConfig overrides; ``cost`` =
-#: wall time relative to SVD (measured at 280 steps on this machine; SOC on DBN guessed), to schedule
+#: the study's rows (both experiments): label, preset, backend, OrthoConfig overrides
 STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("SVD", "svd"),
     DemoRow("NS", "svd", "ns"),
@@ -86,14 +91,23 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("OLR", "olr"),
     DemoRow("SN", "sn"),
     DemoRow("OL", "ol"),
-    DemoRow("OW(expm)", "ow", cost=1.2),
-    DemoRow("OW(soc)", "ow", ortho=_SOC, cost=2.2),
-    DemoRow("NOG+OW(soc)", "nog+ow", ortho=_SOC_A, cost=2.3),
-    DemoRow("NOG+OW+OLR(soc)", "nog+ow+olr", ortho=_SOC_A, cost=2.4),
-    DemoRow("NOG+OW(expm, A)", "nog+ow", ortho=(("ow_target", "generator"),), cost=1.3),
-    DemoRow("NOG+OW(expm, W)", "nog+ow", ortho=(("ow_target", "weight"),), cost=2.1),
+    DemoRow("OW(expm)", "ow"),
+    DemoRow("OW(soc)", "ow", ortho=_SOC),
+    DemoRow("NOG+OW(soc)", "nog+ow", ortho=_SOC_A),
+    DemoRow("NOG+OW+OLR(soc)", "nog+ow+olr", ortho=_SOC_A),
+    DemoRow("NOG+OW(expm, A)", "nog+ow", ortho=(("ow_target", "generator"),)),
+    DemoRow("NOG+OW(expm, W)", "nog+ow", ortho=(("ow_target", "weight"),)),
     DemoRow("NOG(‖G‖)", "nog", ortho=(("nog_scale", "frobenius"),)),
 )
+
+#: wall time of a row relative to the experiment's SVD row (measured on this machine, one thread;
+#: absent = 1.0), for the estimate and to run the longest rows of a seed first
+ROW_COSTS: dict[str, dict[str, float]] = {
+    "dbn": {"OW(expm)": 1.2, "OW(soc)": 5.7, "NOG+OW(soc)": 5.8, "NOG+OW+OLR(soc)": 5.9, "NOG+OW(expm, A)": 1.3,
+            "NOG+OW(expm, W)": 2.05},
+    "gcp": {"OW(expm)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
+            "NOG+OW(expm, W)": 1.16},
+}
 
 #: lr schedule per experiment: (chunks of the run, chunks after which lr ÷ 10) — see module doc
 SCHEDULES: dict[str, tuple[int, tuple[int, ...]]] = {"dbn": (7, (2, 4, 6)), "gcp": (4, (2, 3))}
@@ -126,7 +140,7 @@ PROFILES: dict[str, Profile] = {
         "cpu", 2000, {"dbn": 32, "gcp": 16},
         {"dbn": {**_DBN_STEM, "widths": (8, 16, 32)}, "gcp": {"reduced": 64, "widths": (8, 16, 64)}},
         test_limit=None, recalibrate_batches=12, log_every=10, device="cpu",
-        seconds_per_run={"dbn": 60.0, "gcp": 50.0},
+        seconds_per_run={"dbn": 52.0, "gcp": 48.0},  # idle core; 91 s and 83 s measured with the cores shared
     ),
     "gpu": Profile(
         "gpu", 8000, {"dbn": 128, "gcp": 128},
@@ -136,10 +150,10 @@ PROFILES: dict[str, Profile] = {
         seconds_per_run={"dbn": 160.0, "gcp": 200.0},  # a guess until measured on the card
     ),
     "quick": Profile(
-        "quick", 20, {"dbn": 16, "gcp": 16},
+        "quick", 14, {"dbn": 8, "gcp": 8},
         {"dbn": {**_DBN_STEM, "widths": (8, 16, 32)}, "gcp": {"reduced": 64, "widths": (8, 16, 64)}},
-        test_limit=128, recalibrate_batches=1, log_every=5, device="cpu",
-        seconds_per_run={"dbn": 3.0, "gcp": 3.0}, seeds=2, smoke=True,
+        test_limit=64, recalibrate_batches=1, log_every=5, device="cpu",
+        seconds_per_run={"dbn": 0.8, "gcp": 0.8}, seeds=2, smoke=True,
     ),
 }
 
@@ -227,7 +241,7 @@ def plan_study(
                     out=str(out / key / slug / f"seed{seed}.work"),
                 )
                 h = config_hash(key, row, cfg, prof.log_every, prof.smoke)
-                est = prof.seconds_per_run[key] * row.cost * (per_chunk * chunks) / prof.steps
+                est = prof.seconds_per_run[key] * ROW_COSTS[key].get(row.label, 1.0) * (per_chunk * chunks) / prof.steps
                 batch.append(RunSpec(key, row, seed, cfg, prof.log_every, prof.name, prof.smoke,
                                      str(out / key / slug / f"seed{seed}.json"), h, est))
         specs += sorted(batch, key=lambda s: -s.est_seconds)  # stable: ties keep the row order
@@ -280,7 +294,8 @@ class StepLogger:
     tensor (``parametrizations.weight.original``); for flat OW also ‖S‖₂ of the generator
     S = aY₀ᵀ − Y₀aᵀ (a, Y₀ = ``base`` in tall form); for SOC ‖L‖_F of the kernel and
     β(M) = k·σ_max(M flattened), the operator-norm bound of the scaled skew kernel M it applies
-    (≤ its ``radius``). Values stay on the device until :meth:`records` (one host sync)."""
+    (≤ its ``radius``; ``module.weight`` reads M there, so ‖W‖_F and ‖ΔW‖_F are of M). Values stay
+    on the device until :meth:`records` (one host sync)."""
 
     FIELDS = ("w_norm", "dw_rel", "gen_norm", "s_norm2", "soc_beta")
 
@@ -585,7 +600,8 @@ def format_results_md(analysis: Mapping[str, Any], settings: Mapping[str, Any]) 
         lines += ["# SMOKE RUN (`orthofx study --quick`): a few steps on tiny data — NOT evidence", ""]
     lines += ["# orthofx study: paired-seed comparison with SVD", ""]
     for k in ("profile", "steps", "seeds", "experiments", "schedule", "optimizer", "models", "batch_size",
-              "test_images", "commit", "date", "machine", "elapsed_s", "runs"):
+              "test_images", "log_every", "commit", "date", "machine", "jobs", "runs", "estimated_wall_s_total",
+              "mean_run_wall_s", "elapsed_s"):
         if k in settings:
             lines.append(f"- {k}: {settings[k]}")
     lines += ["", "Δ = row − SVD per seed (paired); CI = 95 % Student t; MDE at α = 0.05 two-sided, 80 % power "
@@ -764,6 +780,8 @@ def study(
         if rec.get("hash") == s.hash:
             runs.append(rec)
     analysis = analyze(runs)
+    settings["mean_run_wall_s"] = {k: round(statistics.fmean(w), 1) for k in keys if (w := [
+        float(r["wall_s"]) for r in runs if r["experiment"] == k and r.get("status") == "ok" and "wall_s" in r])}
     md = format_results_md(analysis, settings)
     slim = [{k: v for k, v in r.items() if k not in ("log", "history", "traceback")} for r in runs]
     write_json_atomic(out / "results.json", {"settings": settings, "analysis": analysis, "runs": slim})
