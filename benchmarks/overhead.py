@@ -9,12 +9,17 @@ Sections (all in one run, so ratios compare like with like):
    with preset "svd" (``plain_ms``), for two workloads:
    * ``dbn``: CIFAR ResNet-50, batch 128, 32×32, ZCA whitening after the 3×3 stem;
    * ``gcp``: ResNet-18, batch 256, 224², 1×1 reduction to 256 + covariance pooling (bf16
-     autocast on CUDA).
+     autocast on CUDA);
+   * ``mlp``: MLP 784→256→256→256→256→10, each hidden Linear followed by a Cholesky whitening
+     written as real code writes it (``torch.linalg.cholesky`` of the batch covariance + 1e-3·I,
+     then ``torch.linalg.solve_triangular``), batch 1024 (``--quick``: batch 256); every hidden
+     Linear is a Pre-SVD producer, so OW runs on one 256×784 and three 256×256 weights.
    Presets are timed in interleaved rounds (plain, nog, olr, ... , plain, nog, ...; the order
    rotates each round); ``ratio`` is the median over rounds of the row's time over the same
    round's plain time, so drifting clocks and noisy neighbours hit every row alike.
    ``--quick`` uses small stand-ins (a small whitening ResNet at 28×28, a GCP ResNet-18 at 64²
-   reducing to 32 channels) and finishes in well under 50 s on 2 CPU cores.
+   reducing to 32 channels, the MLP at batch 256); the step section finishes in well under a
+   minute on 2 CPU cores.
    Next to the presets: ``nog(svd)`` (the paper's literal SVD polar factor, which synchronises
    on CUDA) and ``ow(cayley)``.
 2. ``hook``: the NOG/OLR optimizer hooks alone on fixed gradients, as a share of the plain
@@ -45,6 +50,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +70,37 @@ _VIEW_OPS = frozenset({
     "aten.alias", "aten.reshape", "aten.split", "aten.unbind", "aten.lift_fresh", "aten.empty",
     "aten.empty_like", "aten.new_empty", "aten.empty_strided", "aten.new_empty_strided",
 })
+
+
+class CholeskyWhitening(nn.Module):
+    """x ↦ (x − μ) L⁻ᵀ with L Lᵀ = Cov(x) + eps·I (eps = 1e-3, float32): batch whitening as a
+    user writes it, Cholesky + triangular solve (orthofx sees the covariance meta-layer)."""
+
+    def __init__(self, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - x.mean(0, keepdim=True)
+        cov = xc.T @ xc / x.shape[0]
+        eye = torch.eye(cov.shape[0], dtype=x.dtype, device=x.device)
+        L = torch.linalg.cholesky(cov + self.eps * eye)
+        return torch.linalg.solve_triangular(L, xc.T, upper=False).T
+
+
+class WhitenedMLP(nn.Module):
+    """784→256→256→256→256→10; Linear, Cholesky whitening, ReLU per hidden layer."""
+
+    def __init__(self, dims: tuple[int, ...] = (784, 256, 256, 256, 256), classes: int = 10) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.white = nn.ModuleList(CholeskyWhitening() for _ in dims[1:])
+        self.head = nn.Linear(dims[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, white in zip(self.layers, self.white):
+            x = torch.relu(white(layer(x)))
+        return self.head(x)
 
 
 def _config(row: str) -> Any:
@@ -88,6 +125,8 @@ def _workloads(quick: bool, device: torch.device) -> dict[str, dict[str, Any]]:
                         classes=10, amp=None, desc="small whitening ResNet, bs64, 28²"),
             "gcp": dict(build=lambda: resnet18_gcp(10, reduced=32, backend=backend), batch=8, shape=(3, 64, 64),
                         classes=10, amp=None, desc="ResNet-18 GCP (reduce to 32), bs8, 64²"),
+            "mlp": dict(build=WhitenedMLP, batch=256, step_only=True, trace_inputs=True, shape=(784,), classes=10, amp=None,
+                        desc="MLP 784-256×4, Cholesky whitening per layer, bs256"),
         }
     amp = torch.bfloat16 if device.type == "cuda" else None
     return {
@@ -95,6 +134,8 @@ def _workloads(quick: bool, device: torch.device) -> dict[str, dict[str, Any]]:
                     amp=None, desc="CIFAR ResNet-50 + whitening stem, bs128, 32²"),
         "gcp": dict(build=lambda: resnet18_gcp(1000, reduced=256, backend=backend), batch=256, shape=(3, 224, 224),
                     classes=1000, amp=amp, desc="ResNet-18 + GCP (1×1 to 256), bs256, 224²"),
+        "mlp": dict(build=WhitenedMLP, batch=1024, step_only=True, trace_inputs=True, shape=(784,), classes=10, amp=None,
+                    desc="MLP 784-256×4, Cholesky whitening per layer, bs1024"),
     }
 
 
@@ -108,7 +149,8 @@ def _setup(wl: dict[str, Any], preset: str, device: torch.device) -> tuple[Calla
     model = wl["build"]()
     x = torch.randn(wl["batch"], *wl["shape"], device=device)
     y = torch.randint(0, wl["classes"], (wl["batch"],), device=device)
-    gm, _ = orthofx.transform(model, config=_config(preset))
+    # the MLP's Cholesky whitening is found by tracing with inputs (orthofx.transform(m, (x,)))
+    gm, _ = orthofx.transform(model, (x,) if wl.get("trace_inputs") else None, config=_config(preset))
     gm.to(device).train()
     opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     handle = orthofx.attach(opt, gm)
@@ -141,9 +183,12 @@ def _time_once(fn: Callable[[], None], device: torch.device, iters: int) -> floa
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def bench_steps(device: torch.device, quick: bool, rounds: int, iters: int) -> list[dict[str, Any]]:
+def bench_steps(device: torch.device, quick: bool, rounds: int, iters: int,
+                only: set[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, wl in _workloads(quick, device).items():
+        if only and name not in only:
+            continue
         steps = {p: _make_step(wl, p, device) for p in ROWS}
         for fn in steps.values():  # warm-up: allocator, cuDNN autotune, lazy init
             for _ in range(2):
@@ -179,6 +224,8 @@ def bench_hooks(device: torch.device, quick: bool, repeats: int) -> list[dict[st
     of OLR's extra param group inside SGD shows in the ``step`` rows."""
     rows: list[dict[str, Any]] = []
     for name, wl in _workloads(quick, device).items():
+        if wl.get("step_only"):  # the mlp workload is timed in the step section only
+            continue
         plain = _make_step(wl, "svd", device)
         plain()  # warm-up
         plain_step = statistics.median(_time_once(plain, device, 2) for _ in range(5))
@@ -213,6 +260,8 @@ def bench_audit(device: torch.device, quick: bool) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     for name, wl in _workloads(True if device.type == "cpu" else quick, device).items():
+        if wl.get("step_only"):
+            continue
         base: dict[str, Any] = {}
         for p in ROWS:
             with cuda_policy():
@@ -285,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["step", "hook", "audit", "metalayer", "polar", "expm", "transform"],
                    action="append",
                    default=None)
+    p.add_argument("--workload", choices=["dbn", "gcp", "mlp"], action="append", default=None,
+                   help="step section: only these workloads (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -296,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     rows: list[dict[str, Any]] = []
     sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
-        ("step", lambda: bench_steps(device, a.quick, rounds, iters)),
+        ("step", lambda: bench_steps(device, a.quick, rounds, iters, set(a.workload or ()))),
         ("hook", lambda: bench_hooks(device, a.quick, 15 if a.quick else 30)),
         ("audit", lambda: bench_audit(device, a.quick)),
         ("metalayer", lambda: [dict(r, group="metalayer") for r in bench_spectral(device, a.quick, 3 if a.quick else 10)]
