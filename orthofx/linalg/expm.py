@@ -2,30 +2,39 @@ r"""Matrix exponential ``exp(A)`` whose CUDA path never synchronises with the ho
 
 ``torch.linalg.matrix_exp`` picks its Taylor degree and its number of squarings on the host
 (on CUDA it copies the 1-norm to the CPU, and its backward evaluates a 2n×2n exponential the
-same way), so every call stalls the stream. :func:`expm` uses one fixed degree and decides
-the squarings on the device:
+same way), so every call stalls the stream. :func:`expm` has two paths computing the same
+function (they differ by rounding):
+
+**Sync-free path** (``sync_free=True``: CUDA, ``cuda_policy``, compile/export/trace). One fixed
+degree, squarings decided on the device:
 
 1. ``s = clamp(⌈log₂(‖A‖₁/θ)⌉, 0, max_squarings)`` (a device tensor), ``X = 2^{−s} A``, θ = 2;
-2. ``T = Σ_{k≤m} X^k/k!`` by Paterson–Stockmeyer (7 matmuls in float32, 9 in float64),
+2. ``T = Σ_{k≤m} X^k/k!`` by Paterson–Stockmeyer (6 matmuls in float32, 8 in float64),
    degree ``m = 16`` (float32) or ``m = 25`` (float64): for ``‖X‖₁ ≤ θ`` the truncation error
    relative to ``‖e^X‖`` is ``≤ θ^{m+1}/(m+1)! · e^{2θ}``, 2.0e-8 (float32) and 9e-18
-   (float64), below the unit roundoff of each dtype. The large θ keeps the squarings — whose
-   rounding errors double at every step — two fewer than a θ = 1/2 scheme;
-3. ``exp(A) = T^{2^s}``. With ``sync_free=True`` the loop always runs ``max_squarings``
-   times and step ``i`` is ``T ← T² if i < s else T`` (``torch.where``, per batch element);
-   with ``sync_free=False`` ``s`` is read on the host (free on the CPU) and exactly
-   ``max(s)`` squarings run.
+   (float64), below the unit roundoff of each dtype;
+3. ``exp(A) = T^{2^s}``: the loop always runs ``max_squarings`` times and step ``i`` is
+   ``T ← T² if i < s else T`` (``torch.where``, per batch element).
 
 Backward (a custom ``autograd.Function``): the exact adjoint Fréchet derivative
 ``∂⟨exp(A), Ḡ⟩/∂A = L_exp(Aᵀ, Ḡ)``, read off the block exponential
 ``exp([[Aᵀ, Ḡ], [0, Aᵀ]]) = [[e^{Aᵀ}, L_exp(Aᵀ, Ḡ)], [0, e^{Aᵀ}]]`` (Higham, *Functions of
 Matrices*, Thm. 3.6; Ḡ is scaled to ‖A‖₁ first, L being linear in it, so a large or tiny
-gradient costs no extra squarings and loses no accuracy), computed by the same sync-free routine, so the backward costs one 2n×2n
-exponential (≈ 60 kernels at the default 14 squarings instead of ≈ 190 for autograd through
-the loop) and is twice differentiable (the backward calls :func:`expm` again).
+gradient costs no extra squarings and loses no accuracy), computed by the same sync-free
+routine (≈ 60 kernels at 14 squarings instead of ≈ 190 for autograd through the loop), twice
+differentiable.
 
-``‖A‖₁ > θ·2^max_squarings`` (default 14: ‖A‖₁ > 32768) is beyond the scaling range and
-the result is inaccurate; with ``sync_free=False`` such matrices are counted in
+**Host path** (``sync_free=False``: the CPU; :func:`expm_host`). ‖A‖₁ is read on the host and
+:func:`expm_plan` picks the cheapest (degree m, squarings s) among the Paterson–Stockmeyer
+degrees 1, 2, 4, 6, 9, 12, 16 (float32; + 20, 25 in float64) whose truncation bound (as above,
+with θ_m from ``θ^{m+1}/(m+1)!·e^{2θ} ≤ u``, u = 2⁻²⁴ / 2⁻⁵³) holds: degree 4 (2 products) for
+‖A‖₁ ≤ 0.09 in float32 instead of 16 (6 products). The derivative is autograd through those
+products (the exact derivative of the computed approximant, ≈ 2× the forward's products, against
+≈ 8× for the 2n×2n block), so twice differentiable too. Measured (benchmarks/ow_shapes.py, one
+512² OW layer, 1 CPU thread): the OW step went from 287 ms to ≈ 32 ms.
+
+``‖A‖₁ > θ·2^max_squarings`` (default 14: ‖A‖₁ > 32768) is beyond the scaling range on both
+paths and the result is inaccurate; with ``sync_free=False`` such matrices are counted in
 ``solver_stats().fallbacks["expm-range"]`` (the sync-free path cannot see it without a sync).
 NaN/Inf input gives NaN output (counted in ``solver_stats().nonfinite``). float16/bfloat16 are
 computed in float32 with autocast off and returned in their dtype.
@@ -241,8 +250,8 @@ def expm(A: Tensor, *, max_squarings: int = 14, sync_free: bool | None = None, v
         max_squarings: upper bound on the squarings, so ``‖A‖₁ ≤ 2·2^max_squarings`` is
             computed to full accuracy.
         sync_free: ``True`` runs ``max_squarings`` masked squarings (no host sync: the CUDA
-            default); ``False`` reads ``s`` on the host and squares exactly that often (the
-            CPU default); ``None`` = :func:`orthofx.syncs.sync_free_preferred` (CUDA, or
+            default); ``False`` reads ‖A‖₁ on the host, picks degree and squarings by
+            :func:`expm_plan` and differentiates by autograd (the CPU default); ``None`` = :func:`orthofx.syncs.sync_free_preferred` (CUDA, or
             inside ``orthofx.syncs.cuda_policy()``), and always while ``torch.compile``,
             ``torch.export`` or ``torch.jit.trace`` trace the call.
         validate: raise InputError on NaN/Inf (one host sync). Default False: NaN/Inf give NaN.
