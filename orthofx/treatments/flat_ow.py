@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import host_read_is_free, no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
-from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged
+from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged, choose_lowrank
 
 __all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS"]
 
@@ -78,9 +78,10 @@ class FlatOrthogonal(nn.Module):
     ``Y₀`` is the second block of ``L``, so ``W_tall = L · f(M)[:, k:]`` with the 2k×2k matrix
     ``M = Rᵀ L``. This low-rank route costs O(n'k² + k³) instead of O(n'³) — for a 512×4608
     weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve) — and is exact up
-    to rounding (checked against the dense route in the tests). ``t = max(‖a‖_F, 1)`` (detached) keeps the blocks of ``M`` of similar size.
-    Auto (``lowrank=None``) uses it when ``4k ≤ n'`` (aspect ratio ≥ 4); timings:
-    benchmarks/results/timings.md.
+    to rounding (checked against the dense route in the tests). ``t = ‖a‖_F`` (detached) keeps
+    the blocks of ``M`` of similar size. Auto (``lowrank=None``) takes the cheaper route by the
+    flop model of :func:`orthofx.treatments.stiefel.choose_lowrank` (low-rank once n' ≳ 2.05k
+    for exp, 2.3k for Cayley); timings: benchmarks/results/ow_shapes_cpu.md.
 
     Large generators. exp of a skew matrix is computed to full accuracy only while the
     argument ``X`` (``S``, or ``M`` on the low-rank route) has ``‖X‖₁ ≤ OW_RANGE = θ·2^14 =
@@ -94,9 +95,11 @@ class FlatOrthogonal(nn.Module):
       X, so they may saturate at slightly different ‖A‖. On the host path (CPU, outside
       ``cuda_policy``/compile/export) a RuntimeWarning is issued once per parametrization;
       on CUDA it is silent;
-    * the tall result is re-orthonormalised by ``OW_POLISH = 2`` polish steps
+    * the tall result is re-orthonormalised by polish steps
       ``Q ← Q(1.875 I − 1.25 QᵀQ + 0.375 (QᵀQ)²)`` (identity on an orthonormal Q and on its
-      tangent space, so the map and its gradient change only by rounding).
+      tangent space, so the map and its gradient change only by rounding): on CUDA always
+      ``OW_POLISH = 2`` (no host decision); on the CPU only after squarings (exp) or when
+      ‖X‖₁ > 2 (Cayley), until ``‖QᵀQ − I‖_F ≤ 4u√k``, at most 3 steps.
 
     Measured (tests/test_ow_large.py, float32, shapes 8×8 … 64×27, both routes and methods):
     ``‖W Wᵀ − I‖_F`` ≤ 1e-6 for every ‖A‖_F from 1e-3 to 1e8 (before: 1.7 at 1e5, NaN at 1e6).
@@ -126,8 +129,8 @@ class FlatOrthogonal(nn.Module):
     forwards are pure); ``POWER_INIT_ITERS = 200`` from a random start at registration. Any
     unit ``v`` gives ``σ̂ ≤ ‖S‖₂``. The trainable ``A`` starts **random and nonzero**:
     ``a ~ N(0, 1/n')`` entrywise (variance 1/n'), so right after registration ``W`` is ``Y₀``
-    turned by ``exp(ρS/σ̂)``, not ``Y₀`` itself. ``a = 0`` (no direction) gives ``W = Y₀``
-    (σ̂ is clamped to the dtype's smallest normal number). A zero iterate keeps the previous
+    turned by ``exp(ρS/σ̂)``, not ``Y₀`` itself. ``a = 0`` (no direction; also S ≡ 0 for a 1×1
+    weight) gives ``σ̂ = 0`` and ``W = Y₀`` (the scale is 0 there). A zero iterate keeps the previous
     vector. Measured accuracy: tests/test_ow_normalized.py.
 
     dtype (normalised generator): σ̂ and the scaling are computed in the compute dtype
@@ -171,7 +174,7 @@ class FlatOrthogonal(nn.Module):
         self.k, self.n_big = min(self.out, self.n), max(self.out, self.n)
         self.wide = self.out < self.n
         self.method = method
-        self.lowrank = (4 * self.k <= self.n_big) if lowrank is None else bool(lowrank)
+        self.lowrank = choose_lowrank(self.k, self.n_big, method) if lowrank is None else bool(lowrank)
         self.register_buffer("base", torch.zeros(self.n_big, self.k))
         if generator == "normalized":
             self.register_buffer("_v", torch.zeros(self.n_big))
@@ -200,7 +203,8 @@ class FlatOrthogonal(nn.Module):
             a = self._to_tall(A).to(cd)
             Y0 = self.base.to(cd)
             if self.generator == "normalized":
-                a = a * (self.radius / self._sigma(a, Y0))
+                sig = self._sigma(a, Y0)
+                a = a * torch.where(sig > 0, self.radius / sig.clamp_min(torch.finfo(cd).tiny), 0.0)
             Q, over = _stiefel_map_flagged(a, Y0, self.method, self.lowrank)
         if not getattr(self, "_warned", False) and host_read_is_free(over) and bool(over):
             self._warned = True  # once per parametrization; only where the read is free
@@ -245,15 +249,14 @@ class FlatOrthogonal(nn.Module):
     def _sigma(self, a: Tensor, Y0: Tensor) -> Tensor:
         """σ̂ = ‖S v‖₂ (differentiable in ``a``; ``v`` detached) after the power iteration(s)
         on ``SᵀS = −S²`` — one (buffer updated) in training, ``POWER_EVAL_ITERS`` (buffer kept)
-        in eval. Clamped to the dtype's tiny (a = 0 gives σ̂ = tiny, W = Y₀)."""
+        in eval. σ̂ = 0 (S = 0: a = 0, or a 1×1 weight) scales a by 0, so W = Y₀."""
         with torch.no_grad():
             ad, v = a.detach(), self._v.to(a.dtype)
             for _ in range(1 if self.training else POWER_EVAL_ITERS):
                 v = _power_step(v, -_skew_mv(ad, Y0, _skew_mv(ad, Y0, v)), dim=-1)
             if self.training:
                 self._v.copy_(v)
-        sigma = torch.linalg.vector_norm(_skew_mv(a, Y0, v))
-        return sigma.clamp_min(torch.finfo(a.dtype).tiny)
+        return torch.linalg.vector_norm(_skew_mv(a, Y0, v))
 
 
 def _skew_mv(a: Tensor, Y0: Tensor, v: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 r"""OW method ``"soc"``: the skew-orthogonal convolution (SOC, Singla & Feizi 2021) as the
-paper's authors use it for OW (their ``models/skew_symmetric_conv.py``; facts in
-``docs``/the design notes). An orthogonal *operator* ``y = exp(M) x``, not an orthogonal weight.
+paper's authors use it for OW (their ``models/skew_symmetric_conv.py``). An orthogonal
+*operator* ``y = exp(M) x``, not an orthogonal weight.
 
 * :class:`SOCOrthogonal` — the parametrization: a new generator ``L`` (C, C, k, k) ↦ the
   normalised skew-adjoint kernel ``M = ρ (L − L*) / σ̂(L − L*)``.
@@ -98,8 +98,9 @@ class SOCOrthogonal(FlatOrthogonal):
     ``K̂(ω) = Σ_{a,b} K[:, :, a, b] e^{−i(ω₁a + ω₂b)}`` (C×C, complex); the norm over all image
     sizes is the sup over the torus. Zero padding is a compression of a circular conv on a
     larger image, so its norm is at most that. σ̂ samples the torus on a fixed N×N grid
-    (:func:`soc_grid`: N = 16 for k ≤ 7; ``torch.fft.rfft2(K, s=(N, N))``, the half-spectrum,
-    since K̂(−ω) = conj K̂(ω)) and runs a power iteration on ``K̂ᴴK̂`` batched over the
+    (:func:`soc_grid`: N = 16 for k ≤ 7; ``torch.fft.rfft2`` of the zero-padded kernel rolled
+    to centre it, the half-spectrum since K̂(−ω) = conj K̂(ω); K̂(ω) is skew-Hermitian) and
+    runs a power iteration on ``K̂ᴴK̂ = −K̂²`` batched over the
     ``F = N(N/2+1)`` frequencies: ``σ̂ = max_f ‖K̂(ω_f) v_f‖`` with unit vectors ``v_f`` (buffer
     ``_v``, real, shape (2, F, C): real and imaginary parts; no gradient through them, as in
     torch's ``spectral_norm``). One iteration per training forward (buffer updated before
@@ -165,19 +166,23 @@ class SOCOrthogonal(FlatOrthogonal):
         )
 
     def symbol(self, K: Tensor) -> Tensor:
-        """``K̂(ω_f)`` on the half grid: (F, C, C) complex, ``F = N(N/2+1)``."""
-        C = K.shape[0]
-        return torch.fft.rfft2(K, s=(self.grid, self.grid)).permute(2, 3, 0, 1).reshape(-1, C, C)
+        """``K̂(ω_f) = Σ_{a,b} K[:, :, a, b] e^{−i ω_f·((a, b) − c)}`` (centred, c = (k//2, k//2))
+        on the half grid: (F, C, C) complex, ``F = N(N/2+1)``. Skew-Hermitian for a
+        skew-adjoint K (``K̂(ω)ᴴ = (L − L*)^(ω)ᴴ = −K̂(ω)``)."""
+        C, n, c = K.shape[0], self.grid, self.kernel // 2
+        Kp = F.pad(K, (0, n - self.kernel, 0, n - self.kernel)).roll((-c, -c), dims=(-2, -1))
+        return torch.fft.rfft2(Kp).permute(2, 3, 0, 1).reshape(-1, C, C)
 
     def sigma(self, K: Tensor) -> Tensor:
         """σ̂(K) (0-d, differentiable in K; the iteration vectors are detached); see the class."""
         A = self.symbol(K)
         with torch.no_grad():
             v = torch.complex(self._v[0].to(K.dtype), self._v[1].to(K.dtype)).unsqueeze(-1)
-            for _ in range(1 if self.training else POWER_EVAL_ITERS):
-                v = _power_step(v, A.mH @ (A @ v), dim=-2)
             if self.training:
+                v = _power_step(v, -(A @ (A @ v)), dim=-2)  # Aᴴ = −A (K̂(ω) is skew-Hermitian)
                 self._v.copy_(torch.stack([v.real, v.imag]).squeeze(-1))
+            else:
+                v = _iterate(A, v, POWER_EVAL_ITERS)
         sig = torch.linalg.vector_norm(A @ v, dim=(-2, -1)).amax()
         return sig.clamp_min(torch.finfo(K.dtype).tiny)
 
@@ -204,10 +209,18 @@ class SOCOrthogonal(FlatOrthogonal):
         self._fresh = False
         A = self.symbol(_adjoint_skew(L))
         v = _unit(torch.randn(A.shape[0], self.channels, 1, dtype=A.dtype, device=W.device), dim=-2)
-        for _ in range(POWER_INIT_ITERS):
-            v = _power_step(v, A.mH @ (A @ v), dim=-2)
+        v = _iterate(A, v, POWER_INIT_ITERS)
         self._v = torch.stack([v.real, v.imag]).squeeze(-1).to(W.dtype)
         return L.to(W.dtype).clone()
+
+
+def _iterate(A: Tensor, v: Tensor, iters: int) -> Tensor:
+    """``iters`` power-iteration steps on ``B = AᴴA = −A²`` (A skew-Hermitian, batched over
+    frequencies; B is formed once, one batched GEMM, so each step is one matvec)."""
+    B = -(A @ A)
+    for _ in range(iters):
+        v = _power_step(v, B @ v, dim=-2)
+    return v
 
 
 def _conv_same(x: Tensor, M: Tensor, pad: int, padding_mode: str) -> Tensor:
