@@ -157,9 +157,10 @@ class WeightSpec:
             (out, in·k·k) weight), ``"sn"`` (W / σ_max(W)) or ``"ol"`` (loss ‖WWᵀ − I‖_F).
         ow_method: ``"expm"`` (the paper's matrix exponential), ``"cayley"``
             ((I − S/2)⁻¹(I + S/2), cheaper for wide weights) or ``"soc"`` (the authors' code:
-            skew-orthogonal convolution, an orthogonal conv operator; only stride-1 'same'
-            Conv2d producers with in == out and an odd square kernel — any other producer
-            raises TreatmentError; ``strip`` refuses it).
+            skew-orthogonal convolution, an orthogonal conv operator with a new random
+            generator; only Conv2d producers with an odd square kernel, padding k//2,
+            groups 1 and dilation 1 (any channels; stride by invertible downsampling) —
+            any other producer raises TreatmentError; ``strip`` refuses it).
         ow_generator: for ``"expm"``/``"cayley"``: ``"free"`` (W = f(S) Y₀ with S = a Y₀ᵀ − Y₀ aᵀ
             unconstrained, a = 0 at registration) or ``"normalized"`` (W = f(ρ S/σ̂(S)) Y₀, the
             authors' SOC normalisation applied to the flat map: a random nonzero start, and W
