@@ -158,15 +158,17 @@ def test_sgd_step_moves_W_along_nog_of_the_weight_gradient() -> None:
         m.conv.parametrizations.weight.original.copy_(_generator((6, 3, 3, 3), 0.8))
     po = ow_parametrization(m.conv, "weight")
     x, y = _data(torch.device("cpu"), F64)
-    W = m.conv.weight.detach().clone()
-    Wv = m.conv.weight.detach().clone().requires_grad_(True)
+    lr = 1e-5
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    W_before = m.conv.weight.detach().clone()
+    h = attach(opt, [(m.conv, "weight")], nog=True, nog_method="svd", ow_target="weight")
+    assert h.ow_target == "weight" and h.options["ow_target"] == "weight"
+    W = m.conv.weight.detach().clone()  # the re-base keeps W (it only polishes the float32-built base)
+    torch.testing.assert_close(W, W_before, rtol=0, atol=1e-6)
+    Wv = W.clone().requires_grad_(True)
     loss = F.cross_entropy(m.head(F.relu(F.conv2d(x, Wv)).mean((2, 3))), y)
     (G_W,) = torch.autograd.grad(loss, Wv)
     want = _tangent(po, W, polar(G_W.reshape(6, -1), "svd").reshape(G_W.shape))
-    lr = 1e-5
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
-    h = attach(opt, [(m.conv, "weight")], nog=True, nog_method="svd", ow_target="weight")
-    assert h.ow_target == "weight" and h.options["ow_target"] == "weight"
     F.cross_entropy(m(x), y).backward()
     opt.step()
     step = (m.conv.weight.detach() - W) / (-lr)
@@ -181,7 +183,7 @@ def test_olr_sees_the_orthogonal_weight() -> None:
     x, y = _data(torch.device("cpu"), F64)
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     h = attach(opt, [(m.conv, "weight")], nog=True, olr=True, nog_method="svd", ow_target="weight")
-    W = m.conv.weight.detach().clone()
+    W = m.conv.weight.detach().clone()  # after attach: its re-base polished the float32-built base
     Wv = W.clone().requires_grad_(True)
     (G_W,) = torch.autograd.grad(F.cross_entropy(m.head(F.relu(F.conv2d(x, Wv)).mean((2, 3))), y), Wv)
     po = ow_parametrization(m.conv, "weight")

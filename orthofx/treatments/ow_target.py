@@ -174,9 +174,12 @@ def rebase(po: nn.Module, A: Tensor) -> None:
     ``A`` may be a sharded DTensor (FSDP2): the whole generator is gathered for the map and
     every rank zeroes its own shard."""
     from orthofx.treatments.sharding import full
+    from orthofx.treatments.stiefel import _polish
 
-    W = po.forward(full(A))
-    po.base.copy_(po._to_tall(W).to(po.base.dtype))
+    W = po._to_tall(po.forward(full(A)))
+    # two polish steps: orthonormal to the working precision even when the base was built in a
+    # lower one (a model cast to float64 after OW was registered in float32)
+    po.base.copy_(_polish(W, 2).to(po.base.dtype))
     A.zero_()
 
 
