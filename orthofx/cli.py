@@ -4,7 +4,7 @@
     orthofx report resnet50 --stem whiten --format dot > chain.dot
     orthofx report mypkg.models:build --format json
     orthofx demo [--quick] [--experiment both|dbn|gcp|dbn-small] [--out DIR] [--seeds N] [--jobs N] [--extended]
-    orthofx study [--quick] [--experiment both|dbn|gcp] [--rows LABEL ...] [--seeds N] [--steps N] [--profile cpu|gpu]
+    orthofx study [--quick] [--report] [--experiment both|dbn|gcp] [--rows LABEL ...] [--seeds N] [--steps N] [--profile cpu|gpu]
     orthofx train --config examples/resnet50_dbn_cifar100.json [--epochs 1 --treatment nog]
 """
 
@@ -246,7 +246,7 @@ def _cmd_study(a: argparse.Namespace) -> Callable[[], int]:
 
         try:
             study(out, experiment=a.experiment, rows=a.rows, seeds=a.seeds, jobs=a.jobs or None, profile=a.profile,
-                  steps=a.steps, quick=a.quick, data_dir=a.data, progress=not a.no_progress)
+                  steps=a.steps, quick=a.quick, data_dir=a.data, progress=not a.no_progress, report_only=a.report)
         except OptionError as e:
             raise OptionError(f"--{e.option}", e.value, e.problem) from None
         return 0
@@ -380,6 +380,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default=None, help="output directory (default out/study, --quick: out/study-quick)")
     st.add_argument("--data", help="directory with Fashion-MNIST IDX files")
     st.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished run)")
+    st.add_argument("--report", action="store_true",
+                    help="run nothing: write results.md/json from the runs already in --out (a study in progress)")
     st.set_defaults(fn=_cmd_study)
 
     t = sub.add_parser("train", help="a full experiment from a JSON/TOML config (torchrun-ready)")

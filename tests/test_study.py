@@ -194,6 +194,28 @@ def test_study_skips_finished_reruns_changed_and_failed(tmp_path, monkeypatch):
     assert len(calls) == 8
 
 
+def test_report_only_runs_nothing_and_states_completeness(tmp_path, monkeypatch):
+    """--report renders a study in progress: no run starts, the files say how many are done."""
+    calls = []
+
+    def fake(spec):
+        calls.append(spec.seed)
+        rec = {"hash": spec.hash, "experiment": spec.experiment, "label": spec.row.label, "seed": spec.seed,
+               "status": "ok", "final_test_error": 10.0 + spec.seed, "final_kappa": {"kappa_range": 10.0},
+               "nonfinite_steps": 0, "solver_exceptions": 0, "steps": 1}
+        st.write_json_atomic(spec.path, rec)
+        return rec
+
+    monkeypatch.setattr(st, "execute_run", fake)
+    kw = dict(quick=True, rows=["SVD", "NOG"], jobs=1, progress=False, log=lambda s: None, experiment="dbn")
+    st.study(tmp_path, seeds=1, **kw)
+    calls.clear()
+    res = st.study(tmp_path, seeds=3, report_only=True, **kw)
+    assert calls == []
+    assert res["settings"]["finished"] == "2 of 6 planned runs (study in progress)"
+    assert "- finished: 2 of 6 planned runs (study in progress)" in (tmp_path / "results.md").read_text()
+
+
 def test_execute_run_records_failure_and_goes_on(tmp_path, monkeypatch):
     import orthofx.experiment.train as train
 

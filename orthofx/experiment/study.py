@@ -599,7 +599,7 @@ def format_results_md(analysis: Mapping[str, Any], settings: Mapping[str, Any]) 
     if settings.get("smoke"):
         lines += ["# SMOKE RUN (`orthofx study --quick`): a few steps on tiny data — NOT evidence", ""]
     lines += ["# orthofx study: paired-seed comparison with SVD", ""]
-    for k in ("profile", "steps", "seeds", "experiments", "schedule", "optimizer", "models", "batch_size",
+    for k in ("finished", "profile", "steps", "seeds", "experiments", "schedule", "optimizer", "models", "batch_size",
               "test_images", "log_every", "commit", "date", "machine", "jobs", "runs", "estimated_wall_s_total",
               "mean_run_wall_s", "elapsed_s"):
         if k in settings:
@@ -674,9 +674,12 @@ def study(
     dataset: str = "fashion-mnist",
     data_dir: str | None = None,
     progress: bool = True,
+    report_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or resume) the study and write ``results.json`` and ``results.md`` into ``out``.
+    ``report_only``: run nothing; write the two files from the runs already on disk (a study
+    still in progress, or resumed elsewhere), stating how many of the planned runs they hold.
 
     ``experiment``: "both", "dbn" or "gcp"; ``rows``: labels or slugs of :data:`STUDY_ROWS`
     (default all); ``seeds``: seeds 0 … seeds − 1 (default: the profile's, 6; ``quick``: 2);
@@ -740,7 +743,7 @@ def study(
 
     t0 = time.perf_counter()
     tasks = [Task((s.experiment, s.row.label, s.seed), execute_run, (s,), cost=float(len(todo) - i))
-             for i, s in enumerate(todo)]  # cost = rank: run_tasks keeps this seed-major order
+             for i, s in enumerate(todo)] if not report_only else []  # cost = rank: seed-major order
     bar = None
     if progress and tasks:
         from orthofx._optional import require
@@ -780,6 +783,8 @@ def study(
         if rec.get("hash") == s.hash:
             runs.append(rec)
     analysis = analyze(runs)
+    ok = sum(1 for r in runs if r.get("status") == "ok")
+    settings["finished"] = f"{ok} of {len(specs)} planned runs" + ("" if ok == len(specs) else " (study in progress)")
     settings["mean_run_wall_s"] = {k: round(statistics.fmean(w), 1) for k in keys if (w := [
         float(r["wall_s"]) for r in runs if r["experiment"] == k and r.get("status") == "ok" and "wall_s" in r])}
     md = format_results_md(analysis, settings)
