@@ -12,11 +12,17 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import hashlib
 import io
 import os
 import pickle
+import pickletools
+import re
+import stat
+import tempfile
 import warnings
 from typing import Any, Mapping
 
@@ -167,19 +173,124 @@ def checkpoint(model: nn.Module) -> dict[str, Any]:
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike | io.IOBase, **extra: Any) -> None:
     """``torch.save`` of :func:`checkpoint`, its state's sha256 (``"orthofx_checksum"``) and
-    ``extra`` entries (optimizer state, epoch, ...; they must load with
-    ``torch.load(weights_only=True)``: tensors, containers and plain values)."""
+    ``extra`` entries (optimizer state, epoch, ...).
+
+    ``extra`` must hold what ``torch.load(weights_only=True)`` (so :func:`load_checkpoint`)
+    reads: tensors, dict/list/tuple/set, str, bytes, numbers, bool, None, ``torch.dtype``,
+    ``torch.device``, ``torch.Size`` and types allowed with
+    ``torch.serialization.add_safe_globals``. Anything else (a lambda, an
+    ``argparse.Namespace``: pass ``vars(args)``) raises :class:`ConfigError` naming the entry,
+    before anything is written.
+
+    A path is written atomically: to a temporary file in the same directory, flushed and
+    fsync'ed, then moved over ``path`` with ``os.replace``; a save that fails (disk full, an
+    interrupt) leaves an existing file at ``path`` byte-identical. A missing directory or a
+    directory as ``path`` is a :class:`ConfigError`.
+    """
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ConfigError(f"save_checkpoint: extra entries {clash} would overwrite orthofx's own keys")
+    for key, value in extra.items():
+        _check_loadable(value, repr(key))
     ck = checkpoint(model)
     ck[_CHECKSUM_KEY] = _state_checksum(ck["state_dict"])
     ck.update(extra)
-    torch.save(ck, path)
+    if isinstance(path, (str, os.PathLike)):
+        _atomic_save(ck, os.fspath(path))
+    else:
+        torch.save(ck, path)
+
+
+_LEAVES = (str, bytes, bool, int, float, complex, type(None), torch.dtype, torch.device, torch.Size,
+           torch.memory_format, torch.layout)
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set, frozenset)
+
+
+def _check_loadable(x: Any, where: str) -> None:
+    """ConfigError unless ``torch.load(weights_only=True)`` reads ``x`` back (see save_checkpoint)."""
+    stack = [(where, x)]
+    while stack:
+        name, v = stack.pop()
+        t = type(v)
+        if t in _LEAVES or t in (torch.Tensor, nn.Parameter):
+            continue
+        if t in _CONTAINERS:
+            if isinstance(v, dict):
+                stack += [(f"{name}[{k!r}]", k) for k in v if type(k) not in _LEAVES]
+                stack += [(f"{name}[{k!r}]", e) for k, e in v.items()]
+            else:
+                stack += [(f"{name}[{i}]", e) for i, e in enumerate(v)]
+            continue
+        if t in _safe_globals():
+            continue
+        kind = f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
+        hint = " (pass vars(...) of it)" if hasattr(v, "__dict__") and not callable(v) else ""
+        raise ConfigError(
+            f"save_checkpoint: extra entry {name} holds a {kind}, which torch.load(weights_only=True) and "
+            f"load_checkpoint refuse; store plain data and tensors only{hint}; nothing was written"
+        )
+
+
+def _safe_globals() -> set[Any]:
+    """Types the user allowed with ``torch.serialization.add_safe_globals``."""
+    out = set()
+    for g in torch.serialization.get_safe_globals():
+        out.add(g[0] if isinstance(g, tuple) else g)
+    return out
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same directory, flushed,
+    fsync'ed and moved over ``path`` (``os.replace``)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"save_checkpoint: {path} is a directory; pass a file path such as "
+                          f"{os.path.join(path, 'checkpoint.pt')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"save_checkpoint: the directory {folder} does not exist; create it first "
+                          f"(os.makedirs(..., exist_ok=True))")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise ConfigError(f"save_checkpoint: could not write {path} ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); an earlier file there is unchanged") from exc
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _file_mode(path: str) -> int:
+    """The mode a plain ``open(path, "wb")`` would give: the existing file's, else 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:200]
+
+
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
 def _read(source: Any, map_location: Any) -> Any:
-    """``torch.load(source, weights_only=True)`` with every failure as :class:`ConfigError`."""
+    """``torch.load(source, weights_only=True)`` with every failure as a one-line :class:`ConfigError`."""
     name = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
@@ -188,19 +299,59 @@ def _read(source: Any, map_location: Any) -> Any:
     except IsADirectoryError:
         raise ConfigError(f"checkpoint {name} is a directory, not a file") from None
     except pickle.UnpicklingError as e:
-        text = str(e).split("WeightsUnpickler error:", 1)[-1]
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-        if "global" not in first.lower() and "class" not in first.lower():  # not a readable pickle at all
+        blocked = _GLOBAL.search(str(e))
+        found = blocked.group(1) if blocked else _pickled_global(source)
+        if found:
             raise ConfigError(
-                f"cannot read checkpoint {name}: it is corrupted or not a torch checkpoint ({first[:200]})"
+                f"checkpoint {name} holds objects that a safe load (torch.load(weights_only=True)) refuses: "
+                f"it names the global {found}, which was blocked and not run. orthofx checkpoints "
+                f"hold tensors and plain data only; load it with weights_only=False only if you trust its "
+                f"source, or write it again with orthofx.save_checkpoint"
             ) from None
-        first = first.split(". ")[0]
-        raise ConfigError(
-            f"checkpoint {name} holds objects other than tensors and plain data, which "
-            f"torch.load(weights_only=True) refuses to unpickle ({first}); orthofx checkpoints never do"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ConfigError(f"cannot read checkpoint {name}: it is corrupted or not a torch checkpoint ({e})") from None
+        raise ConfigError(_unreadable(name, e)) from None
+    except Exception as e:  # noqa: BLE001  (torch's reader fails with many types on a non-checkpoint)
+        raise ConfigError(_unreadable(name, e)) from None
+
+
+def _unreadable(name: Any, exc: BaseException) -> str:
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "weights_only" not in ln and not ln.startswith("Check the doc")), "")
+    what = f"{type(exc).__name__}: {detail[:120]}" if detail else type(exc).__name__
+    kind = " (it looks like a text file)" if _looks_like_text(name) else ""
+    return (f"cannot read checkpoint {name}: it is corrupted or not a torch checkpoint{kind} ({what}); "
+            f"pass a file written by orthofx.save_checkpoint or torch.save")
+
+
+def _looks_like_text(name: Any) -> bool:
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    try:
+        with open(name, "rb") as f:
+            head = f.read(512)
+        head.decode("utf-8")
+        return bool(head) and all(c >= 32 or c in (9, 10, 13) for c in head)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _pickled_global(name: Any) -> str | None:
+    """The first global a raw pickle file names (read with ``pickletools``: nothing runs), or None."""
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    strings: list[str] = []
+    try:
+        with open(name, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001  (not a pickle, or a truncated one)
+        return None
+    return None
 
 
 def _check_state(expected: Mapping[str, Any], got: Mapping[str, Any]) -> None:

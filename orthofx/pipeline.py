@@ -21,6 +21,7 @@ from orthofx._log import logger
 from orthofx.config import OrthoConfig, check_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
+from orthofx.graph.trace import traces_one_at_a_time
 from orthofx.plan import Action, ActionKind, Plan, SwapRecord, make_plan
 from orthofx.report import TransformReport
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, apply_plan, swap_meta_layers
@@ -105,6 +106,7 @@ def _refuse_wrappers(model: nn.Module) -> None:
             "then torch.compile the result")
 
 
+@traces_one_at_a_time
 def transform(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any = None,
@@ -136,6 +138,10 @@ def transform(
         registered on the producers; it is a ``torch.fx.GraphModule`` only when raw
         ``eigh``/``svd`` meta-layers were swapped for stable ones and that rewrite was verified.
         ``report``: a :class:`TransformReport` (print it).
+
+    Raises :class:`InputError` when an example input holds NaN or Inf (it is named).
+    Thread-safe: concurrent transforms (and analyses) of any models trace one at a time
+    (``orthofx.graph.trace.TRACE_LOCK``; torch.fx patches module calls process-wide while it traces).
 
     Transforming an already transformed module with the same config returns it unchanged
     (``report.modified is False``); a different config raises :class:`ConfigError`.
@@ -199,6 +205,7 @@ def transform(
     return root, report
 
 
+@traces_one_at_a_time
 def replay(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply a saved :class:`~orthofx.rewrite.Plan` to a fresh, unmodified ``model`` without
     analysing it again (checkpoints): the same producers get the same treatments, and raw

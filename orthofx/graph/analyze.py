@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from orthofx.errors import TraceFailure
+from orthofx.errors import InputError, TraceFailure
 from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
 from orthofx.graph.fx_covariance import covariance_info
 from orthofx.graph.fx_nodes import NodeGraph, describe_target
@@ -27,6 +27,7 @@ from orthofx.graph.patterns import Patterns
 from orthofx.vocab import MetaSpec, Role, is_meta_layer, meta_spec_of
 from orthofx.graph.trace import (
     SCOPE_KEY,
+    TRACE_LOCK,
     _class_keys,
     function_of,
     trace,
@@ -357,8 +358,38 @@ def analyze(
     Raises:
         TraceFailure: the model cannot be traced and the failure cannot be worked around
             (always with ``strict=True``); ``.module`` / ``.hint`` say what to change.
+        InputError: an example input holds NaN or Inf (the recorded forward would not show
+            what the model does); it is named.
+
+    Thread-safe: concurrent calls (and :func:`orthofx.transform`) trace one at a time.
     """
-    cfg = resolve_analysis_config(config)
+    check_example_inputs(example_inputs)
+    with TRACE_LOCK:
+        return _analyze(model, example_inputs, resolve_analysis_config(config))
+
+
+def check_example_inputs(example_inputs: Any) -> None:
+    """:class:`InputError` naming the first floating tensor among ``example_inputs`` (nested in
+    tuples, lists and dicts) that holds NaN or Inf. Called once per transform/analysis: one
+    host read per tensor (a device sync for CUDA inputs), never in a training step."""
+    if example_inputs is None:
+        return
+    top = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    stack: list[tuple[str, Any]] = [(f"example_inputs[{i}]", v) for i, v in enumerate(top)][::-1]
+    while stack:
+        name, v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()):
+                raise InputError(
+                    f"{name} holds NaN or Inf: the analysis records one forward on the example inputs and "
+                    f"would not see what the model does; pass finite example inputs (e.g. a batch of your data)")
+        elif isinstance(v, (tuple, list)):
+            stack += [(f"{name}[{i}]", x) for i, x in enumerate(v)][::-1]
+        elif isinstance(v, dict):
+            stack += [(f"{name}[{k!r}]", x) for k, x in v.items()][::-1]
+
+
+def _analyze(model: nn.Module, example_inputs: Any, cfg: AnalysisConfig) -> AnalysisReport:
     note = None
     if example_inputs is not None:
         from orthofx.graph.discover import discover

@@ -26,8 +26,10 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -55,6 +57,25 @@ TRACE_META_KEY = "orthofx_trace"
 
 # --------------------------------------------------------------------------- autograd.Function leaves
 _FUNCTION_LEAVES: "weakref.WeakKeyDictionary[type, Callable[..., Any]]" = weakref.WeakKeyDictionary()
+
+
+#: Held while orthofx traces or records a model. torch.fx patches ``nn.Module.__call__`` (and
+#: orthofx's recorder installs process-wide hooks) for the duration of a trace, so two traces in
+#: two threads would see each other's module calls; :func:`orthofx.transform`, :func:`analyze`
+#: and :func:`orthofx.pipeline.replay` take this (re-entrant) lock, so concurrent calls run one
+#: after the other.
+TRACE_LOCK = threading.RLock()
+
+
+def traces_one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run while holding :data:`TRACE_LOCK`."""
+
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with TRACE_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
 
 
 def function_leaf(cls: type) -> Callable[..., Any]:
@@ -320,6 +341,7 @@ def _resolve_leaf_names(model: nn.Module, names: Iterable[str]) -> tuple[set[str
     return qual, classes
 
 
+@traces_one_at_a_time
 def trace(
     model: nn.Module,
     config: Any = None,

@@ -32,6 +32,7 @@ from orthofx.config import check_float, check_int
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype
+from orthofx.treatments.serialize import make_picklable
 from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, OWGeneratorKind, OWMethod
 from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     SOC_EVAL_TERMS,
@@ -261,6 +262,7 @@ def register_orthogonal(
     parametrize.register_parametrization(module, name, parametrization, unsafe=spec.unsafe)
     if spec.forward is not None:
         type(module).forward = spec.forward  # the class parametrize made for this module only
+    make_picklable(module)
     return True
 
 
@@ -311,6 +313,7 @@ def register_spectral_norm(
         torch.nn.utils.parametrizations.spectral_norm(
             module, name, n_power_iterations=int(n_power_iterations), eps=eps, dim=0
         )
+    make_picklable(module)
     return True
 
 
