@@ -339,16 +339,24 @@ def _pickled_global(name: Any) -> str | None:
     """The first global a raw pickle file names (read with ``pickletools``: nothing runs), or None."""
     if not isinstance(name, (str, os.PathLike)):
         return None
+    try:  # what a safe load allows (private torch API; without it, torch's and collections' globals)
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001
+        allowed = set()
     strings: list[str] = []
     try:
         with open(name, "rb") as f:
             for op, arg, _ in pickletools.genops(f):
+                found = None
                 if op.name in ("GLOBAL", "INST"):
-                    return str(arg).replace(" ", ".")
-                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    return f"{strings[-2]}.{strings[-1]}"
-                if isinstance(arg, str):
+                    found = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found = f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str):
                     strings.append(arg)
+                if found and found not in allowed and not found.startswith(("torch.", "collections.")):
+                    return found
     except Exception:  # noqa: BLE001  (not a pickle, or a truncated one)
         return None
     return None

@@ -408,7 +408,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
     producers instead of the config's default chain, whatever treatments the plan holds.
 
     Returns the :class:`~orthofx.treatments.attach.AttachHandle`, or None when there is
-    nothing to install: no ``chain=`` and the plan (and ``overrides``) have neither NOG nor
+    nothing to install: no ``chain=`` or ``skip_nonfinite=`` and the plan (and ``overrides``) have neither NOG nor
     OLR, or the model has no Pre-SVD layer (a warning then). ``overrides`` go to
     :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``nog_method``, ``history``, ...).
 
@@ -423,7 +423,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
         )
     cfg = plan.config
     custom = overrides.get("chain") is not None
-    if not (custom or cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")):
+    if not (custom or cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")
+            or overrides.get("skip_nonfinite")):
         return None
     if not plan.producers:
         warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "

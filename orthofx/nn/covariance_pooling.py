@@ -83,7 +83,13 @@ class CovariancePooling(MetaLayer):
             outside ``orthofx.syncs.cuda_policy()``; never on CUDA, where it is a host sync per
             forward, nor while ``torch.compile``/``torch.export`` trace (a data-dependent
             branch). ``True``: every eager forward (one host sync on accelerators). ``False``:
-            never (a NaN input then gives NaN outputs).
+            never (a NaN input then gives NaN outputs). The check runs on the input, before the
+            reduction's BatchNorm updates its running statistics.
+        nonfinite: ``"raise"`` (default) as ``validate`` says; ``"skip"``: never raise. Either
+            way a training batch that would make the reduction's BatchNorm statistics
+            non-finite leaves them as they were (restored with ``torch.where`` on the device:
+            two small copies and an ``isfinite`` over 2·``reduced`` values per training forward,
+            no host sync) and is counted in the non-persistent buffer ``nonfinite_batches``.
 
     dtype: the output has the input's dtype. float16/bfloat16 features are computed in float32
     (Σ in float64 for "eigh"); the covariance and its square root are computed with autocast
@@ -107,8 +113,12 @@ class CovariancePooling(MetaLayer):
         compute_dtype: torch.dtype | None = None,
         output: str = "triu",
         validate: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"CovariancePooling: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         if backend == "gram" and not eps > 0:
             raise ConfigError(f"CovariancePooling: backend='gram' needs eps > 0 (got eps={eps}); pass eps=1e-5")
         if output not in OUTPUTS:
@@ -135,6 +145,7 @@ class CovariancePooling(MetaLayer):
         self.register_buffer(
             "triu_index", torch.triu_indices(c, c).contiguous(), persistent=False
         )
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def channels(self) -> int:
@@ -156,8 +167,17 @@ class CovariancePooling(MetaLayer):
             return traced
         check_features(x, "CovariancePooling")
         in_dtype = x.dtype
+        validate = getattr(self, "validate", None)  # modules pickled before the option: None
+        raises = getattr(self, "nonfinite", "raise") == "raise" and validate is not False
+        if raises and not tracing() and (validate or host_read_is_free(x)):
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise InputError(
+                    "CovariancePooling: the input features hold NaN or Inf; nothing was updated (look at the "
+                    "layers before it, or lower the lr); pass CovariancePooling(..., nonfinite='skip') to skip "
+                    "such batches' statistics update and count them, or validate=False to skip this check"
+                )
         if self.reduced is not None:
-            x = self.relu(self.bn(self.reduce(x)))
+            x = self.relu(self._reduce_bn(self.reduce(x)))
         if x.dim() < 3:
             raise InputError(
                 f"CovariancePooling expects (N, C, *spatial) features, got shape {tuple(x.shape)}; "
@@ -166,14 +186,6 @@ class CovariancePooling(MetaLayer):
         n, c = x.shape[0], x.shape[1]
         if c != self.channels:
             raise InputError(f"CovariancePooling built for {self.channels} channels, got {c} (shape {tuple(x.shape)})")
-        validate = getattr(self, "validate", None)  # modules pickled before the option: None
-        if validate is not False and not tracing() and (validate or host_read_is_free(x)):
-            if x.numel() and not bool(torch.isfinite(x).all()):
-                raise InputError(
-                    "CovariancePooling: the input features hold NaN or Inf (look at the layers before "
-                    "it, or lower the lr); pass CovariancePooling(..., validate=False) to skip this "
-                    "check (NaN outputs then)"
-                )
         with torch.autocast(x.device.type, enabled=False):
             feats = x.reshape(n, c, -1)
             work = torch.float32 if feats.dtype in _HALF else feats.dtype
@@ -196,6 +208,23 @@ class CovariancePooling(MetaLayer):
             return y.reshape(n, c * c)
         i, j = self.triu_index
         return y[:, i, j]
+
+    def _reduce_bn(self, x: Tensor) -> Tensor:
+        """``self.bn(x)``; in training, running statistics that would turn non-finite are
+        restored on the device and the batch is counted (class doc, ``nonfinite``)."""
+        bn = self.bn
+        if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+            return bn(x)
+        saved = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+        y = bn(x)
+        with torch.no_grad():
+            ok = torch.isfinite(bn.running_mean).all() & torch.isfinite(bn.running_var).all()
+            for buf, old in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), saved):
+                buf.copy_(torch.where(ok, buf, old))
+            count = getattr(self, "nonfinite_batches", None)
+            if count is not None:
+                count.add_((~ok).to(count.device, torch.long))
+        return y
 
     def _gram(self, feats: Tensor) -> Tensor:
         """The "gram" backend: :func:`orthofx.linalg.covariance_sqrtm` (exact, M×M problem)."""

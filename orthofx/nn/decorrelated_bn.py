@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from orthofx import linalg
 from orthofx.errors import ConfigError, InputError
+from orthofx.linalg._checks import host_read_is_free
 from orthofx.nn.covariance_pooling import _covariance_dtype, check_features, tracing
 from orthofx.nn.meta import MetaLayer
 from orthofx.vocab import MetaSpec
@@ -57,7 +58,19 @@ class DecorrelatedBatchNorm(MetaLayer):
 
     dtype: the output has the input's dtype; float16/bfloat16 are computed in float32 (Σ in
     float64 for "eigh"). Integer/bool/complex input raises :class:`~orthofx.errors.DTypeError`.
-    No host sync per forward beyond the decomposition's own (no NaN check): the module exports
+    Non-finite input (``nonfinite``): a batch whose mean or covariance holds NaN/Inf never
+    reaches the running statistics. ``"raise"`` (default) raises
+    :class:`~orthofx.errors.InputError` before anything changes where that check is free
+    (eager CPU: one host read of two small reductions; in eval mode the input itself is
+    checked); on CUDA, inside ``orthofx.syncs.cuda_policy()`` and while compiled it would be a
+    host sync per forward, so there (and always with ``"skip"``) the update is instead gated on
+    the device: ``torch.where`` keeps the old statistics, ``num_batches_tracked`` is not
+    advanced and the non-persistent buffer ``nonfinite_batches`` counts the batch. The gate
+    costs an ``isfinite`` reduction over μ and Σ (c + c² values per group) and a ``where`` over
+    the running buffers, with no host sync. The output of such a batch is non-finite; pair
+    ``"skip"`` with ``orthofx.attach(..., skip_nonfinite="model")`` to keep the weights too.
+
+    No host sync per forward beyond the decomposition's own on CUDA: the module exports
     with ``torch.export.export`` and compiles with ``fullgraph=True`` in train and eval mode,
     both ``running`` choices, on every backend (the "svd" route's fallback check is a
     ``torch.cond`` while traced, see :mod:`orthofx.linalg._solver`).
@@ -78,8 +91,12 @@ class DecorrelatedBatchNorm(MetaLayer):
         compute_dtype: torch.dtype | None = None,
         track_running_stats: bool = True,
         running: str = "covariance",
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"DecorrelatedBatchNorm: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         if num_features < 1 or groups < 1 or num_features % groups:
             raise ConfigError(
                 f"DecorrelatedBatchNorm: num_features={num_features} must be a positive multiple of groups={groups}"
@@ -115,6 +132,7 @@ class DecorrelatedBatchNorm(MetaLayer):
             self.register_buffer("running_mean", None)
             self.register_buffer(f"running_{running}", None)
             self.register_buffer("num_batches_tracked", None)
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         traced = self._traced_as_leaf(x)
@@ -145,6 +163,8 @@ class DecorrelatedBatchNorm(MetaLayer):
                 cdt = _covariance_dtype(self.backend, self.compute_dtype, work_dtype, x.device)
                 xc = centred.to(cdt)
                 cov = xc @ xc.mT / xc.shape[-1]
+                if self._raises(cov) and not bool(torch.isfinite(mean).all() & torch.isfinite(cov).all()):
+                    raise InputError(self._nonfinite_message("its batch mean or covariance"))
                 whitening = self._spectral(
                     linalg.invsqrtm,
                     cov,
@@ -159,14 +179,19 @@ class DecorrelatedBatchNorm(MetaLayer):
                         # weight 1/(n+1) computed on the device (no host sync)
                         stat = whitening if self.running == "whitening" else cov
                         buf = self._running_buffer()
+                        # a non-finite batch leaves the statistics as they are (gated on the device)
+                        ok = torch.isfinite(mean).all() & torch.isfinite(stat).all()
                         for run, new in ((self.running_mean, mean), (buf, stat)):
                             if self.momentum is not None:
-                                run.lerp_(new.detach().to(run.dtype), self.momentum)
+                                w: float | Tensor = self.momentum
                             else:
                                 w = 1.0 / (self.num_batches_tracked.to(run.dtype) + 1.0)
-                                run.lerp_(new.detach().to(run.dtype), w)
-                        self.num_batches_tracked.add_(1)
+                            run.copy_(torch.where(ok, run.lerp(new.detach().to(run.dtype), w), run))
+                        self.num_batches_tracked.add_(ok.to(torch.long))
+                        self._count_nonfinite(ok)
             else:
+                if self._raises(feats) and feats.numel() and not bool(torch.isfinite(feats).all()):
+                    raise InputError(self._nonfinite_message("the input"))
                 centred = feats - self.running_mean.to(work_dtype)
                 whitening = self._eval_whitening().to(work_dtype)
             y = whitening @ centred
@@ -175,6 +200,20 @@ class DecorrelatedBatchNorm(MetaLayer):
                 view = (1, self.num_features) + (1,) * (len(shape) - 2)
                 y = y * self.weight.to(work_dtype).view(view) + self.bias.to(work_dtype).view(view)
         return y.to(in_dtype).contiguous()
+
+    def _raises(self, t: Tensor) -> bool:
+        """Whether a non-finite batch raises here: ``nonfinite="raise"`` and the host read is free."""
+        return getattr(self, "nonfinite", "raise") == "raise" and host_read_is_free(t)
+
+    def _count_nonfinite(self, ok: Tensor) -> None:
+        count = getattr(self, "nonfinite_batches", None)  # modules pickled before the buffer: none
+        if count is not None:
+            count.add_((~ok).to(count.device, torch.long))
+
+    def _nonfinite_message(self, what: str) -> str:
+        return (f"DecorrelatedBatchNorm({self.num_features}): the input holds NaN or Inf ({what} is not finite); "
+                f"nothing was updated. Look at the layers before it or lower the lr, or pass nonfinite='skip' "
+                f"to skip such batches' statistics update and count them (module.nonfinite_batches)")
 
     def reset_running_stats(self) -> None:
         """Running mean ← 0, running whitening/covariance ← I, batch count ← 0."""
@@ -226,6 +265,7 @@ class DecorrelatedBatchNorm(MetaLayer):
         return (
             f"{self.num_features}, groups={self.groups}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, backend={self.backend!r}, running={self.running!r}"
+            + ("" if getattr(self, "nonfinite", "raise") == "raise" else f", nonfinite={self.nonfinite!r}")
         )
 
 

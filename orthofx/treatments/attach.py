@@ -103,6 +103,10 @@ class AttachHandle:
         self._steps = 0
         self._hooks: list[Any] = []
         self._removed = False
+        #: skip_nonfinite="model": (finite flag, saved params, saved optimizer state) of this step
+        self.skip_nonfinite: str | None = None
+        self._saved: tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor | None]]] | None = None
+        self._skipped: Tensor | None = None
 
     # ---------------------------------------------------------------- public
     @property
@@ -193,6 +197,8 @@ class AttachHandle:
             out["zero_grads"] = int(gs.zero)
             out["nonfinite_grads"] = int(gs.nonfinite)
         st = self.olr_state
+        if self._skipped is not None:
+            out["skipped_steps"] = int(self._skipped)
         if st is not None and st.lr is not None:
             for key in ("eta", "lr", "base"):
                 vals = getattr(st, key).tolist()
@@ -232,7 +238,7 @@ class AttachHandle:
         (``orthofx.optim.OrthoSGD``)."""
         if step_hooks:
             self._hooks.append(opt.register_step_pre_hook(self._pre_hook))
-        if step_hooks and (self.olr or self._rebase):
+        if step_hooks and (self.olr or self._rebase or self.skip_nonfinite):
             self._hooks.append(opt.register_step_post_hook(self._post_hook))
         if self.olr:
             self._hooks.append(opt.register_load_state_dict_pre_hook(self._load_pre_hook))
@@ -245,7 +251,7 @@ class AttachHandle:
 
     def after_step(self, opt: torch.optim.Optimizer) -> None:
         """Finish the lr delivery and re-base OW maps after the update (what the step post-hook does)."""
-        if not self._removed and (self.olr or self._rebase):
+        if not self._removed and (self.olr or self._rebase or self.skip_nonfinite):
             self._post_hook(opt, (opt,), {})
 
     def _load_pre_hook(self, opt: torch.optim.Optimizer, state_dict: dict) -> dict | None:
@@ -265,6 +271,8 @@ class AttachHandle:
         if self.olr:
             check_groups(opt, self._slots)
         self._lr.restore_groups()  # a previous step that raised never reached the post-hook
+        if self.skip_nonfinite:
+            self._save_model(opt)
         params = self._params
         grads: list[Tensor | None] = [p.grad for p in params]
         scale = getattr(opt, "grad_scale", None)
@@ -329,7 +337,48 @@ class AttachHandle:
     def _post_hook(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self.olr:
             self._lr.after_step(opt)
+        self._restore_model(opt)
         self._rebase_all()
+
+    def _save_model(self, opt: torch.optim.Optimizer) -> None:
+        """skip_nonfinite="model", before the step: whether every gradient of the optimizer's
+        parameters is finite (a device flag) and copies of the parameters and their state."""
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            self._saved = None
+            return
+        dev = grads[0].device
+        ok = torch.stack([torch.isfinite(g).all().to(dev) for g in grads]).all()
+        saved_p = [(p, p.detach().clone()) for p in params]
+        saved_s: list[tuple[Tensor, Tensor | None]] = []
+        for p in params:
+            for v in opt.state.get(p, {}).values():
+                if isinstance(v, Tensor):
+                    saved_s.append((v, v.clone()))
+        self._saved = (ok, saved_p, saved_s)
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self._skipped.add_((~ok).to(torch.int64))
+
+    def _restore_model(self, opt: torch.optim.Optimizer) -> None:
+        """skip_nonfinite="model", after the step: where the flag is false, every parameter and
+        optimizer state tensor gets its value from before the step back (``torch.where``, no
+        host sync); state the step created is zeroed (as if freshly initialised)."""
+        if self._saved is None:
+            return
+        ok, saved_p, saved_s = self._saved
+        self._saved = None
+        for p, old in saved_p:
+            p.copy_(torch.where(ok.to(p.device), p, old))
+        known = {id(v) for v, _ in saved_s}
+        for v, old in saved_s:
+            if v.device == ok.device:
+                v.copy_(torch.where(ok, v, old))
+        for p, _ in saved_p:
+            for v in opt.state.get(p, {}).values():
+                if isinstance(v, Tensor) and id(v) not in known and v.device == ok.device:
+                    v.copy_(torch.where(ok, v, torch.zeros_like(v)))
 
     def _rebase_all(self) -> None:
         """``ow_target="weight"``: Y₀ ← Φ(A), A ← 0 for every OW map (W unchanged; see
@@ -354,6 +403,7 @@ def attach(
     ow_target: str | None = None,
     nog_scale: str | None = None,
     nog_deficient: str | None = None,
+    skip_nonfinite: str | None = None,
     _step_hooks: bool = True,
 ) -> AttachHandle:
     r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
@@ -448,6 +498,16 @@ def attach(
     Gradients holding NaN/Inf are replaced by zero and counted (``handle.stats()``); zero
     gradients stay zero and are counted. Weights therefore stay finite.
 
+    ``skip_nonfinite="model"`` goes further: when any gradient of *any* parameter the optimizer
+    holds is non-finite, the whole step is undone — every parameter and optimizer state tensor
+    (momentum, Adam moments) is restored to its value before the step (so momentum and weight
+    decay do not move the weights either), state the step created is zeroed, and
+    ``stats()["skipped_steps"]`` counts it. No host sync: the decision is a device flag and the
+    restore a ``torch.where``; the cost is one copy of the parameters and their optimizer state
+    per step (memory and bandwidth) and an ``isfinite`` pass over the gradients. State held as
+    Python numbers, or on another device than the gradients (Adam's CPU ``step`` counter of a
+    CUDA model without ``capturable=True``), is not restored. Default None: only the guard above.
+
     Attaching the same producers with the same options twice returns the existing handle;
     anything else on an optimizer that already has a handle raises :class:`AttachError`.
 
@@ -467,6 +527,9 @@ def attach(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise AttachError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if skip_nonfinite not in (None, "model"):
+        raise ConfigError(f"attach: skip_nonfinite={skip_nonfinite!r}; use None (guard the producers' gradients "
+                          f"only) or 'model' (skip the whole step when any gradient is non-finite)")
     opts = parse_options(
         config, nog=nog, olr=olr, nog_method=nog_method, lr_mode=lr_mode,
         history=history, max_history=max_history, chain=chain, ow_target=ow_target,
@@ -479,7 +542,8 @@ def attach(
 
     prev = _ATTACHED.get(optimizer)
     if prev is not None and not prev.removed:
-        if [id(p) for p in prev._params] == [id(p) for _, p in items] and _same(prev, opts):
+        if ([id(p) for p in prev._params] == [id(p) for _, p in items] and _same(prev, opts)
+                and prev.skip_nonfinite == skip_nonfinite):
             return prev
         raise AttachError(
             f"{type(optimizer).__name__} already has orthofx treatments attached "
@@ -496,6 +560,7 @@ def attach(
     warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
     capture = WeightGradCapture(maps) if maps is not None else None
     handle = AttachHandle(optimizer, slots, opts, mode, transform, target, capture)
+    handle.skip_nonfinite = skip_nonfinite
     if opts.sets_lr:
         split_groups(optimizer, slots)
     handle._warn_olr = bool(adaptive and opts.olr)
