@@ -174,7 +174,8 @@ class CovariancePooling(MetaLayer):
                 raise InputError(
                     "CovariancePooling: the input features hold NaN or Inf; nothing was updated (look at the "
                     "layers before it, or lower the lr); pass CovariancePooling(..., nonfinite='skip') to skip "
-                    "such batches' statistics update and count them, or validate=False to skip this check"
+                    "such batches' statistics update and count them, or CovariancePooling(..., validate=False) "
+                    "to skip this check"
                 )
         if self.reduced is not None:
             x = self.relu(self._reduce_bn(self.reduce(x)))
@@ -220,7 +221,10 @@ class CovariancePooling(MetaLayer):
         with torch.no_grad():
             ok = torch.isfinite(bn.running_mean).all() & torch.isfinite(bn.running_var).all()
             for buf, old in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), saved):
-                buf.copy_(torch.where(ok, buf, old))
+                # through .data: the batch-norm node saved the running buffers (at the version its
+                # own update left) and autograd refuses a later in-place change of them; its
+                # training-mode backward reads only the batch statistics, never these buffers
+                buf.data.copy_(torch.where(ok, buf, old))
             count = getattr(self, "nonfinite_batches", None)
             if count is not None:
                 count.add_((~ok).to(count.device, torch.long))
