@@ -61,7 +61,9 @@ from orthofx.experiment.models import SmallResNetDBN, cifar_resnet50_dbn, resnet
 
 PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
 # variants timed next to the presets: the paper's literal SVD polar factor, the Cayley map
-VARIANTS = {"nog(svd)": ("nog", {"nog_method": "svd"}), "ow(cayley)": ("ow", {"ow_method": "cayley"})}
+VARIANTS = {"nog(svd)": ("nog", {"nog_method": "svd"}), "ow(cayley)": ("ow", {"ow_method": "cayley"}),
+            # NOG/OLR on the orthogonal weight (re-based every step) instead of the generator
+            "nog+ow+olr(W)": ("nog+ow+olr", {"ow_target": "weight"})}
 ROWS = PRESETS + tuple(VARIANTS)
 # ops that only create views or metadata (no kernel launch)
 _VIEW_OPS = frozenset({
