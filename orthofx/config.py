@@ -27,7 +27,7 @@ from orthofx.vocab import (
 if TYPE_CHECKING:
     from orthofx.graph.config import AnalysisConfig
 
-__all__ = ["OrthoConfig", "WeightSpec", "GradientSpec", "PRESETS", "resolve_config"]
+__all__ = ["OrthoConfig", "WeightSpec", "GradientSpec", "PRESETS", "DEFAULT_PRESET", "resolve_config"]
 
 #: The paper's table rows, in the order they appear there.
 PRESETS: tuple[str, ...] = (
@@ -44,6 +44,14 @@ PRESETS: tuple[str, ...] = (
     "ow+olr",
     "nog+ow+olr",
 )
+
+#: The preset the integrations' callbacks use when none is given, and the one the docs start
+#: from: ``"svd"`` — the stable exact gradient of raw meta-layers, the report and the κ monitor,
+#: no change to any weight. Chosen by the evidence (docs/results.md, ``orthofx study``: paired
+#: seeds, 95 % CIs): no treatment row has improved test error over SVD by more than the
+#: study's resolution, and the NOG+OW rows were worse; the treatments stay one word away
+#: (``"ow"`` for conditioning, see the README's preset advice).
+DEFAULT_PRESET = "svd"
 
 _WEIGHT_TOKENS = WEIGHT_TREATMENTS
 _TOKENS = ("svd", "nog", "olr") + _WEIGHT_TOKENS

@@ -6,7 +6,7 @@
     from transformers import Trainer
     from orthofx.integrations.huggingface import OrthofxTrainerCallback
 
-    cb = OrthofxTrainerCallback("nog+ow+olr", example_inputs=(batch["pixel_values"],))
+    cb = OrthofxTrainerCallback("ow", example_inputs=(batch["pixel_values"],))
     trainer = OrthofxTrainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
     trainer.train()                      # also trainer.train(resume_from_checkpoint=...)
 
@@ -47,6 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
+from orthofx.config import DEFAULT_PRESET
 from orthofx._optional import require
 from orthofx.errors import ConfigError
 from orthofx.integrations._common import (
@@ -82,7 +83,8 @@ class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
     """Transform, attach, monitor and store the plan of orthofx treatments in a ``Trainer``.
 
     Args:
-        config: an orthofx preset (``"nog+ow+olr"``), :class:`~orthofx.OrthoConfig` or dict.
+        config: an orthofx preset (default :data:`orthofx.config.DEFAULT_PRESET`, ``"svd"``: stable
+            gradients, report and κ, no weight changed; e.g. ``"ow"``), :class:`~orthofx.OrthoConfig` or dict.
         example_inputs: a tensor or tuple of positional inputs of the model for the analysis.
         example_input_fn: ``fn(model) -> inputs`` instead. Neither: symbolic analysis.
         monitor: create a :class:`~orthofx.monitor.ConditioningMonitor` (True), pass your own,
@@ -94,7 +96,7 @@ class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
 
     def __init__(
         self,
-        config: Any = "nog+ow+olr",
+        config: Any = DEFAULT_PRESET,
         example_inputs: Any = None,
         *,
         example_input_fn: Callable[[nn.Module], Any] | None = None,

@@ -14,7 +14,7 @@
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
         ...
 
-    trainer = L.Trainer(callbacks=[OrthofxCallback("nog+ow+olr")])
+    trainer = L.Trainer(callbacks=[OrthofxCallback()])   # "svd" (DEFAULT_PRESET); OrthofxCallback("ow") treats
     trainer.fit(Net(), loader)                         # trainer.fit(..., ckpt_path=...) resumes exactly
 
 Where each step happens in Lightning's order (lightning 2.6, ``Trainer._run``):
@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
+from orthofx.config import DEFAULT_PRESET
 from orthofx._optional import require
 from orthofx.errors import ConfigError
 from orthofx.integrations._common import (
@@ -71,7 +72,8 @@ class OrthofxCallback(_pl.Callback, CallbackOptions):
     """Transform, attach, monitor and checkpoint orthofx treatments in a Lightning ``Trainer``.
 
     Args:
-        config: an orthofx preset (``"nog+ow+olr"``), :class:`~orthofx.OrthoConfig` or dict.
+        config: an orthofx preset (default :data:`orthofx.config.DEFAULT_PRESET`, ``"svd"``: stable
+            gradients, report and κ, no weight changed; e.g. ``"ow"``), :class:`~orthofx.OrthoConfig` or dict.
         example_inputs: a tensor or tuple of positional inputs of the network for the analysis.
         example_input_fn: ``fn(pl_module) -> inputs`` instead (e.g. a batch of the datamodule).
             Neither given: ``pl_module.example_input_array``; none at all: symbolic analysis.
@@ -97,7 +99,7 @@ class OrthofxCallback(_pl.Callback, CallbackOptions):
 
     def __init__(
         self,
-        config: Any = "nog+ow+olr",
+        config: Any = DEFAULT_PRESET,
         example_inputs: Any = None,
         *,
         example_input_fn: Callable[[nn.Module], Any] | None = None,
