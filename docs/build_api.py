@@ -2,10 +2,12 @@
 
     python docs/build_api.py [--out out/docs/api]      (``make docs``)
 
-Documents the ``orthofx`` package (its page lists the public top-level names, which the package
-imports lazily) and every importable submodule (private ``_x`` modules excluded by pdoc). A module whose optional dependency is not installed (``lightning`` for
-``orthofx.integrations.lightning``, ``torchvision`` for the command line, ...) is left out with
-a note, so the core's reference builds with the core's dependencies alone. Any other import
+Writes one page per module: the ``orthofx`` package (its page lists the public top-level names,
+which the package imports lazily) and every importable submodule (private ``_x`` modules
+excluded); a selected module without a page fails the build. A module whose optional
+dependency is not installed (``lightning`` for ``orthofx.integrations.lightning``,
+``torchvision`` for the command line, ...) is left out with a note, so the core's reference
+builds with the core's dependencies alone. Any other import
 error, and any pdoc warning except an annotation pdoc cannot resolve for display (listed,
 harmless), fails the build: exit status 1.
 """
@@ -19,6 +21,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from pathlib import Path
 from types import ModuleType
 
@@ -110,20 +113,32 @@ def expose_public_names(module: ModuleType) -> list[str]:
     return names
 
 
-def build(out: Path, package: str = "orthofx") -> tuple[Selection, list[str]]:
-    """Render the reference into ``out``; return the selection and the harmless warnings.
+def build(out: Path, package: str = "orthofx", only: Collection[str] | None = None) -> tuple[Selection, list[str]]:
+    """Render one page per selected module into ``out``; return the selection and the harmless
+    warnings. ``only`` renders just those of the selected modules (a quick partial build).
 
     Raises RuntimeError listing every other pdoc warning."""
-    import pdoc
+    import pdoc.doc
     import pdoc.render
 
     sel = select(package)
-    expose_public_names(sys.modules[package])
-    specs = [package] + [f"!{re.escape(m)}" for m in sel.skipped]
+    for name in sel.modules:  # pdoc reads a package's __dict__, not its lazy __getattr__
+        module = sys.modules[name]
+        if hasattr(module, "__path__") and (hasattr(module, "_LAZY") or hasattr(module, "__all__")):
+            expose_public_names(module)
     pdoc.render.configure(docformat="google", footer_text=f"{package} API reference", show_source=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pdoc.pdoc(*specs, output_directory=out)
+        # exactly the selected modules: pdoc's own walk follows a package's __all__, and
+        # orthofx.__all__ lists only the top-level names, so it would skip every submodule
+        names = [m for m in sel.modules if only is None or m in only]
+        docs = {name: pdoc.doc.Module.from_name(name) for name in names}
+        for name, module in docs.items():
+            path = page_path(out, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(pdoc.render.html_module(module, docs), encoding="utf-8")
+        (out / "index.html").write_text(pdoc.render.html_index(docs), encoding="utf-8")
+        (out / "search.js").write_text(pdoc.render.search_index(docs), encoding="utf-8")
     harmless, errors = [], []
     for w in caught:
         text = str(w.message)
@@ -135,12 +150,26 @@ def build(out: Path, package: str = "orthofx") -> tuple[Selection, list[str]]:
     return sel, harmless
 
 
+def page_path(out: Path, module: str) -> Path:
+    """Where pdoc writes ``module``'s page under ``out`` (``orthofx/nn.html`` for ``orthofx.nn``)."""
+    return out.joinpath(*module.split(".")).with_suffix(".html")
+
+
+def written_pages(out: Path, modules: list[str]) -> list[Path]:
+    """The pages of ``modules`` under ``out``; raises RuntimeError naming any module without one."""
+    missing = [m for m in modules if not page_path(out, m).is_file()]
+    if missing:
+        raise RuntimeError(f"no page written for {len(missing)} module(s): {', '.join(missing)}")
+    return [page_path(out, m) for m in modules]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("out/docs/api"), help="output folder (default: out/docs/api)")
     args = p.parse_args(argv)
     try:
         sel, harmless = build(args.out)
+        pages = written_pages(args.out, sel.modules)
     except (ImportError, RuntimeError) as e:
         print(f"docs: build failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -148,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"docs: {mod} left out: optional package {pkg!r} is not installed")
     if harmless:
         print(f"docs: {len(harmless)} annotation(s) shown as text (pdoc could not resolve them)")
-    print(f"docs: {len(sel.modules)} modules -> {args.out / 'index.html'}")
+    print(f"docs: {len(pages)} module pages -> {args.out / 'index.html'}")
     return 0
 
 
