@@ -1,7 +1,10 @@
 """orthofx in a few lines: a hand-written model with a GCP-style eigh head.
 
-    python examples/quickstart.py
+    python examples/quickstart.py          # preset "svd" (the default: stable gradients, report, no weight changed)
+    python examples/quickstart.py ow       # or any preset, e.g. "ow", "nog+olr", "nog+ow+olr"
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,8 @@ class Net(nn.Module):
 
 model = Net()
 x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))
-gm, report = orthofx.transform(model, (x,), config="nog+ow+olr")
+config = sys.argv[1] if len(sys.argv) > 1 else orthofx.config.DEFAULT_PRESET
+gm, report = orthofx.transform(model, (x,), config=config)
 print(report)
 
 opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -43,7 +47,8 @@ for step in range(5):
     opt.step()
     print(f"step {step}: loss {loss.item():.4f}")
 
-w = gm.reduce.weight.detach().reshape(16, -1)
-print("OW keeps the Pre-SVD weight orthogonal: |W Wᵀ - I| =", (w @ w.T - torch.eye(16)).abs().max().item())
+if "ow" in config.split("+"):
+    w = gm.reduce.weight.detach().reshape(16, -1)
+    print("OW keeps the Pre-SVD weight orthogonal: |W Wᵀ - I| =", (w @ w.T - torch.eye(16)).abs().max().item())
 plain = orthofx.strip(gm)
 print("stripped state-dict keys match the original model:", plain.state_dict().keys() == model.state_dict().keys())
