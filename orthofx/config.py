@@ -272,10 +272,71 @@ _FLAT: dict[str, tuple[str, str]] = {
     "ow_target": ("gradients", "ow_target"),
 }
 _SECTIONS: dict[str, type] = {"weights": WeightSpec, "gradients": GradientSpec}
-_OWN = ("stabilize", "inplace", "analysis", "preset")
+_OWN = ("stabilize", "inplace", "analysis", "preset", "ignored_scope", "layer_configs")
 #: every name the constructor, from_preset overrides, replace() and from_dict accept
 CONFIG_KEYS: tuple[str, ...] = tuple(_FLAT) + tuple(_SECTIONS) + _OWN
 _UNSET: Any = object()
+
+
+class LayerConfigs(Mapping[str, "OrthoConfig"]):
+    """An immutable, hashable ``{name or glob pattern: OrthoConfig}`` (insertion order kept):
+    :attr:`OrthoConfig.layer_configs`."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: "Mapping[str, OrthoConfig] | None" = None) -> None:
+        self._items: dict[str, OrthoConfig] = dict(items or {})
+
+    def __getitem__(self, key: str) -> "OrthoConfig":
+        return self._items[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {v.name!r}' for k, v in self._items.items())}}}"
+
+
+def _ignored_scope(value: Any) -> tuple[str, ...]:
+    """A list/tuple of non-empty names or glob patterns (a single string is one entry)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise OptionError("ignored_scope", value, "must be a list of module names or glob patterns (strings)")
+    return tuple(dict.fromkeys(v.strip() for v in value))
+
+
+def _layer_configs(value: Any) -> LayerConfigs:
+    """``{name or pattern: preset name | OrthoConfig | dict}`` → :class:`LayerConfigs`; a layer's
+    config may not carry its own ``ignored_scope``/``layer_configs``."""
+    if value is None:
+        return LayerConfigs()
+    if not isinstance(value, Mapping):
+        raise OptionError("layer_configs", value, "must be a mapping {module name or glob pattern: preset or OrthoConfig}")
+    out: dict[str, OrthoConfig] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k.strip():
+            raise OptionError("layer_configs", k, "keys must be module names or glob patterns (non-empty strings)")
+        try:
+            cfg = resolve_config(v)
+        except ConfigError as exc:
+            raise ConfigError(f"layer_configs[{k!r}]: {exc}") from None
+        if cfg.ignored_scope or cfg.layer_configs:
+            raise ConfigError(f"layer_configs[{k!r}] has its own ignored_scope/layer_configs; a layer's config "
+                              f"holds treatments only")
+        out[k.strip()] = cfg
+    return LayerConfigs(out)
 
 
 def _analysis(value: Any) -> "AnalysisConfig | None":
@@ -320,6 +381,17 @@ class OrthoConfig:
         inplace: rewrite the model itself instead of a deep copy.
         preset: the preset name this config was built from, if any (informational, not
             compared).
+        ignored_scope: Pre-SVD layers left untreated: module names (``"features.0"``), their
+            parameter names (``"features.0.weight"``), prefixes (``"layer1"`` covers
+            ``"layer1.0.conv"``) or ``fnmatch`` glob patterns (``"layer*.conv1"``). An entry
+            that matches no Pre-SVD layer found in the model raises :class:`ConfigError`.
+        layer_configs: ``{name or pattern: preset | OrthoConfig | dict}``: the treatments
+            (weights and gradients) of the matching Pre-SVD layers, instead of this config's
+            (matched as ``ignored_scope``; an exact name wins over patterns, two patterns
+            matching one layer or a layer both ignored and configured raise
+            :class:`ConfigError`, as does an entry matching nothing). The analysis options and
+            ``stabilize`` stay global. ``orthofx.attach`` installs NOG/OLR on the layers whose
+            config has them (their gradient options must agree).
     """
 
     weights: WeightSpec
@@ -328,6 +400,8 @@ class OrthoConfig:
     stabilize: bool
     inplace: bool
     preset: str | None = field(compare=False)
+    ignored_scope: tuple[str, ...]
+    layer_configs: LayerConfigs
 
     def __init__(
         self,
@@ -353,6 +427,8 @@ class OrthoConfig:
         nog_deficient: str = _UNSET,
         weights: WeightSpec | Mapping[str, Any] | None = None,
         gradients: GradientSpec | Mapping[str, Any] | None = None,
+        ignored_scope: "list[str] | tuple[str, ...] | None" = None,
+        layer_configs: "Mapping[str, OrthoConfig | str | Mapping[str, Any]] | None" = None,
     ) -> None:
         flat = {k: v for k, v in (("weight", weight), ("ow_method", ow_method), ("ol_weight", ol_weight),
                                   ("sn_method", sn_method), ("sn_power_iterations", sn_power_iterations),
@@ -378,6 +454,8 @@ class OrthoConfig:
         if preset is not None and not isinstance(preset, str):
             raise OptionError("preset", preset, "must be a preset name or None")
         _put(self, "preset", preset)
+        _put(self, "ignored_scope", _ignored_scope(ignored_scope))
+        _put(self, "layer_configs", _layer_configs(layer_configs))
 
     # ------------------------------------------------------------------ flat, read-only views
     weight = property(lambda self: self.weights.kind, doc="The weight treatment: None, 'ow', 'sn' or 'ol'.")
@@ -457,7 +535,8 @@ class OrthoConfig:
         :class:`ConfigError`."""
         _check_names(changes, "replace()")
         kw: dict[str, Any] = {"stabilize": self.stabilize, "inplace": self.inplace,
-                              "analysis": self.analysis, "preset": self.preset}
+                              "analysis": self.analysis, "preset": self.preset,
+                              "ignored_scope": self.ignored_scope, "layer_configs": self.layer_configs}
         for section in _SECTIONS:
             if section in changes:
                 continue
@@ -468,8 +547,10 @@ class OrthoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable composed form: ``{"weights": {...}, "gradients": {...},
-        "analysis": AnalysisConfig.to_dict() | None, "stabilize", "inplace", "preset"}``."""
-        return {
+        "analysis": AnalysisConfig.to_dict() | None, "stabilize", "inplace", "preset"}``, plus
+        ``"ignored_scope": [...]`` and ``"layer_configs": {name: to_dict()}`` when they are set
+        (omitted when empty, so configs without per-layer choices keep the older form)."""
+        out = {
             "weights": dataclasses.asdict(self.weights),
             "gradients": dataclasses.asdict(self.gradients),
             "analysis": self.analysis.to_dict() if self.analysis is not None else None,
@@ -477,6 +558,11 @@ class OrthoConfig:
             "inplace": self.inplace,
             "preset": self.preset,
         }
+        if self.ignored_scope:
+            out["ignored_scope"] = list(self.ignored_scope)
+        if self.layer_configs:
+            out["layer_configs"] = {k: v.to_dict() for k, v in self.layer_configs.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OrthoConfig":
