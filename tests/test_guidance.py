@@ -48,22 +48,29 @@ def test_nog_with_adaptive_optimizer_warns_once_at_attach(cls) -> None:
     assert "no longer orthogonal" in msgs[0] and "OLR" not in msgs[0].split("For the paper")[0]
 
 
-def test_olr_with_adam_warns_once_with_the_lr_it_set() -> None:
+def test_olr_with_adam_warns_once_at_attach() -> None:
+    """The README says attach warns; it once waited for the first step() with OLR."""
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         h = attach(opt, [m[0].weight], nog=True, olr=True)
-        assert _adaptive(caught) == []  # OLR: the warning waits for the first step's values
+        msgs = _adaptive(caught)
+        assert len(msgs) == 1  # before any step
         _steps(m, opt, 4)
-    msgs = _adaptive(caught)
-    assert len(msgs) == 1
-    first = h.olr_history()["lr"][0, 0].item()
+    assert _adaptive(caught) == msgs and h.olr
     assert msgs[0].startswith("orthofx.attach: NOG/OLR are derived for SGD")
-    assert "OLR's η*" in msgs[0] and "Adam" in msgs[0]
-    assert f"OLR set lr to {first:.2g} against your base {1e-3:.2g}" in msgs[0] or (
-        first == 1e-3 and "kept the base lr" in msgs[0]
-    )
+    assert "OLR's η*" in msgs[0] and "Adam" in msgs[0] and "U Vᵀ" in msgs[0]
+
+
+def test_pipeline_attach_warns_for_olr_with_adam() -> None:
+    import orthofx
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), orthofx.nn.DecorrelatedBatchNorm(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    gm, _ = orthofx.transform(model, (torch.randn(8, 3, 6, 6),), config="olr")
+    with pytest.warns(AdaptiveOptimizerWarning, match="OLR is derived for SGD"):
+        orthofx.attach(torch.optim.Adam(gm.parameters()), gm)
 
 
 def test_adaptive_detected_by_state_keys() -> None:

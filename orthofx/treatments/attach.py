@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
-from orthofx.linalg._checks import host_read_is_free
 from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates
 from orthofx.treatments.guidance import AdaptiveOptimizerWarning, adaptive_message, is_adaptive, should_warn
 from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
@@ -95,7 +94,6 @@ class AttachHandle:
         self._capture = capture
         #: (parametrization, generator) of the OW maps re-based after every step (ow_target="weight")
         self._rebase = [(m, s.param) for m, s in zip(capture.maps, slots) if m is not None] if capture else []
-        self._warn_olr = False  # warn (AdaptiveOptimizerWarning) at the first step, with OLR's values
         self.transform = opts.transform() if transform is None else transform
         self._params = [s.param for s in slots]
         self.state: Any = self.transform.init(self._params)
@@ -296,26 +294,8 @@ class AttachHandle:
         for g, n in zip(grads, updates.grads):
             if g is not None and n is not None:
                 write(g, n if scale is None else n * scale.to(n.device))
-        if self._warn_olr:
-            self._warn_olr = False
-            self._warn_adaptive(opt, updates.lr, lrs)
         if self.olr:
             self._lr.apply(opt, self._slots, updates.lr, grads, scale, hyper)
-
-    def _warn_adaptive(self, opt: torch.optim.Optimizer, lr: Tensor | None, base: list[Any]) -> None:
-        """The once-per-optimizer AdaptiveOptimizerWarning, with what OLR chose at this step
-        (read on the host only where that is free, or costs the one sync "float" makes anyway)."""
-        example = None
-        if lr is not None and (host_read_is_free(lr) or self.lr_mode == "float"):
-            vals = lr.tolist()
-            for name, v, b in zip(self.names, vals, base):
-                b = float(b) if b is not None else None
-                if b is not None and v != b:
-                    example = f"at the first step OLR set lr to {v:.2g} against your base {b:.2g} for {name!r}"
-                    break
-            else:
-                example = "at the first step OLR kept the base lr"
-        warnings.warn(adaptive_message(opt, self.nog, True, example), AdaptiveOptimizerWarning, stacklevel=5)
 
     def _check_output(self, out: Any) -> tuple[Updates, Any]:
         if not (isinstance(out, tuple) and len(out) == 2 and not isinstance(out, Updates)):
@@ -514,8 +494,7 @@ def attach(
     Warns:
         AdaptiveOptimizerWarning: once per optimizer, when the config's NOG/OLR meet an
             adaptive optimizer (Adam, AdamW, Adagrad, RMSprop, ..., or any optimizer whose
-            state holds a second-moment estimate): at attach for NOG, at the first step for
-            OLR (with the lr it set against the base lr).
+            state holds a second-moment estimate), at attach.
 
     Raises:
         AttachError: not an optimizer, no producers, a producer not held by the optimizer,
@@ -554,8 +533,8 @@ def attach(
         not opts.custom and (opts.nog or opts.olr) and is_adaptive(optimizer, [p for _, p in items])
         and should_warn(optimizer)
     )
-    if adaptive and not opts.olr:
-        warnings.warn(adaptive_message(optimizer, opts.nog, False), AdaptiveOptimizerWarning, stacklevel=2)
+    if adaptive:  # at attach, where the user decides on the optimizer (not at the first step)
+        warnings.warn(adaptive_message(optimizer, opts.nog, opts.olr), AdaptiveOptimizerWarning, stacklevel=2)
     mode = resolve_lr_mode(optimizer, slots, lr_mode, opts.sets_lr)
     warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
     capture = WeightGradCapture(maps) if maps is not None else None
@@ -563,7 +542,6 @@ def attach(
     handle.skip_nonfinite = skip_nonfinite
     if opts.sets_lr:
         split_groups(optimizer, slots)
-    handle._warn_olr = bool(adaptive and opts.olr)
     handle._install(optimizer, _step_hooks)
     _ATTACHED[optimizer] = handle
     return handle
