@@ -529,14 +529,14 @@ def attach(
             f"({prev!r}); call handle.remove() first"
         )
 
+    mode = resolve_lr_mode(optimizer, slots, lr_mode, opts.sets_lr)
+    warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
     adaptive = (
         not opts.custom and (opts.nog or opts.olr) and is_adaptive(optimizer, [p for _, p in items])
         and should_warn(optimizer)
     )
-    if adaptive:  # at attach, where the user decides on the optimizer (not at the first step)
+    if adaptive:  # at attach, where the user chooses the optimizer (not at the first step)
         warnings.warn(adaptive_message(optimizer, opts.nog, opts.olr), AdaptiveOptimizerWarning, stacklevel=2)
-    mode = resolve_lr_mode(optimizer, slots, lr_mode, opts.sets_lr)
-    warn_if_syncing(optimizer, slots, lr_mode, mode, opts.sets_lr)
     capture = WeightGradCapture(maps) if maps is not None else None
     handle = AttachHandle(optimizer, slots, opts, mode, transform, target, capture)
     handle.skip_nonfinite = skip_nonfinite
