@@ -14,6 +14,7 @@ Views: ``str(report)`` (a table), ``report.to_dict()`` (JSON-serialisable),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -29,6 +30,8 @@ __all__ = [
     "MetaLayerEntry",
     "SkippedEntry",
     "AnalysisReport",
+    "meta_layer_name",
+    "ROOT_NAME",
 ]
 
 
@@ -44,6 +47,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
+
+
+#: the name of a meta-layer that runs in the root module's own forward: ``<root>.forward:<kind>``
+ROOT_NAME = "<root>"
+
+
+def meta_layer_name(scope: str, kind: str) -> str:
+    """The one name of a meta-layer, used by the report, the monitor, its sinks, the loggers
+    and the CLI: the qualified path of the module whose forward runs it (``"head.cov_pool"``,
+    ``"layer4.0.whiten"``); for the root module's own forward, ``"<root>.forward:<kind>"``
+    (``"<root>.forward:eigh"``). A second meta-layer of the same module gets ``"#2"``, and so on
+    (:meth:`AnalysisReport.name_meta_layers`). The graph node (``_linalg_eigh_20``) is detail."""
+    return scope if scope else f"{ROOT_NAME}.forward:{kind}"
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,9 @@ class MetaLayerEntry:
         chain: ops from the producer (first) to the meta-layer (last), both included.
         graph: ``""``: ``node`` is in ``report.graph_module``; for a partial report, the
             qualified name of the submodule whose own trace holds ``node``.
+        name: the meta-layer's one name (:func:`meta_layer_name`: the module path where it
+            runs), the same in the report, the monitor, its sinks and the CLI; ``node`` is
+            the graph detail.
     """
 
     node: str
@@ -205,10 +224,11 @@ class MetaLayerEntry:
     producer: ProducerInfo
     chain: tuple[ChainStep, ...] = ()
     graph: str = ""
+    name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
+            "name": self.name or meta_layer_name(self.scope, self.kind), "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
             "target": self.target, "source": self.source, "input": self.input,
             "covariance": self.covariance.to_dict(), "producer": self.producer.to_dict(),
             "chain": [s.to_dict() for s in self.chain], "graph": self.graph,
@@ -224,7 +244,7 @@ class SkippedEntry:
         reason: why the walk stopped.
         stop_node: the node where it stopped (None when it never started).
         chain: the ops crossed, from the stop node (first) to the meta-layer (last).
-        graph: as in :class:`MetaLayerEntry`.
+        graph, name: as in :class:`MetaLayerEntry`.
     """
 
     node: str
@@ -238,10 +258,11 @@ class SkippedEntry:
     input: str = "covariance"
     chain: tuple[ChainStep, ...] = ()
     graph: str = ""
+    name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
+            "name": self.name or meta_layer_name(self.scope, self.kind), "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
             "target": self.target, "source": self.source, "input": self.input,
             "reason": self.reason, "stop_node": self.stop_node,
             "chain": [s.to_dict() for s in self.chain], "graph": self.graph,
@@ -284,18 +305,56 @@ class AnalysisReport:
         """Qualified names of the Pre-SVD weight parameters, unique, in order."""
         return list(dict.fromkeys(e.producer.param for e in self.entries))
 
+    @property
+    def meta_layers(self) -> list[str]:
+        """The names of every meta-layer found (with or without a Pre-SVD layer), unique, in
+        order: the module paths where they run (:func:`meta_layer_name`)."""
+        self.name_meta_layers()
+        return list(dict.fromkeys(e.name for e in [*self.entries, *self.skipped]))
+
     def entry(self, node: str) -> MetaLayerEntry:
-        """The entry of the meta-layer node called ``node``."""
+        """The entry of the meta-layer called ``node``: its name or its graph node's name."""
+        self.name_meta_layers()
+        for e in self.entries:
+            if e.name == node:
+                return e
         for e in self.entries:
             if e.node == node:
                 return e
         raise KeyError(node)
 
+    def name_meta_layers(self) -> None:
+        """Give every entry and skipped entry its :func:`meta_layer_name` (idempotent): one
+        name per meta-layer (a meta-layer with two producers has two entries of one name), and
+        ``"#2"``, ``"#3"``... for further meta-layers of the same module, in report order."""
+        if all(e.name for e in [*self.entries, *self.skipped]):
+            return
+        names: dict[tuple[str, str], str] = {}
+        taken: dict[str, int] = {}
+        for e in [*self.entries, *self.skipped]:
+            if e.name:
+                names[(e.graph, e.node)] = e.name
+                taken[e.name] = taken.get(e.name, 0) + 1
+        for attr in ("entries", "skipped"):
+            out = []
+            for e in getattr(self, attr):
+                key = (e.graph, e.node)
+                if key not in names:
+                    base = meta_layer_name(e.scope, e.kind)
+                    n = taken.get(base, 0) + 1
+                    taken[base] = n
+                    names[key] = base if n == 1 else f"{base}#{n}"
+                out.append(e if e.name else dataclasses.replace(e, name=names[key]))
+            setattr(self, attr, out)
+
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (``json.dumps(report.to_dict())`` works)."""
+        """JSON-serialisable form (``json.dumps(report.to_dict())`` works); every entry carries
+        its ``name`` (the module path, :func:`meta_layer_name`) and its graph ``node``."""
+        self.name_meta_layers()
         return {
             "model": self.model,
+            "meta_layers": self.meta_layers,
             "producers": self.producers,
             "entries": [e.to_dict() for e in self.entries],
             "skipped": [s.to_dict() for s in self.skipped],
@@ -309,19 +368,20 @@ class AnalysisReport:
 
     # ------------------------------------------------------------------ table
     def __str__(self) -> str:
+        self.name_meta_layers()
         lines = [
             f"orthofx analysis of {self.model}: {len(self.entries)} meta-layer(s) with a "
             f"Pre-SVD layer, {len(self.skipped)} skipped"
             + (" (partial: per-submodule traces)" if self.partial else "")
         ]
         if self.entries:
-            header = ("#", "meta-layer", "kind", "usage", "scope", "covariance", "producer",
+            header = ("#", "meta-layer", "node", "kind", "usage", "covariance", "producer",
                       "type", "flat weight", "ops")
             rows = [header]
             for i, e in enumerate(self.entries):
                 p = e.producer
                 rows.append((
-                    str(i), e.node, e.kind, e.usage, e.scope or "<root>",
+                    str(i), e.name, e.node, e.kind, e.usage,
                     e.covariance.describe(), p.name or "<root>", p.op or p.type,
                     "x".join(map(str, p.flat_shape)), str(max(len(e.chain) - 2, 0)),
                 ))
@@ -335,7 +395,7 @@ class AnalysisReport:
             lines.append("skipped (producer not determined):")
             for s in self.skipped:
                 where = f" at {s.stop_node}" if s.stop_node else ""
-                lines.append(f"  - {s.node} ({s.kind}, scope {s.scope or '<root>'}): stopped{where}: {s.reason}")
+                lines.append(f"  - {s.name} ({s.kind}, node {s.node}): stopped{where}: {s.reason}")
         if self.auto_leaves:
             lines.append("")
             lines.append("modules traced as opaque leaves automatically (fx cannot trace them; "
@@ -372,10 +432,11 @@ class AnalysisReport:
     def to_dot(self) -> str:
         """Graphviz DOT text: one cluster per entry (producer → … → meta-layer) and per
         skipped meta-layer (stop node → … → meta-layer, in red)."""
+        self.name_meta_layers()
         out = ["digraph orthofx {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];']
-        blocks = [(f"e{i}", f"[{i}] {e.node}: {e.kind} / {e.usage} (scope {e.scope or '<root>'})",
+        blocks = [(f"e{i}", f"[{i}] {e.name}: {e.kind} / {e.usage} (node {e.node})",
                    e.chain, True) for i, e in enumerate(self.entries)]
-        blocks += [(f"s{i}", f"skipped {s.node}: {s.reason}", s.chain, False)
+        blocks += [(f"s{i}", f"skipped {s.name}: {s.reason}", s.chain, False)
                    for i, s in enumerate(self.skipped)]
         for tag, label, chain, ok in blocks:
             out.append(f"  subgraph cluster_{tag} {{")

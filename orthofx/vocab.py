@@ -30,6 +30,8 @@ __all__ = [
     "is_meta_layer",
     "meta_spec_of",
     "MatFn",
+    "Usage",
+    "USAGES",
     "Role",
     "ROLES_BEFORE_COV",
     "ROLES_AFTER_COV",
@@ -164,6 +166,22 @@ class MatFn(_StrEnum):
     NEWTON_SCHULZ = "newton_schulz"
     PADE = "pade"
     POWER_ITERATION = "power_iteration"
+
+
+class Usage(_StrEnum):
+    """How a meta-layer's result is used (``MetaLayerEntry.usage``). A meta-layer module
+    states its own as the class attribute ``orthofx_usage`` (orthofx.nn's
+    ``DecorrelatedBatchNorm``: whitening; ``CovariancePooling``: pooling)."""
+
+    SQRTM = "sqrtm"              # U diag(√λ) Uᵀ
+    INVSQRTM = "invsqrtm"        # U diag(1/√λ) Uᵀ
+    EIGENVALUES = "eigenvalues"  # only the values
+    WHITENING = "whitening"      # features multiplied by (Σ + εI)^(-1/2) (ZCA, decorrelated BN)
+    POOLING = "pooling"          # the (square-rooted) covariance is the pooled feature (GCP)
+    UNKNOWN = "unknown"
+
+
+USAGES: tuple[str, ...] = _values(Usage)
 
 
 class Role(_StrEnum):

@@ -156,7 +156,12 @@ def analyze_graph(
             f"is preserved)")
     for site in sites:
         entry = _analyze_site(site, ng, walker, inner_walkers, patterns, shapes)
+        if site.module is not None:  # a meta-layer module: named by its path, its own usage
+            usage = getattr(site.module, "orthofx_usage", None)
+            entry = dataclasses.replace(entry, name=str(site.node.target),
+                                        usage=usage if isinstance(usage, str) else entry.usage)
         (report.entries if isinstance(entry, MetaLayerEntry) else report.skipped).append(entry)
+    report.name_meta_layers()
     if cfg.strict and report.skipped:
         s = report.skipped[0]
         raise TraceFailure(
@@ -431,6 +436,7 @@ def _analyze_submodules(model: nn.Module, cfg: AnalysisConfig, why: str) -> Anal
     report.notes.append(f"{why} The submodules were analysed on their own; meta-layers whose "
                         f"covariance is formed in an untraceable forward are not seen.")
     _collect_children(model, "", cfg, report)
+    report.name_meta_layers()
     return report
 
 
@@ -467,11 +473,12 @@ def _merge(report: AnalysisReport, sub: AnalysisReport, prefix: str) -> None:
     for e in sub.entries:
         p = e.producer
         report.entries.append(dataclasses.replace(
-            e, scope=q(e.scope), graph=prefix,
+            e, scope=q(e.scope), graph=prefix, name=q(e.name) if e.name and not e.name.startswith("<root>") else "",
             producer=dataclasses.replace(p, name=q(p.name), param=q(p.param)),
         ))
     for s in sub.skipped:
-        report.skipped.append(dataclasses.replace(s, scope=q(s.scope), graph=prefix))
+        report.skipped.append(dataclasses.replace(s, scope=q(s.scope), graph=prefix,
+                                                  name=q(s.name) if s.name and not s.name.startswith("<root>") else ""))
     for a in sub.auto_leaves:
         report.auto_leaves.append(dataclasses.replace(a, name=q(a.name)))
     report.notes += [f"{prefix}: {n}" for n in sub.notes]
@@ -482,7 +489,7 @@ def _standalone_meta(mod: nn.Module, name: str, report: AnalysisReport) -> None:
     kind, inp = (spec.kind, spec.input) if spec is not None else ("?", "covariance")
     rel = mod.orthofx_internal_producer() if hasattr(mod, "orthofx_internal_producer") else None
     common = dict(node=name, kind=kind, scope=name, target=type(mod).__name__, source="orthofx",
-                  input=inp, graph=name)
+                  input=inp, graph=name, name=name)
     if rel:
         sub = mod.get_submodule(rel)
         shape = tuple(int(s) for s in sub.weight.shape)
@@ -492,7 +499,7 @@ def _standalone_meta(mod: nn.Module, name: str, report: AnalysisReport) -> None:
             node=name, form="internal", op=type(sub).__name__,
         )
         report.entries.append(MetaLayerEntry(
-            **common, usage=kind if kind in ("sqrtm", "invsqrtm") else "unknown",
+            **common, usage=getattr(mod, "orthofx_usage", None) or (kind if kind in ("sqrtm", "invsqrtm") else "unknown"),
             covariance=CovarianceInfo(form="module", expression=f"built inside {type(mod).__name__}"),
             producer=producer))
     else:

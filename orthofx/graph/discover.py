@@ -10,7 +10,7 @@ reported once. Pure: the model is left as it was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orthofx.graph.config import AnalysisConfig
@@ -46,6 +46,11 @@ class MetaLayer:
     parent: dict[int, int]
     dead_ends: list[str]
     calls: int = 1
+    covs: list[int] = field(default_factory=list)  # every call's covariance node, in order
+
+    def __post_init__(self) -> None:
+        if not self.covs:
+            self.covs = [self.cov.node]
 
 
 def discover(model: Any, example_inputs: Any, config: AnalysisConfig | None = None,
@@ -129,14 +134,17 @@ def find(rec: Recording, cfg: AnalysisConfig | None = None) -> tuple[list[MetaLa
                tuple(sorted(p.param for p in producers)), rec.nodes[cov.node].op)
         if key in groups:
             groups[key].calls += 1
+            groups[key].covs.append(cov.node)
             continue
         groups[key] = MetaLayer(cov, region, producers, parent, dead)
     return list(groups.values()), plain
 
 
-def discover_recording(rec: Recording, cfg: AnalysisConfig | None = None) -> AnalysisReport:
-    """The :class:`AnalysisReport` of a recording."""
-    metas, plain = find(rec, cfg)
+def discover_recording(rec: Recording, cfg: AnalysisConfig | None = None, *,
+                       found: tuple[list[MetaLayer], list[Covariance]] | None = None) -> AnalysisReport:
+    """The :class:`AnalysisReport` of a recording (``found``: :func:`find`'s result, if known).
+    Every entry is named by :func:`site_name` (:meth:`AnalysisReport.name_meta_layers`)."""
+    metas, plain = found if found is not None else find(rec, cfg)
     report = AnalysisReport(model="", graph_module=None)
     report.notes += rec.notes
     for m in metas:
@@ -159,7 +167,31 @@ def discover_recording(rec: Recording, cfg: AnalysisConfig | None = None) -> Ana
     elif plain:
         report.notes.append(f"{len(plain)} covariance-like product(s) reach no matrix function and are not "
                             f"meta-layers (at {', '.join(sorted({_where(rec, c.node) for c in plain}))})")
+    report.name_meta_layers()
     return report
+
+
+def meta_owner(rec: Recording, module: str) -> str:
+    """The module a meta-layer that runs in ``module``'s forward belongs to: the nearest
+    enclosing orthofx meta-layer module (``module`` itself or an ancestor path: the
+    decomposition inside ``DecorrelatedBatchNorm`` belongs to that module), else ``module``."""
+    parts = module.split(".") if module else []
+    for i in range(len(parts), 0, -1):
+        path = ".".join(parts[:i])
+        if _is_meta_class(rec.module_classes.get(path)):
+            return path
+    return module
+
+
+def _is_meta_class(cls: Any) -> bool:
+    """``cls`` carries a meta-layer marker (:func:`orthofx.vocab.is_meta_layer` of its instances)."""
+    marker = getattr(cls, "orthofx_meta", None) if cls is not None else None
+    return isinstance(getattr(marker, "kind", None), str)
+
+
+def site_index(m: MetaLayer) -> int:
+    """The node that marks meta-layer ``m`` (its decomposition, or its iteration's last product)."""
+    return m.region.site if m.region.site is not None else m.cov.node
 
 
 def _where(rec: Recording, i: int) -> str:
@@ -189,12 +221,18 @@ def _node_name(rec: Recording, i: int) -> str:
 
 
 def _common(rec: Recording, m: MetaLayer) -> dict[str, Any]:
-    site = rec.nodes[m.region.site if m.region.site is not None else m.cov.node]
+    site = rec.nodes[site_index(m)]
     kind = str(m.region.kind)
     target = site.function if site.function else f"aten.{site.op}"
     source = "autograd.Function" if site.function else "torch"
-    return dict(node=_node_name(rec, site.index), kind=kind, scope=site.module, target=target,
-                source=source, input="covariance", usage=_USAGE.get(m.region.kind, "unknown"),  # type: ignore[arg-type]
+    scope = meta_owner(rec, site.module)
+    owner = rec.module_classes.get(scope)
+    usage = getattr(owner, "orthofx_usage", None)  # a meta-layer module states its own use
+    if _is_meta_class(owner):
+        source = "orthofx"
+    return dict(node=_node_name(rec, site.index), kind=kind, scope=scope, target=target,
+                source=source, input="covariance",
+                usage=str(usage) if isinstance(usage, str) else _USAGE.get(m.region.kind, "unknown"),  # type: ignore[arg-type]
                 graph=GRAPH)
 
 

@@ -4,13 +4,14 @@ failure counts; records as CSV/JSONL, metrics to sinks (TensorBoard, CSV/JSONL, 
 any callable), plots.
 
 Modules: :mod:`~orthofx.monitor.core` (:class:`ConditioningMonitor`),
-:mod:`~orthofx.monitor.spectrum` (κ conventions), :mod:`~orthofx.monitor.weights` (producer
+:mod:`~orthofx.monitor.spectrum` (κ conventions), :mod:`~orthofx.monitor.capture` (the
+covariance of a meta-layer that is not an orthofx module, captured where it is formed), :mod:`~orthofx.monitor.weights` (producer
 weights), :mod:`~orthofx.monitor.records` (schema, CSV/JSONL), :mod:`~orthofx.monitor.sinks`
 (logger protocol), :mod:`~orthofx.monitor.plotting` (:func:`plot`). docs/kappa.md states the
 κ conventions and how the paper's was inferred.
 """
 
-from orthofx.monitor.core import ConditioningMonitor
+from orthofx.monitor.core import ConditioningMonitor, MonitorWarning
 from orthofx.monitor.plotting import line_styles, plot
 from orthofx.monitor.records import FIELDS, load_records
 from orthofx.monitor.sinks import (
@@ -27,6 +28,7 @@ from orthofx.monitor.weights import WEIGHT_FIELDS, weight_summary
 
 __all__ = [
     "ConditioningMonitor",
+    "MonitorWarning",
     "plot",
     "line_styles",
     "load_records",

@@ -20,8 +20,18 @@ weights are copied (detached, on the device) at the recorded step's forward and 
 ``svdvals`` (a cuSOLVER call, which synchronises) runs at the flush; a flush also happens once
 those copies hold :data:`PENDING_WEIGHT_BYTES`. ``weights=False`` turns them off.
 
-Labels are the user's module paths: a module that ``orthofx.transform`` swapped in carries
-the path of what it replaced as ``orthofx_label``; otherwise the qualified name is used.
+Meta-layers that are not orthofx modules (a raw ``torch.linalg.eigh`` ZCA, a Newton–Schulz
+loop, custom ``autograd.Function``s): the monitor runs the analysis once (on ``example_inputs``,
+or on the inputs of the first training-mode forward) and captures each one's covariance where
+it is formed, on recorded steps only (:mod:`orthofx.monitor.capture`; κ in float64 at the flush,
+``ε`` unknown: ``kappa`` = κ(Σ)). A meta-layer that cannot be monitored is listed with the
+reason in :attr:`ConditioningMonitor.skipped` and :meth:`~ConditioningMonitor.summary`; a
+monitor with nothing to monitor says why in one line (a :class:`MonitorWarning`).
+
+Labels are the meta-layers' one name (:func:`orthofx.report.meta_layer_name`), the same as in
+the analysis report and the CLI: the module path where the meta-layer runs (a module that
+``orthofx.transform`` swapped in carries the path of what it replaced as ``orthofx_label``;
+the root's own forward: ``"<root>.forward:<kind>"``).
 Output: :meth:`~ConditioningMonitor.to_csv`/:meth:`~ConditioningMonitor.to_jsonl`, and
 ``sinks=`` (:mod:`orthofx.monitor.sinks`: TensorBoard, CSV/JSONL, ``logging``, any callable)
 fed at each flush. The monitor itself logs through ``logging.getLogger("orthofx.monitor")``.
@@ -32,6 +42,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,13 +54,14 @@ from orthofx._log import logger as _root_logger
 from orthofx.config import check_int
 from orthofx.errors import ConfigError, InputError
 from orthofx.linalg import solver_stats
+from orthofx.monitor.capture import CaptureSite, CovarianceCapture, Discovery, covariance_eigenvalues, find_capture_sites
 from orthofx.monitor.records import FIELDS, META, PRODUCER, write_csv, write_jsonl
 from orthofx.monitor.sinks import CallableSink, MetricSink, TensorBoardSink, record_metrics
 from orthofx.monitor.spectrum import SPECTRUM_FIELDS, summarize_spectrum
 from orthofx.monitor.weights import WEIGHT_FIELDS, ProducerWeight, producer_weights, weight_summary
 from orthofx.nn.meta import is_meta_layer
 
-__all__ = ["ConditioningMonitor", "STATE_VERSION"]
+__all__ = ["ConditioningMonitor", "MonitorWarning", "STATE_VERSION"]
 
 log = _root_logger.getChild("monitor")
 
@@ -59,6 +71,10 @@ STATE_VERSION = 1
 #: :meth:`ConditioningMonitor.step` flushes once the producer weight copies awaiting their
 #: ``svdvals`` hold this many bytes (64 MiB), whatever ``max_pending`` says
 PENDING_WEIGHT_BYTES = 64 * 2**20
+
+
+class MonitorWarning(UserWarning):
+    """The monitor has nothing to monitor, or skipped a meta-layer (the message says why)."""
 
 
 @dataclass
@@ -72,6 +88,7 @@ class _Pending:
     eps: float | None = None
     size: int | None = None
     weight: torch.Tensor | None = None  # producer: a detached copy of W, summarised at flush
+    matrix: torch.Tensor | None = None  # captured covariance copies (k, n, n), decomposed at flush
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[Any]:
@@ -163,6 +180,13 @@ class ConditioningMonitor:
         weights: record the producer weights' statistics (default True).
         producers: qualified parameter names of the producer weights (default: the plan's
             producers of a model returned by ``orthofx.transform``; none otherwise).
+        example_inputs: inputs of one training forward (a tensor or a tuple): the analysis
+            runs on them now and finds the meta-layers that are not orthofx modules. Without
+            them it runs on the inputs of the first training-mode forward (one extra recorded
+            forward, inside that call; the model is left as it was). Pass them when the model
+            is compiled (the hooks must exist before ``torch.compile``).
+        discover: find such meta-layers at all (default True); False monitors orthofx's
+            meta-layer modules only, as before.
     """
 
     model: nn.Module
@@ -175,6 +199,8 @@ class ConditioningMonitor:
     sinks: Sequence[MetricSink] = ()
     weights: bool = True
     producers: Sequence[str] | None = None
+    example_inputs: Any = field(default=None, repr=False)
+    discover: bool = True
 
     def __post_init__(self) -> None:
         self.every = check_int(self.every, "every", min=1)
@@ -191,6 +217,8 @@ class ConditioningMonitor:
                     label = qname
                 found[label] = m
                 qualified[label] = qname
+        self._wanted: set[str] | None = None  # layers= names still to find by analysis
+        discover = bool(self.discover)
         if self.layers is not None:
             if isinstance(self.layers, str):
                 raise ConfigError(f"layers must be a list of module names, got the string {self.layers!r}")
@@ -200,23 +228,14 @@ class ConditioningMonitor:
             for want in self.layers:
                 lab = want if want in found else by_qname.get(want)
                 (chosen if lab is not None else missing).append(lab if lab is not None else want)
-            if missing:
-                raise ConfigError(f"not meta-layers of the model: {sorted(missing)}; meta-layers: {sorted(found)}")
-            found = {k: found[k] for k in chosen}
-        if not found:
-            from orthofx.pipeline import plan_of
-
-            if plan_of(self.model) is not None:
+            if missing and (not discover or self.example_inputs is None):
                 raise ConfigError(
-                    "the model holds no orthofx meta-layer to monitor: orthofx.transform kept its raw "
-                    "torch.linalg decompositions (the transform report's notes say why), whose "
-                    "eigenvalues the monitor cannot read; orthofx.linalg.condition_number(cov) gives κ "
-                    "of a covariance you hold"
-                )
-            raise ConfigError(
-                "the model holds no orthofx meta-layer to monitor (use orthofx.nn modules, or "
-                "orthofx.transform a model with torch.linalg meta-layers first)"
-            )
+                    f"not meta-layers of the model: {sorted(missing)}; orthofx meta-layer modules: {sorted(found)}"
+                    + ("" if not discover else "; to name a meta-layer that the analysis finds (not an orthofx "
+                       "module), pass example_inputs="))
+            found = {k: found[k] for k in chosen}
+            self._wanted = set(missing)
+            discover = discover and bool(missing)
         sinks: list[MetricSink] = []
         for s in self.sinks:
             if isinstance(s, MetricSink):
@@ -248,7 +267,82 @@ class ConditioningMonitor:
         self._opt_handles: list[Any] = []
         self._warned: dict[tuple[str, str], int] = {}
         self._solver_base = self._solver_snapshot()
+        self._sites: list[CaptureSite] = []
+        self._capture: CovarianceCapture | None = None
+        self._skipped: dict[str, str] = {}
+        self._found = ""
+        self._details: dict[str, str] = {}  # name → graph node (detail)
+        self._lazy: Any = None
+        self.empty_reason: str | None = None
+        if discover and self.example_inputs is not None:
+            self._install(self._analyse(self.example_inputs, {}))
+        elif discover:
+            self._lazy = self.model.register_forward_pre_hook(self._first_forward, with_kwargs=True, prepend=True)
+        else:
+            self._found = "discover=False: only orthofx meta-layer modules are monitored"
+            self._check_empty()
+        self._handles.append(self.model.register_forward_pre_hook(self._capture_on))
+        self._handles.append(self.model.register_forward_hook(self._capture_off, always_call=True))
         self._arm()
+
+    # ------------------------------------------------------------------ discovery
+    def _analyse(self, args: Any, kwargs: dict[str, Any]) -> Discovery:
+        try:
+            return find_capture_sites(self.model, args, kwargs=kwargs or None)
+        except Exception as exc:  # noqa: BLE001 - the monitor never refuses the model
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return Discovery(found=f"the analysis of the model failed ({type(exc).__name__}: {first})")
+
+    def _first_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook until the first training-mode forward: analyse it (its inputs are
+        the example inputs), then start capturing in this very forward."""
+        if not module.training:
+            return
+        self._lazy.remove()
+        self._lazy = None
+        self._install(self._analyse(args, kwargs))
+
+    def _install(self, disc: Discovery) -> None:
+        self._found = disc.found
+        wanted = self._wanted
+        for name, reason in disc.skipped.items():
+            if wanted is None or name in wanted:
+                self._skipped[name] = reason
+        monitored = set(self._modules)
+        sites = []
+        for site in disc.sites:
+            if site.name in monitored or (wanted is not None and site.name not in wanted):
+                continue
+            sites.append(site)
+            self._details[site.name] = f"{site.node} -> {site.meta_node} ({site.kind})"
+        if wanted is not None:
+            missing = wanted - {s.name for s in sites} - set(self._skipped)
+            if missing:
+                raise ConfigError(f"not meta-layers of the model: {sorted(missing)}; the analysis found: {disc.found}")
+        self._sites = sites
+        self._capture = CovarianceCapture(sites) if sites else None
+        for name, reason in self._skipped.items():
+            log.warning("meta-layer %s is not monitored: %s", name, reason)
+        self._check_empty()
+
+    def _check_empty(self) -> None:
+        if self._modules or self._sites:
+            self.empty_reason = None
+            return
+        skipped = "; ".join(f"{k}: {v}" for k, v in self._skipped.items())
+        self.empty_reason = ("ConditioningMonitor has nothing to monitor: the model holds no orthofx meta-layer "
+                             "module and " + (self._found or "no analysis ran")
+                             + (f"; not monitorable: {skipped}" if skipped else ""))
+        warnings.warn(self.empty_reason, MonitorWarning, stacklevel=4)
+        log.warning("%s", self.empty_reason)
+
+    def _capture_on(self, module: nn.Module, args: Any) -> None:
+        if self._capture is not None and self._armed and module.training:
+            self._capture.enter()
+
+    def _capture_off(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._capture is not None:
+            self._capture.leave()
 
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, name: str):
@@ -295,8 +389,20 @@ class ConditioningMonitor:
     # ------------------------------------------------------------------ API
     @property
     def layer_names(self) -> list[str]:
-        """Labels of the monitored meta-layers (the user's module paths)."""
-        return list(self._modules)
+        """Names of the monitored meta-layers (the module paths where they run, as in the
+        analysis report): orthofx modules first, then captured covariances. Before the first
+        training forward of a monitor without ``example_inputs``, only the orthofx modules."""
+        return list(self._modules) + [s.name for s in self._sites]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Meta-layers the analysis found but the monitor cannot monitor: name → reason."""
+        return dict(self._skipped)
+
+    @property
+    def pending_discovery(self) -> bool:
+        """True until the first training-mode forward runs the analysis (no ``example_inputs``)."""
+        return self._lazy is not None
 
     @property
     def producer_names(self) -> list[str]:
@@ -326,6 +432,16 @@ class ConditioningMonitor:
                 if summary is not None:
                     self._pending.append(_Pending(self._step, META, name, summary, snap,
                                                   self._nonfinite_out.get(name), eps, int(lam.shape[-1])))
+            if self._capture is not None:
+                for site in self._sites:
+                    mats = self._capture.captured.get(site.name)
+                    if not mats:
+                        continue
+                    p = torch.cat([m.reshape(-1, site.size, site.size) for m in mats])
+                    self._pending.append(_Pending(self._step, META, site.name, None, snap, size=site.size, matrix=p))
+                    self._pending_weight_bytes += p.numel() * p.element_size()
+        if self._capture is not None:
+            self._capture.reset()
         self._step += 1
         self._arm()
         if len(self._pending) >= int(self.max_pending) or self._pending_weight_bytes >= PENDING_WEIGHT_BYTES:
@@ -350,10 +466,15 @@ class ConditioningMonitor:
         for p in self._pending:
             if p.summary is None and p.weight is not None:  # svdvals here, where we sync anyway
                 p.summary, p.weight = weight_summary(p.weight), None
+            elif p.summary is None and p.matrix is not None:  # float64 eigvalsh of Σ, ε unknown
+                lam = covariance_eigenvalues(p.matrix)
+                p.summary = summarize_spectrum(lam, None, _unit_roundoff(p.matrix.dtype, torch.float64))
+                p.matrix = None
         self._pending_weight_bytes = 0
         values = _to_host([p.summary for p in self._pending])
         zero = torch.zeros((), dtype=torch.int64)
         nonfinite = _to_host([zero if p.nonfinite is None else p.nonfinite for p in self._pending])
+        captured = {s.name for s in self._sites}
         for p, vals, nf in zip(self._pending, values, nonfinite):
             rec: dict[str, Any] = {k: None for k in FIELDS}
             rec.update(run=self.run, step=p.step, kind=p.kind, layer=p.layer)
@@ -364,7 +485,7 @@ class ConditioningMonitor:
                 rec.update(
                     eps=p.eps,
                     size=p.size,
-                    nonfinite_outputs=int(nf),
+                    nonfinite_outputs=None if p.layer in captured else int(nf),
                     solver_failures=p.solver["failures"] - self._solver_base["failures"],
                     solver_fallbacks=p.solver["fallbacks"] - self._solver_base["fallbacks"],
                     solver_nonfinite=solver_nonfinite,
@@ -388,7 +509,7 @@ class ConditioningMonitor:
         # warn when a cumulative counter grew since the last warning (not at every flush)
         for r in sorted((r for r in new if r["kind"] == META), key=lambda r: r["step"]):
             nf, seen = r["nonfinite_outputs"], self._warned.get(("nonfinite", r["layer"]), 0)
-            if nf > seen:
+            if nf is not None and nf > seen:
                 log.warning("run %r: meta-layer %s produced non-finite outputs (%d values so far, step %d)",
                             self.run, r["layer"], nf, r["step"])
                 self._warned[("nonfinite", r["layer"])] = nf
@@ -398,7 +519,7 @@ class ConditioningMonitor:
                 self._warned[("failures", "")] = fails
         log.debug("run %r: flushed %d record(s)", self.run, len(new))
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, Any]]:
         """Per meta-layer, over the recorded steps (independent of the order of ``records``):
 
         ``kappa_median`` / ``kappa_max``: NaN-ignoring median / max of κ (``+inf`` counts;
@@ -406,12 +527,16 @@ class ConditioningMonitor:
         ``nan_records``: how many records have a NaN κ; ``records``: how many there are;
         solver and non-finite-output counters of the latest step (they are cumulative);
         ``kappa_range_median``/``_final``, ``kappa_paper_median``/``_final`` (NaN-ignoring
-        median, latest; NaN for records without them) and ``rank_final``. Producer records
-        are not summarised here.
+        median, latest; NaN for records without them) and ``rank_final``; ``eps`` (None:
+        unknown), ``source`` (``"orthofx module"`` or ``"captured covariance"``), ``kappa_of``
+        (which matrix ``kappa`` is of) and, for a captured covariance, ``node`` (its graph
+        nodes, detail). A meta-layer that cannot be monitored: ``{"skipped": reason,
+        "records": 0}``. Producer records are not summarised here.
         """
         self.flush()
-        out: dict[str, dict[str, float]] = {}
-        for name in self._modules:
+        out: dict[str, dict[str, Any]] = {}
+        captured = {s.name for s in self._sites}
+        for name in self.layer_names:
             recs = [r for r in self.records if r["layer"] == name and r.get("kind", META) == META]
             if not recs:
                 continue
@@ -435,6 +560,19 @@ class ConditioningMonitor:
                 out[name][f"{f}_median"] = _median(kept)
                 out[name][f"{f}_final"] = float(recs[-1][f]) if recs[-1].get(f) is not None else math.nan
             out[name]["rank_final"] = last.get("rank")
+            out[name]["eps"] = last.get("eps")
+            if name in captured:  # docs/monitor.md: a covariance captured where it is formed
+                out[name]["source"] = "captured covariance"
+                out[name]["kappa_of"] = "Σ (the layer's ε is unknown: kappa = κ(Σ), not κ(Σ + εI))"
+                out[name]["node"] = self._details.get(name, "")
+                mis = self._capture.mismatched.get(name, 0) if self._capture is not None else 0
+                if mis:
+                    out[name]["mismatched_calls"] = mis
+            else:
+                out[name]["source"] = "orthofx module"
+                out[name]["kappa_of"] = "Σ + εI" if last.get("eps") is not None else "the decomposed matrix (ε unknown)"
+        for name, reason in self._skipped.items():
+            out[name] = {"skipped": reason, "records": 0}
         return out
 
     def to_csv(self, path: str | os.PathLike) -> Path:
@@ -458,7 +596,7 @@ class ConditioningMonitor:
             "every": int(self.every),
             "run": self.run,
             "max_pending": int(self.max_pending),
-            "layers": list(self._modules),
+            "layers": self.layer_names,
             "producers": self.producer_names,
         }
         if records:
@@ -482,14 +620,19 @@ class ConditioningMonitor:
         if "records" in state:
             self.records = [dict(r) for r in state["records"]]
         saved = state.get("layers")
-        if saved is not None and list(saved) != list(self._modules):
+        if saved is not None and list(saved) != self.layer_names and not self.pending_discovery:
             log.warning("monitor state saved for meta-layers %s, loaded into a monitor of %s", list(saved),
-                        list(self._modules))
+                        self.layer_names)
         self._arm()
 
     def close(self) -> None:
         """Flush, remove the hooks (model and optimizer), stop recording and close the sinks."""
         self.flush()
+        if self._capture is not None:
+            self._capture.leave()
+        if self._lazy is not None:
+            self._lazy.remove()
+            self._lazy = None
         for h in self._handles + self._opt_handles:
             h.remove()
         self._handles.clear()
@@ -502,6 +645,6 @@ class ConditioningMonitor:
             s.close()
 
     def __repr__(self) -> str:
-        return (f"ConditioningMonitor(run={self.run!r}, layers={len(self._modules)}, "
+        return (f"ConditioningMonitor(run={self.run!r}, layers={len(self.layer_names)}, "
                 f"producers={len(self._producers)}, every={self.every}, step={self._step}, "
                 f"pending={len(self._pending)}, records={len(self.records)})")

@@ -101,6 +101,7 @@ class CovariancePooling(MetaLayer):
     """
 
     orthofx_meta = MetaSpec(kind="sqrtm", input="features")
+    orthofx_usage = "pooling"  # orthofx.vocab.Usage: how the analysis report names its use
 
     def __init__(
         self,

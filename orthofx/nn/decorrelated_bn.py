@@ -77,6 +77,7 @@ class DecorrelatedBatchNorm(MetaLayer):
     """
 
     orthofx_meta = MetaSpec(kind="invsqrtm", input="features")
+    orthofx_usage = "whitening"  # orthofx.vocab.Usage: how the analysis report names its use
 
     def __init__(
         self,
