@@ -736,10 +736,13 @@ def study(
         + f"orthofx study → {out}: {len(specs)} runs ({', '.join(keys)}; {len(settings['rows'])} rows × {seeds} seeds, "
           f"{steps} steps, profile {prof.name}: " + "; ".join(
               f"{k} batch {prof.batch_size[k]}, {mk[k]}" for k in keys) + ")")
-    log(f"  {len(specs) - len(todo)} finished (skipped), {len(todo)} to run "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'none'}) on {min(jobs, max(1, len(todo)))} "
-        f"single-threaded worker(s); estimated {_fmt_secs(est_todo)} for these, {_fmt_secs(est_total)} for the whole "
-        f"study on idle cores")
+    if report_only:
+        log(f"  --report: {len(specs) - len(todo)} finished, {len(todo)} not yet run (none started)")
+    else:
+        log(f"  {len(specs) - len(todo)} finished (skipped), {len(todo)} to run "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'none'}) on {min(jobs, max(1, len(todo)))} "
+            f"single-threaded worker(s); estimated {_fmt_secs(est_todo)} for these, {_fmt_secs(est_total)} for the whole "
+            f"study on idle cores")
 
     t0 = time.perf_counter()
     tasks = [Task((s.experiment, s.row.label, s.seed), execute_run, (s,), cost=float(len(todo) - i))
