@@ -121,9 +121,13 @@ def test_sinks_and_plot(tmp_path, device):
     json.dumps(runs)  # records are JSON-serialisable
 
 
-def test_model_without_meta_layer_is_a_clear_error():
-    with pytest.raises(ValueError, match="no orthofx meta-layer"):
-        ConditioningMonitor(nn.Linear(3, 3))
+def test_model_without_meta_layer_is_a_clear_warning_not_an_error():
+    """Issue 21: the model is never refused; an empty monitor says why in one line."""
+    from orthofx.monitor import MonitorWarning
+
+    with pytest.warns(MonitorWarning, match="nothing to monitor.*found no meta-layer"):
+        mon = ConditioningMonitor(nn.Linear(3, 3), example_inputs=torch.randn(2, 3))
+    assert mon.layer_names == [] and "found no meta-layer" in mon.empty_reason
 
 
 def test_solver_stats_reset_between_tests_is_not_needed():

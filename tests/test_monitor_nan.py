@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from orthofx.errors import ConfigError, InputError, OrthofxError
+from orthofx.errors import ConfigError, InputError
 from orthofx.monitor import ConditioningMonitor, load_records
 from orthofx.nn import DecorrelatedBatchNorm
 
@@ -68,9 +68,17 @@ def test_constructor_errors_are_config_errors(kw):
         ConditioningMonitor(model, **kw)
 
 
-def test_no_meta_layer_is_an_orthofx_error():
-    with pytest.raises(OrthofxError, match="no orthofx meta-layer"):
-        ConditioningMonitor(nn.Linear(3, 3))
+def test_no_meta_layer_warns_at_the_first_training_forward():
+    """Without example inputs the analysis runs on the first training forward; an empty
+    monitor then warns (issue 21: never a refusal)."""
+    from orthofx.monitor import MonitorWarning
+
+    model = nn.Linear(3, 3)
+    mon = ConditioningMonitor(model)
+    assert mon.pending_discovery and mon.empty_reason is None
+    with pytest.warns(MonitorWarning, match="nothing to monitor"):
+        model(torch.randn(2, 3))
+    assert not mon.pending_discovery and mon.summary() == {}
 
 
 def test_malformed_records_file_is_an_input_error(tmp_path):
@@ -82,12 +90,13 @@ def test_malformed_records_file_is_an_input_error(tmp_path):
         load_records(tmp_path / "missing.csv")
 
 
-def test_transformed_model_without_swaps_says_why_nothing_is_monitored(monkeypatch):
-    """A transformed model whose raw eigh was kept (no meta-layer module, but a plan) gets a
-    message pointing at the transform's notes, not advice to transform it."""
+def test_transformed_model_without_swaps_is_not_refused(monkeypatch):
+    """A transformed model whose raw decompositions were kept used to be refused ("kept its
+    raw ..."); now the analysis finds its meta-layers, or the empty monitor says what it found."""
     import orthofx.pipeline
+    from orthofx.monitor import MonitorWarning
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.Flatten())
     monkeypatch.setattr(orthofx.pipeline, "plan_of", lambda m: object())  # "has a plan"
-    with pytest.raises(ConfigError, match="kept its raw"):
-        ConditioningMonitor(model)
+    with pytest.warns(MonitorWarning, match="no orthofx meta-layer module and the analysis"):
+        ConditioningMonitor(model, example_inputs=torch.randn(2, 1, 5, 5), weights=False)
