@@ -23,7 +23,7 @@ from orthofx._log import logger as _root_logger
 from orthofx.config import check_int
 from orthofx.errors import AttachError, ConfigError
 from orthofx.export import checkpoint as _checkpoint
-from orthofx.monitor import ConditioningMonitor, record_metrics
+from orthofx.monitor import ConditioningMonitor, MonitorWarning, record_metrics
 from orthofx.pipeline import TransformReport, attach, plan_of, replay, transform
 from orthofx.rewrite import Plan
 
@@ -283,7 +283,9 @@ class CallbackOptions:
 
     def _make_monitor(self, net: nn.Module, every: int) -> ConditioningMonitor | None:
         """The user's monitor, a new one on ``net`` (with the callback's sinks), or None (no
-        monitor wanted, or no meta-layer to watch: a warning)."""
+        monitor wanted, or it cannot be built: a warning). The monitor finds every meta-layer at
+        the first training forward (orthofx modules and the user's own: issue 21) and warns
+        itself (:class:`~orthofx.monitor.MonitorWarning`) when there is nothing to monitor."""
         mon = self._monitor_opt
         if isinstance(mon, ConditioningMonitor):
             return mon
@@ -292,6 +294,6 @@ class CallbackOptions:
         plan = plan_of(net)
         try:
             return ConditioningMonitor(net, every=every, run=plan.config.name if plan else "run", sinks=self.sinks)
-        except ConfigError as e:  # no meta-layer to watch
-            log.warning("no conditioning monitor: %s", e)
+        except ConfigError as e:  # a visible warning, not a log line nobody sees
+            warnings.warn(f"orthofx: no conditioning monitor: {e}", MonitorWarning, stacklevel=3)
             return None
