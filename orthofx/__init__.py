@@ -8,12 +8,14 @@ The top level holds the names a training script needs (:data:`__all__`); everyth
 in its submodule (``orthofx.linalg``, ``orthofx.nn``, ``orthofx.treatments``, ``orthofx.graph``,
 ``orthofx.optim``, ``orthofx.integrations``, ...). Names and submodules are imported lazily
 (PEP 562), so ``import orthofx`` stays cheap. Older top-level names (``orthofx.PRESETS``,
-``orthofx.trace``, ``orthofx.sync_audit``, ...) still resolve, but are not advertised.
+``orthofx.trace``, ``orthofx.sync_audit``, ...) still resolve, with a ``DeprecationWarning``
+naming their module (``orthofx.config.PRESETS``, ...).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
@@ -64,7 +66,8 @@ _LAZY: dict[str, str] = {
     "InputError": "orthofx.errors",
 }
 
-# earlier top-level names: still importable from here, documented in their modules
+# earlier top-level names: still importable from here with a DeprecationWarning naming the
+# new place (module.name); documented in their modules
 _COMPAT: dict[str, str] = {
     "PRESETS": "orthofx.config",
     "analyze_graph": "orthofx.graph",
@@ -90,7 +93,10 @@ _HIDDEN_SUBMODULES = ("config", "errors", "export", "pipeline", "plan", "report"
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES or name in _HIDDEN_SUBMODULES:
         return importlib.import_module(f"orthofx.{name}")
-    mod = _LAZY.get(name) or _COMPAT.get(name)
+    mod = _LAZY.get(name)
+    if mod is None and name in _COMPAT:
+        mod = _COMPAT[name]
+        warnings.warn(f"orthofx.{name} is deprecated; use {mod}.{name}", DeprecationWarning, stacklevel=2)
     if mod is None:
         raise AttributeError(f"module 'orthofx' has no attribute {name!r}")
     return getattr(importlib.import_module(mod), name)

@@ -275,7 +275,27 @@ _SECTIONS: dict[str, type] = {"weights": WeightSpec, "gradients": GradientSpec}
 _OWN = ("stabilize", "inplace", "analysis", "preset", "ignored_scope", "layer_configs")
 #: every name the constructor, from_preset overrides, replace() and from_dict accept
 CONFIG_KEYS: tuple[str, ...] = tuple(_FLAT) + tuple(_SECTIONS) + _OWN
-_UNSET: Any = object()
+
+
+class _Unset:
+    """The default of :class:`OrthoConfig`'s flat keywords: not given, so the preset's value
+    applies. One instance (``_UNSET``); its repr is what ``help()`` and IDEs show."""
+
+    _instance: "_Unset | None" = None
+
+    def __new__(cls) -> "_Unset":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "unset (the preset's value)"
+
+    def __reduce__(self) -> str:
+        return "_UNSET"  # pickles as the module's singleton
+
+
+_UNSET: Any = _Unset()
 
 
 class LayerConfigs(Mapping[str, "OrthoConfig"]):

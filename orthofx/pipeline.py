@@ -398,7 +398,7 @@ def producer_specs(gm: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]
     return {p.param: ((gm.get_submodule(p.name) if p.name else gm), p.attr) for p in plan.producers}
 
 
-def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any) -> AttachHandle | None:
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any) -> AttachHandle:
     """Install the plan's NOG/OLR on ``optimizer`` (an optimizer step pre-hook, so they see
     the gradient the optimizer uses: after DDP all-reduce, ``GradScaler.unscale_`` and
     accumulation). ``model``: the transformed module (DDP/compile wrappers are unwrapped).
@@ -407,9 +407,11 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
     (:func:`orthofx.treatments.named_chain` of orthofx's pieces and their own) on the plan's
     producers instead of the config's default chain, whatever treatments the plan holds.
 
-    Returns the :class:`~orthofx.treatments.attach.AttachHandle`, or None when there is
-    nothing to install: no ``chain=`` or ``skip_nonfinite=`` and the plan (and ``overrides``) have neither NOG nor
-    OLR, or the model has no Pre-SVD layer (a warning then). ``overrides`` go to
+    Returns the :class:`~orthofx.treatments.attach.AttachHandle`, always: when there is
+    nothing to install (no ``chain=`` or ``skip_nonfinite=`` and the plan and ``overrides`` have
+    neither NOG nor OLR, or the model has no Pre-SVD layer, with a warning) it is an inactive
+    one (:meth:`AttachHandle.inactive <orthofx.treatments.attach.AttachHandle.inactive>`: no
+    hook, ``stats()`` without NOG/OLR entries). ``overrides`` go to
     :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``nog_method``, ``history``, ...).
 
     Raises :class:`AttachError` for an untransformed model or an optimizer that does not hold
@@ -425,11 +427,11 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
     custom = overrides.get("chain") is not None
     if not (custom or cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")
             or overrides.get("skip_nonfinite")):
-        return None
+        return AttachHandle.inactive(optimizer, [p.param for p in plan.producers])
     if not plan.producers:
         warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "
                       "act on", stacklevel=2)
-        return None
+        return AttachHandle.inactive(optimizer)
     if cfg.ow_target is not None:  # what NOG/OLR act on under OW; forwarded only when chosen
         overrides.setdefault("ow_target", cfg.ow_target)
     return _attach_params(optimizer, producer_specs(unwrap(model), plan), cfg, **overrides)

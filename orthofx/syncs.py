@@ -24,7 +24,7 @@ It runs on any device, so the sync-freedom of a code path is checked on the CPU 
 names are the same; CPU-only ops such as ``.tolist()`` that bypass dispatch are not seen).
 Usage::
 
-    with orthofx.sync_audit() as audit:
+    with orthofx.syncs.sync_audit() as audit:
         train_step()
     assert not audit.syncs, audit.syncs     # {"aten._linalg_svd": 1, ...}
 

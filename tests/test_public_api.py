@@ -7,6 +7,8 @@ import importlib
 import subprocess
 import sys
 
+import pytest
+
 import orthofx
 
 TOP_LEVEL = [
@@ -35,7 +37,12 @@ def test_older_names_and_hidden_submodules_still_resolve() -> None:
     from orthofx.errors import TraceFailure
     from orthofx.syncs import sync_audit
 
-    assert orthofx.PRESETS is PRESETS and orthofx.TraceFailure is TraceFailure and orthofx.sync_audit is sync_audit
+    with pytest.warns(DeprecationWarning, match=r"orthofx.PRESETS is deprecated; use orthofx.config.PRESETS"):
+        assert orthofx.PRESETS is PRESETS
+    with pytest.warns(DeprecationWarning, match=r"use orthofx.errors.TraceFailure"):
+        assert orthofx.TraceFailure is TraceFailure
+    with pytest.warns(DeprecationWarning, match=r"use orthofx.syncs.sync_audit"):
+        assert orthofx.sync_audit is sync_audit
     for name in ("experiment", "data", "rewrite", "optim", "integrations", "vocab", "plan"):
         assert getattr(orthofx, name) is importlib.import_module(f"orthofx.{name}")
 
@@ -44,3 +51,19 @@ def test_import_orthofx_imports_no_torch() -> None:
     code = "import sys, orthofx; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_every_older_name_warns_with_its_new_place_and_current_names_do_not() -> None:
+    import warnings
+
+    from orthofx import _COMPAT
+
+    for name, mod in _COMPAT.items():
+        with pytest.warns(DeprecationWarning, match=rf"orthofx\.{name} is deprecated; use {mod}\.{name}$"):
+            obj = getattr(orthofx, name)
+        assert obj is getattr(importlib.import_module(mod), name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for name in TOP_LEVEL:
+            getattr(orthofx, name)
+        from orthofx import nn, transform  # noqa: F401

@@ -115,7 +115,8 @@ def test_model_without_meta_layer_is_returned_unchanged_and_says_so():
     torch.testing.assert_close(gm(x), model(x))
     opt = torch.optim.SGD(gm.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match="no Pre-SVD layer"):
-        assert orthofx.attach(opt, gm) is None
+        h = orthofx.attach(opt, gm)
+    assert not h.active and h.stats()["producers"] == []
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -379,7 +380,7 @@ def test_attach_installs_a_users_chain_without_nog_or_olr(preset: str, device: t
     x, y = x.to(device), y.to(device)
     gm, report = orthofx.transform(RawGCP().to(device), (x,), config=preset)
     assert report.producers == ["reduce"]
-    assert orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm) is None  # nothing asked
+    assert not orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm).active  # nothing asked
     opt = torch.optim.SGD(gm.parameters(), lr=0.1)
     handle = orthofx.attach(opt, gm, chain=named_chain(("nog", nog("svd"))))
     assert handle is not None and handle.chain_names == ("nog",)
@@ -416,7 +417,8 @@ def test_make_plan_is_pure_and_apply_plan_reports_typed_actions() -> None:
     assert plan.swaps == [] and not parametrize.is_parametrized(model.reduce)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     work = copy.deepcopy(model)
-    applied, actions = apply_plan(work, plan)
+    root, applied, actions = apply_plan(work, plan)
+    assert root is work
     assert applied == plan and actions == [Action(ActionKind.OW, "reduce.weight", method="expm")]
     assert str(actions[0]) == "ow(expm) reduce.weight" and not actions[0].is_swap
     assert parametrize.is_parametrized(work.reduce, "weight")

@@ -66,6 +66,8 @@ def build_session(cfg: Any, data: Any, device: torch.device, world: int = 1) -> 
         net = nn.parallel.DistributedDataParallel(gm, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(gm.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     handle = orthofx.attach(opt, gm) if cfg.transform else None
+    if handle is not None and not handle.active:  # no NOG/OLR: no treatment statistics
+        handle = None
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.gamma)
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if cfg.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")

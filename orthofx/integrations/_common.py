@@ -161,8 +161,10 @@ def attach_all(
             h = attach(opt, model, **dict(options))
         except AttachError as e:
             errors.append(e)
-            h = None
-        if h is None:
+            if first is not None:
+                first.remove()
+            continue
+        if not h.active:  # nothing to install (no NOG/OLR): keep no handle
             if first is not None:
                 first.remove()
             continue

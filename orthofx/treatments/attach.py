@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
-from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates
+from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates, named_chain
 from orthofx.treatments.guidance import AdaptiveOptimizerWarning, adaptive_message, is_adaptive, should_warn
 from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
 from orthofx.treatments.lr import LRDelivery, LRMode, resolve_lr_mode, warn_if_syncing
@@ -59,6 +59,7 @@ class AttachHandle:
     """What :func:`attach` returns: ``remove()``, ``stats()``, ``olr_history()``.
 
     Attributes:
+        active: False for a handle that installed nothing (:meth:`inactive`).
         names: producer names, in the order used by all per-producer outputs.
         nog, olr, nog_method: the active options (with a custom chain: ``nog=False``,
             ``nog_method=None`` and ``olr`` = the chain's ``sets_lr``).
@@ -91,6 +92,8 @@ class AttachHandle:
         self.nog_method: str | None = None if opts.custom else opts.nog_method
         self.lr_mode = lr_mode
         self.ow_target = ow_target
+        #: False for :meth:`inactive` handles, which act on nothing
+        self.active = True
         self._capture = capture
         #: (parametrization, generator) of the OW maps re-based after every step (ow_target="weight")
         self._rebase = [(m, s.param) for m, s in zip(capture.maps, slots) if m is not None] if capture else []
@@ -105,6 +108,17 @@ class AttachHandle:
         self.skip_nonfinite: str | None = None
         self._saved: tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor | None]]] | None = None
         self._skipped: Tensor | None = None
+
+    @classmethod
+    def inactive(cls, optimizer: torch.optim.Optimizer, names: Iterable[str] = ()) -> "AttachHandle":
+        """A handle that installs nothing (no hook, no param group change): what
+        :func:`orthofx.attach` returns when the config has no gradient treatment. ``names``: the
+        model's Pre-SVD layers, listed by ``stats()["producers"]``; ``stats()`` has no NOG/OLR
+        entries and ``steps`` stays 0."""
+        handle = cls(optimizer, [], parse_options(None, nog=False, olr=False), "float", named_chain())
+        handle.names = tuple(names)
+        handle.active = False
+        return handle
 
     # ---------------------------------------------------------------- public
     @property
@@ -226,7 +240,7 @@ class AttachHandle:
             st.history.clear()
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else "attached"
+        state = "removed" if self._removed else "attached" if self.active else "inactive"
         return f"AttachHandle({state}, producers={list(self.names)}, {self.options})"
 
     # ---------------------------------------------------------------- hooks
