@@ -310,7 +310,8 @@ def quiet_user_hooks(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def kept_state(model: nn.Module, keep_new: str | None = None, *, values: bool = False) -> Iterator[None]:
-    """Restore training flags, module attributes (incl. reassigned buffers/params), RNGs.
+    """Restore training flags, module attributes (incl. reassigned buffers/params), the tensors
+    behind parameters and buffers (``p.data = ...`` in forward is undone), RNGs.
 
     ``keep_new``: a prefix of new attribute names that are kept (the fx tracer stores tensor
     constants on the root as ``_tensor_constant<i>``). ``values``: also restore the values of
@@ -319,6 +320,9 @@ def kept_state(model: nn.Module, keep_new: str | None = None, *, values: bool = 
     """
     modules = list(model.modules())
     saved_values = [(b, b.detach().clone()) for b in model.buffers()] if values else []
+    # the tensor behind every parameter and buffer: a forward that rebinds ``p.data = ...`` (as
+    # spectral-norm GAN code does with a frozen weight) is undone by rebinding, without a copy
+    datas = [(t, t.data) for t in (*model.parameters(), *model.buffers())]
     flags = [m.training for m in modules]
     attrs = [dict(m.__dict__) for m in modules]
     tables = [(dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in modules]
@@ -345,6 +349,9 @@ def kept_state(model: nn.Module, keep_new: str | None = None, *, values: bool = 
                     table.clear()
                     table.update(old)
             m.training = flag
+        for t, d in datas:
+            if t.data_ptr() != d.data_ptr() or t.shape != d.shape or t.dtype != d.dtype:
+                t.data = d
         with torch.no_grad():
             for b, v in saved_values:
                 if b.shape == v.shape and b.dtype == v.dtype:
