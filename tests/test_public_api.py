@@ -67,3 +67,19 @@ def test_every_older_name_warns_with_its_new_place_and_current_names_do_not() ->
         for name in TOP_LEVEL:
             getattr(orthofx, name)
         from orthofx import nn, transform  # noqa: F401
+
+
+def test_config_signature_shows_what_an_unset_default_means() -> None:
+    """help(OrthoConfig) / IDE tooltips showed ``<object object at 0x…>`` for the flat keywords."""
+    import inspect
+    import pickle
+
+    from orthofx.config import _UNSET
+
+    sig = str(inspect.signature(orthofx.OrthoConfig))
+    assert "object at 0x" not in sig
+    assert "ow_method: 'str' = unset (the preset's value)" in sig
+    assert pickle.loads(pickle.dumps(_UNSET)) is _UNSET and type(_UNSET)() is _UNSET
+    # behaviour unchanged: an unset keyword takes the preset's value, a given one overrides it
+    assert orthofx.OrthoConfig.from_preset("ow").ow_method == orthofx.OrthoConfig("ow").ow_method
+    assert orthofx.OrthoConfig("ow", ow_method="cayley").ow_method == "cayley"
