@@ -121,3 +121,23 @@ def test_missing_tensorboard_is_an_error_naming_the_extra(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"orthofx\[tensorboard\]"):
         ConditioningMonitor(_stem(), tensorboard_dir=tmp_path / "tb")
+
+
+def test_summary_leads_with_the_kappa_to_read_and_its_convention() -> None:
+    """13+ keys per layer: the first two say which κ to read and of which matrix."""
+    import torch
+    from torch import nn
+
+    import orthofx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), orthofx.nn.DecorrelatedBatchNorm(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(16, 3, 6, 6)
+    gm, _ = orthofx.transform(model, (x,), config="svd")
+    mon = orthofx.ConditioningMonitor(gm, every=1)
+    gm(x)
+    mon.step()
+    (layer,) = mon.summary().values()
+    assert list(layer)[:2] == ["kappa_median", "kappa_of"] and layer["kappa_of"] == "Σ + εI"
+    assert len(layer) > 10 and "kappa_median" in orthofx.ConditioningMonitor.summary.__doc__.split("All keys")[0]

@@ -520,7 +520,11 @@ class ConditioningMonitor:
         log.debug("run %r: flushed %d record(s)", self.run, len(new))
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per meta-layer, over the recorded steps (independent of the order of ``records``):
+        """Per meta-layer, over the recorded steps (independent of the order of ``records``).
+        The first two keys are the ones to read: ``kappa_median``, the median κ of the matrix
+        the layer decomposes, and ``kappa_of``, which matrix that is (``"Σ + εI"`` for orthofx's
+        modules: what the solver faces); the ε-free ``kappa_range_*`` / ``kappa_paper_*``
+        compare with the paper's figures (docs/kappa.md). All keys:
 
         ``kappa_median`` / ``kappa_max``: NaN-ignoring median / max of κ (``+inf`` counts;
         NaN only when every record is NaN); ``kappa_final``: κ of the latest step;
@@ -571,6 +575,8 @@ class ConditioningMonitor:
             else:
                 out[name]["source"] = "orthofx module"
                 out[name]["kappa_of"] = "Σ + εI" if last.get("eps") is not None else "the decomposed matrix (ε unknown)"
+            lead = {k: out[name][k] for k in ("kappa_median", "kappa_of")}
+            out[name] = {**lead, **out[name]}  # the κ to read and its convention first
         for name, reason in self._skipped.items():
             out[name] = {"skipped": reason, "records": 0}
         return out
