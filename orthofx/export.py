@@ -34,7 +34,7 @@ from orthofx.errors import ConfigError
 from orthofx.fuse import ExactSpectral, emit_plain
 from orthofx.graph.trace import TRACE_META_KEY
 from orthofx.nn.stable import StableDecomposition
-from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan
+from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan, unswap_calls
 from orthofx.pipeline import plan_of, replay, safe_deepcopy, unwrap
 from orthofx.treatments.weight import bake_all
 
@@ -109,6 +109,11 @@ def strip(model: nn.Module, *, keep_stable: bool = False) -> nn.Module:
         raise ConfigError("strip() expects a model returned by orthofx.transform")
     out = safe_deepcopy(src)
     bake_all(out)
+    if not keep_stable:  # swaps made at submodules: their GraphModules, and kept modules' calls
+        unswap_calls(out)
+        for sub in list(out.modules()):
+            if sub is not out and isinstance(sub, fx.GraphModule):
+                _unswap(sub)
     if isinstance(out, fx.GraphModule):
         if not keep_stable:
             _unswap(out)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import warnings
 from typing import Any, Mapping, Sequence
@@ -25,7 +26,9 @@ from orthofx.graph.trace import traces_one_at_a_time
 from orthofx.plan import Action, ActionKind, Plan, SwapRecord, make_plan
 from orthofx.report import TransformReport
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, apply_plan, swap_meta_layers
-from orthofx.fuse import FUSED_ORIGINAL, ExactSpectral, fuse_at, fuse_reconstructions
+from orthofx.fuse import FUSED_ORIGINAL, ExactSpectral, fuse_reconstructions
+from orthofx.nn.stable import StableDecomposition
+from types import SimpleNamespace
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
@@ -168,10 +171,11 @@ def transform(
 
     work = model if cfg.inplace else _deepcopy(model)
     notes: list[str] = []
-    swaps = None
+    swaps: list[SwapRecord] | None = None
+    root = work
     if example_inputs is None:
         analysis = analyze(work, None, cfg.analysis)
-        root: nn.Module = analysis.graph_module if analysis.graph_module is not None else work
+        root = analysis.graph_module if analysis.graph_module is not None else work
         notes.append("no example inputs: the analysis used symbolic fx tracing only, which cannot see inside "
                      "autograd.Functions, loops or branches; pass example inputs to analyse what really runs")
         if analysis.graph_module is None:
@@ -179,22 +183,13 @@ def transform(
                          "submodules and raw meta-layers were not swapped")
     else:
         analysis = analyze(work, example_inputs, cfg.analysis)  # recorded (symbolic if it cannot be)
-        root, swaps, rewrite_notes = _stable_rewrite(work, analysis, cfg, example_inputs, verify)
+        swaps, rewrite_notes = _stable_rewrite(work, analysis, cfg, example_inputs, verify)
         notes += rewrite_notes
-        if swaps and cfg.weight in ("ow", "sn") and any(
-                e.producer.param.rpartition(".")[0] == "" for e in analysis.entries):
-            # a parametrization on a GraphModule's own attribute breaks its generated code
-            root, swaps = work, None
-            notes.append("raw decompositions kept as they are: a Pre-SVD weight is a parameter of the root "
-                         "module, which OW/SN cannot re-parametrize inside a rewritten graph")
     if not analysis.entries:
         notes.append("no meta-layer with a Pre-SVD layer was found; the model is unchanged"
                      + (f" ({len(analysis.skipped)} meta-layer(s) skipped, see report)" if analysis.skipped else ""))
     plan = make_plan(analysis, cfg, swaps=swaps)
-    plan, actions = apply_plan(root, plan, analysis=analysis if swaps is None else None)
-    if swaps:
-        actions += [Action.of_swap(s, ActionKind.FUSE if isinstance(root.get_submodule(s.module), ExactSpectral)
-                                   else ActionKind.STABLE_SWAP) for s in swaps]
+    root, plan, actions = apply_plan(root, plan, analysis=analysis if swaps is None else None)
     modified = bool(actions) or any(p.treatments for p in plan.producers)
     report = TransformReport(analysis, plan, modified=modified, actions=actions, notes=notes)
     _store(root, plan, report)
@@ -208,10 +203,11 @@ def transform(
 @traces_one_at_a_time
 def replay(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply a saved :class:`~orthofx.rewrite.Plan` to a fresh, unmodified ``model`` without
-    analysing it again (checkpoints): the same producers get the same treatments, and raw
-    decompositions the plan swapped are swapped again on a symbolic trace (same node names):
-    a fused eigh + ``U f(Λ) Uᵀ`` (a swap with an ``output`` node) becomes the same
-    ``ExactSpectral`` (:func:`orthofx.fuse.fuse_at`), the others ``StableDecomposition``.
+    analysing it again (checkpoints): :func:`orthofx.rewrite.apply_plan` on a deep copy, so
+    the same producers get the same per-layer treatments and the raw decompositions the plan
+    swapped are swapped again at the same submodules (a graph swap on a fresh symbolic trace
+    of that submodule, same node names: a fused eigh + ``U f(Λ) Uᵀ`` becomes the same
+    ``ExactSpectral``, the others ``StableDecomposition``; a call swap on the kept submodule).
     A fused swap from a plan written before orthofx recorded ``output`` is replayed as a
     ``StableDecomposition`` with a warning (same forward, not the same backward).
 
@@ -231,41 +227,18 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
             got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
             raise ConfigError(f"the checkpoint's producer {p.param!r} has shape {tuple(p.weight_shape)}, "
                               f"this model's is {got} (a different architecture?)")
-    root: nn.Module = work
-    swaps: list[SwapRecord] = []
-    fused_nodes: set[str] = set()
-    if plan.swaps:
-        gm = trace(work, plan.config.analysis)
-        fx_analysis = analyze_graph(gm, plan.config.analysis)
-        scopes = {e.node: e.scope or "" for e in fx_analysis.entries}
-        done: dict[str, SwapRecord] = {}
-        for s in plan.swaps:
-            if s.output is None:
-                if s.original == FUSED_ORIGINAL:
-                    warnings.warn(f"the checkpoint's plan fused the eigh + U f(Λ) Uᵀ at {s.node!r} without "
-                                  f"recording its output node (an older orthofx): it is replayed as a stable eigh, "
-                                  f"with the same forward but not the exact {s.kind} backward", UserWarning,
-                                  stacklevel=2)
-                continue
-            try:
-                f = fuse_at(gm, s.node, s.output, s.kind, scope=scopes.get(s.node, ""))
-            except ConfigError as exc:
-                raise ConfigError(f"the checkpoint fused an eigh + U f(Λ) Uᵀ at {s.node!r} -> {s.output!r}; "
-                                  f"this model's trace does not fit ({exc}; a different architecture?)") from None
-            done[s.node] = SwapRecord(f.node, FUSED_ORIGINAL, f.usage, f.module, output=f.output)
-        wanted = {s.node for s in plan.swaps if s.node not in done}
-        fx_analysis.entries = [e for e in fx_analysis.entries if e.node in wanted]
-        stable = swap_meta_layers(gm, fx_analysis) if wanted else []
-        if {s.node for s in stable} != wanted:
-            raise ConfigError(f"the checkpoint swapped meta-layers at {sorted(wanted)}, this model's trace has "
-                              f"{sorted(s.node for s in stable)} (a different architecture?)")
-        done.update((s.node, s) for s in stable)
-        swaps = [done[s.node] for s in plan.swaps]
-        fused_nodes = {s.node for s in swaps if s.output is not None}
-        root = gm
-    applied, actions = apply_plan(root, Plan(plan.config, plan.producers, swaps))
-    actions += [Action.of_swap(s, ActionKind.FUSE if s.node in fused_nodes else ActionKind.STABLE_SWAP)
-                for s in swaps]
+    if plan.swaps and any(s.output is None and s.original == FUSED_ORIGINAL for s in plan.swaps):
+        warnings.warn("the checkpoint's plan fused an eigh + U f(Λ) Uᵀ without recording its output node (an "
+                      "older orthofx): it is replayed as a stable eigh, with the same forward but not the exact "
+                      "backward", UserWarning, stacklevel=2)
+        plan = dataclasses.replace(plan, swaps=[dataclasses.replace(s, original="torch.linalg.eigh")
+                                                if s.output is None and s.original == FUSED_ORIGINAL else s
+                                                for s in plan.swaps])
+    try:
+        root, applied, actions = apply_plan(work, plan)
+    except (AttributeError, TraceFailure) as exc:
+        raise ConfigError(f"the checkpoint's swaps do not fit {type(model).__name__} ({exc}; a different "
+                          f"architecture?)") from None
     report = TransformReport(_previous_analysis(root, plan), applied, modified=True, actions=actions,
                              notes=["replayed from a saved plan"])
     _store(root, report.plan, report)
@@ -343,53 +316,161 @@ def _incomplete(work: nn.Module, gm: fx.GraphModule) -> str:
     return ""
 
 
-def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig, example_inputs: Any,
-                    verify: bool) -> tuple[nn.Module, list[SwapRecord] | None, list[str]]:
-    """Swap raw eigh/svd meta-layers for stable ones where the rewrite is faithful.
+#: what to use instead when a raw decomposition cannot be swapped (the report names it)
+REPLACEMENTS = ("orthofx.nn.DecorrelatedBatchNorm(num_features, groups=, eps=, momentum=, iters=) for ZCA "
+                "whitening, orthofx.nn.CovariancePooling(in_channels, reduced=, eps=, iters=) for covariance "
+                "pooling (iterNum -> iters, dimension_reduction -> reduced)")
 
-    Returns (root, swaps, notes). The root is a verified GraphModule when something was
-    swapped, else ``work`` itself (the deep copy of the user's model).
-    """
+
+def _inputs_of(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The positional inputs of submodule ``scope``'s first call in one forward of a copy
+    (None when it takes keyword arguments or is not called)."""
+    twin = copy.deepcopy(model).train()
+    seen: list[tuple[Any, ...]] = []
+
+    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not seen:
+            seen.append(args if not kwargs else None)  # type: ignore[arg-type]
+
+    (twin.get_submodule(scope) if scope else twin).register_forward_pre_hook(pre, with_kwargs=True)
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            twin(*inputs)
+    finally:
+        torch.set_rng_state(rng)
+    return seen[0] if seen else None
+
+
+def _graph_swaps(work: nn.Module, scope: str, n_calls: int, treated_here: bool, cfg: OrthoConfig,
+                 inputs: tuple[Any, ...]) -> tuple[nn.Module | None, list[SwapRecord], str]:
+    """(candidate model, records, "") of the graph route at ``scope``, or (None, [], why not)."""
+    from orthofx.rewrite import _replace_submodule, decomposition_nodes, graph_of
+
+    twin = _deepcopy(work)
+    module = twin.get_submodule(scope) if scope else twin
+    optional = _optional_arguments(module)
+    if optional:
+        return None, [], f"forward takes optional arguments ({', '.join(optional)})"
+    if treated_here:
+        return None, [], "a Pre-SVD weight with OW/SN is its own parameter"
+    try:
+        gm = graph_of(module, cfg.analysis)
+    except TraceFailure as exc:
+        return None, [], f"it cannot be traced symbolically ({exc})"
+    inplace = [n.args[0].target for n in gm.graph.nodes if n.op == "call_method" and n.target.endswith("_")
+               and not n.target.endswith("__") and n.args and getattr(n.args[0], "op", "") == "get_attr"]
+    if inplace:
+        return None, [], f"it updates {inplace[0]} in place, which a traced graph would do with gradients"
+    missing = _incomplete(module, gm)
+    if missing:
+        return None, [], f"a traced graph would lose {missing}"
+    nodes = decomposition_nodes(gm)
+    if not nodes:  # every raw call of this forward is swapped; verification guards the others
+        return None, [], "the trace shows no decomposition call"
+    sub_inputs = _inputs_of(work, scope, inputs) if scope else inputs
+    fused: list[Any] = []
+    if sub_inputs is not None:
+        for usage in ("invsqrtm", "sqrtm"):
+            entries = [SimpleNamespace(node=n.name, source="torch", kind="eigh", usage=usage, scope=scope)
+                       for n in decomposition_nodes(gm) if n.target is torch.linalg.eigh]
+            fused += fuse_reconstructions(gm, entries, sub_inputs)
+    fused_nodes = {f.node for f in fused}
+    entries = [SimpleNamespace(node=n.name, source="torch", scope=scope)
+               for n in decomposition_nodes(gm) if n.name not in fused_nodes]
+    stable = swap_meta_layers(gm, SimpleNamespace(entries=entries))
+    by_node = {s.node: dataclasses.replace(s, scope=scope) for s in stable}
+    by_node.update((f.node, SwapRecord(node=f.node, original=FUSED_ORIGINAL, kind=f.usage, module=f.module,
+                                       output=f.output, scope=scope)) for f in fused)
+    records = [by_node[n.name] for n in nodes if n.name in by_node]
+    if scope:
+        _replace_submodule(twin, scope, gm)
+    else:
+        twin = gm
+    return twin, records, ""
+
+
+def _call_swaps(work: nn.Module, scope: str, n_calls: int, inputs: tuple[Any, ...]
+                ) -> tuple[nn.Module | None, list[SwapRecord], str]:
+    """(candidate model, records, "") of the call route at ``scope`` (the submodule is kept),
+    or (None, [], why not)."""
+    from orthofx.rewrite import install_calls, original_name, probe_calls
+
+    runs = probe_calls(work, scope, inputs)
+    if not runs or not runs[0] or any(r != runs[0] for r in runs):
+        return None, [], "its forward's raw decomposition calls differ from run to run"
+    records = []
+    for i, target in enumerate(runs[0]):
+        kind = StableDecomposition.for_target(target).kind
+        records.append(SwapRecord(node=f"call{i}", original=original_name(target), kind=kind,
+                                  module=f"{STABLE_PREFIX}call{i}", scope=scope, via="call"))
+    twin = _deepcopy(work)
+    install_calls(twin, records, scope)
+    return twin, records, ""
+
+
+def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig, example_inputs: Any,
+                    verify: bool) -> tuple[list[SwapRecord] | None, list[str]]:
+    """Decide the verified stable swaps of the raw eigh/svd meta-layers, each at the smallest
+    enclosing submodule (the one whose forward calls it; the entry's scope): that submodule
+    becomes a GraphModule of its own trace when the trace is complete (fusing eigh +
+    ``U f(Λ) Uᵀ``), else it is kept and its decomposition calls are answered at run time
+    (:class:`orthofx.rewrite.StableCalls`). Each candidate is verified against ``work``
+    (:func:`orthofx.verify.verify_rewrite`); ``work`` itself is not changed (``apply_plan``
+    makes the swaps). Returns (swaps or None, notes)."""
+    from orthofx.plan import layer_choice
+
     raw = [e for e in analysis.entries if e.source == "torch" and e.kind in ("eigh", "svd")]
     if not cfg.stabilize or not raw:
-        return work, None, []
-    sites = sorted({f"{e.kind} in {e.scope or '<root>'}" for e in raw})
-    where = ", ".join(sites) if len(sites) <= 3 else f"{', '.join(sites[:3])} and {len(sites) - 3} more"
-    optional = _optional_arguments(work)
-    if optional:
-        return work, None, [f"raw decompositions kept as they are ({where}): forward takes optional arguments "
-                            f"({', '.join(optional)}) that a traced graph would fix to their defaults"]
-    try:
-        gm = trace(work, cfg.analysis)
-    except TraceFailure as exc:
-        return work, None, [f"raw decompositions kept as they are ({where}): the model cannot be traced "
-                            f"symbolically for the stable rewrite ({exc})"]
-    fx_analysis = analyze_graph(gm, cfg.analysis)
-    want = set(analysis.producer_params)
-    fx_analysis.entries = [e for e in fx_analysis.entries if e.producer.param in want and e.source == "torch"]
-    if not fx_analysis.entries:
-        return work, None, [f"raw decompositions kept as they are ({where}): the symbolic trace does not "
-                            f"show them"]
+        return None, []
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    fused = fuse_reconstructions(gm, fx_analysis.entries, inputs)
-    fused_nodes = {f.node for f in fused}
-    fx_analysis.entries = [e for e in fx_analysis.entries if e.node not in fused_nodes]
-    swaps = swap_meta_layers(gm, fx_analysis)
-    swaps += [SwapRecord(node=f.node, original=FUSED_ORIGINAL, kind=f.usage, module=f.module, output=f.output)
-              for f in fused]
-    if not swaps:
-        return work, None, []
-    missing = _incomplete(work, gm)
-    if missing:
-        return work, None, [f"raw decompositions kept as they are ({where}): a rewritten graph would lose "
-                            f"{missing}; the original module is kept"]
-    if verify:
-        check = verify_rewrite(work, gm, inputs)
-        if not check.ok:
-            return work, None, [f"stable rewrite of {where} not applied: the rewritten model {check.describe()}; "
-                                f"the original module is kept"]
-        return gm, swaps, [f"stable rewrite {check.describe()}"]
-    return gm, swaps, ["stable rewrite not verified (verify=False)"]
+    scopes: dict[str, set[str]] = {}
+    for e in raw:
+        scopes.setdefault(e.scope or "", set()).add(e.node)
+    swaps: list[SwapRecord] = []
+    notes: list[str] = []
+    for scope, nodes in scopes.items():
+        where = f"{', '.join(sorted({e.kind for e in raw if (e.scope or '') == scope}))} in {scope or '<root>'}"
+        inner = [o for o in scopes if o != scope and (not scope or o.startswith(scope + "."))]
+        try:
+            if scope:
+                work.get_submodule(scope)
+        except AttributeError:
+            notes.append(f"raw decompositions kept as they are ({where}): not a submodule path; use {REPLACEMENTS}")
+            continue
+        if inner:
+            notes.append(f"raw decompositions kept as they are ({where}): its submodule {inner[0]} has its own; "
+                         f"use {REPLACEMENTS}")
+            continue
+        treated_here = any(
+            layer_choice(cfg, e.producer.param.rpartition(".")[0], e.producer.param)[0].weight in ("ow", "sn")
+            for e in analysis.entries if e.producer.param.rpartition(".")[0] == scope)
+        reasons = []
+        for route in ("graph", "call"):
+            try:
+                if route == "graph":
+                    cand, recs, why = _graph_swaps(work, scope, len(nodes), treated_here, cfg, inputs)
+                else:
+                    cand, recs, why = _call_swaps(work, scope, len(nodes), inputs)
+            except Exception as exc:  # noqa: BLE001 - a route that fails is not taken
+                cand, recs, why = None, [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if cand is None:
+                reasons.append(f"{route}: {why}")
+                continue
+            if verify:
+                check = verify_rewrite(work, cand, inputs)
+                if not check.ok:
+                    reasons.append(f"{route}: the rewritten model {check.describe()}")
+                    continue
+                notes.append(f"stable rewrite of {where} ({route}) {check.describe()}")
+            else:
+                notes.append(f"stable rewrite of {where} ({route}) not verified (verify=False)")
+            swaps += recs
+            break
+        else:
+            notes.append(f"raw decompositions kept as they are ({where}): {'; '.join(reasons)}; the original "
+                         f"module is kept; use {REPLACEMENTS}")
+    return (swaps or None), notes
 
 
 def producer_specs(gm: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
@@ -423,24 +504,45 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
             "attach() needs a model returned by orthofx.transform (no orthofx plan found on "
             f"{type(model).__name__})"
         )
-    cfg = plan.config
     custom = overrides.get("chain") is not None
-    if not (custom or cfg.nog or cfg.olr or overrides.get("nog") or overrides.get("olr")
-            or overrides.get("skip_nonfinite")):
-        return AttachHandle.inactive(optimizer, [p.param for p in plan.producers])
-    if not plan.producers:
+    forced = bool(custom or overrides.get("nog") or overrides.get("olr") or overrides.get("skip_nonfinite"))
+    live = [p for p in plan.producers if not p.ignored]
+    chosen = [p for p in live if p.config is not None and (p.config.nog or p.config.olr)]
+    if not live and (forced or plan.config.nog or plan.config.olr):
         warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "
                       "act on", stacklevel=2)
         return AttachHandle.inactive(optimizer)
+    if not (chosen or forced):
+        return AttachHandle.inactive(optimizer, [p.param for p in live])
+    cfg = _gradient_config(chosen, plan.config)
+    targets = chosen or live
     if cfg.ow_target is not None:  # what NOG/OLR act on under OW; forwarded only when chosen
         overrides.setdefault("ow_target", cfg.ow_target)
-    return _attach_params(optimizer, producer_specs(unwrap(model), plan), cfg, **overrides)
+    specs = producer_specs(unwrap(model), dataclasses.replace(plan, producers=targets))
+    return _attach_params(optimizer, specs, cfg, **overrides)
+
+
+def _gradient_config(chosen: list[Any], default: OrthoConfig) -> OrthoConfig:
+    """The one gradient spec of the layers that have NOG/OLR (per-layer configs); layers whose
+    specs differ are refused: one optimizer hook runs one chain."""
+    if not chosen:
+        return default
+    first = chosen[0]
+    for p in chosen[1:]:
+        if p.config.gradients != first.config.gradients:
+            diff = [f for f in ("nog", "olr", "nog_method", "nog_scale", "nog_deficient", "ow_target")
+                    if getattr(p.config, f) != getattr(first.config, f)]
+            raise ConfigError(f"attach: Pre-SVD layers {first.name!r} and {p.name!r} ask for different gradient "
+                              f"treatments ({diff[0]}: {getattr(first.config, diff[0])!r} vs "
+                              f"{getattr(p.config, diff[0])!r}); one optimizer hook runs one chain: give the layers "
+                              f"with NOG/OLR the same gradient options, or attach your own chain= per layer")
+    return first.config
 
 
 def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
-    """OL: ``ol_weight · Σ_producers ‖W Wᵀ − I‖_F`` on the flattened producer weights
-    (``WᵀW − I`` for tall weights), when the plan's config has ``weight="ol"``; otherwise a
-    zero 0-d tensor (so ``loss + orthogonality_loss(gm)`` is always valid).
+    """OL: ``Σ_producers ol_weight · ‖W Wᵀ − I‖_F`` on the flattened producer weights
+    (``WᵀW − I`` for tall weights) of the layers whose config (per layer) has ``weight="ol"``;
+    otherwise a zero 0-d tensor (so ``loss + orthogonality_loss(gm)`` is always valid).
 
     ``weight`` overrides the config's ``ol_weight``.
     """
@@ -448,9 +550,18 @@ def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.T
         check_weight(weight, "weight")
     plan = plan_of(model)
     root = unwrap(model)
-    if plan is None or plan.config.weight != "ol" or not plan.producers:
+    if plan is None or not plan.producers:
         p = next(root.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
-    w = plan.config.ol_weight if weight is None else check_weight(weight, "weight")
-    tensors = [getattr(m, attr) for m, attr in producer_specs(root, plan).values()]
-    return _ol(tensors, weight=w)
+    root_specs = producer_specs(root, plan)
+    groups: dict[float, list[torch.Tensor]] = {}  # per layer: its own OL and ol_weight
+    for p in plan.producers:
+        if p.ignored or p.config is None or p.config.weight != "ol":
+            continue
+        m, attr = root_specs[p.param]
+        groups.setdefault(p.config.ol_weight if weight is None else weight, []).append(getattr(m, attr))
+    if not groups:
+        q = next(root.parameters(), None)
+        return torch.zeros((), device=q.device if q is not None else None)
+    terms = [_ol(ts, weight=w) for w, ts in groups.items()]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()

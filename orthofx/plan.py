@@ -9,13 +9,15 @@ checkpoints read it. :func:`orthofx.rewrite.apply_plan` carries a plan out.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
 from orthofx.config import OrthoConfig
+from orthofx.errors import ConfigError
 
-__all__ = ["Plan", "ProducerPlan", "SwapRecord", "Action", "ActionKind", "make_plan", "PLAN_VERSION"]
+__all__ = ["Plan", "ProducerPlan", "SwapRecord", "Action", "ActionKind", "make_plan", "layer_choice", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -29,8 +31,13 @@ class ProducerPlan:
         attr: attribute name of the weight on that module (``"weight"``).
         param: qualified parameter name in the *original* model (``"head.reduce.weight"``).
         weight_shape / flat_shape: the weight's shape and its flattened (out, in·k·k) shape.
-        treatments: the paper tokens that act on it (``["nog", "ow", "olr"]``).
+        treatments: the paper tokens that act on it (``["nog", "ow", "olr"]``): its layer
+            config's, none when ignored. This and ``config`` are what ``apply_plan``,
+            ``attach`` and ``orthogonality_loss`` read.
         meta_layers: node names of the meta-layers it feeds.
+        config: this layer's config (``OrthoConfig.layer_configs`` entry, or the plan's config);
+            filled with the plan's config by :class:`Plan` when None (older plans).
+        ignored: matched by ``OrthoConfig.ignored_scope`` (no treatment).
     """
 
     name: str
@@ -40,11 +47,19 @@ class ProducerPlan:
     flat_shape: tuple[int, int]
     treatments: list[str] = field(default_factory=list)
     meta_layers: list[str] = field(default_factory=list)
+    config: OrthoConfig | None = None
+    ignored: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+    def to_dict(self, default: OrthoConfig | None = None) -> dict[str, Any]:
+        """Plain data; ``config`` is omitted when it has ``default``'s treatments and
+        ``ignored`` when false (the older format)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("config", "ignored")}
         d["weight_shape"] = list(self.weight_shape)
         d["flat_shape"] = list(self.flat_shape)
+        if self.config is not None and not _same_treatments(self.config, default):
+            d["config"] = self.config.to_dict()
+        if self.ignored:
+            d["ignored"] = True
         return d
 
     @classmethod
@@ -52,7 +67,13 @@ class ProducerPlan:
         d = dict(d)
         d["weight_shape"] = tuple(d["weight_shape"])
         d["flat_shape"] = tuple(d["flat_shape"])
+        if d.get("config") is not None:
+            d["config"] = OrthoConfig.from_dict(d["config"])
         return cls(**d)
+
+
+def _same_treatments(a: OrthoConfig, b: OrthoConfig | None) -> bool:
+    return b is not None and (a.weights, a.gradients) == (b.weights, b.gradients)
 
 
 @dataclass
@@ -67,8 +88,17 @@ class SwapRecord:
         module: the submodule that replaces it.
         output: for a fused eigh + ``U f(Λ) Uᵀ`` (an ``ExactSpectral``), the node that held the
             reconstruction (what :func:`orthofx.pipeline.replay` fuses again); None for a plain
-            swap. Omitted from :meth:`to_dict` when None, so plans without fusions keep the
-            older format, and older plans (no ``output`` key) still load.
+            swap.
+        scope: the qualified name of the submodule whose ``forward`` calls the decomposition
+            (``""``: the root). Only that submodule is rewritten; ``node`` and ``module`` are
+            relative to it.
+        via: ``"graph"`` (that submodule became a GraphModule of its symbolic trace, ``node``
+            is a node name) or ``"call"`` (the submodule is kept and its ``forward`` runs with
+            its ``index``-th raw decomposition call answered by ``module``,
+            :class:`orthofx.rewrite.StableCalls`; ``node`` is ``"call<index>"``).
+
+    ``output``, ``scope`` and ``via`` are omitted from :meth:`to_dict` at their defaults, so
+    older plans (without them) still load and mean the root's graph.
     """
 
     node: str
@@ -76,11 +106,14 @@ class SwapRecord:
     kind: str
     module: str
     output: str | None = None
+    scope: str = ""
+    via: str = "graph"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if self.output is None:
-            del d["output"]
+        for k, default in (("output", None), ("scope", ""), ("via", "graph")):
+            if d[k] == default:
+                del d[k]
         return d
 
 
@@ -92,11 +125,16 @@ class Plan:
     producers: list[ProducerPlan] = field(default_factory=list)
     swaps: list[SwapRecord] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for p in self.producers:
+            if p.config is None:
+                p.config = self.config
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION,
             "config": self.config.to_dict(),
-            "producers": [p.to_dict() for p in self.producers],
+            "producers": [p.to_dict(self.config) for p in self.producers],
             "swaps": [s.to_dict() for s in self.swaps],
         }
 
@@ -109,25 +147,67 @@ class Plan:
         )
 
 
+def _matches(pattern: str, module: str, param: str) -> bool:
+    """A name, a parameter name, a module prefix or an ``fnmatch`` glob of either."""
+    return (pattern in (module, param) or module.startswith(pattern + ".")
+            or fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(param, pattern))
+
+
+def layer_choice(config: OrthoConfig, module: str, param: str) -> tuple[OrthoConfig, bool, list[str]]:
+    """(the layer's config, ignored?, the entries that matched) for one Pre-SVD layer.
+
+    Raises :class:`ConfigError` for a layer both ignored and configured, or matched by two
+    ``layer_configs`` patterns and by no exact name."""
+    ignored = [p for p in config.ignored_scope if _matches(p, module, param)]
+    hits = [k for k in config.layer_configs if _matches(k, module, param)]
+    if ignored and hits:
+        raise ConfigError(f"Pre-SVD layer {module!r} is in ignored_scope ({ignored[0]!r}) and in layer_configs "
+                          f"({hits[0]!r}); choose one")
+    exact = [k for k in hits if k in (module, param)]
+    if len(hits) > 1 and len(exact) != 1:
+        raise ConfigError(f"Pre-SVD layer {module!r} is matched by layer_configs entries {hits[0]!r} and "
+                          f"{hits[1]!r}; name it exactly or make the patterns disjoint")
+    if hits:
+        key = exact[0] if exact else hits[0]
+        layer = config.layer_configs[key]
+        return (config.replace(weights=layer.weights, gradients=layer.gradients, ignored_scope=(),
+                               layer_configs={}), False, ignored + hits)
+    if ignored:
+        return config.replace(weight=None, nog=False, olr=False, ignored_scope=(), layer_configs={}), True, ignored
+    return config, False, ignored
+
+
 def make_plan(analysis: Any, config: OrthoConfig, *, swaps: list[SwapRecord] | None = None) -> Plan:
     """The plan of ``config`` for an analysis (pure: nothing is mutated).
 
     One :class:`ProducerPlan` per distinct producer parameter of ``analysis.entries``, in graph
-    order, with the config's treatment tokens; ``swaps`` are stable swaps already made (and
-    verified) by the caller.
+    order, with its layer's config and treatment tokens (:func:`layer_choice`:
+    ``ignored_scope`` → none, a ``layer_configs`` entry → its treatments, else the config's);
+    ``swaps`` are stable swaps already decided (and verified) by the caller.
+
+    Raises :class:`ConfigError` naming an ``ignored_scope``/``layer_configs`` entry that matches
+    no producer the analysis found (the layers that run), or a layer matched ambiguously.
     """
     plans: dict[str, ProducerPlan] = {}
-    tokens = list(config.treatments)
+    used: set[str] = set()
     for e in analysis.entries:
         p = e.producer
         if p.param in plans:
             plans[p.param].meta_layers.append(e.node)
             continue
         mod, _, attr = p.param.rpartition(".")
+        layer, ignored, hit = layer_choice(config, mod, p.param)
+        used.update(hit)
         plans[p.param] = ProducerPlan(
             name=mod, attr=attr, param=p.param, weight_shape=tuple(p.weight_shape),
-            flat_shape=tuple(p.flat_shape), treatments=list(tokens), meta_layers=[e.node],
+            flat_shape=tuple(p.flat_shape), treatments=[] if ignored else list(layer.treatments),
+            meta_layers=[e.node], config=layer, ignored=ignored,
         )
+    for what, entries in (("ignored_scope", config.ignored_scope), ("layer_configs", tuple(config.layer_configs))):
+        unused = [k for k in entries if k not in used]
+        if unused:
+            found = ", ".join(p.name or "<root>" for p in plans.values()) or "none"
+            raise ConfigError(f"{what} entry {unused[0]!r} matches no Pre-SVD layer that runs (found: {found})")
     return Plan(config, list(plans.values()), list(swaps or []))
 
 
