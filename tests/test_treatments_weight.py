@@ -285,3 +285,21 @@ def test_ow_module_exports_and_traces(method: str) -> None:
     traced = torch.jit.trace(m, (x,), check_trace=False)
     x2 = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(traced(x2), m(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_messages_name_the_producer_parameter_once() -> None:
+    """The rewrite passes the parameter's path ("0.weight"): errors name "0.weight", not
+    "0.weight.weight"; a module path still gets the tensor's name appended."""
+    import orthofx
+    from orthofx.errors import TreatmentError
+    from orthofx.treatments.weight import _label
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False, dilation=2), orthofx.nn.DecorrelatedBatchNorm(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(TreatmentError, match=r"applied to 0\.weight: dilation") as e:
+        orthofx.transform(model, (torch.randn(8, 3, 9, 9),), config=orthofx.OrthoConfig.from_preset("ow", ow_method="soc"))
+    assert "weight.weight" not in str(e.value)
+    conv = nn.Conv2d(2, 2, 1)
+    assert _label(conv, "weight", "stem") == "stem.weight"
+    assert _label(conv, "weight", "stem.weight") == "stem.weight"
+    assert _label(conv, "weight", None) == "Conv2d.weight"

@@ -155,7 +155,11 @@ class FlatSpectralNorm(nn.Module):
 
 # --------------------------------------------------------------------------- registration
 def _label(module: nn.Module, name: str, qualname: str | None) -> str:
-    return f"{qualname}.{name}" if qualname else f"{type(module).__name__}.{name}"
+    """How messages name ``module.<name>``: ``qualname`` is the module's path (``"0"`` →
+    ``"0.weight"``) or already the parameter's (``"0.weight"``, as the rewrite passes it)."""
+    if not qualname:
+        return f"{type(module).__name__}.{name}"
+    return qualname if qualname == name or qualname.endswith(f".{name}") else f"{qualname}.{name}"
 
 
 def _current_tensor(module: nn.Module, name: str, label: str) -> Tensor:
