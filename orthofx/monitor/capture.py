@@ -77,7 +77,7 @@ def find_capture_sites(model: nn.Module, example_inputs: Any, config: Any = None
     """Analyse one forward of ``model`` on ``example_inputs`` (and keyword inputs ``kwargs``;
     the model is left as it was) and return where each meta-layer's covariance can be captured."""
     from orthofx.graph.config import resolve_analysis_config
-    from orthofx.graph.ops import NodeKind
+    from orthofx.graph.ops import CovForm, NodeKind
     from orthofx.graph.discover import discover_recording, find, meta_owner, site_index
     from orthofx.graph.record import record
     from orthofx.graph.trace import TRACE_LOCK
@@ -105,6 +105,10 @@ def find_capture_sites(model: nn.Module, example_inputs: Any, config: Any = None
             continue
         cov = rec.nodes[m.cov.node]
         shape = cov.shape or ()
+        if m.cov.form is CovForm.CROSS:
+            out.skipped[name] = (f"its matrix {m.cov.expression} ({cov.op}_{cov.index}) is a cross-covariance, "
+                                 f"not symmetric: κ of a covariance (eigenvalues of Σ) does not apply")
+            continue
         if len(shape) < 2 or shape[-1] != shape[-2]:
             # a batched product folded into one mm: the matrix is a view of its output
             out.skipped[name] = (f"its covariance ({cov.op}_{cov.index}, shape {tuple(shape)}) is not a "
