@@ -166,6 +166,10 @@ def _cmd_report(a: argparse.Namespace) -> Callable[[], int]:
     _check_int(a.input_size, "--input-size", 0)
     if a.png is not None:
         _check_out_file(a.png, "--png")
+    if ":" in a.spec and os.getcwd() not in sys.path and "" not in sys.path:
+        # `orthofx report mymod:build` from mymod.py's folder: a console script, unlike
+        # `python -m`, does not put the working directory on sys.path
+        sys.path.insert(0, os.getcwd())
     _resolve_spec(a.spec)
 
     def work() -> int:
@@ -185,6 +189,10 @@ def _cmd_report(a: argparse.Namespace) -> Callable[[], int]:
             print(report)
         if a.png:
             print(f"wrote {report.to_png(a.png)}", file=sys.stderr)
+        if not report.entries and example is None:
+            _line("no meta-layer found by symbolic tracing, which cannot see inside autograd.Functions or "
+                  "data-dependent code; pass --input-size S to analyse a real forward of a 2x3xSxS batch "
+                  "(or return (model, example_inputs) from the callable)", "orthofx report: ")
         return 0 if report.entries else 1
 
     return work
@@ -310,6 +318,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         m = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message, re.S)
+        unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
+        if unknown:
+            message = (f"{unknown.group(1)}: unknown option(s); `orthofx --help` lists the commands, "
+                       "`orthofx <command> --help` their options")
         _line(f"{m.group(1)}: {m.group(2)}" if m else message)
         raise SystemExit(2)
 
@@ -328,7 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="orthofx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"orthofx {orthofx.__version__}",
                    help="print the orthofx version and exit")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    # not required=True: argparse would then answer a bad flag (`orthofx --bogus`) with
+    # "the following arguments are required: cmd"; main() names a missing command itself
+    sub = p.add_subparsers(dest="cmd", metavar="{report,demo,study,train}")
 
     r = sub.add_parser("report", help="inspect a model: meta-layers, Pre-SVD layers, chains")
     r.add_argument("spec", help="torchvision model name (resnet18, ...) or module:callable")
@@ -419,7 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from orthofx.data import DatasetNotFound
 
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.cmd is None:
+        parser.error("a command is required: report, demo, study or train (orthofx --help)")
     try:
         work = a.fn(a)
         return int(work() or 0)

@@ -499,10 +499,13 @@ def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, r
         elif not extended:
             exp_rows = [r for r in exp_rows if not r.extended]
         chosen[key] = (exp, settings, exp_rows)
+    from orthofx._optional import require
+
+    require("matplotlib.figure", "demo", purpose="the demo's plots")  # before training, not after it
     out.mkdir(parents=True, exist_ok=True)
     common = dict(data_dir=data_dir, download=download, device=device, progress=progress and jobs == 1)
     t_start = time.perf_counter()
-    result: dict[str, Any] = {"quick": quick, "seeds": seeds, "extended": extended, "jobs": jobs, "threads": threads, "experiments": {},
+    result: dict[str, Any] = {"quick": quick, "smoke_run": None, "seeds": seeds, "extended": extended, "jobs": jobs, "threads": threads, "experiments": {},
                               "files": {}, "notes": notes, "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -564,6 +567,11 @@ def _demo(out: Any, quick: bool, seeds: int, first_seed: int, experiment: str, r
         md += [f"## {exp.title}", "", table, ""]
     elapsed = time.perf_counter() - t_start
     result["elapsed_s"] = elapsed
+    if quick:  # say so where the numbers are read, not only in the closing line
+        steps = max((r["steps"] for e in result["experiments"].values() for r in e["runs"]), default=0)
+        result["smoke_run"] = (f"orthofx demo --quick: {steps} optimizer step(s) per row, to check that every row "
+                               "runs; these numbers are not results (run orthofx demo without --quick)")
+        md = [f"**Smoke run — {result['smoke_run']}.**", ""] + md
     for n in notes:
         log(f"note: {n}")
     md += [f"({'quick' if quick else 'full'} run, {seeds} seed(s), {elapsed:.0f} s wall with {jobs} job(s), "

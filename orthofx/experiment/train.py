@@ -493,11 +493,14 @@ def _run(cfg: ExperimentConfig, d: _Dist, log: Any, observer: Any = None) -> dic
                 f"with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "use another --out or delete it"
             ) from e
-        if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or (
-            ck["config"].get("treatment") != cfg.treatment or ck["config"].get("model") != cfg.model
-        ):
-            seen = ck.get("config") if isinstance(ck, dict) else type(ck).__name__
-            raise ConfigError(f"{ckpt_path} was written by a different run ({seen}); use another --out")
+        if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict):
+            raise ConfigError(f"{ckpt_path} is not a checkpoint of `orthofx train` (it holds no run config); "
+                              "use another --out or --no-resume")
+        differ = [f"{f} {ck['config'].get(f)!r} there, {getattr(cfg, f)!r} here" for f in _RESUME_FIELDS
+                  if ck["config"].get(f) != getattr(cfg, f)]
+        if differ:  # only the fields that differ, not the whole config
+            raise ConfigError(f"{ckpt_path} was written by a different run ({'; '.join(differ)}); "
+                              "use another --out or --no-resume")
         gm.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -648,6 +651,10 @@ class _RawMonitor:
 
     def close(self) -> None:
         pass
+
+
+#: the fields a checkpoint in ``out`` must share with the run that resumes from it
+_RESUME_FIELDS = ("treatment", "model")
 
 
 def _treatment_stats(handle: Any) -> dict[str, Any]:
