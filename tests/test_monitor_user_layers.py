@@ -224,7 +224,7 @@ def test_model_is_untouched():
     mon = ConditioningMonitor(a, every=2)
     _train(a, mon, steps=4)
     _train(b, None, steps=4)
-    assert set(mon.layer_names) == NAMES == {r["layer"] for r in mon.records if r["kind"] == "meta"}
+    assert set(mon.layer_names) == NAMES == {r["layer"] for r in mon.flush() if r["kind"] == "meta"}
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
     mon.close()
