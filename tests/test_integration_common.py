@@ -54,4 +54,11 @@ def test_monitor_gets_the_callbacks_sinks(cls: Any) -> None:
 def test_no_monitor_when_asked_for_none_or_nothing_to_watch(cls: Any) -> None:
     gm, _ = orthofx.transform(nn.Sequential(nn.Linear(3, 3)), (torch.randn(2, 3),), config="nog")
     assert cls("nog", monitor=False)._make_monitor(gm, 1) is None
-    assert cls("nog")._make_monitor(gm, 1) is None  # no meta-layer: a logged warning, no error
+    # no meta-layer: the monitor finds so at the first training forward and says why in a
+    # visible warning (issue 21), not a log line
+    from orthofx.monitor import MonitorWarning
+
+    mon = cls("nog")._make_monitor(gm, 1)
+    with pytest.warns(MonitorWarning, match="nothing to monitor"):
+        gm.train()(torch.randn(2, 3))
+    assert mon.layer_names == [] and mon.empty_reason
