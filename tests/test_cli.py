@@ -40,6 +40,7 @@ def test_report_table_json_dot(capsys, tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     # no meta-layer: exit status 1 and an honest table
     assert main(["report", "resnet18"]) == 1
+    assert "pass --input-size S" in capsys.readouterr().err  # symbolic only: suggest a real forward
     # an unknown model: one line on stderr, exit status 2 (no traceback)
     assert main(["report", "no_such_model"]) == 2
     assert capsys.readouterr().err.strip().startswith("orthofx: spec: unknown model")

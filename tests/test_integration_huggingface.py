@@ -139,3 +139,31 @@ def test_plain_trainer_resume_with_another_plan_stops_training(tmp_path: Any) ->
     with pytest.raises(ConfigError, match="plan"):
         t2.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
     assert t2.state.global_step == 3  # stopped at train begin, no step taken
+
+
+def test_metrics_reach_every_report_to_backend(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """κ and the treatment statistics went only to state.log_history; they are now in the
+    ``logs`` of on_log, which the report_to backends (here TensorBoard's callback and a user
+    callback listed before orthofx's) receive."""
+    from transformers.integrations import TensorBoardCallback
+
+    seen: dict[str, list[dict[str, Any]]] = {"tb": [], "user": []}
+    monkeypatch.setattr(TensorBoardCallback, "on_log",
+                        lambda self, args, state, control, logs=None, **kw: seen["tb"].append(dict(logs or {})))
+
+    class Recorder(transformers.TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            seen["user"].append(dict(logs or {}))
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=0.05, optim="sgd",
+        use_cpu=True, report_to=["tensorboard"], logging_steps=1, save_strategy="no", dataloader_drop_last=True,
+        seed=0, disable_tqdm=True)
+    cb = OrthofxTrainerCallback("nog+olr", example_inputs=torch.randn(4, 1, 8, 8), every=1)
+    trainer = OrthofxTrainer(model=Net(), args=args, train_dataset=Data(), callbacks=[Recorder(), cb])
+    trainer.train()
+    for name, logs in seen.items():
+        rows = [r for r in logs if "orthofx/kappa/body.1" in r]
+        assert len(rows) == 2 and all("loss" in r and "orthofx/olr/lr/body.1.reduce.weight" in r for r in rows), name
+    hist = [r for r in trainer.state.log_history if "orthofx/kappa/body.1" in r]
+    assert [r["step"] for r in hist] == [1, 2] and all("loss" in r for r in hist)

@@ -190,3 +190,44 @@ def test_model_attr_missing_is_a_config_error(tmp_path: Any) -> None:
     assert plan_of(bare) is not None and [p.param for p in plan_of(bare).producers] == ["net.1.reduce.weight"]
     cb.teardown(None, bare, "validate")
     assert "on_load_checkpoint" not in bare.__dict__
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_summary_goes_through_rank_zero_info_and_strip_on_fit_end(tmp_path: Any) -> None:
+    """The transform's summary reaches Lightning's own log (rank_zero_info), not only orthofx's
+    silent logger; strip_on_fit_end leaves pl_module.model as orthofx.strip's plain model."""
+    rz = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lines, level = _Lines(), rz.level
+    rz.addHandler(lines)
+    rz.setLevel(logging.INFO)
+    try:
+        net = Net()
+        t = trainer(torch.device("cpu"), OrthofxCallback("nog+ow", every=1, strip_on_fit_end=True), tmp_path,
+                    max_steps=2)
+        t.fit(net, loader(torch.device("cpu")))
+    finally:
+        rz.removeHandler(lines)
+        rz.setLevel(level)
+    assert "orthofx: transformed model with 'nog+ow': 1.reduce.weight" in lines.lines
+    assert any("replaced by orthofx.strip" in s for s in lines.lines)
+    plain = net.model
+    assert plan_of(plain) is None and not any("parametrizations" in k for k in plain.state_dict())
+    fresh = network()
+    fresh.load_state_dict(plain.state_dict())  # the original class's keys
+    w = plain[1].reduce.weight.flatten(1).double()  # OW baked: still orthogonal
+    torch.testing.assert_close(w @ w.T, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(fresh.eval()(x), plain.eval()(x))
+
+
+def test_strip_on_fit_end_refusals() -> None:
+    with pytest.raises(ConfigError, match="needs model_attr"):
+        OrthofxCallback("ow", model_attr=None, strip_on_fit_end=True)

@@ -115,9 +115,14 @@ def transform_attr(
     else:
         root, report = transform(target, inputs, config, verify=verify)
         set_target(owner, attr, root)
-    log.info("transformed %s: %s", attr or type(owner).__name__,
-             ", ".join(p.param for p in report.plan.producers) or "no Pre-SVD layer found")
+    log.info("%s", transform_summary(report, attr or type(owner).__name__))
     return report
+
+
+def transform_summary(report: TransformReport, what: str) -> str:
+    """One line for the framework's log: the config and the Pre-SVD layers it treated."""
+    producers = ", ".join(p.param for p in report.plan.producers) or "no Pre-SVD layer found"
+    return f"orthofx: transformed {what} with {report.plan.config.name!r}: {producers}"
 
 
 class _ClosureFirst:

@@ -26,10 +26,15 @@ Where each step happens in the Trainer's order (transformers 5.x, ``Trainer.trai
   NOG/OLR are attached. With a plain ``Trainer`` they are attached in ``on_train_begin``
   (after the scheduler and the optimizer state); OLR is refused there (ConfigError), since
   the scheduler was built for the groups before OLR's split.
-* ``on_step_end``: every ``every`` steps (default ``args.logging_steps``) the
-  :class:`~orthofx.monitor.ConditioningMonitor` is flushed (one host sync) and κ, weight
-  statistics, solver failures, NOG counters and OLR's η*/lr are appended to
-  ``trainer.state.log_history`` and sent to the monitor's ``sinks``.
+* ``on_log``: at each of the Trainer's logs (every ``args.logging_steps``) the
+  :class:`~orthofx.monitor.ConditioningMonitor` (recording every ``every`` steps) is flushed
+  (one host sync) and κ, weight statistics, solver failures, NOG counters and OLR's η*/lr are
+  added to the log's ``logs`` — so every ``report_to`` backend (TensorBoard, W&B, MLflow, ...)
+  and ``trainer.state.log_history`` get them — and sent to the monitor's ``sinks``. The
+  backends are callbacks that the Trainer puts before yours: :class:`OrthofxTrainer` moves its
+  OrthofxTrainerCallback first; with a plain ``Trainer`` do so yourself
+  (``trainer.callback_handler.callbacks.insert(0, cb)`` instead of ``callbacks=[cb]``), or the
+  backends called before it miss the metrics.
 * ``on_save``: the plan is written as ``orthofx_plan.json`` next to the checkpoint.
 * resuming: ``OrthofxTrainer.train(resume_from_checkpoint=...)`` compares the checkpoint's
   ``orthofx_plan.json`` with the live model's plan **before** anything is loaded, and raises
@@ -90,7 +95,8 @@ class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
         monitor: create a :class:`~orthofx.monitor.ConditioningMonitor` (True), pass your own,
             or None/False.
         sinks: the monitor's :mod:`orthofx.monitor.sinks` (TensorBoard, CSV, logging, callable).
-        every: record and log every ``every`` optimizer steps (default ``args.logging_steps``).
+        every: record κ every ``every`` optimizer steps (default ``args.logging_steps``); each of
+            the Trainer's logs carries the latest values.
         prefix: metric name prefix. ``attach_options``: keyword arguments of :func:`orthofx.attach`.
     """
 
@@ -112,6 +118,7 @@ class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
         self._model: nn.Module | None = None
         self._opt: Any = None
         self._resume_checked = False
+        self._logged_at = -1
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
@@ -190,13 +197,18 @@ class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
                 f"model carries {name(live)}: its weights would load non-strictly into other parameters. Build the "
                 "callback with the checkpoint's config (or start a new run)")
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
         step = int(state.global_step)
-        if not (self.handles or self.monitor is not None) or (step - 1) % int(self.every or 1) != 0:
+        if logs is None or step == 0 or step == self._logged_at or not (self.handles or self.monitor is not None):
             return
+        self._logged_at = step  # once per step (the final summary and eval logs come at a logged step)
         metrics = training_metrics(self.monitor, self.handles, self.prefix)
         if metrics:
-            state.log_history.append({**metrics, "step": step})
+            logs.update(metrics)  # the callbacks after this one: report_to backends, printer
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("step") == step:  # the Trainer stored a copy before on_log
+                last.update(metrics)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._model is None or plan_of(self._model) is None:
@@ -216,7 +228,14 @@ class OrthofxTrainerCallback(_tf.TrainerCallback, CallbackOptions):
 class OrthofxTrainer(_tf.Trainer):
     """``transformers.Trainer`` that attaches NOG/OLR (of its :class:`OrthofxTrainerCallback`)
     in ``create_optimizer``: before the LR scheduler is built and before a resumed optimizer
-    state is loaded, as OLR's param-group split needs. Pass the callback in ``callbacks=``."""
+    state is loaded, as OLR's param-group split needs. Pass the callback in ``callbacks=``; it is
+    moved first in the callback list, so that its metrics reach every ``report_to`` backend."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handler = self.callback_handler
+        ours = [c for c in handler.callbacks if isinstance(c, OrthofxTrainerCallback)]
+        handler.callbacks = ours + [c for c in handler.callbacks if not isinstance(c, OrthofxTrainerCallback)]
 
     def create_optimizer(self, model: nn.Module | None = None) -> Any:
         opt = super().create_optimizer(model) if model is not None else super().create_optimizer()

@@ -34,6 +34,12 @@ Where each step happens in Lightning's order (lightning 2.6, ``Trainer._run``):
   counts and OLR's η*/lr per producer go to ``pl_module.log`` as ``orthofx/...`` metrics.
 * ``on_save_checkpoint``: the plan is stored under ``checkpoint["orthofx"]``; the monitor's
   state (step numbering, records) is the callback's state.
+* ``on_fit_end`` with ``strip_on_fit_end=True`` (like ``ModelPruning(make_pruning_permanent=True)``):
+  ``pl_module.<model_attr>`` becomes :func:`orthofx.strip`'s plain model (OW/SN baked, no hook),
+  ready to export or to load into the original class.
+
+The transform's one-line summary goes through Lightning's ``rank_zero_info`` (shown once, on
+rank 0, with Lightning's own messages).
 """
 
 from __future__ import annotations
@@ -55,13 +61,16 @@ from orthofx.integrations._common import (
     plan_entry,
     resolve_inputs,
     restore_plan,
+    set_target,
     training_metrics,
     transform_attr,
+    transform_summary,
 )
 from orthofx.monitor import ConditioningMonitor
 from orthofx.pipeline import plan_of
 
 _pl = require("lightning.pytorch", "lightning", purpose="orthofx.integrations.lightning")
+from lightning.pytorch.utilities.rank_zero import rank_zero_info  # noqa: E402
 
 __all__ = ["OrthofxCallback"]
 
@@ -89,6 +98,9 @@ class OrthofxCallback(_pl.Callback, CallbackOptions):
         prefix: metric name prefix.
         attach_options: keyword arguments of :func:`orthofx.attach` (``lr_mode``, ``chain``, ...).
         verify: :func:`orthofx.transform`'s ``verify``.
+        strip_on_fit_end: at the end of ``fit``, replace ``pl_module.<model_attr>`` by
+            :func:`orthofx.strip`'s plain model (needs ``model_attr``; not with ``ow_method="soc"``,
+            which cannot be stripped).
 
     Attributes:
         report: the :class:`~orthofx.pipeline.TransformReport` of the setup (None when the
@@ -110,10 +122,15 @@ class OrthofxCallback(_pl.Callback, CallbackOptions):
         prefix: str = "orthofx/",
         attach_options: Mapping[str, Any] | None = None,
         verify: bool = True,
+        strip_on_fit_end: bool = False,
     ) -> None:
         super().__init__()
         if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
             raise ConfigError(f"model_attr must be a dotted attribute path or None, got {model_attr!r}")
+        if strip_on_fit_end and model_attr is None:
+            raise ConfigError("strip_on_fit_end=True needs model_attr: the stripped copy replaces the network held "
+                              "in that attribute (the LightningModule itself cannot be replaced)")
+        self.strip_on_fit_end = bool(strip_on_fit_end)
         self._init_options(config, example_inputs, example_input_fn, monitor, sinks, every, prefix, attach_options,
                            verify)
         self.model_attr = model_attr
@@ -157,6 +174,13 @@ class OrthofxCallback(_pl.Callback, CallbackOptions):
         if plan_of(self.network(pl_module)) is None:
             inputs = resolve_inputs(pl_module, self.example_inputs, self.example_input_fn, "example_input_array")
         self.report = transform_attr(pl_module, self.model_attr, self.config, inputs, verify=self.verify)
+        if self.report is not None:
+            rank_zero_info(transform_summary(self.report, self.model_attr or type(pl_module).__name__))
+        if self.strip_on_fit_end:
+            plan = plan_of(self.network(pl_module))
+            if plan is not None and plan.config.weight == "ow" and plan.config.ow_method == "soc":
+                raise ConfigError("strip_on_fit_end=True: a model treated with ow_method='soc' cannot be stripped "
+                                  "(the orthogonal convolution is not one kernel of the layer's shape)")
         self._install_restore_hook(pl_module)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -186,6 +210,16 @@ class OrthofxCallback(_pl.Callback, CallbackOptions):
         metrics = training_metrics(self.monitor, self.handles, self.prefix)
         if metrics:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.strip_on_fit_end or plan_of(self.network(pl_module)) is None:
+            return
+        from orthofx.export import strip
+
+        detach_all(self.handles)  # the hooks act on the treated model's parameters
+        self.handles = []
+        set_target(pl_module, self.model_attr, strip(self.network(pl_module)))
+        rank_zero_info(f"orthofx: pl_module.{self.model_attr} replaced by orthofx.strip's plain model")
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = plan_entry(self.network(pl_module))
