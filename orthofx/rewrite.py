@@ -56,6 +56,14 @@ def _check_weight_dtype(module: nn.Module, plan: ProducerPlan) -> None:
         )
     if w.dim() < 2:
         raise TreatmentError(f"producer {plan.param!r} has shape {tuple(w.shape)}; treatments need a matrix or conv weight")
+    used = tuple(plan.weight_shape)
+    if used and tuple(w.shape) != used:
+        raise TreatmentError(
+            f"producer {plan.param!r} is used as a {used} slice of a {tuple(w.shape)} Parameter (e.g. "
+            f"self.W[0, 0]); the treatments {plan.treatments} act on the flattened (out, in·k·k) Parameter, "
+            f"which is not that matrix. Store the Parameter with shape {used}, or leave this layer untreated "
+            "(OrthoConfig(ignored_scope=[...]), or the preset 'svd')"
+        )
 
 
 def _check_untied(root: nn.Module, module: nn.Module, plan: ProducerPlan, weight: str) -> None:

@@ -148,10 +148,20 @@ def _uncentre(rec: Recording, ref: Any) -> Any:
 
 
 def param_operand(rec: Recording, v: Any) -> int | None:
-    """Node index of the parameter that operand ``v`` re-indexes (views/casts only), or None."""
-    ref = strip(rec, v, scales=False)
-    if isinstance(ref, Ref) and rec.node(ref).kind is NodeKind.PARAM:
-        return ref.node
+    """Node index of the parameter that operand ``v`` re-indexes (views, casts and slices of
+    the parameter alone, e.g. ``self.W[0, 0]`` of a (1, 1, n, m) Parameter), or None."""
+    ref = v
+    for _ in range(64):
+        ref = strip(rec, ref, scales=False)
+        if not isinstance(ref, Ref):
+            return None
+        n = rec.node(ref)
+        if n.kind is NodeKind.PARAM:
+            return ref.node
+        if n.kind is NodeKind.OP and n.op in SLICES and n.inputs and n.param and not n.data:
+            ref = n.inputs[0]
+            continue
+        return None
     return None
 
 
