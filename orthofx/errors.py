@@ -17,6 +17,7 @@ __all__ = [
     "AttachError",
     "TreatmentError",
     "SolverError",
+    "ScriptingError",
     "OptionError",
 ]
 
@@ -61,6 +62,12 @@ class TreatmentError(OrthofxError, TypeError):
 
 class SolverError(OrthofxError, RuntimeError):
     """A linear-algebra solver failed even after every recovery strategy."""
+
+
+class ScriptingError(OrthofxError, RuntimeError):
+    """``torch.jit.script`` was asked to compile an orthofx module that TorchScript cannot
+    express; the message names the module and the alternatives (``torch.jit.trace``,
+    ``torch.export``)."""
 
 
 class OptionError(ConfigError):

@@ -34,6 +34,17 @@ class MetaLayer(nn.Module):
         self.orthofx_record: bool = False
         self.orthofx_last_eigenvalues: torch.Tensor | None = None
 
+    def __prepare_scriptable__(self) -> "MetaLayer":
+        """``torch.jit.script`` calls this on every submodule first: refuse with the reason and
+        the alternatives, instead of TorchScript's "Can't redefine method: forward"."""
+        from orthofx.errors import ScriptingError
+
+        raise ScriptingError(
+            f"{type(self).__module__}.{type(self).__qualname__} cannot be compiled by torch.jit.script: its forward "
+            "calls orthofx's custom autograd.Functions (the stable eigendecomposition gradient) and chooses its "
+            "solver in Python, which TorchScript cannot express; use torch.jit.trace(model, example_inputs) or "
+            "torch.export.export(model, example_inputs) instead")
+
     def orthofx_internal_producer(self) -> str | None:
         """Relative name of a Pre-SVD layer that lives inside this module, or None."""
         return None
@@ -62,6 +73,8 @@ class MetaLayer(nn.Module):
         return y
 
     def _remember(self, eigenvalues: torch.Tensor) -> None:
-        """Keep the eigenvalues of the decomposed matrix for the monitor, when recording."""
-        if self.orthofx_record:
+        """Keep the eigenvalues of the decomposed matrix for the monitor, when recording — not
+        while ``torch.export`` or ``torch.jit.trace`` captures the forward: a tensor attribute
+        assigned there is refused with a warning and would not be updated by the exported program."""
+        if self.orthofx_record and not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
             self.orthofx_last_eigenvalues = eigenvalues.detach()
