@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
     from orthofx.pipeline import attach, orthogonality_loss, transform  # noqa: F401
     from orthofx.report import TransformReport  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "transform",
