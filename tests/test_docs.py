@@ -27,7 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-USER_DOCS = [README, ROOT / "docs" / "internals.md", ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md"]
+USER_DOCS = [README, ROOT / "docs" / "internals.md", ROOT / "docs" / "concepts.md", ROOT / "benchmarks" / "README.md",
+             ROOT / "examples" / "README.md"]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
 _MARK = re.compile(r"<!--\s*(doc-test|not-run:[^>]*)\s*-->\s*$")
@@ -244,3 +245,20 @@ def test_api_build_writes_a_page_per_public_module(tmp_path, monkeypatch) -> Non
     assert 'id="transform"' in pages[0].read_text(encoding="utf-8")
     with pytest.raises(RuntimeError, match="orthofx.graph"):
         build_api.written_pages(tmp_path, ["orthofx", "orthofx.graph"])
+
+
+def test_concepts_page_is_linked_and_covers_every_option() -> None:
+    """docs/concepts.md: meta-layer, Pre-SVD layer, each treatment with its options, ow_target,
+    which κ to read; linked from the README."""
+    from orthofx.config import GradientSpec, WeightSpec
+
+    text = (ROOT / "docs" / "concepts.md").read_text(encoding="utf-8")
+    assert "](docs/concepts.md)" in README.read_text(encoding="utf-8")
+    for word in ("Meta-layer", "Pre-SVD layer", "| OW |", "| SN |", "| OL |", "| NOG |", "| OLR |",
+                 '"expm"', '"cayley"', '"soc"', "ow_generator", "nog_scale", "nog_deficient", "ow_target",
+                 '"generator"', '"weight"', "kappa_median", "(kappa.md)"):
+        assert word in text, word
+    # the defaults it states are the code's
+    assert WeightSpec().ow_method == "expm" and WeightSpec().ow_generator == "free"
+    assert (GradientSpec().nog_scale, GradientSpec().nog_deficient) == ("unit", "partial")
+    assert 'ow_generator="free"` (default)' in text and 'nog_scale="unit"` (the paper)' in text
