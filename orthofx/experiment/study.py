@@ -25,11 +25,11 @@ CPU profile (``--profile cpu``, the default; one single-threaded worker per core
   with κ/logs every 10 steps and evaluation (91 s measured while other jobs shared the cores).
 * gcp: ResNet widths (8, 16, 64), 1×1 reduce 64→64 at 7×7 (49 positions, rank ≤ 48 of 64) →
   covariance pooling, batch 16: 20.8 ms/step (SVD) ⇒ ≈ 48 s per run (83 s on shared cores).
-* treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 5.8×
-  (≈ 5 min per run: SOC applies 10 convolutions 64→64 to the zero-padded stem input).
-* whole study (13 rows × 2 experiments × 6 seeds = 156 runs) on 2 workers: ≈ 1.9 h on idle
-  cores (40 % of it the DBN SOC rows), ≈ 3 h when the cores are shared (the start-up line
-  prints the estimate).
+* treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 3×
+  (SOC applies its Taylor series of 3×3 convolutions 64→64 to the zero-padded, 2×-downsampled
+  stem input; 5.8× before the stride kernel became ⌈k/s⌉).
+* whole study (13 rows × 2 experiments × 6 seeds = 156 runs) on 2 workers: ≈ 1.5 h on idle
+  cores, ≈ 3–4 h when the cores are shared (the start-up line prints the estimate).
 
 GPU profile (``--profile gpu``; ``benchmarks/gpu_study.sh``): the same meta-layers in larger
 models (widths (32, 64, 128), 2 blocks per stage), batch 128, 8000 steps, one run at a time.
@@ -103,7 +103,7 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
 #: wall time of a row relative to the experiment's SVD row (measured on this machine, one thread;
 #: absent = 1.0), for the estimate and to run the longest rows of a seed first
 ROW_COSTS: dict[str, dict[str, float]] = {
-    "dbn": {"OW(expm)": 1.2, "OW(soc)": 5.7, "NOG+OW(soc)": 5.8, "NOG+OW+OLR(soc)": 5.9, "NOG+OW(expm, A)": 1.3,
+    "dbn": {"OW(expm)": 1.2, "OW(soc)": 3.0, "NOG+OW(soc)": 3.0, "NOG+OW+OLR(soc)": 3.1, "NOG+OW(expm, A)": 1.3,
             "NOG+OW(expm, W)": 2.05},
     "gcp": {"OW(expm)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
             "NOG+OW(expm, W)": 1.16},
