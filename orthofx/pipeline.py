@@ -324,7 +324,10 @@ REPLACEMENTS = ("orthofx.nn.DecorrelatedBatchNorm(num_features, groups=, eps=, m
 
 def _inputs_of(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """The positional inputs of submodule ``scope``'s first call in one forward of a copy
-    (None when it takes keyword arguments or is not called)."""
+    (None when it takes keyword arguments or is not called). The user's hooks stay silent
+    (the copy shares their closures)."""
+    from orthofx.graph.record import quiet_user_hooks
+
     twin = copy.deepcopy(model).train()
     seen: list[tuple[Any, ...]] = []
 
@@ -332,10 +335,11 @@ def _inputs_of(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> tuple[A
         if not seen:
             seen.append(args if not kwargs else None)  # type: ignore[arg-type]
 
-    (twin.get_submodule(scope) if scope else twin).register_forward_pre_hook(pre, with_kwargs=True)
     rng = torch.get_rng_state()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_user_hooks(twin):
+            # registered inside: quiet_user_hooks silences every non-torch hook present when entered
+            (twin.get_submodule(scope) if scope else twin).register_forward_pre_hook(pre, with_kwargs=True)
             twin(*inputs)
     finally:
         torch.set_rng_state(rng)
@@ -457,14 +461,18 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
             if cand is None:
                 reasons.append(f"{route}: {why}")
                 continue
+            how = (f"{route}: {scope or '<root>'} kept as the user's {type(work.get_submodule(scope) if scope else work).__name__}, "
+                   f"its raw calls answered by StableDecomposition at run time" if route == "call" else route)
+            # the ways not taken and why (a graph that would lose something or diverge) are said too
+            untaken = "".join(f"; no {r.partition(': ')[0]} swap: {r.partition(': ')[2]}" for r in reasons)
             if verify:
                 check = verify_rewrite(work, cand, inputs)
                 if not check.ok:
                     reasons.append(f"{route}: the rewritten model {check.describe()}")
                     continue
-                notes.append(f"stable rewrite of {where} ({route}) {check.describe()}")
+                notes.append(f"stable rewrite of {where} ({how}) {check.describe()}{untaken}")
             else:
-                notes.append(f"stable rewrite of {where} ({route}) not verified (verify=False)")
+                notes.append(f"stable rewrite of {where} ({how}) not verified (verify=False){untaken}")
             swaps += recs
             break
         else:

@@ -203,11 +203,15 @@ def decomposition_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 def graph_of(module: nn.Module, analysis_config: Any = None) -> fx.GraphModule:
     """The symbolic trace of ``module`` (one submodule, not the whole model) as a GraphModule
     that keeps what the trace would drop: its registered but unused parameters and buffers
-    (same ``state_dict`` keys, non-persistent ones stay so) and its training flag."""
+    (same ``state_dict`` keys, non-persistent ones stay so), its training flag and its plain
+    public instance attributes (``self.num_classes = 10``: the same objects)."""
     from orthofx.graph import trace
 
     gm = trace(module, analysis_config)
     gm.train(module.training)
+    for k, v in module.__dict__.items():
+        if not k.startswith("_") and k != "training" and k not in gm.__dict__:
+            gm.__dict__[k] = v
     have_p = dict(gm.named_parameters())
     have_b = dict(gm.named_buffers())
     for owner_name, owner in module.named_modules():
@@ -306,8 +310,11 @@ class StableCalls:
 
 def probe_calls(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> list[list[Any]]:
     """The raw decomposition calls of each run of submodule ``scope``'s forward during one
-    training-mode forward of a deep copy of ``model`` (no gradients), as ``for_target`` targets."""
+    training-mode forward of a deep copy of ``model`` (no gradients, the user's hooks silent),
+    as ``for_target`` targets."""
     import copy
+
+    from orthofx.graph.record import quiet_user_hooks
 
     twin = copy.deepcopy(model).train()
     sub = twin.get_submodule(scope) if scope else twin
@@ -324,7 +331,8 @@ def probe_calls(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> list[l
     sub.__dict__["forward"] = fwd
     rng = torch.get_rng_state()
     try:
-        with torch.no_grad():
+        # the twin shares the user's hook closures: they stay silent, as in recording and verification
+        with torch.no_grad(), quiet_user_hooks(twin):
             twin(*inputs)
     finally:
         torch.set_rng_state(rng)

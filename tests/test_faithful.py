@@ -137,10 +137,20 @@ def test_rewrite_is_verified_or_the_original_is_kept() -> None:
 
     model, x = Reassigns(), torch.randn(4, 3, 3, 3)
     gm, report = orthofx.transform(model, x)
-    assert type(gm) is Reassigns and not report.swapped
-    assert any("not applied" in n and "diverges" in n for n in report.notes), report.notes
+    # the root graph diverges (it drops the reassignment) and is not emitted, as the report says;
+    # the user's module is kept and its raw eigh answered at run time, verified (buffers too)
+    assert type(gm) is Reassigns, report.notes
+    assert [(s.scope, s.via) for s in report.swapped] == [("", "call")], report.notes
+    assert any("no graph swap" in n and "diverges" in n and "'running'" in n for n in report.notes), report.notes
+    assert any("(call" in n and "verified" in n and "train buffers" in n for n in report.notes), report.notes
+    assert set(gm.state_dict()) == set(model.state_dict())
     gm.train()(x)
     assert not torch.equal(gm.running, torch.zeros(16))
+    ref = copy.deepcopy(model).train()
+    ref(x)
+    torch.testing.assert_close(gm.running, ref.running)  # the same buffer update as the user's model
+    assert torch.equal(model.running, torch.zeros(16))  # the user's model is not changed
+    assert type(orthofx.strip(gm).forward).__name__ == "method"  # strip gives the class's own forward back
 
 
 # ----------------------------------------------------------------------------- exact by default
@@ -187,7 +197,11 @@ def test_none_default_keyword_is_not_baked_in() -> None:
 
     model, x = Net(), torch.randn(4, 3, 5, 5)
     gm, report = orthofx.transform(model, x)
+    # no graph of the root (it would bake idx=None in, as the report says); the user's forward
+    # is kept with its keyword, its raw eigh answered at run time
+    assert type(gm) is Net and [s.via for s in report.swapped] == ["call"], report.notes
     torch.testing.assert_close(gm(x, idx=1), model(x, idx=1))
+    torch.testing.assert_close(gm(x), model(x))
     assert any("idx=None" in n for n in report.notes)
 
 
@@ -324,17 +338,26 @@ def test_a_graph_is_emitted_only_when_it_keeps_everything() -> None:
             return self.reduce(x)
 
     x = torch.randn(4, 3, 5, 5)
-    gm, report = orthofx.transform(WithMethod(), x)
-    assert type(gm) is WithMethod and not report.swapped
+    # a root graph would lose the class's methods or the root's hooks: no graph is emitted (the
+    # report says why); the user's module is kept and its raw eigh answered at run time
+    model = WithMethod()
+    gm, report = orthofx.transform(model, x)
+    assert type(gm) is WithMethod and [s.via for s in report.swapped] == ["call"], report.notes
     assert any("methods of WithMethod" in n for n in report.notes)
+    torch.testing.assert_close(gm.features(x), model.features(x))  # the method is still there
+    calls: list[int] = []
     model = RawGCP()
-    model.register_forward_pre_hook(lambda m, i: None)
+    model.register_forward_pre_hook(lambda m, i: calls.append(1))
     gm, report = orthofx.transform(model, x)
     assert type(gm) is RawGCP and any("hooks registered on the root" in n for n in report.notes)
+    assert [s.via for s in report.swapped] == ["call"], report.notes
+    assert calls == []  # the user's hook did not run during transform
+    gm(x)
+    assert calls == [1]  # and it is kept on the root
     model = RawGCP()
     model.num_classes = 2
     gm, report = orthofx.transform(model, x)
-    assert report.swapped and gm.num_classes == 2
+    assert [s.via for s in report.swapped] == ["graph"] and gm.num_classes == 2, report.notes
 
 
 def test_shape_recording_never_shows_hooks_a_fake_tensor() -> None:
