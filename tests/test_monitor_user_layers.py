@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -358,3 +359,19 @@ def test_root_forward_meta_layer_name():
     mon.step()
     (rec,) = mon.flush()
     assert rec["layer"] == "<root>.forward:eigh" and rec["rank"] == 3
+
+
+def test_transformed_model_of_orthofx_modules_needs_no_analysis_forward():
+    """The lazy analysis (an extra forward with host reads in the first step) is skipped when
+    the stored analysis of orthofx.transform saw every meta-layer and each is an orthofx module;
+    a graph holding autograd.Functions (opaque to that analysis) still gets it."""
+    import orthofx
+    from orthofx.experiment.models import SmallResNetDBN
+
+    gm, _ = orthofx.transform(SmallResNetDBN(1, 10), config="svd")
+    mon = ConditioningMonitor(gm)
+    assert not mon.pending_discovery and "nothing to capture" in mon._found and mon.layer_names == ["bn1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the transform's notes about the autograd.Functions
+        opaque, _ = orthofx.transform(Net(), config="svd")
+    assert ConditioningMonitor(opaque).pending_discovery

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CaptureSite", "Discovery", "CovarianceCapture", "find_capture_sites", "covariance_eigenvalues"]
+__all__ = ["CaptureSite", "Discovery", "CovarianceCapture", "find_capture_sites", "discovery_from_plan",
+           "covariance_eigenvalues"]
 
 #: at most this many covariance copies are kept per meta-layer and recorded step
 MAX_CAPTURES = 64
@@ -125,6 +126,91 @@ def find_capture_sites(model: nn.Module, example_inputs: Any, config: Any = None
         out.found = "the analysis of one training forward found no meta-layer" + (
             f" ({why[len('no meta-layer found: '):]})" if why else "")
     return out
+
+
+#: namespaces of the callables a transformed model's graph may call and stay transparent to the
+#: symbolic analysis (their ops are graph nodes that analysis saw)
+_TRANSPARENT_NAMESPACES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _transparent_function(target: Any) -> bool:
+    """A graph's call_function target whose ops the symbolic analysis sees: a torch, operator
+    or builtins callable; not an ``autograd.Function``'s ``apply`` (kept as one opaque node),
+    a non-ATen custom op or a user function wrapped as a leaf."""
+    owner = getattr(target, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+        return False
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return getattr(target, "namespace", None) == "aten"
+    mod = getattr(target, "__module__", None) or ""
+    return mod.split(".")[0] in _TRANSPARENT_NAMESPACES
+
+
+def _transparent_module(m: nn.Module) -> bool:
+    """A leaf the graph calls whose forward holds no meta-layer the monitor would miss: an
+    orthofx meta-layer module (monitored through its eigenvalues), or a module whose whole
+    subtree is torch.nn classes and orthofx's own library modules (not user model code)."""
+    from orthofx.nn.meta import is_meta_layer
+
+    if is_meta_layer(m):
+        return True
+    if isinstance(m, torch.fx.GraphModule):
+        return _transparent_graph(m)
+    for sub in m.modules():
+        mod = type(sub).__module__
+        if is_meta_layer(sub):
+            continue
+        if not (mod.startswith("torch.nn.") or (mod.startswith("orthofx.")
+                                                 and not mod.startswith(("orthofx.experiment", "orthofx.models")))):
+            return False
+    return True
+
+
+def _transparent_graph(gm: torch.fx.GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and not _transparent_function(n.target):
+            return False
+        if n.op == "call_module":
+            try:
+                sub = gm.get_submodule(str(n.target))
+            except AttributeError:
+                return False
+            if not _transparent_module(sub):
+                return False
+    return True
+
+
+def discovery_from_plan(model: nn.Module, monitored: set[str]) -> Discovery | None:
+    """What the analysis of a training forward would find, read from the analysis that
+    :func:`orthofx.transform` stored with ``model`` instead of running the model — only when
+    that analysis provably saw every meta-layer and each one is an orthofx module the monitor
+    already watches (``monitored``: their names), i.e. there is nothing to capture. Else None
+    (the monitor then runs the analysis).
+
+    "Provably saw": the model is the GraphModule ``transform`` returned (its forward is its
+    graph), the stored analysis is not partial and made no automatic leaves, and every node
+    of the graph is transparent — torch/operator callables and tensor methods, and leaves
+    that are orthofx meta-layers or torch.nn/orthofx library modules (no ``autograd.Function``,
+    no user leaf or wrapped function, whose inside the symbolic analysis cannot see)."""
+    from orthofx.pipeline import META_KEY, _stored_meta, unwrap
+
+    root = unwrap(model)
+    if not isinstance(root, torch.fx.GraphModule):
+        return None
+    meta = _stored_meta(root)
+    if meta is None:
+        return None
+    report = meta[META_KEY].get("report") or {}
+    analysis = report.get("analysis") or {}
+    if analysis.get("partial", True) or analysis.get("auto_leaves") or analysis.get("skipped"):
+        return None
+    names = [e.get("name") for e in analysis.get("entries", [])]
+    if not names or any(n not in monitored for n in names) or not _transparent_graph(root):
+        return None
+    names = list(dict.fromkeys(names))
+    return Discovery(modules={n: n for n in names},
+                     found=(f"the analysis stored by orthofx.transform found {len(names)} meta-layer(s), all "
+                            f"orthofx modules (nothing to capture): " + ", ".join(names)))
 
 
 def _is_meta_path(rec: Any, path: str) -> bool:

@@ -24,7 +24,13 @@ Meta-layers that are not orthofx modules (a raw ``torch.linalg.eigh`` ZCA, a New
 loop, custom ``autograd.Function``s): the monitor runs the analysis once (on ``example_inputs``,
 or on the inputs of the first training-mode forward) and captures each one's covariance where
 it is formed, on recorded steps only (:mod:`orthofx.monitor.capture`; κ in float64 at the flush,
-``ε`` unknown: ``kappa`` = κ(Σ)). A meta-layer that cannot be monitored is listed with the
+``ε`` unknown: ``kappa`` = κ(Σ)). The lazy analysis is a one-time cost inside the first
+training forward: one extra recorded forward of the model (its ops, the meta-layers'
+decompositions included) and one host read per candidate covariance product (its symmetry
+check); steps after it add nothing. A model returned by ``orthofx.transform`` whose stored
+analysis provably saw every meta-layer and found only orthofx modules skips it (nothing to
+capture: :func:`~orthofx.monitor.capture.discovery_from_plan`), so its first step is like every
+other. A meta-layer that cannot be monitored is listed with the
 reason in :attr:`ConditioningMonitor.skipped` and :meth:`~ConditioningMonitor.summary`; a
 monitor with nothing to monitor says why in one line (a :class:`MonitorWarning`).
 
@@ -54,7 +60,8 @@ from orthofx._log import logger as _root_logger
 from orthofx.config import check_int
 from orthofx.errors import ConfigError, InputError
 from orthofx.linalg import solver_stats
-from orthofx.monitor.capture import CaptureSite, CovarianceCapture, Discovery, covariance_eigenvalues, find_capture_sites
+from orthofx.monitor.capture import (CaptureSite, CovarianceCapture, Discovery, covariance_eigenvalues,
+                                     discovery_from_plan, find_capture_sites)
 from orthofx.monitor.records import FIELDS, META, PRODUCER, write_csv, write_jsonl
 from orthofx.monitor.sinks import CallableSink, MetricSink, TensorBoardSink, record_metrics
 from orthofx.monitor.spectrum import SPECTRUM_FIELDS, summarize_spectrum
@@ -267,6 +274,7 @@ class ConditioningMonitor:
         self._opt_handles: list[Any] = []
         self._warned: dict[tuple[str, str], int] = {}
         self._solver_base = self._solver_snapshot()
+        self._nonfinite_base: tuple[int, list[torch.Tensor]] | None = self._nonfinite_snapshot()
         self._sites: list[CaptureSite] = []
         self._capture: CovarianceCapture | None = None
         self._skipped: dict[str, str] = {}
@@ -274,8 +282,11 @@ class ConditioningMonitor:
         self._details: dict[str, str] = {}  # name → graph node (detail)
         self._lazy: Any = None
         self.empty_reason: str | None = None
+        planned = discovery_from_plan(self.model, set(found)) if discover and self._wanted is None else None
         if discover and self.example_inputs is not None:
             self._install(self._analyse(self.example_inputs, {}))
+        elif planned is not None:  # a transformed model holding only orthofx meta-layers: no analysis forward
+            self._install(planned)
         elif discover:
             self._lazy = self.model.register_forward_pre_hook(self._first_forward, with_kwargs=True, prepend=True)
         else:
@@ -382,6 +393,13 @@ class ConditioningMonitor:
             if on:
                 m.orthofx_last_eigenvalues = None
 
+    @staticmethod
+    def _nonfinite_snapshot() -> tuple[int, list[torch.Tensor]]:
+        """The solver's non-finite counter now, kept on the device (read at a flush: no sync here)."""
+        s = solver_stats()
+        with s._lock:
+            return s._nonfinite_host, [v.detach().clone() for v in s._nonfinite_acc.values()]
+
     def _solver_snapshot(self) -> dict[str, Any]:
         s = solver_stats()
         return {"failures": s.failures, "fallbacks": sum(s.fallbacks.values())}
@@ -462,7 +480,11 @@ class ConditioningMonitor:
         new: list[dict[str, Any]] = []
         if not self._pending:
             return new
-        solver_nonfinite = solver_stats().nonfinite
+        if self._nonfinite_base is not None:  # since this monitor started, like failures/fallbacks
+            host, accs = self._nonfinite_base
+            self._nonfinite_base = None
+            self._solver_base["nonfinite"] = host + sum(int(v.item()) for v in accs)
+        solver_nonfinite = solver_stats().nonfinite - self._solver_base.get("nonfinite", 0)
         for p in self._pending:
             if p.summary is None and p.weight is not None:  # svdvals here, where we sync anyway
                 p.summary, p.weight = weight_summary(p.weight), None
