@@ -343,12 +343,18 @@ def nog(method: str = "auto", *, scale: str = "unit", deficient: str = "partial"
     return GradientTransformation(init, update)
 
 
-def _nog_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+def choice(value: Any, name: str, allowed: tuple[str, ...], prefix: str = "") -> str:
+    """``value`` (a string or an Enum member) if it is one of ``allowed``; else ConfigError
+    ``"<prefix><name>=<value>; use one of ..."``."""
     if hasattr(value, "value") and not isinstance(value, str):  # an Enum member
         value = value.value
     if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"nog: {name}={value!r}; use one of {allowed}")
+        raise ConfigError(f"{prefix}{name}={value!r}; use one of {allowed}")
     return str(value)
+
+
+def _nog_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    return choice(value, name, allowed, prefix="nog: ")
 
 
 def _to_frobenius(G: Tensor, R: Tensor, amax: Tensor, finite: Tensor) -> Tensor:

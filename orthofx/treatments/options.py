@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.treatments._common import POLAR_METHODS
-from orthofx.treatments.gradient import GradientTransformation, default_chain
+from orthofx.treatments.gradient import GradientTransformation, choice, default_chain
 from orthofx.treatments.lr import LR_MODES
 from orthofx.vocab import NOG_DEFICIENT, NOG_SCALES
 from orthofx.treatments.ow_target import DEFAULT_TARGET, OW_TARGETS, is_soc, ow_parametrization
@@ -227,11 +227,7 @@ def parse_options(
 
 
 def _check_choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
-    if hasattr(value, "value") and not isinstance(value, str):  # an Enum member
-        value = value.value
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"{field}={value!r}; use one of {allowed}")
-    return str(value)
+    return choice(value, field, allowed)
 
 
 def _check_target(target: Any) -> str | None:
