@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orthofx  # noqa: E402
 from linalg_bench import bench_expm, bench_gcp_head, bench_polar, bench_spectral, print_table  # noqa: E402
-from orthofx.experiment.models import SmallResNetDBN, cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
+from orthofx.models import SmallResNetDBN  # noqa: E402
+from orthofx.models.resnet import cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
 
 PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
 # variants timed next to the presets: the paper's literal SVD polar factor, the Cayley map

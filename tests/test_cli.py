@@ -47,7 +47,7 @@ def test_report_table_json_dot(capsys, tmp_path):
 
 
 def test_report_module_callable(capsys):
-    assert main(["report", "orthofx.experiment.models:SmallResNetDBN"]) == 0
+    assert main(["report", "orthofx.models:SmallResNetDBN"]) == 0
     assert "conv1" in capsys.readouterr().out
 
 

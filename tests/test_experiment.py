@@ -13,7 +13,7 @@ from torch import nn
 
 import orthofx
 from orthofx.experiment import demo as demo_mod
-from orthofx.experiment.models import RawEighCovPool, SmallResNetDBN, SmallResNetGCP, build_model
+from orthofx.models import RawEighCovPool, SmallResNetDBN, SmallResNetGCP, build_model
 from orthofx.experiment.session import (
     Session,
     WeightTracker,

@@ -366,7 +366,7 @@ def test_transformed_model_of_orthofx_modules_needs_no_analysis_forward():
     the stored analysis of orthofx.transform saw every meta-layer and each is an orthofx module;
     a graph holding autograd.Functions (opaque to that analysis) still gets it."""
     import orthofx
-    from orthofx.experiment.models import SmallResNetDBN
+    from orthofx.models import SmallResNetDBN
 
     gm, _ = orthofx.transform(SmallResNetDBN(1, 10), config="svd")
     mon = ConditioningMonitor(gm)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import orthofx
 from orthofx.config import resolve_config
-from orthofx.experiment.models import SmallResNetDBN, resnet18_gcp
+from orthofx.models import SmallResNetDBN
+from orthofx.models.resnet import resnet18_gcp
 from orthofx.linalg.polar import resolve_method
 from orthofx.syncs import cuda_policy, sync_audit, sync_free_preferred
 from orthofx.treatments.attach import attach as attach_producers

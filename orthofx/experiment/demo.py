@@ -62,7 +62,7 @@ class DemoRow:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment: a model of :mod:`orthofx.experiment.models`, its rows and settings."""
+    """One experiment: a model of :mod:`orthofx.models`, its rows and settings."""
 
     key: str
     title: str

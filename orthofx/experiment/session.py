@@ -51,7 +51,7 @@ def build_session(cfg: Any, data: Any, device: torch.device, world: int = 1) -> 
     """Model → ``orthofx.transform`` → SGD → ``orthofx.attach`` → MultiStepLR for ``cfg``
     (an :class:`~orthofx.experiment.train.ExperimentConfig`)."""
     import orthofx
-    from orthofx.experiment.models import build_model
+    from orthofx.models import build_model
 
     model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.backend, cfg.eps, **cfg.model_kwargs)
     if cfg.transform:

@@ -411,7 +411,7 @@ def final_kappa(klog: Mapping[str, Mapping[str, list]], tail: float = 0.1) -> di
 # ---------------------------------------------------------------------------- one run (worker)
 def _init_digest(cfg: ExperimentConfig) -> str:
     """Digest of the model's initial weights as :func:`run` draws them (seed, then build)."""
-    from orthofx.experiment.models import build_model
+    from orthofx.models import build_model
     from orthofx.experiment.train import _seed_everything
 
     _seed_everything(cfg.seed)

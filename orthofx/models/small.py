@@ -1,37 +1,31 @@
-"""Models of the paper's experiments, written the way users write them (no orthofx calls
-other than the meta-layer module itself): the pass finds their Pre-SVD layers.
+"""The CPU-scale models of the paper's two experiments, for 28×28 grey images, written the way
+users write them (no orthofx calls other than the meta-layer module itself): the pass finds
+their Pre-SVD layers.
 
-* :class:`SmallResNetDBN` — the demo: a CIFAR-style ResNet for 28×28 grey images whose
-  stem BN is replaced by ZCA whitening (the paper's Sec. 6.1 at CPU scale). The 1→16
-  3×3 stem gives a covariance of rank ≤ 9 < 16, the same rank deficiency as the paper's
-  3→64 stem (27 < 64).
-* :class:`SmallResNetDBN` with ``stem_kernel=5, stem_channels=64`` — the closer proxy of the
-  paper's stem: 25-dimensional patches into 64 channels (rank ≤ 25 of 64, the paper 27 of 64).
-* :class:`SmallResNetGCP` — the paper's GCP experiment (Sec. 6.2) at CPU scale: a ResNet for
-  28×28 grey images down to 7×7, a 1×1 reduction to ``reduced`` ≥ 64 channels (the Pre-SVD
-  layer) → BN → ReLU → covariance → matrix square root (``CovariancePooling``) → linear
-  classifier. 49 positions against ≥ 64 channels: Σ has rank ≤ 48, as the paper's 49 vs 256.
-  ``head="raw-eigh"`` writes the same head with a plain ``torch.linalg.eigh`` (float32, torch's
-  own backward), the way user code often does: the baseline the stable meta-layer replaces.
-* :func:`cifar_resnet50_dbn` — torchvision ResNet-50 with a 3×3 stride-1 stem, no max-pool,
-  and ``bn1`` replaced by whitening (the paper's decorrelated-BN model).
-* :func:`resnet18_gcp` — torchvision ResNet-18 whose average pool is replaced by global
-  covariance pooling with a 1×1 reduction to 256 channels (the paper's GCP model).
+* :class:`SmallResNetDBN` — a CIFAR-style ResNet whose stem BN is replaced by ZCA whitening
+  (the paper's Sec. 6.1 at CPU scale). The 1→16 3×3 stem gives a covariance of rank ≤ 9 < 16,
+  the same rank deficiency as the paper's 3→64 stem (27 < 64). With ``stem_kernel=5,
+  stem_channels=64``: the closer proxy of the paper's stem, 25-dimensional patches into 64
+  channels (rank ≤ 25 of 64, the paper 27 of 64).
+* :class:`SmallResNetGCP` — the paper's GCP experiment (Sec. 6.2) at CPU scale: a ResNet down
+  to 7×7, a 1×1 reduction to ``reduced`` ≥ 64 channels (the Pre-SVD layer) → BN → ReLU →
+  covariance → matrix square root (``CovariancePooling``) → linear classifier. 49 positions
+  against ≥ 64 channels: Σ has rank ≤ 48, as the paper's 49 vs 256.
+* :class:`RawEighCovPool` — the same head written with a plain ``torch.linalg.eigh`` (float32,
+  torch's own backward), the way user code often does: the baseline the stable meta-layer
+  replaces (``SmallResNetGCP(head="raw-eigh")``).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx._optional import require
 from orthofx.errors import ConfigError
 from orthofx.nn import CovariancePooling, DecorrelatedBatchNorm
 
-__all__ = ["SmallResNetDBN", "SmallResNetGCP", "RawEighCovPool", "cifar_resnet50_dbn", "resnet18_gcp", "build_model", "MODELS"]
+__all__ = ["SmallResNetDBN", "SmallResNetGCP", "RawEighCovPool"]
 
 
 class _BasicBlock(nn.Module):
@@ -181,68 +175,3 @@ class SmallResNetGCP(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.gcp(x))
-
-
-def cifar_resnet50_dbn(
-    num_classes: int = 10, whitening_backend: str = "eigh", whitening_eps: float = 1e-2, in_channels: int = 3
-) -> nn.Module:
-    """torchvision ResNet-50, CIFAR stem (3×3, stride 1, no max-pool), ``bn1`` → ZCA whitening."""
-    torchvision = require("torchvision", "models", purpose="resnet50-dbn")
-
-    m = torchvision.models.resnet50(weights=None, num_classes=num_classes)
-    m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-    m.maxpool = nn.Identity()
-    m.bn1 = DecorrelatedBatchNorm(64, eps=whitening_eps, backend=whitening_backend, running="covariance")
-    return m
-
-
-def resnet18_gcp(
-    num_classes: int = 1000, reduced: int = 256, backend: str = "eigh", eps: float = 1e-5, in_channels: int = 3
-) -> nn.Module:
-    """torchvision ResNet-18 with global covariance pooling: 1×1 conv to ``reduced`` channels
-    (the Pre-SVD layer) + BN + ReLU, covariance, matrix square root, upper triangle, FC."""
-    torchvision = require("torchvision", "models", purpose="resnet18-gcp")
-
-    m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    m.avgpool = CovariancePooling(512, reduced=reduced, eps=eps, backend=backend)
-    m.fc = nn.Linear(m.avgpool.out_features, num_classes)
-    return m
-
-
-MODELS = {
-    "small-resnet-dbn": SmallResNetDBN,
-    "small-resnet-gcp": SmallResNetGCP,
-    "resnet50-dbn": cifar_resnet50_dbn,
-    "resnet18-gcp": resnet18_gcp,
-}
-
-
-def build_model(
-    name: str,
-    num_classes: int,
-    in_channels: int,
-    backend: str = "auto",
-    eps: float | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """One of :data:`MODELS` by name, sized for the dataset; ``eps`` None = the model's default
-    (1e-2 for whitening, the authors' value; 1e-5 for GCP). ``kwargs`` go to the small models'
-    constructors (e.g. ``stem_kernel=5, stem_channels=64``; ``reduced=64, head="raw-eigh"``)."""
-    if eps is None:
-        eps = 1e-5 if name in ("resnet18-gcp", "small-resnet-gcp") else 1e-2
-    if kwargs and name not in ("small-resnet-dbn", "small-resnet-gcp"):
-        raise ConfigError(f"model {name!r} takes no model_kwargs (got {sorted(kwargs)})")
-    try:
-        if name == "small-resnet-dbn":
-            return SmallResNetDBN(in_channels, num_classes, whitening_backend=backend, whitening_eps=eps, **kwargs)
-        if name == "small-resnet-gcp":
-            return SmallResNetGCP(in_channels, num_classes, backend=backend, eps=eps, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model {name!r}: bad model_kwargs {kwargs}: {e}") from None
-    if name == "resnet50-dbn":
-        return cifar_resnet50_dbn(num_classes, backend, eps, in_channels)
-    if name == "resnet18-gcp":
-        return resnet18_gcp(num_classes, backend=backend, eps=eps, in_channels=in_channels)
-    raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
