@@ -4,7 +4,9 @@ The **region** of a covariance C is what is computed from C alone: the ops after
 data-dependent inputs all lie in the region (constants, buffers and Python scalars may join).
 It never crosses
 
-* a matrix product or convolution with a parameter operand (the next layer), nor
+* a matrix product or convolution with a parameter operand (the next layer; a column
+  vector computed from parameters alone, the learned start vector of a power iteration
+  ``Σ·self.v.expand(b, d, 1)``, is not a layer and joins the region), nor
 * a matrix product or convolution that also takes other features (``W·X``: the *use* of the
   matrix function), nor an elementwise op with other features;
   elementwise ops with a parameter (a learned scalar, shrinkage or mixing weight) or with
@@ -77,6 +79,10 @@ def region_of(rec: Recording, cov: int, *, limit: int = 20000) -> Region:
             # (``w·Σ``, ``Σ + softplus(p)·I``) and another matrix of the same size (a mixture of
             # covariances, as in switchable whitening) join the region like constants
             outside = [r for r in outside if rec.node(r).data and not _same_matrix(rec, r, n)]
+        elif outside and n.op in PRODUCTS and len(outside) < len(data_in):
+            # ``Σ v₀`` with v₀ a learned start vector (``self.v.expand(b, d, 1)``) of a power
+            # iteration: a parameter column, not the next layer's weight matrix
+            outside = [r for r in outside if not _start_vector(rec, r)]
         if outside:
             why = "parameter" if any(rec.node(r).param and not rec.node(r).data for r in outside) else "use"
             stops[why] = stops.get(why, 0) + 1
@@ -89,6 +95,15 @@ def region_of(rec: Recording, cov: int, *, limit: int = 20000) -> Region:
                 heapq.heappush(frontier, u)
     kind, site, products = _matrix_function(rec, order, inside)
     return Region(cov, order, kind, site, products, stops)
+
+
+def _start_vector(rec: Recording, r: Ref) -> bool:
+    """Operand ``r`` is computed from parameters alone and is a column (or a batch of columns,
+    shape (…, d, 1)) or a 1-D vector: the start vector of a power iteration."""
+    node = rec.node(r)
+    shape = node.shapes[r.out] if r.out < len(node.shapes) else None
+    return (node.param and not node.data and shape is not None and len(shape) >= 1
+            and (len(shape) == 1 or shape[-1] == 1) and shape[-1 if len(shape) == 1 else -2] > 1)
 
 
 def _same_matrix(rec: Recording, r: Ref, n: Node) -> bool:
