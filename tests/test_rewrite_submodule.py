@@ -111,8 +111,11 @@ def test_running_buffers_are_kept_with_the_unused_one_and_replay_round_trips() -
     model, x = _seq(ZCA(6)), _x()
     gm, report = orthofx.transform(model, (x,), config="svd")
     assert set(gm.state_dict()) == set(model.state_dict())  # unused_stat kept
+    # the swap is made (at the ZCA module, which is kept: its raw eigh answered at run time)
+    assert [(s.scope, s.via) for s in report.plan.swaps] == [("1", "call")], report.notes
+    assert _stables(gm) and type(gm[1]) is ZCA
     back = orthofx.load_checkpoint(_seq(ZCA(6)), orthofx.export.checkpoint(gm))
-    assert type(back) is nn.Sequential and _stables(back) == _stables(gm)
+    assert type(back) is nn.Sequential and type(back[1]) is ZCA and _stables(back) == _stables(gm)
     assert [s.to_dict() for s in orthofx.pipeline.plan_of(back).swaps] == [s.to_dict() for s in report.plan.swaps]
     gm.eval(), back.eval()
     torch.testing.assert_close(back(x), gm(x), rtol=0, atol=0)
@@ -151,6 +154,22 @@ class ISqrtHead(nn.Module):
 def test_isqrt_function_head_is_treated_without_a_swap() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(ISqrtHead()).double()
-    gm, report = orthofx.transform(model, (_x()[:1],), config="ow")
+    x = _x()[:1]
+    gm, report = orthofx.transform(model, (x,), config="ow")
     assert [p.param for p in report.plan.producers] == ["0.reduce.weight"], report
     assert not report.plan.swaps and type(gm) is nn.Sequential
+    # the Function's meta-layer has one name, the module path where it runs, and the monitor
+    # records its κ under that name (the covariance captured where it is formed; ε unknown)
+    assert report.analysis.meta_layers == ["0"]
+    mon = orthofx.ConditioningMonitor(gm, every=1, example_inputs=(x,))
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    mon.attach_to(opt)
+    gm(x).sum().backward()
+    opt.step()
+    (rec,) = [r for r in mon.flush() if r["kind"] == "meta"]
+    with torch.no_grad():
+        f = gm[0].reduce(x).flatten(2)[0].double()
+    lam = torch.linalg.eigvalsh(f @ f.t())  # 5 channels of a 1×1 conv of 3: rank 3
+    assert rec["layer"] == "0" and (rec["size"], rec["rank"]) == (5, 3)
+    assert rec["kappa_range"] == pytest.approx((lam[-1] / lam[-3]).item(), rel=1e-3)
+    mon.close()

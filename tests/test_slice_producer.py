@@ -40,12 +40,17 @@ class Net(nn.Module):
         return self.fc(self.bimap(X).flatten(1))
 
 
-@pytest.mark.parametrize("four_d", [False, True])
-def test_slice_of_a_parameter_is_found(four_d: bool) -> None:
-    torch.manual_seed(0)
-    a = orthofx.analyze(Net(four_d), (torch.randn(4, 16, 30),))
-    assert a.producer_params == ["bimap.W"]
-    assert tuple(a.entries[0].producer.weight_shape) == (16, 8)
+def test_slice_of_a_parameter_is_found_like_the_2d_form() -> None:
+    x = torch.randn(4, 16, 30)
+    found = []
+    for four_d in (False, True):
+        torch.manual_seed(0)
+        a = orthofx.analyze(Net(four_d), (x,))
+        assert a.producer_params == ["bimap.W"], (four_d, str(a))
+        assert tuple(a.entries[0].producer.weight_shape) == (16, 8)
+        e = a.entries[0]
+        found.append((e.kind, e.scope, e.covariance.expression, e.producer.flat_shape))
+    assert found[0] == found[1]
 
 
 def test_slice_producer_stable_rewrite_and_refused_treatment() -> None:

@@ -24,8 +24,9 @@ runs before the covariance breaks it; a copy of another size is dropped and coun
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -232,6 +233,18 @@ class CovarianceCapture(TorchDispatchMode):
         self.captured: dict[str, list[Tensor]] = {}
         self.mismatched: dict[str, int] = {}
         self.active = False
+        self._paused = 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run inside are neither counted nor kept: the monitor's own reads during a
+        forward (a parametrized producer weight, whose parametrization runs its own products)
+        must not shift the call numbers of the analysed forward."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def reset(self) -> None:
         """Forget the copies (after a step took them)."""
@@ -241,7 +254,7 @@ class CovarianceCapture(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         wanted = self.wanted.get(name)
-        if wanted is not None:
+        if wanted is not None and not self._paused:
             k = self.counts.get(name, 0)
             self.counts[name] = k + 1
             site = wanted.get(k)

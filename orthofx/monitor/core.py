@@ -45,6 +45,7 @@ fed at each flush. The monitor itself logs through ``logging.getLogger("orthofx.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -377,7 +378,8 @@ class ConditioningMonitor:
             if not (self._armed and module.training) or pw.label in self._weight_seen:
                 return
             self._weight_seen.add(pw.label)
-            with torch.no_grad():
+            # a parametrized weight runs ops: not counted by the covariance capture
+            with torch.no_grad(), (self._capture.paused() if self._capture is not None else contextlib.nullcontext()):
                 w = getattr(pw.module, pw.attr).detach().clone()  # the optimizer updates W in place
             self._pending.append(_Pending(self._step, PRODUCER, pw.label, None, weight=w))
             self._pending_weight_bytes += w.numel() * w.element_size()
