@@ -1,10 +1,17 @@
 """TorchScript and tracing of stripped models, for every preset (issue 23).
 
 A stripped model whose meta-layer is the user's own torch code scripts and traces like the
-original; orthofx.nn's modules (custom autograd.Functions inside) refuse ``torch.jit.script``
-with a :class:`~orthofx.errors.ScriptingError` naming the module and the alternatives, and trace."""
+original. A stripped model holding orthofx.nn's DecorrelatedBatchNorm and CovariancePooling
+scripts too (their TorchScript path calls the ``torch.ops.orthofx`` operators): the scripted
+model gives the eager model's outputs in eval and train mode, updates the running statistics
+alike and survives ``torch.jit.save``/``load``; it also traces. float32 throughout, compared
+with atol = rtol = 1e-5. Module-level checks (float64, gradients): tests/test_nn_script_modules.py.
+Modules that ``strip`` removes (the fused ExactSpectral) still refuse ``torch.jit.script`` with a
+:class:`~orthofx.errors.ScriptingError`."""
 
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -41,9 +48,11 @@ def _raw() -> nn.Module:
                          nn.Linear(6, 4))
 
 
-def _dbn() -> nn.Module:
+def _orthofx_modules() -> nn.Module:
+    """Both orthofx.nn meta-layers of a stripped model: DBN after a stem, GCP (with its 1x1
+    reduction, a Pre-SVD layer inside it) as the head."""
     return nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), orthofx.nn.DecorrelatedBatchNorm(6), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+                         orthofx.nn.CovariancePooling(6, reduced=4), nn.Linear(10, 4))
 
 
 def _stripped(build, config) -> tuple[nn.Module, Tensor]:
@@ -80,18 +89,53 @@ def test_stripped_user_code_scripts_and_traces(preset: str) -> None:
     torch.testing.assert_close(traced(x), want)
 
 
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    want = dict(a.named_buffers())
+    got = dict(b.named_buffers())
+    assert want.keys() == got.keys()
+    for name, buf in want.items():
+        torch.testing.assert_close(got[name], buf, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_stripped_orthofx_module_traces_and_refuses_script_clearly(preset: str) -> None:
-    plain, x = _stripped(_dbn, preset)
+def test_stripped_orthofx_modules_script_and_trace(preset: str) -> None:
+    plain, x = _stripped(_orthofx_modules, preset)
+    assert isinstance(plain.get_submodule("1"), orthofx.nn.DecorrelatedBatchNorm)
     ctx = _quiet_jit()
     try:
-        with pytest.raises(ScriptingError, match=r"DecorrelatedBatchNorm cannot be compiled by torch\.jit\.script.*"
-                                                 r"autograd\.Function.*torch\.jit\.trace.*torch\.export"):
-            torch.jit.script(plain)
+        scripted = torch.jit.script(copy.deepcopy(plain))
         traced = torch.jit.trace(plain, (x,))
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
     finally:
         ctx.__exit__(None, None, None)
-    torch.testing.assert_close(traced(x), plain(x))
+    want = plain(x)
+    for got in (scripted(x), traced(x), loaded(x)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # train mode: the same outputs and the same running statistics (DBN's and the reduction's BN)
+    eager = copy.deepcopy(plain).train()
+    loaded.train()
+    x2 = torch.randn(8, 3, 7, 7)
+    for inp in (x, x2):
+        torch.testing.assert_close(loaded(inp), eager(inp), atol=1e-5, rtol=1e-5)
+    _assert_same_state(eager, loaded)
+    assert int(eager.get_submodule("1").num_batches_tracked) == int(plain.get_submodule("1").num_batches_tracked) + 2
+
+
+def test_kept_fused_module_refuses_script_clearly() -> None:
+    """strip(keep_stable=True) keeps the fused ExactSpectral of a user's eigh + U f(Λ) Uᵀ, which
+    has no TorchScript path: the error names it and the alternatives."""
+    plain = orthofx.strip(orthofx.transform(_raw(), (torch.randn(8, 3, 7, 7),), config="svd")[0], keep_stable=True)
+    assert any(type(m).__name__ == "ExactSpectral" for m in plain.modules())
+    ctx = _quiet_jit()
+    try:
+        with pytest.raises(ScriptingError, match=r"ExactSpectral cannot be compiled by torch\.jit\.script.*"
+                                                 r"orthofx\.strip.*torch\.jit\.trace"):
+            torch.jit.script(plain)
+    finally:
+        ctx.__exit__(None, None, None)
 
 
 def test_soc_models_are_not_stripped() -> None:

@@ -70,21 +70,42 @@ def _decompose(g: Tensor, solver: str) -> tuple[Tensor, Tensor]:
     return eigh_via_svd(g) if solver == "svd" else robust_eigh(g)
 
 
+def gram_forward(z: Tensor, eps: float, inverse: bool, solver: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``Y = f(ε)·I + Z h(G) Zᵀ`` (module doc), no autograd: returns ``(Y, μ, V, h(G))`` with
+    ``μ, V`` the (clamped) eigenpairs of ``G = ZᵀZ``. Shared by the autograd Function and the
+    TorchScript op of :mod:`orthofx.nn._script`."""
+    g = symmetrize(z.mT @ z)
+    mu, v = _decompose(g, solver)
+    mu = mu.clamp_min(0.0)
+    h = gram_h(mu, eps, inverse)
+    hmat = (v * h.unsqueeze(-2)) @ v.mT
+    c = z.shape[-2]
+    f_eps = 1.0 / math.sqrt(eps) if inverse else math.sqrt(eps)
+    y = f_eps * torch.eye(c, dtype=z.dtype, device=z.device) + z @ hmat @ z.mT
+    return symmetrize(y), mu, v, hmat
+
+
+def gram_backward(g_y: Tensor, z: Tensor, mu: Tensor, v: Tensor, hmat: Tensor, eps: float, inverse: bool) -> Tensor:
+    """``∂L/∂Z = 2 A H + 2 Z Ḡ`` (module doc) from :func:`gram_forward`'s outputs; counts
+    non-finite results."""
+    ys = symmetrize(g_y.to(z.dtype))
+    a = ys @ z
+    h_bar = z.mT @ a
+    f_mat = gram_divided_differences(mu, eps, inverse)
+    g_bar = v @ (f_mat * (v.mT @ h_bar @ v)) @ v.mT
+    grad = 2.0 * (a @ hmat + z @ g_bar)
+    solver_stats().record_nonfinite(grad, event_dims=2)
+    return grad
+
+
 class _GramFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, eps: float, inverse: bool, solver: str) -> tuple[Tensor, Tensor]:
-        g = symmetrize(z.mT @ z)
-        mu, v = _decompose(g, solver)
-        mu = mu.clamp_min(0.0)
-        h = gram_h(mu, eps, inverse)
-        hmat = (v * h.unsqueeze(-2)) @ v.mT
-        c = z.shape[-2]
-        f_eps = 1.0 / math.sqrt(eps) if inverse else math.sqrt(eps)
-        y = f_eps * torch.eye(c, dtype=z.dtype, device=z.device) + z @ hmat @ z.mT
+        y, mu, v, hmat = gram_forward(z, eps, inverse, solver)
         ctx.eps, ctx.inverse = eps, inverse
         ctx.save_for_backward(z, v, mu, hmat)
         ctx.mark_non_differentiable(mu)
-        return symmetrize(y), mu
+        return y, mu
 
     @staticmethod
     @once_differentiable
@@ -92,14 +113,7 @@ class _GramFunction(torch.autograd.Function):
         if g_y is None:
             return None, None, None, None
         z, v, mu, hmat = ctx.saved_tensors
-        ys = symmetrize(g_y.to(z.dtype))
-        a = ys @ z
-        h_bar = z.mT @ a
-        f_mat = gram_divided_differences(mu, ctx.eps, ctx.inverse)
-        g_bar = v @ (f_mat * (v.mT @ h_bar @ v)) @ v.mT
-        grad = 2.0 * (a @ hmat + z @ g_bar)
-        solver_stats().record_nonfinite(grad, event_dims=2)
-        return grad, None, None, None
+        return gram_backward(g_y, z, mu, v, hmat, ctx.eps, ctx.inverse), None, None, None
 
 
 def covariance_sqrtm(

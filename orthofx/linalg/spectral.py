@@ -135,35 +135,50 @@ def dk_matrix(lam: Tensor, floor: Tensor, inverse: bool) -> Tensor:
     return torch.where(both_free, closed, divided)
 
 
+def spectral_forward(a: Tensor, inverse: bool, eps: float, solver: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``Y = U f(max(Λ̃, floor)) Uᵀ`` of the symmetric ``a`` (module doc), no autograd.
+
+    Returns ``(Y, L, U)``: ``L`` the eigenvalues of ``A + εI`` before flooring, ``U`` the
+    eigenvectors; the floor is ``spectral_floor(L, eps)``. Shared by the autograd Function and
+    the TorchScript op of :mod:`orthofx.nn._script`, so both give the same values.
+    """
+    if solver == "svd":  # decompose A + εI: an SVD of a singular A has unreliable null vectors
+        shifted = a + eps * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) if eps else a
+        lam, vec = eigh_via_svd(shifted)
+    else:
+        lam, vec = robust_eigh(a)
+        lam = lam + eps
+    s = torch.maximum(lam, spectral_floor(lam, eps)).sqrt()
+    y = symmetrize((vec * _f(s, inverse).unsqueeze(-2)) @ vec.mT)
+    return y, lam, vec
+
+
+def spectral_backward(g_y: Tensor, lam: Tensor, vec: Tensor, eps: float, inverse: bool) -> Tensor:
+    """The exact Daleckii–Krein gradient ``U (F ∘ (Uᵀ sym(Ȳ) U)) Uᵀ`` (module doc) of
+    :func:`spectral_forward`, from its ``L`` and ``U``; counts non-finite results."""
+    f_mat = dk_matrix(lam, spectral_floor(lam, eps), inverse)
+    inner = f_mat * (vec.mT @ symmetrize(g_y.to(vec.dtype)) @ vec)
+    grad = symmetrize(vec @ inner @ vec.mT)
+    solver_stats().record_nonfinite(grad, event_dims=2)
+    return grad
+
+
 class _SpectralFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, inverse: bool, eps: float, solver: str) -> tuple[Tensor, Tensor]:
-        if solver == "svd":  # decompose A + εI: an SVD of a singular A has unreliable null vectors
-            shifted = a + eps * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) if eps else a
-            lam, vec = eigh_via_svd(shifted)
-        else:
-            lam, vec = robust_eigh(a)
-            lam = lam + eps
-        floor = spectral_floor(lam, eps)
-        s = torch.maximum(lam, floor).sqrt()
-        y = (vec * _f(s, inverse).unsqueeze(-2)) @ vec.mT
-        y = symmetrize(y)
-        ctx.inverse = inverse
-        ctx.save_for_backward(vec, lam, floor)
+        y, lam, vec = spectral_forward(a, inverse, eps, solver)
+        ctx.inverse, ctx.eps = inverse, eps
+        ctx.save_for_backward(vec, lam)
         ctx.mark_non_differentiable(lam)
         return y, lam
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_y: Tensor | None, _g_lam: Tensor | None) -> tuple[Tensor | None, None, None, None]:
-        vec, lam, floor = ctx.saved_tensors
+        vec, lam = ctx.saved_tensors
         if g_y is None:
             return None, None, None, None
-        f_mat = dk_matrix(lam, floor, ctx.inverse)
-        inner = f_mat * (vec.mT @ symmetrize(g_y.to(vec.dtype)) @ vec)
-        grad = symmetrize(vec @ inner @ vec.mT)
-        solver_stats().record_nonfinite(grad, event_dims=2)
-        return grad, None, None, None
+        return spectral_backward(g_y, lam, vec, ctx.eps, ctx.inverse), None, None, None
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:

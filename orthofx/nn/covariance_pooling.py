@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from orthofx import linalg
 from orthofx.errors import ConfigError, DTypeError, InputError
 from orthofx.linalg._checks import host_read_is_free
+from orthofx.nn._script import covariance, covariance_dtype, gram_sqrt, matrix_sqrt, working_dtype
 from orthofx.nn.meta import MetaLayer
 from orthofx.vocab import MetaSpec
 
@@ -43,11 +44,7 @@ def _covariance_dtype(
     its eigenvalues near 1e-7·λ_max, so Σ is formed in float64 too. ``"svd"`` and ``"ns"`` work
     in the input's dtype; ``"auto"`` is "svd" on CUDA and "eigh" elsewhere.
     """
-    if compute_dtype is not None:
-        return compute_dtype
-    if backend == "auto":
-        backend = "svd" if device is not None and device.type == "cuda" else "eigh"
-    return torch.float64 if backend == "eigh" else dtype
+    return covariance_dtype(backend, compute_dtype, dtype, device is not None and device.type == "cuda")
 
 
 class CovariancePooling(MetaLayer):
@@ -98,6 +95,11 @@ class CovariancePooling(MetaLayer):
     decomposition's own): the head exports with ``torch.export.export`` and compiles with
     ``fullgraph=True`` on every backend (the "svd" route's fallback check in
     ``orthofx.linalg._solver.eigh_via_svd`` is a ``torch.cond`` while traced).
+
+    TorchScript: ``torch.jit.script`` compiles a forward that calls the ``torch.ops.orthofx``
+    operators (:mod:`orthofx.nn._script`: the same solvers and exact backward as eager mode),
+    with eager mode's outputs, gradients and reduction statistics; no eigenvalue recording;
+    ``import orthofx`` is needed before ``torch.jit.load``.
     """
 
     orthofx_meta = MetaSpec(kind="sqrtm", input="features")
@@ -163,6 +165,15 @@ class CovariancePooling(MetaLayer):
         return "reduce" if self.reduced is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._eager_forward(x)
+
+    def __prepare_scriptable__(self) -> "CovariancePooling":
+        return self  # scriptable: torch.jit.script compiles _script_forward
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         traced = self._traced_as_leaf(x)
         if traced is not None:
             return traced
@@ -210,6 +221,56 @@ class CovariancePooling(MetaLayer):
             return y.reshape(n, c * c)
         i, j = self.triu_index
         return y[:, i, j]
+
+    def _script_forward(self, x: Tensor) -> Tensor:
+        """The forward ``torch.jit.script`` compiles: the eager forward's values, reduction
+        statistics and gradients, its decompositions through the ``torch.ops.orthofx`` operators
+        (:mod:`orthofx.nn._script`). No eigenvalue recording; with ``validate=None`` the input
+        check runs for CPU input only."""
+        if not x.is_floating_point():
+            raise DTypeError("CovariancePooling: a floating feature map is needed (cast it with x.float())")
+        validate = self.validate
+        check = not x.is_cuda if validate is None else validate
+        if self.nonfinite == "raise" and check and x.numel() > 0 and not bool(torch.isfinite(x).all()):
+            raise InputError("CovariancePooling: the input features hold NaN or Inf; nothing was updated")
+        if self.reduced is not None:
+            x = self.relu(self._script_reduce_bn(self.reduce(x)))
+        if x.dim() < 3:
+            raise InputError(f"CovariancePooling expects (N, C, *spatial) features, got shape {x.shape}")
+        n, c = x.shape[0], x.shape[1]
+        channels = self.in_channels
+        reduced = self.reduced
+        if reduced is not None:
+            channels = reduced
+        if c != channels:
+            raise InputError(f"CovariancePooling built for {channels} channels, got {c} (shape {x.shape})")
+        feats = x.reshape(n, c, -1)
+        work = working_dtype(feats.dtype)
+        if self.backend == "gram" or (self.backend == "auto" and self.eps > 0 and feats.shape[-1] < c):
+            y = gram_sqrt(feats.to(work), self.eps, False, self.compute_dtype)
+        else:
+            cov = covariance(feats.to(covariance_dtype(self.backend, self.compute_dtype, work, x.is_cuda)))
+            y = matrix_sqrt(cov, False, self.backend, self.eps, self.iters, self.compute_dtype)
+        y = y.to(x.dtype)
+        if self.output == "full":
+            return y.reshape(n, c * c)
+        return y[:, self.triu_index[0], self.triu_index[1]]
+
+    def _script_reduce_bn(self, x: Tensor) -> Tensor:
+        """:meth:`_reduce_bn` for TorchScript."""
+        bn = self.bn
+        mean, var, count = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        if not bn.training or mean is None or var is None or count is None:
+            return bn(x)
+        saved = [mean.clone(), var.clone(), count.clone()]
+        y = bn(x)
+        with torch.no_grad():
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            for buf, old in zip([mean, var, count], saved):
+                buf.data.copy_(torch.where(ok, buf, old))
+            if hasattr(self, "nonfinite_batches"):
+                self.nonfinite_batches.add_((~ok).to(torch.long))
+        return y
 
     def _reduce_bn(self, x: Tensor) -> Tensor:
         """``self.bn(x)``; in training, running statistics that would turn non-finite are

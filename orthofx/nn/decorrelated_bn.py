@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from orthofx import linalg
-from orthofx.errors import ConfigError, InputError
+from orthofx.errors import ConfigError, DTypeError, InputError
 from orthofx.linalg._checks import host_read_is_free
+from orthofx.nn._script import covariance_dtype, matrix_sqrt, working_dtype
 from orthofx.nn.covariance_pooling import _covariance_dtype, check_features, tracing
 from orthofx.nn.meta import MetaLayer
 from orthofx.vocab import MetaSpec
@@ -74,6 +75,13 @@ class DecorrelatedBatchNorm(MetaLayer):
     with ``torch.export.export`` and compiles with ``fullgraph=True`` in train and eval mode,
     both ``running`` choices, on every backend (the "svd" route's fallback check is a
     ``torch.cond`` while traced, see :mod:`orthofx.linalg._solver`).
+
+    TorchScript: ``torch.jit.script`` compiles a forward that calls the ``torch.ops.orthofx``
+    operators (:mod:`orthofx.nn._script`), which run the same solvers and register the same
+    exact Daleckii–Krein backward (Newton–Schulz: autograd's), so the scripted module gives
+    eager mode's outputs, gradients and running statistics. It does not record eigenvalues for
+    the monitor, recomputes ``W_run`` on every eval call, and needs ``import orthofx`` before
+    ``torch.jit.load`` (the operators are registered from Python; libtorch cannot run them).
     """
 
     orthofx_meta = MetaSpec(kind="invsqrtm", input="features")
@@ -136,6 +144,15 @@ class DecorrelatedBatchNorm(MetaLayer):
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._eager_forward(x)
+
+    def __prepare_scriptable__(self) -> "DecorrelatedBatchNorm":
+        return self  # scriptable: torch.jit.script compiles _script_forward
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         traced = self._traced_as_leaf(x)
         if traced is not None:
             return traced
@@ -201,6 +218,82 @@ class DecorrelatedBatchNorm(MetaLayer):
                 view = (1, self.num_features) + (1,) * (len(shape) - 2)
                 y = y * self.weight.to(work_dtype).view(view) + self.bias.to(work_dtype).view(view)
         return y.to(in_dtype).contiguous()
+
+    def _script_forward(self, x: Tensor) -> Tensor:
+        """The forward ``torch.jit.script`` compiles: the eager forward's values, running-statistic
+        updates and gradients, its decompositions through the ``torch.ops.orthofx`` operators
+        (:mod:`orthofx.nn._script`: the same solvers and exact backward). No eigenvalue recording;
+        in eval mode ``W_run`` is recomputed on every call (no cache); ``nonfinite="raise"`` raises
+        for CPU input only (a free host read), and CUDA input is gated on the device."""
+        if not x.is_floating_point():
+            raise DTypeError(f"DecorrelatedBatchNorm({self.num_features}): a floating feature map is needed")
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise InputError(f"DecorrelatedBatchNorm({self.num_features}) expects (N, {self.num_features}, ...), "
+                             f"got shape {x.shape}")
+        shape = x.shape
+        g = self.groups
+        c = self.num_features // g
+        work = working_dtype(x.dtype)
+        raises = self.nonfinite == "raise" and not x.is_cuda
+        feats = x.transpose(0, 1).reshape(g, c, -1).to(work)
+        running_mean = self.running_mean
+        if self.training or not self.track_running_stats or running_mean is None:
+            if feats.shape[-1] < 2:
+                raise InputError(f"DecorrelatedBatchNorm({self.num_features}) needs more than one sample per "
+                                 f"channel in training, got shape {x.shape}")
+            mean = feats.mean(dim=-1, keepdim=True)
+            centred = feats - mean
+            xc = centred.to(covariance_dtype(self.backend, self.compute_dtype, work, x.is_cuda))
+            cov = xc @ xc.mT / xc.shape[-1]
+            if raises and not bool(torch.isfinite(mean).all() & torch.isfinite(cov).all()):
+                raise InputError(self._nonfinite_message("its batch mean or covariance"))
+            whitening = matrix_sqrt(cov, True, self.backend, self.eps, self.iters, self.compute_dtype).to(work)
+            if self.training and self.track_running_stats and running_mean is not None:
+                self._script_update(running_mean, mean, whitening if self.running == "whitening" else cov)
+        else:
+            if raises and feats.numel() > 0 and not bool(torch.isfinite(feats).all()):
+                raise InputError(self._nonfinite_message("the input"))
+            centred = feats - running_mean.to(work)
+            whitening = self._script_eval_whitening().to(work)
+        y = whitening @ centred
+        y = y.reshape([self.num_features, shape[0]] + shape[2:]).transpose(0, 1)
+        weight, bias = self.weight, self.bias
+        if weight is not None and bias is not None:
+            view = [1, self.num_features] + [1] * (len(shape) - 2)
+            y = y * weight.to(work).view(view) + bias.to(work).view(view)
+        return y.to(x.dtype).contiguous()
+
+    def _script_update(self, running_mean: Tensor, mean: Tensor, stat: Tensor) -> None:
+        """The running-statistic update of the eager forward (EMA, or cumulative average for
+        ``momentum=None``; a non-finite batch leaves the statistics unchanged and is counted)."""
+        count = self.num_batches_tracked
+        with torch.no_grad():
+            buf = self._script_running_buffer()
+            ok = torch.isfinite(mean).all() & torch.isfinite(stat).all()
+            for run, new in [(running_mean, mean), (buf, stat)]:
+                new = new.detach().to(run.dtype)
+                momentum = self.momentum
+                if momentum is not None:
+                    moved = run.lerp(new, momentum)
+                else:
+                    moved = run.lerp(new, 1.0 / (count.to(run.dtype) + 1.0))
+                run.copy_(torch.where(ok, moved, run))
+            count.add_(ok.to(torch.long))
+            if hasattr(self, "nonfinite_batches"):
+                self.nonfinite_batches.add_((~ok).to(torch.long))
+
+    def _script_running_buffer(self) -> Tensor:
+        if hasattr(self, "running_whitening"):
+            return self.running_whitening
+        return self.running_covariance
+
+    def _script_eval_whitening(self) -> Tensor:
+        """Eval-mode W: the running whitening, or ``(Σ_running + εI)^{-1/2}`` (no gradient)."""
+        if hasattr(self, "running_whitening"):
+            return self.running_whitening
+        with torch.no_grad():
+            w = matrix_sqrt(self.running_covariance, True, self.backend, self.eps, self.iters, self.compute_dtype)
+        return w
 
     def _raises(self, t: Tensor) -> bool:
         """Whether a non-finite batch raises here: ``nonfinite="raise"`` and the host read is free."""

@@ -35,15 +35,18 @@ class MetaLayer(nn.Module):
         self.orthofx_last_eigenvalues: torch.Tensor | None = None
 
     def __prepare_scriptable__(self) -> "MetaLayer":
-        """``torch.jit.script`` calls this on every submodule first: refuse with the reason and
-        the alternatives, instead of TorchScript's "Can't redefine method: forward"."""
+        """``torch.jit.script`` calls this on every submodule first. Meta-layers with a TorchScript
+        path (DecorrelatedBatchNorm, CovariancePooling) return themselves;
+        the others refuse with the reason and the alternatives, instead of TorchScript's
+        "Can't redefine method: forward"."""
         from orthofx.errors import ScriptingError
 
         raise ScriptingError(
             f"{type(self).__module__}.{type(self).__qualname__} cannot be compiled by torch.jit.script: its forward "
-            "calls orthofx's custom autograd.Functions (the stable eigendecomposition gradient) and chooses its "
-            "solver in Python, which TorchScript cannot express; use torch.jit.trace(model, example_inputs) or "
-            "torch.export.export(model, example_inputs) instead")
+            "calls orthofx's custom autograd.Functions and chooses its solver in Python, which TorchScript cannot "
+            "express, and it has no TorchScript path; orthofx.strip(model) (without keep_stable) replaces it by "
+            "plain torch ops, which script; or use torch.jit.trace(model, example_inputs) or "
+            "torch.export.export(model, example_inputs)")
 
     def orthofx_internal_producer(self) -> str | None:
         """Relative name of a Pre-SVD layer that lives inside this module, or None."""
