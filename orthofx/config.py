@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import numbers
+import inspect
+import warnings
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Mapping
 
+from orthofx.checks import check_bool, check_choice, check_float, check_int, check_loss_weight  # noqa: F401
 from orthofx.errors import ConfigError, OptionError
-from orthofx.vocab import (
-    NOG_DEFICIENT, NOG_SCALES, OW_GENERATORS, OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS,
-    WEIGHT_TREATMENTS,
-)
+from orthofx.specs import GradientSpec, WeightSpec
+from orthofx.vocab import WEIGHT_TREATMENTS
 
 if TYPE_CHECKING:
     from orthofx.graph.config import AnalysisConfig
 
-__all__ = ["OrthoConfig", "WeightSpec", "GradientSpec", "PRESETS", "DEFAULT_PRESET", "resolve_config"]
+__all__ = ["OrthoConfig", "WeightSpec", "GradientSpec", "PRESETS", "DEFAULT_PRESET", "resolve_config",
+           "CONFIG_KEYS", "check_bool", "check_float", "check_int", "check_choice", "check_loss_weight"]
 
 #: The paper's table rows, in the order they appear there.
 PRESETS: tuple[str, ...] = (
@@ -57,224 +56,23 @@ _WEIGHT_TOKENS = WEIGHT_TREATMENTS
 _TOKENS = ("svd", "nog", "olr") + _WEIGHT_TOKENS
 
 
-# ---------------------------------------------------------------------------- validators
-# Shared by OrthoConfig, the experiment config and the CLI: every failure is an OptionError
-# (a ConfigError) naming the field and the value. Booleans accept bool and the strings
-# "true"/"false" (any case); numbers accept int/float only (never bool, never strings: a
-# quoted number in a JSON/TOML file is refused with the field named).
+# The validators live in orthofx.checks and the two sections in orthofx.specs; both are
+# re-exported here, where the experiment config, the CLI and older code import them from.
 
 
-def check_bool(value: Any, name: str) -> bool:
-    """``value`` as a bool: ``True``/``False`` or the strings ``"true"``/``"false"`` (any
-    case, surrounding blanks ignored); anything else (``"yes"``, ``1``, ``"0"``, None)
-    raises :class:`OptionError`."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise OptionError(name, value, "must be a boolean (true or false)")
+def _flat_name(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
+    return f.metadata.get("flat", f.name)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_float(
-    value: Any,
-    name: str,
-    *,
-    min: float | None = None,
-    min_inclusive: bool = True,
-    max: float | None = None,
-    optional: bool = False,
-) -> float | None:
-    """``value`` as a finite float in ``[min, max]`` (``(min, max]`` when not
-    ``min_inclusive``); ``None`` passes when ``optional``. Strings, bools, NaN and ±inf
-    raise :class:`OptionError`."""
-    if value is None and optional:
-        return None
-    if isinstance(value, str):
-        raise OptionError(name, value, "must be a number, not a string (write it without quotes)")
-    if not _is_number(value):
-        raise OptionError(name, value, "must be a number")
-    v = float(value)
-    if not math.isfinite(v):
-        raise OptionError(name, value, "must be finite")
-    if min is not None and (v < min or (v == min and not min_inclusive)):
-        raise OptionError(name, value, f"must be {'>=' if min_inclusive else '>'} {min:g}")
-    if max is not None and v > max:
-        raise OptionError(name, value, f"must be <= {max:g}")
-    return v
-
-
-def check_int(
-    value: Any, name: str, *, min: int | None = None, max: int | None = None, optional: bool = False
-) -> int | None:
-    """``value`` as an int in ``[min, max]``; an integral float (``2.0``) is accepted,
-    ``2.7``, bools, strings and non-finite values raise :class:`OptionError`. ``None`` passes
-    when ``optional``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, str):
-        raise OptionError(name, value, "must be an integer, not a string (write it without quotes)")
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        v = int(value)
-    elif _is_number(value) and math.isfinite(float(value)) and float(value).is_integer():
-        v = int(value)
-    else:
-        raise OptionError(name, value, "must be an integer")
-    if min is not None and v < min:
-        raise OptionError(name, value, f"must be >= {min}")
-    if max is not None and v > max:
-        raise OptionError(name, value, f"must be <= {max}")
-    return v
-
-
-def check_choice(value: Any, name: str, choices: tuple[Any, ...]) -> Any:
-    """``value`` if it is one of ``choices`` (compared by equality, type included), else
-    :class:`OptionError` listing them."""
-    if not any(type(value) is type(c) and value == c for c in choices):
-        raise OptionError(name, value, f"must be one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def check_weight(value: Any, name: str = "weight") -> float:
-    """A loss multiplier: a finite float >= 0 (``orthogonality_loss(gm, weight=...)``,
-    ``ol_weight``); raises :class:`OptionError` otherwise."""
-    return check_float(value, name, min=0.0)  # type: ignore[return-value]
-
-
-def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    """A method/treatment name from :mod:`orthofx.vocab` (a str enum member is accepted and
-    stored as its plain value)."""
-    if isinstance(value, Enum) and isinstance(value.value, str):
-        value = value.value
-    return check_choice(value, name, choices)
+_SECTIONS: dict[str, type] = {"weights": WeightSpec, "gradients": GradientSpec}
+#: flat keyword / dict name -> (section, field of that section), derived from the spec fields
+_FLAT: dict[str, tuple[str, str]] = {
+    _flat_name(f): (section, f.name) for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+}
 
 
 def _put(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """The weight treatment of a config: at most one of OW, SN, OL, with its parameters.
-
-    Attributes:
-        kind: ``None``, ``"ow"`` (orthogonal weight W = exp(A − Aᵀ) on the flattened
-            (out, in·k·k) weight), ``"sn"`` (W / σ_max(W)) or ``"ol"`` (loss ‖WWᵀ − I‖_F).
-        ow_method: ``"expm"`` (the paper's matrix exponential), ``"cayley"``
-            ((I − S/2)⁻¹(I + S/2), cheaper for wide weights) or ``"soc"`` (the authors' code:
-            skew-orthogonal convolution, an orthogonal conv operator with a new random
-            generator; only Conv2d producers with an odd square kernel, padding k//2,
-            groups 1 and dilation 1 (any channels; stride by invertible downsampling) —
-            any other producer raises TreatmentError; ``strip`` refuses it).
-        ow_generator: for ``"expm"``/``"cayley"``: ``"free"`` (W = f(S) Y₀ with S = a Y₀ᵀ − Y₀ aᵀ
-            unconstrained, a = 0 at registration) or ``"normalized"`` (W = f(ρ S/σ̂(S)) Y₀, the
-            authors' SOC normalisation applied to the flat map: a random nonzero start, and W
-            does not depend on ‖a‖). SOC is always normalised.
-        ow_radius: ρ of the normalised generators (SOC, ``ow_generator="normalized"``):
-            ‖M‖₂ = ρ; the authors' 0.7. A float in (0, 3].
-        soc_terms: Taylor terms T of SOC's exp(M)x ≈ Σ_{j≤T} M^j x/j! in training (the
-            authors' 5); ``soc_eval_terms`` in eval (their 10). The deviation from an
-            orthogonal operator is ≤ 2ε + ε², ε = ρ^{T+1}/(T+1)! (3.3e-4 at ρ = 0.7, T = 5;
-            1.0e-9 at T = 10).
-        sn_method: ``"exact"`` (σ_max from ``svdvals`` every forward: σ_max(W) = 1 to
-            rounding) or ``"power"`` (torch's power-iteration spectral norm).
-        sn_power_iterations: power iterations per forward for ``sn_method="power"`` (int ≥ 1).
-        ol_weight: λ of the orthogonality loss λ·Σ‖WWᵀ − I‖_F (finite float ≥ 0).
-
-    Errors name the flat field (``weight``, ``ow_method``, ``ol_weight``, ...).
-    """
-
-    kind: str | None = None
-    ow_method: str = "expm"
-    ow_generator: str = "free"
-    ow_radius: float = 0.7
-    soc_terms: int = 5
-    soc_eval_terms: int = 10
-    sn_method: str = "exact"
-    sn_power_iterations: int = 1
-    ol_weight: float = 1e-2
-
-    def __post_init__(self) -> None:
-        kind = self.kind.value if isinstance(self.kind, Enum) else self.kind
-        if kind is not None and not (isinstance(kind, str) and kind in WEIGHT_TREATMENTS):
-            raise OptionError("weight", self.kind, f"not a weight treatment; use one of {WEIGHT_TREATMENTS} or None")
-        _put(self, "kind", kind)
-        _put(self, "ow_method", _choice(self.ow_method, "ow_method", OW_METHOD_NAMES))
-        _put(self, "ow_generator", _choice(self.ow_generator, "ow_generator", OW_GENERATORS))
-        _put(self, "ow_radius", check_float(self.ow_radius, "ow_radius", min=0.0, min_inclusive=False, max=3.0))
-        _put(self, "soc_terms", check_int(self.soc_terms, "soc_terms", min=1, max=64))
-        _put(self, "soc_eval_terms", check_int(self.soc_eval_terms, "soc_eval_terms", min=1, max=64))
-        _put(self, "sn_method", _choice(self.sn_method, "sn_method", SN_METHODS))
-        _put(self, "sn_power_iterations", check_int(self.sn_power_iterations, "sn_power_iterations", min=1))
-        _put(self, "ol_weight", check_weight(self.ol_weight, "ol_weight"))
-
-
-@dataclass(frozen=True)
-class GradientSpec:
-    """The gradient chain of a config (installed by :func:`orthofx.attach`).
-
-    Attributes:
-        nog: replace each producer's weight gradient G by the polar factor U Vᵀ of its
-            flattened (out, in·k·k) gradient (nearest orthogonal gradient).
-        nog_method: ``orthofx.linalg.polar`` method. ``"auto"`` (default): Polar Express
-            + 5 polish steps on CUDA (no host sync; ≤ 2e-5 from U Vᵀ for σ_min ≥ 1.5e-4‖G‖_F),
-            float64 Gram ``"eigh"`` on the CPU; ``"svd"`` is the paper's literal U Vᵀ
-            (synchronises on CUDA).
-        nog_scale: ``"unit"`` (default, the paper: U Vᵀ, every step of size √rank) or
-            ``"frobenius"`` (U Vᵀ rescaled to ‖G‖_F: NOG's direction with SGD's step size).
-        nog_deficient: a rank-deficient G: ``"partial"`` (default: the partial isometry
-            U_r V_rᵀ, null directions stay 0) or ``"full"`` (the authors' ``s[:] = 1``: the full
-            thin SVD's U Vᵀ, null directions lifted to 1 along the SVD's own basis).
-        olr: per-step optimal learning rate η* = (wᵀw·lᵀw)/(wᵀw·lᵀl + 2(lᵀw)²), used when
-            0 < η* < the scheduled lr.
-        ow_target: what NOG/OLR act on when OW re-parametrizes the weight: ``"generator"``
-            (the trained parameter of the OW map, as the authors' code does; the default) or
-            ``"weight"`` (the orthogonal W the layer uses: a Riemannian step on W, pulled back
-            to the generator exactly); ``None`` = the treatments' default (``"generator"``).
-    """
-
-    nog: bool = False
-    nog_method: str = "auto"
-    nog_scale: str = "unit"
-    nog_deficient: str = "partial"
-    olr: bool = False
-    ow_target: str | None = None
-
-    def __post_init__(self) -> None:
-        _put(self, "nog", check_bool(self.nog, "nog"))
-        _put(self, "olr", check_bool(self.olr, "olr"))
-        _put(self, "nog_method", _choice(self.nog_method, "nog_method", POLAR_METHODS))
-        _put(self, "nog_scale", _choice(self.nog_scale, "nog_scale", NOG_SCALES))
-        _put(self, "nog_deficient", _choice(self.nog_deficient, "nog_deficient", NOG_DEFICIENT))
-        if self.ow_target is not None:
-            _put(self, "ow_target", _choice(self.ow_target, "ow_target", OW_TARGETS))
-
-
-#: flat keyword / dict name -> (section, field of that section)
-_FLAT: dict[str, tuple[str, str]] = {
-    "weight": ("weights", "kind"),
-    "ow_method": ("weights", "ow_method"),
-    "ow_generator": ("weights", "ow_generator"),
-    "ow_radius": ("weights", "ow_radius"),
-    "soc_terms": ("weights", "soc_terms"),
-    "soc_eval_terms": ("weights", "soc_eval_terms"),
-    "ol_weight": ("weights", "ol_weight"),
-    "sn_method": ("weights", "sn_method"),
-    "sn_power_iterations": ("weights", "sn_power_iterations"),
-    "nog": ("gradients", "nog"),
-    "nog_method": ("gradients", "nog_method"),
-    "nog_scale": ("gradients", "nog_scale"),
-    "nog_deficient": ("gradients", "nog_deficient"),
-    "olr": ("gradients", "olr"),
-    "ow_target": ("gradients", "ow_target"),
-}
-_SECTIONS: dict[str, type] = {"weights": WeightSpec, "gradients": GradientSpec}
-_OWN = ("stabilize", "inplace", "analysis", "preset", "ignored_scope", "layer_configs")
-#: every name the constructor, from_preset overrides, replace() and from_dict accept
-CONFIG_KEYS: tuple[str, ...] = tuple(_FLAT) + tuple(_SECTIONS) + _OWN
 
 
 class _Unset:
@@ -385,11 +183,12 @@ class OrthoConfig:
         OrthoConfig(weights=WeightSpec("ow", ow_method="cayley"),
                     gradients=GradientSpec(nog=True, olr=True))            # composed
 
-    Flat keywords given together with their section override its fields (so
-    ``dataclasses.replace(cfg, nog=True)`` works as before). The flat names
-    are read-only properties: ``cfg.weight`` (= ``cfg.weights.kind``), ``cfg.ow_method``,
-    ``cfg.ol_weight``, ``cfg.sn_method``, ``cfg.sn_power_iterations``, ``cfg.nog``,
-    ``cfg.nog_method``, ``cfg.olr``, ``cfg.ow_target`` (see the two specs for their meaning).
+    The flat keywords are the fields of the two specs (``WeightSpec.kind`` is written
+    ``weight``), each defined, defaulted and checked once there; this signature, the
+    accepted dict keys (:data:`CONFIG_KEYS`) and the read-only flat properties (``cfg.weight``
+    = ``cfg.weights.kind``, ``cfg.ow_method``, ``cfg.nog``, ``cfg.ow_target``, ...) are derived
+    from those fields. Flat keywords given together with their section override its fields
+    (so ``dataclasses.replace(cfg, nog=True)`` works as before).
 
     Attributes:
         weights: the weight treatment and its parameters.
@@ -423,77 +222,30 @@ class OrthoConfig:
     ignored_scope: tuple[str, ...]
     layer_configs: LayerConfigs
 
-    def __init__(
-        self,
-        weight: str | None = _UNSET,
-        ow_method: str = _UNSET,
-        ol_weight: float = _UNSET,
-        sn_method: str = _UNSET,
-        sn_power_iterations: int = _UNSET,
-        nog: bool = _UNSET,
-        nog_method: str = _UNSET,
-        olr: bool = _UNSET,
-        stabilize: bool = True,
-        inplace: bool = False,
-        analysis: "AnalysisConfig | Mapping[str, Any] | None" = None,
-        preset: str | None = None,
-        *,
-        ow_target: str | None = _UNSET,
-        ow_generator: str = _UNSET,
-        ow_radius: float = _UNSET,
-        soc_terms: int = _UNSET,
-        soc_eval_terms: int = _UNSET,
-        nog_scale: str = _UNSET,
-        nog_deficient: str = _UNSET,
-        weights: WeightSpec | Mapping[str, Any] | None = None,
-        gradients: GradientSpec | Mapping[str, Any] | None = None,
-        ignored_scope: "list[str] | tuple[str, ...] | None" = None,
-        layer_configs: "Mapping[str, OrthoConfig | str | Mapping[str, Any]] | None" = None,
-    ) -> None:
-        flat = {k: v for k, v in (("weight", weight), ("ow_method", ow_method), ("ol_weight", ol_weight),
-                                  ("sn_method", sn_method), ("sn_power_iterations", sn_power_iterations),
-                                  ("nog", nog), ("nog_method", nog_method), ("olr", olr),
-                                  ("ow_target", ow_target), ("ow_generator", ow_generator),
-                                  ("ow_radius", ow_radius), ("soc_terms", soc_terms),
-                                  ("soc_eval_terms", soc_eval_terms), ("nog_scale", nog_scale),
-                                  ("nog_deficient", nog_deficient)) if v is not _UNSET}
-        given = {"weights": weights, "gradients": gradients}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the signature (help(), IDEs, errors for unknown or repeated names) is
+        # _SIGNATURE, derived from the spec fields and _own_keywords (see below)
+        given = _SIGNATURE.bind(*args, **kwargs).arguments
+        own = {k: given.get(k, p.default) for k, p in _OWN_PARAMS.items()}
         for section, cls in _SECTIONS.items():
-            mine = {_FLAT[k][1]: v for k, v in flat.items() if _FLAT[k][0] == section}
-            spec = given[section]
+            mine = {_FLAT[k][1]: v for k, v in given.items() if k in _FLAT and _FLAT[k][0] == section}
+            spec = own[section]
             if spec is None:
                 spec = cls(**mine)
             else:  # flat fields given with their section refine it (so dataclasses.replace works)
-                spec = _section(section, spec)
-                if mine:
-                    spec = dataclasses.replace(spec, **mine)
+                spec = _section(section, spec).replace(**mine)
             _put(self, section, spec)
-        _put(self, "analysis", _analysis(analysis))
-        _put(self, "stabilize", check_bool(stabilize, "stabilize"))
-        _put(self, "inplace", check_bool(inplace, "inplace"))
-        if preset is not None and not isinstance(preset, str):
-            raise OptionError("preset", preset, "must be a preset name or None")
-        _put(self, "preset", preset)
-        _put(self, "ignored_scope", _ignored_scope(ignored_scope))
-        _put(self, "layer_configs", _layer_configs(layer_configs))
+        _put(self, "analysis", _analysis(own["analysis"]))
+        _put(self, "stabilize", check_bool(own["stabilize"], "stabilize"))
+        _put(self, "inplace", check_bool(own["inplace"], "inplace"))
+        if own["preset"] is not None and not isinstance(own["preset"], str):
+            raise OptionError("preset", own["preset"], "must be a preset name or None")
+        _put(self, "preset", own["preset"])
+        _put(self, "ignored_scope", _ignored_scope(own["ignored_scope"]))
+        _put(self, "layer_configs", _layer_configs(own["layer_configs"]))
 
-    # ------------------------------------------------------------------ flat, read-only views
-    weight = property(lambda self: self.weights.kind, doc="The weight treatment: None, 'ow', 'sn' or 'ol'.")
-    ow_method = property(lambda self: self.weights.ow_method, doc="WeightSpec.ow_method.")
-    ol_weight = property(lambda self: self.weights.ol_weight, doc="WeightSpec.ol_weight.")
-    sn_method = property(lambda self: self.weights.sn_method, doc="WeightSpec.sn_method.")
-    sn_power_iterations = property(lambda self: self.weights.sn_power_iterations,
-                                   doc="WeightSpec.sn_power_iterations.")
-    nog = property(lambda self: self.gradients.nog, doc="GradientSpec.nog.")
-    nog_method = property(lambda self: self.gradients.nog_method, doc="GradientSpec.nog_method.")
-    olr = property(lambda self: self.gradients.olr, doc="GradientSpec.olr.")
-    ow_target = property(lambda self: self.gradients.ow_target, doc="GradientSpec.ow_target.")
-    ow_generator = property(lambda self: self.weights.ow_generator, doc="WeightSpec.ow_generator.")
-    ow_radius = property(lambda self: self.weights.ow_radius, doc="WeightSpec.ow_radius.")
-    soc_terms = property(lambda self: self.weights.soc_terms, doc="WeightSpec.soc_terms.")
-    soc_eval_terms = property(lambda self: self.weights.soc_eval_terms, doc="WeightSpec.soc_eval_terms.")
-    nog_scale = property(lambda self: self.gradients.nog_scale, doc="GradientSpec.nog_scale.")
-    nog_deficient = property(lambda self: self.gradients.nog_deficient, doc="GradientSpec.nog_deficient.")
+    # The flat read-only views (cfg.weight = cfg.weights.kind, cfg.nog = cfg.gradients.nog, ...)
+    # are properties derived from the spec fields after the class (_add_flat_properties).
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -554,15 +306,8 @@ class OrthoConfig:
         """A copy with ``changes`` (flat fields or sections) applied; unknown names raise
         :class:`ConfigError`."""
         _check_names(changes, "replace()")
-        kw: dict[str, Any] = {"stabilize": self.stabilize, "inplace": self.inplace,
-                              "analysis": self.analysis, "preset": self.preset,
-                              "ignored_scope": self.ignored_scope, "layer_configs": self.layer_configs}
-        for section in _SECTIONS:
-            if section in changes:
-                continue
-            flat_changes = {_FLAT[k][1]: changes.pop(k) for k in list(changes) if _FLAT.get(k, ("",))[0] == section}
-            kw[section] = dataclasses.replace(getattr(self, section), **flat_changes)
-        kw.update(changes)
+        kw = {k: getattr(self, k) for k in _OWN_PARAMS if k not in changes}
+        kw.update(changes)  # flat fields refine their section (the constructor's rule)
         return type(self)(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -594,6 +339,59 @@ class OrthoConfig:
             raise ConfigError(f"an OrthoConfig dict must be a mapping, got {type(d).__name__}")
         _check_names(d, "OrthoConfig.from_dict")
         return cls(**{str(k): v for k, v in d.items()})
+
+
+def _own_keywords(
+    stabilize: bool = True,
+    inplace: bool = False,
+    analysis: AnalysisConfig | Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    *,
+    weights: WeightSpec | Mapping[str, Any] | None = None,
+    gradients: GradientSpec | Mapping[str, Any] | None = None,
+    ignored_scope: list[str] | tuple[str, ...] | None = None,
+    layer_configs: Mapping[str, OrthoConfig | str | Mapping[str, Any]] | None = None,
+) -> None:
+    """The keywords of :class:`OrthoConfig` that are not section fields, with what they accept
+    and their defaults (the flat keywords are the fields of WeightSpec and GradientSpec)."""
+
+
+_OWN_PARAMS: dict[str, inspect.Parameter] = dict(inspect.signature(_own_keywords).parameters)
+#: the keywords that may also be given by position, in the order of orthofx 0.1's signature
+_POSITIONAL = ("weight", "ow_method", "ol_weight", "sn_method", "sn_power_iterations", "nog", "nog_method", "olr",
+               "stabilize", "inplace", "analysis", "preset")
+
+
+def _flat_parameter(name: str, kind: Any) -> inspect.Parameter:
+    section, fname = _FLAT[name]
+    return inspect.Parameter(name, kind, default=_UNSET, annotation=_SECTIONS[section].__dataclass_fields__[fname].type)
+
+
+def _signature() -> inspect.Signature:
+    """OrthoConfig's signature: the flat keywords (one per spec field, default: unset, i.e. the
+    preset's value) and the own keywords; the first twelve also positional."""
+    pos, kw = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    params = [_flat_parameter(n, pos) if n in _FLAT else _OWN_PARAMS[n].replace(kind=pos) for n in _POSITIONAL]
+    params += [_flat_parameter(n, kw) for n in _FLAT if n not in _POSITIONAL]
+    params += [p.replace(kind=kw) for n, p in _OWN_PARAMS.items() if n not in _POSITIONAL]
+    return inspect.Signature(params, return_annotation=None)
+
+
+_SIGNATURE = _signature()
+OrthoConfig.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
+#: every name the constructor, from_preset overrides, replace() and from_dict accept
+CONFIG_KEYS: tuple[str, ...] = tuple(_FLAT) + tuple(_OWN_PARAMS)
+
+
+def _add_flat_properties() -> None:
+    """``cfg.<flat name>``: the read-only view of its section's field (``cfg.weight`` is
+    ``cfg.weights.kind``, ``cfg.nog`` is ``cfg.gradients.nog``), one per spec field."""
+    for flat, (section, fname) in _FLAT.items():
+        doc = f"{_SECTIONS[section].__name__}.{fname} (read-only; set it with replace())."
+        setattr(OrthoConfig, flat, property(lambda self, s=section, f=fname: getattr(getattr(self, s), f), doc=doc))
+
+
+_add_flat_properties()
 
 
 def _section(name: str, value: Any) -> Any:
@@ -634,3 +432,17 @@ def resolve_config(config: "OrthoConfig | str | Mapping[str, Any] | None") -> Or
     raise ConfigError(
         f"config must be an OrthoConfig, a preset name or a dict, got {type(config).__name__}"
     )
+
+
+#: earlier names of this module -> their new name (each still resolves, with a DeprecationWarning)
+_DEPRECATED = {"check_weight": "check_loss_weight"}
+
+
+def __getattr__(name: str) -> Any:
+    new = _DEPRECATED.get(name)
+    if new is None:
+        raise AttributeError(f"module 'orthofx.config' has no attribute {name!r}")
+    warnings.warn(f"orthofx.config.{name} is deprecated; use orthofx.config.{new} (a loss multiplier check; "
+                  f"a weight tensor is checked by orthofx.treatments._common.check_weight)", DeprecationWarning,
+                  stacklevel=2)
+    return globals()[new]

@@ -2,13 +2,14 @@ r"""Optimizer form of NOG/OLR: :class:`OrthoSGD`, SGD with momentum whose Pre-SV
 the paper's gradient treatments — for training loops that want an optimizer, not hooks.
 
 ``OrthoSGD(model, lr, ...)`` takes a model returned by :func:`orthofx.transform` (its plan
-names the producers) or any parameters with ``producers=`` given explicitly. Per step:
+names the producers and, per layer, their treatments) or any parameters with ``producers=``
+given explicitly. Per step:
 
 * producer ``i`` (gradient ``G_i``, weight flattened to ``(out, in·k·k)``): ``G_i ← U Vᵀ`` of
   ``G_i`` (NOG, :func:`orthofx.treatments.nog`) and/or its lr ``← η*`` if
   ``0 < η* < lr`` (OLR, :func:`orthofx.treatments.olr`,
-  ``η* = wᵀw·lᵀw / (wᵀw·lᵀl + 2(lᵀw)²)``); with OW the chain acts on the weight W by default
-  (``ow_target``, :mod:`orthofx.treatments.ow_target`);
+  ``η* = wᵀw·lᵀw / (wᵀw·lᵀl + 2(lᵀw)²)``); with OW the chain acts on the generator, or on the
+  weight W with ``ow_target="weight"`` (:mod:`orthofx.treatments.ow_target`);
 * then every parameter takes ``torch.optim.SGD``'s step (momentum μ, dampening, weight decay,
   Nesterov): ``b ← μb + (1 − dampening)(g + wd·p)``, ``p ← p − lr·b`` (or ``g + μb`` with
   Nesterov).
@@ -35,6 +36,7 @@ chain=named_chain(("guard", guard()), ("muon", muon(beta=0.95))))`` with the tra
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -42,28 +44,27 @@ import torch
 from torch import Tensor, nn
 
 from orthofx.errors import AttachError, ConfigError
+from orthofx.specs import GRADIENT_KEYS, GradientSpec
 from orthofx.treatments.attach import AttachHandle, attach
 from orthofx.treatments.gradient import GradientTransformation
 
 __all__ = ["OrthoSGD"]
 
 
-def _plan_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str]] | None:
-    """``{name: (module, attr)}`` of a transformed model's plan; None without a plan."""
+def _plan_choice(model: nn.Module, given: Mapping[str, Any], forced: bool
+                 ) -> tuple[dict[str, tuple[nn.Module, str]], GradientSpec, int] | None:
+    """``({name: (module, attr)}, spec, number of live producers)`` of a transformed model, chosen
+    per producer by its plan (:func:`orthofx.plan.gradient_plan`, as ``orthofx.attach`` does);
+    None without a plan."""
     from orthofx.pipeline import plan_of, producer_specs, unwrap
+    from orthofx.plan import gradient_plan
 
     plan = plan_of(model)
     if plan is None:
         return None
-    return producer_specs(unwrap(model), plan)
-
-
-def _plan_ow_target(model: nn.Module) -> str | None:
-    """The ``ow_target`` of a transformed model's config (None: not chosen, or no plan)."""
-    from orthofx.pipeline import plan_of
-
-    plan = plan_of(model)
-    return None if plan is None else plan.config.ow_target
+    targets, spec = gradient_plan(plan, given, forced=forced)
+    live = sum(not p.ignored for p in plan.producers)
+    return producer_specs(unwrap(model), dataclasses.replace(plan, producers=targets)), spec, live
 
 
 def _sgd_step(opt: torch.optim.SGD) -> None:
@@ -79,25 +80,25 @@ class OrthoSGD(torch.optim.SGD):
     """SGD (with momentum) whose Pre-SVD producers get NOG and/or OLR.
 
     Args:
-        params: a model returned by :func:`orthofx.transform` (producers from its plan), or
-            parameters / param-group dicts as for ``torch.optim.SGD`` (then ``producers=``
-            is required).
+        params: a model returned by :func:`orthofx.transform`, or parameters / param-group
+            dicts as for ``torch.optim.SGD`` (then ``producers=`` is required).
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
             differentiable, fused: as ``torch.optim.SGD`` (``momentum`` defaults to 0.9).
-        nog: replace each producer gradient by the polar factor U Vᵀ of its flattened
-            gradient (paper Sec. 5.1).
-        olr: per-step producer lr η* when ``0 < η* < lr`` (paper Sec. 5.2).
-        nog_method: ``orthofx.linalg.polar`` method (``"auto"``, ``"svd"``, ...).
-        nog_scale: ``"unit"`` (U Vᵀ, the paper) or ``"frobenius"`` (U Vᵀ rescaled to ‖G‖_F).
-        nog_deficient: rank-deficient G: ``"partial"`` (U_r V_rᵀ) or ``"full"`` (null
-            directions lifted to 1, the authors' ``s[:] = 1``; needs ``nog_method`` "svd"/"auto").
-        ow_target: under OW, act on the generator (``"generator"``, default) or the weight (``"weight"``).
         producers: the producer parameters (any spec :func:`orthofx.treatments.attach`
             takes: tensors, ``(module, "weight")`` pairs, a ``{name: spec}`` map); overrides
             the plan's.
-        chain: your own gradient chain instead of NOG/OLR (then ``nog``/``olr``/
-            ``nog_method``/``nog_scale``/``nog_deficient`` must be left at their defaults).
+        chain: your own gradient chain instead of NOG/OLR (then no ``nog``/``olr``/``nog_*``).
         lr_mode, history, max_history: as :func:`orthofx.treatments.attach`.
+        **fields: :class:`~orthofx.specs.GradientSpec` fields (``nog``, ``olr``, ``nog_method``,
+            ``nog_scale``, ``nog_deficient``, ``ow_target``; checked there), replacing the
+            spec's values.
+
+    Which producers get which treatments: given a transformed model, its plan decides per
+    Pre-SVD layer, as :func:`orthofx.attach` does (:func:`orthofx.plan.gradient_plan`): the
+    layers whose plan entry (``layer_configs`` entry or config) has NOG/OLR get that entry's
+    spec, the others plain SGD; an explicit ``nog=True``/``olr=True`` on a plan without
+    NOG/OLR treats every non-ignored layer. Given parameters and ``producers=``, the spec is
+    ``GradientSpec(nog=True)`` with ``fields`` applied (NOG unless ``nog=False``).
 
     Raises:
         AttachError: a model without an orthofx plan and no ``producers=``.
@@ -115,12 +116,6 @@ class OrthoSGD(torch.optim.SGD):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        nog: bool = True,
-        olr: bool = False,
-        nog_method: str = "auto",
-        nog_scale: str = "unit",
-        nog_deficient: str = "partial",
-        ow_target: str | None = None,
         producers: "Mapping[str, Any] | Iterable[Any] | None" = None,
         chain: GradientTransformation | None = None,
         lr_mode: str = "auto",
@@ -130,24 +125,39 @@ class OrthoSGD(torch.optim.SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        **fields: Any,
     ) -> None:
+        unknown = [k for k in fields if k not in GRADIENT_KEYS]
+        if unknown:
+            raise TypeError(f"OrthoSGD got an unexpected keyword argument {unknown[0]!r} (its gradient options are "
+                            f"the GradientSpec fields: {', '.join(GRADIENT_KEYS)})")
+        given = {k: v for k, v in fields.items() if v is not None}
+        if chain is not None and any(k != "ow_target" for k in given):
+            raise ConfigError("OrthoSGD: pass either chain= or nog/olr/nog_method/nog_scale/nog_deficient, not both")
+        forced = chain is not None or bool(given.get("nog")) or bool(given.get("olr"))
+        quiet = "the model has no Pre-SVD layer"
         if isinstance(params, nn.Module):
             model = params
             params = list(model.parameters())
-            if ow_target is None:  # the plan's choice, as orthofx.attach(opt, model) reads it
-                ow_target = _plan_ow_target(model)
-            if producers is None:
-                producers = _plan_producers(model)
-                if producers is None:
-                    raise AttachError(
-                        f"OrthoSGD: {type(model).__name__} has no orthofx plan — pass a model returned by "
-                        "orthofx.transform, or its parameters with producers=[...] (the Pre-SVD weights)"
-                    )
+            choice = _plan_choice(model, given, forced)
+            if choice is None and producers is None:
+                raise AttachError(
+                    f"OrthoSGD: {type(model).__name__} has no orthofx plan — pass a model returned by "
+                    "orthofx.transform, or its parameters with producers=[...] (the Pre-SVD weights)"
+                )
+            spec = choice[1] if choice is not None else GradientSpec(nog=True).replace(**given)
+            if producers is None and choice is not None:
+                producers, live = choice[0], choice[2]
+                if live and not producers:
+                    quiet = (f"the plan gives none of the model's {live} Pre-SVD layer(s) NOG or OLR (pass "
+                             "nog=True / olr=True to treat them all)")
         elif producers is None:
             raise ConfigError(
                 "OrthoSGD: given parameters rather than a transformed model, it needs producers= "
                 "(the Pre-SVD weights: tensors or (module, 'weight') pairs)"
             )
+        else:
+            spec = GradientSpec(nog=True).replace(**given)
         super().__init__(
             params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
@@ -155,20 +165,13 @@ class OrthoSGD(torch.optim.SGD):
         self.handle = None
         specs = list(producers.items()) if isinstance(producers, Mapping) else list(producers)
         if not specs:
-            warnings.warn("OrthoSGD: the model has no Pre-SVD layer; this is plain SGD", stacklevel=2)
+            warnings.warn(f"OrthoSGD: {quiet}; this is plain SGD", stacklevel=2)
             return
-        kw: dict[str, Any] = {"lr_mode": lr_mode, "history": history, "max_history": max_history,
-                              "ow_target": ow_target}
-        if chain is not None:
-            if (nog, olr, nog_method, nog_scale, nog_deficient) != (True, False, "auto", "unit", "partial"):
-                raise ConfigError("OrthoSGD: pass either chain= or nog/olr/nog_method/nog_scale/nog_deficient, not both")
-            kw["chain"] = chain
-        else:
-            kw.update(nog=nog, olr=olr, nog_method=nog_method, nog_scale=nog_scale, nog_deficient=nog_deficient)
         producers = dict(specs) if isinstance(producers, Mapping) else specs
         # the chain runs inside step() (no step hooks: torch runs a subclass's hooks around its
         # step, i.e. before the closure, and again around SGD.step when that is patched)
-        self.handle = attach(self, producers, _step_hooks=False, **kw)
+        self.handle = attach(self, producers, spec, _step_hooks=False, lr_mode=lr_mode, history=history,
+                             max_history=max_history, chain=chain)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -19,16 +19,17 @@ import torch.fx as fx
 from torch import nn
 
 from orthofx._log import logger
-from orthofx.config import OrthoConfig, check_weight, resolve_config
+from orthofx.config import OrthoConfig, check_loss_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
 from orthofx.graph.trace import traces_one_at_a_time
-from orthofx.plan import Action, ActionKind, Plan, SwapRecord, make_plan
+from orthofx.plan import Action, ActionKind, Plan, SwapRecord, gradient_plan, make_plan
 from orthofx.report import TransformReport
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, apply_plan, swap_meta_layers
 from orthofx.fuse import FUSED_ORIGINAL, ExactSpectral, fuse_reconstructions
 from orthofx.nn.stable import StableDecomposition
 from types import SimpleNamespace
+from orthofx.specs import GRADIENT_KEYS
 from orthofx.verify import verify_rewrite
 from orthofx.treatments import attach as _attach_params
 from orthofx.treatments.attach import AttachHandle
@@ -87,6 +88,7 @@ def _store(root: nn.Module, plan: Plan, report: TransformReport) -> None:
     payload = {"plan": plan.to_dict(), "report": report.to_dict()}
     stored = {META_KEY: payload}
     root.__dict__["_orthofx_meta"] = stored
+    root.__dict__["_orthofx_plan_cache"] = (payload, plan)  # plan_of reads this plan, not its JSON form
     if isinstance(root, fx.GraphModule):
         root.meta[META_KEY] = payload
         root.meta.setdefault("_user_preserved_attributes", {})["_orthofx_meta"] = stored
@@ -492,19 +494,27 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
     the gradient the optimizer uses: after DDP all-reduce, ``GradScaler.unscale_`` and
     accumulation). ``model``: the transformed module (DDP/compile wrappers are unwrapped).
 
+    The plan decides per Pre-SVD layer (:func:`orthofx.plan.gradient_plan`): the chain acts on
+    the layers whose plan entry (their ``layer_configs`` entry, or the config) has NOG or OLR,
+    with that entry's :class:`~orthofx.specs.GradientSpec`; ``overrides`` that are spec fields
+    (``nog_method="svd"``, ``ow_target=...``) replace its values. An explicit ``nog=True`` /
+    ``olr=True``, ``chain=`` or ``skip_nonfinite=`` on a plan without NOG/OLR acts on every
+    non-ignored Pre-SVD layer.
+
     ``chain=`` (in ``overrides``) installs the user's own gradient chain
-    (:func:`orthofx.treatments.named_chain` of orthofx's pieces and their own) on the plan's
-    producers instead of the config's default chain, whatever treatments the plan holds.
+    (:func:`orthofx.treatments.named_chain` of orthofx's pieces and their own) on those
+    producers instead of the spec's default chain.
 
     Returns the :class:`~orthofx.treatments.attach.AttachHandle`, always: when there is
     nothing to install (no ``chain=`` or ``skip_nonfinite=`` and the plan and ``overrides`` have
     neither NOG nor OLR, or the model has no Pre-SVD layer, with a warning) it is an inactive
     one (:meth:`AttachHandle.inactive <orthofx.treatments.attach.AttachHandle.inactive>`: no
-    hook, ``stats()`` without NOG/OLR entries). ``overrides`` go to
-    :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``nog_method``, ``history``, ...).
+    hook, ``stats()`` without NOG/OLR entries). The other ``overrides`` go to
+    :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``history``, ...).
 
     Raises :class:`AttachError` for an untransformed model or an optimizer that does not hold
-    the producer parameters.
+    the producer parameters; :class:`ConfigError` when the layers with NOG/OLR ask for
+    different gradient options.
     """
     plan = plan_of(model)
     if plan is None:
@@ -512,39 +522,19 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
             "attach() needs a model returned by orthofx.transform (no orthofx plan found on "
             f"{type(model).__name__})"
         )
-    custom = overrides.get("chain") is not None
-    forced = bool(custom or overrides.get("nog") or overrides.get("olr") or overrides.get("skip_nonfinite"))
+    given = {k: overrides.pop(k) for k in GRADIENT_KEYS if k in overrides}
+    forced = bool(overrides.get("chain") is not None or given.get("nog") or given.get("olr")
+                  or overrides.get("skip_nonfinite"))
     live = [p for p in plan.producers if not p.ignored]
-    chosen = [p for p in live if p.config is not None and (p.config.nog or p.config.olr)]
-    if not live and (forced or plan.config.nog or plan.config.olr):
+    if not live and (forced or plan.config.gradients.active):
         warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "
                       "act on", stacklevel=2)
         return AttachHandle.inactive(optimizer)
-    if not (chosen or forced):
+    targets, spec = gradient_plan(plan, given, forced=forced)
+    if not targets:
         return AttachHandle.inactive(optimizer, [p.param for p in live])
-    cfg = _gradient_config(chosen, plan.config)
-    targets = chosen or live
-    if cfg.ow_target is not None:  # what NOG/OLR act on under OW; forwarded only when chosen
-        overrides.setdefault("ow_target", cfg.ow_target)
     specs = producer_specs(unwrap(model), dataclasses.replace(plan, producers=targets))
-    return _attach_params(optimizer, specs, cfg, **overrides)
-
-
-def _gradient_config(chosen: list[Any], default: OrthoConfig) -> OrthoConfig:
-    """The one gradient spec of the layers that have NOG/OLR (per-layer configs); layers whose
-    specs differ are refused: one optimizer hook runs one chain."""
-    if not chosen:
-        return default
-    first = chosen[0]
-    for p in chosen[1:]:
-        if p.config.gradients != first.config.gradients:
-            diff = [f for f in ("nog", "olr", "nog_method", "nog_scale", "nog_deficient", "ow_target")
-                    if getattr(p.config, f) != getattr(first.config, f)]
-            raise ConfigError(f"attach: Pre-SVD layers {first.name!r} and {p.name!r} ask for different gradient "
-                              f"treatments ({diff[0]}: {getattr(first.config, diff[0])!r} vs "
-                              f"{getattr(p.config, diff[0])!r}); one optimizer hook runs one chain: give the layers "
-                              f"with NOG/OLR the same gradient options, or attach your own chain= per layer")
-    return first.config
+    return _attach_params(optimizer, specs, spec, **overrides)
 
 
 def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
@@ -555,7 +545,7 @@ def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.T
     ``weight`` overrides the config's ``ol_weight``.
     """
     if weight is not None:
-        check_weight(weight, "weight")
+        check_loss_weight(weight, "weight")
     plan = plan_of(model)
     root = unwrap(model)
     if plan is None or not plan.producers:

@@ -16,8 +16,10 @@ from typing import Any, Mapping
 
 from orthofx.config import OrthoConfig
 from orthofx.errors import ConfigError
+from orthofx.specs import GRADIENT_KEYS, GradientSpec
 
-__all__ = ["Plan", "ProducerPlan", "SwapRecord", "Action", "ActionKind", "make_plan", "layer_choice", "PLAN_VERSION"]
+__all__ = ["Plan", "ProducerPlan", "SwapRecord", "Action", "ActionKind", "make_plan", "layer_choice", "gradient_plan",
+           "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -49,6 +51,13 @@ class ProducerPlan:
     meta_layers: list[str] = field(default_factory=list)
     config: OrthoConfig | None = None
     ignored: bool = False
+
+    @property
+    def gradients(self) -> GradientSpec:
+        """The gradient treatments of this producer: its config's spec (none when ignored)."""
+        if self.ignored or self.config is None:
+            return GradientSpec()
+        return self.config.gradients
 
     def to_dict(self, default: OrthoConfig | None = None) -> dict[str, Any]:
         """Plain data; ``config`` is omitted when it has ``default``'s treatments and
@@ -209,6 +218,31 @@ def make_plan(analysis: Any, config: OrthoConfig, *, swaps: list[SwapRecord] | N
             found = ", ".join(p.name or "<root>" for p in plans.values()) or "none"
             raise ConfigError(f"{what} entry {unused[0]!r} matches no Pre-SVD layer that runs (found: {found})")
     return Plan(config, list(plans.values()), list(swaps or []))
+
+
+def gradient_plan(plan: Plan, given: Mapping[str, Any] | None = None, *, forced: bool = False
+                  ) -> tuple[list[ProducerPlan], GradientSpec]:
+    """What one gradient chain acts on, decided per producer: ``(producers, spec)``.
+
+    The producers are the non-ignored ones whose plan entry asks for NOG or OLR (their layer
+    config's :class:`~orthofx.specs.GradientSpec`, so ``layer_configs`` decide), and ``spec``
+    is the one spec they share with ``given`` (GradientSpec fields; ``None`` = not given)
+    applied — checked by the spec. When no entry asks for a treatment the producers are every
+    non-ignored one if ``forced`` (an explicit treatment, chain or skip; with the plan config's
+    spec), else none. Raises :class:`ConfigError` when the chosen entries' specs differ (one
+    optimizer hook runs one chain)."""
+    changes = {k: v for k, v in (given or {}).items() if v is not None}
+    live = [p for p in plan.producers if not p.ignored]
+    chosen = [p for p in live if p.gradients.active]
+    base = chosen[0].gradients if chosen else plan.config.gradients
+    for p in chosen[1:]:
+        if p.gradients != base:
+            diff = next(k for k in GRADIENT_KEYS if getattr(p.gradients, k) != getattr(base, k))
+            raise ConfigError(f"attach: Pre-SVD layers {chosen[0].name!r} and {p.name!r} ask for different gradient "
+                              f"treatments ({diff}: {getattr(base, diff)!r} vs {getattr(p.gradients, diff)!r}); one "
+                              f"optimizer hook runs one chain: give the layers with NOG/OLR the same gradient options, "
+                              f"or attach your own chain= per layer")
+    return (chosen or (live if forced else [])), base.replace(**changes)
 
 
 # ------------------------------------------------------------------------------ actions

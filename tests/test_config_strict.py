@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orthofx.config import OrthoConfig, check_bool, check_int, check_weight
+from orthofx.config import OrthoConfig, check_bool, check_int, check_loss_weight
 from orthofx.errors import ConfigError, OrthofxError
 from orthofx.experiment.train import ExperimentConfig, load_config
 
@@ -64,11 +64,24 @@ def test_unknown_preset_overrides_and_replace_names_are_config_errors():
 def test_validators():
     assert check_bool(" False ", "x") is False
     assert check_int(4.0, "x", min=1) == 4
-    assert check_weight(0, "weight") == 0.0
+    assert check_loss_weight(0, "weight") == 0.0
     with pytest.raises(ConfigError, match=r"weight=-1: must be >= 0"):
-        check_weight(-1, "weight")
+        check_loss_weight(-1, "weight")
     with pytest.raises(ConfigError, match="weight"):
-        check_weight(math.nan, "weight")
+        check_loss_weight(math.nan, "weight")
+
+
+def test_the_loss_weight_check_has_one_name_and_the_old_one_warns():
+    """Two check_weights meant two things (a loss multiplier here, a weight tensor in
+    orthofx.treatments._common); the config's is check_loss_weight, its old name warns."""
+    import orthofx.config as config
+    from orthofx.treatments._common import check_weight as tensor_check
+
+    with pytest.warns(DeprecationWarning, match=r"orthofx.config.check_weight is deprecated; use "
+                                                r"orthofx.config.check_loss_weight"):
+        old = config.check_weight
+    assert old is check_loss_weight and old is not tensor_check
+    assert not hasattr(__import__("orthofx.pipeline").pipeline, "check_weight")
 
 
 # ---------------------------------------------------------------------------- ExperimentConfig
@@ -197,16 +210,23 @@ def test_analysis_is_typed():
         OrthoConfig(analysis=3)  # type: ignore[arg-type]
 
 
-def test_ow_target_is_checked_and_forwarded_to_the_treatments_only_when_chosen(monkeypatch):
+def test_ow_target_travels_as_one_typed_spec_checked_and_defaulted_once(monkeypatch):
+    """Issue 24: ow_target is a GradientSpec field, checked and defaulted there (None from older
+    configs reads as the default); orthofx.attach hands the treatments the producers' spec
+    itself, not an OrthoConfig plus keywords to re-check and re-default."""
     import torch
 
     import orthofx
     import orthofx.pipeline as pipeline
+    from orthofx.config import GradientSpec
+    from orthofx.errors import OptionError
 
-    with pytest.raises(ConfigError, match="ow_target"):
+    with pytest.raises(OptionError, match="ow_target='bias': must be one of 'weight', 'generator'"):
         OrthoConfig(ow_target="bias")
-    seen: list[dict] = []
-    monkeypatch.setattr(pipeline, "_attach_params", lambda opt, specs, cfg, **kw: seen.append(kw) or "handle")
+    assert GradientSpec().ow_target == GradientSpec(ow_target=None).ow_target == "generator"
+    assert OrthoConfig.from_dict({"gradients": {"nog": True, "ow_target": None}}).ow_target == "generator"
+    seen: list = []
+    monkeypatch.setattr(pipeline, "_attach_params", lambda opt, specs, spec, **kw: seen.append((spec, kw)) or "h")
 
     class Cov(torch.nn.Module):
         def __init__(self):
@@ -218,7 +238,13 @@ def test_ow_target_is_checked_and_forwarded_to_the_treatments_only_when_chosen(m
             return torch.linalg.eigvalsh(f.T @ f / x.shape[0] + 1e-3 * torch.eye(3))
 
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-    for target, want in ((None, {}), ("generator", {"ow_target": "generator"})):
+    for target, want in ((None, "generator"), ("weight", "weight")):
         gm, _ = orthofx.transform(Cov(), (x,), OrthoConfig.from_preset("nog+ow", ow_target=target))
-        assert orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm) == "handle"
-        assert seen[-1] == want
+        assert orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm) == "h"
+        spec, kw = seen[-1]
+        assert type(spec) is GradientSpec and (spec.nog, spec.ow_target) == (True, want) and kw == {}
+    # a spec field given to orthofx.attach replaces the plan's value inside the spec
+    orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm, ow_target="generator", lr_mode="float")
+    spec, kw = seen[-1]
+    assert spec.ow_target == "generator" and kw == {"lr_mode": "float"}
+

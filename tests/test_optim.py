@@ -202,3 +202,62 @@ def test_user_step_hooks_run_once() -> None:
     opt.register_step_post_hook(lambda *a: calls.append("post"))
     _run(m, opt, torch.device("cpu"), 1)
     assert calls == ["pre", "post"]
+
+
+def _two_pre_svd_layers() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), orthofx.nn.DecorrelatedBatchNorm(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), orthofx.nn.DecorrelatedBatchNorm(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+
+
+def _uvt(g: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ of the flattened (out, in·k·k) gradient, float64 thin SVD."""
+    u, _, vh = torch.linalg.svd(g.reshape(g.shape[0], -1).double(), full_matrices=False)
+    return (u @ vh).reshape(g.shape)
+
+
+def test_orthosgd_follows_layer_configs() -> None:
+    """Issue 21 leftover: the plan decides per Pre-SVD layer. With layer_configs={"0": "nog"} only
+    layer 0 gets the nearest-orthogonal gradient; layer 3 (the config's "svd") takes plain SGD.
+    float64 model, one step, momentum 0, against the float64 hand computation."""
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(2))
+    gm, report = orthofx.transform(_two_pre_svd_layers(), (x,), config=orthofx.OrthoConfig(layer_configs={"0": "nog"}))
+    assert [(p.name, p.treatments) for p in report.plan.producers] == [("0", ["nog"]), ("3", [])]
+    ref = copy.deepcopy(gm)
+    lr = 0.05
+    opt = OrthoSGD(gm, lr=lr, momentum=0.0)
+    assert opt.handle is not None and opt.handle.names == ("0.weight",) and opt.handle.nog
+    F.cross_entropy(gm(x), y).backward()
+    w0, w3 = gm[0].weight.detach().clone(), gm[3].weight.detach().clone()
+    g0, g3 = gm[0].weight.grad.clone(), gm[3].weight.grad.clone()
+    assert torch.linalg.matrix_rank(g0.reshape(8, -1)) == 8  # full rank: U Vᵀ is unique
+    opt.step()
+    # float64; 1e-12 covers the CPU polar ("auto" = float64 Gram eigh) against the SVD, 1e-15
+    # the rounding of SGD's in-place w.add_(g, alpha=-lr) against w - lr·g
+    torch.testing.assert_close(gm[0].weight.detach(), w0 - lr * _uvt(g0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(gm[3].weight.detach(), w3 - lr * g3, rtol=0, atol=1e-15)
+    # orthofx.attach on torch.optim.SGD takes the same step (the same road)
+    sgd = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.0)
+    h = orthofx.attach(sgd, ref)
+    assert h.names == ("0.weight",)
+    F.cross_entropy(ref(x), y).backward()
+    sgd.step()
+    _same(ref, gm)
+
+
+def test_orthosgd_without_gradient_treatments_in_the_plan_is_plain_sgd() -> None:
+    """A plan with no NOG/OLR gives none (it used to put NOG on every Pre-SVD layer); an explicit
+    nog=True treats them all, as orthofx.attach(opt, gm, nog=True) does."""
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gm, _ = orthofx.transform(_two_pre_svd_layers(), (x,), config="svd")
+    with pytest.warns(UserWarning, match=r"none of the model's 2 Pre-SVD layer\(s\) NOG or OLR"):
+        assert OrthoSGD(gm, lr=0.1).handle is None
+    opt = OrthoSGD(gm, lr=0.1, nog=True)
+    assert opt.handle.names == ("0.weight", "3.weight") and opt.handle.nog
+    gm2, _ = orthofx.transform(_two_pre_svd_layers(), (x,),
+                               config=orthofx.OrthoConfig(layer_configs={"0": "nog", "3": "olr"}))
+    with pytest.raises(ConfigError, match="different gradient treatments"):
+        OrthoSGD(gm2, lr=0.1)

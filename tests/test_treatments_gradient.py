@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import orthofx.treatments.gradient as gradient_mod
+import orthofx.treatments.gradient.transforms as gradient_mod
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.treatments import DeviceHistory, chain, guard, nog, olr, olr_eta
 

@@ -6,8 +6,9 @@
 * :mod:`orthofx.treatments.gradient` — NOG, OLR, guard as pure composable gradient
   transforms (``init`` / ``update(updates, state, params, ctx) -> (updates, state)``) and
   :func:`named_chain` / :func:`chain` / :func:`default_chain` to compose them.
-* :mod:`orthofx.treatments.attach` — :func:`attach` installs a chain (the config's, or your
-  own) as an optimizer step pre-hook; :mod:`~orthofx.treatments.options`,
+* :mod:`orthofx.treatments.attach` — :func:`attach` installs a chain (a
+  :class:`~orthofx.specs.GradientSpec`'s, or your own) as an optimizer step pre-hook;
+  :mod:`~orthofx.treatments.options`, :mod:`~orthofx.treatments.handle_stats`,
   :mod:`~orthofx.treatments.groups`, :mod:`~orthofx.treatments.lr` and
   :mod:`~orthofx.treatments.sharding` are its parts.
 * :mod:`orthofx.treatments.ow_target` — under OW, NOG/OLR act on the generator A (the
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 from orthofx.treatments.attach import AttachHandle, attach, resolve_producers
 from orthofx.treatments.guidance import AdaptiveOptimizerWarning
-from orthofx.treatments.ow_target import OW_TARGETS, WeightGradCapture, weight_target
+from orthofx.treatments.ow_target import WeightGradCapture, weight_target
+from orthofx.vocab import OW_TARGETS
 from orthofx.treatments.gradient import (
     ChainState,
     DeviceHistory,

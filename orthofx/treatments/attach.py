@@ -1,7 +1,9 @@
 r"""``attach``: run a gradient chain (NOG, OLR, or your own) where the optimizer sees the gradient.
 
-This module is the thin installer; the pieces live next to it:
-:mod:`~orthofx.treatments.options` (producer specs and options → plain values),
+This module is the thin installer of a :class:`~orthofx.specs.GradientSpec` (every option is
+checked and defaulted there, once); the pieces live next to it:
+:mod:`~orthofx.treatments.options` (producer specs; the spec and keywords → ``AttachOptions``),
+:mod:`~orthofx.treatments.handle_stats` (what the handle reports: ``stats()``, ``olr_history()``),
 :mod:`~orthofx.treatments.groups` (one param group per producer when the chain sets lrs),
 :mod:`~orthofx.treatments.lr` (how ``Updates.lr`` reaches the optimizer: float/tensor/fold),
 :mod:`~orthofx.treatments.sharding` (FSDP2 DTensor gather / shard write-back) and
@@ -41,12 +43,14 @@ import torch
 from torch import Tensor
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
-from orthofx.treatments.gradient import ChainState, GradientTransformation, GuardState, OLRState, Updates, named_chain
+from orthofx.specs import GradientSpec
+from orthofx.treatments.gradient import GradientTransformation, Updates, named_chain
 from orthofx.treatments.guidance import AdaptiveOptimizerWarning, adaptive_message, is_adaptive, should_warn
 from orthofx.treatments.groups import Slot, check_groups, locate, scheduled, split_groups, split_saved_state, unsplit_groups
 from orthofx.treatments.lr import LRDelivery, LRMode, resolve_lr_mode, warn_if_syncing
+from orthofx.treatments.handle_stats import HandleStats
 from orthofx.treatments.options import AttachOptions, check_producers, ow_producers, parse_options, resolve_producers
-from orthofx.treatments.ow_target import WeightGradCapture, WeightTargetState, is_free, rebase, weight_target
+from orthofx.treatments.ow_target import WeightGradCapture, is_free, rebase, weight_target
 from orthofx.treatments.sharding import full, is_dtensor, write
 
 __all__ = ["attach", "AttachHandle", "resolve_producers"]
@@ -55,12 +59,14 @@ _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle]" = we
 
 
 # --------------------------------------------------------------------------- handle
-class AttachHandle:
-    """What :func:`attach` returns: ``remove()``, ``stats()``, ``olr_history()``.
+class AttachHandle(HandleStats):
+    """What :func:`attach` returns: ``remove()``, and the readings of
+    :class:`~orthofx.treatments.handle_stats.HandleStats` (``stats()``, ``olr_history()``).
 
     Attributes:
         active: False for a handle that installed nothing (:meth:`inactive`).
         names: producer names, in the order used by all per-producer outputs.
+        spec: the :class:`~orthofx.specs.GradientSpec` the handle runs (checked once, there).
         nog, olr, nog_method: the active options (with a custom chain: ``nog=False``,
             ``nog_method=None`` and ``olr`` = the chain's ``sets_lr``).
         lr_mode: how the chain's learning rates reach the optimizer (resolved, never ``"auto"``).
@@ -87,9 +93,10 @@ class AttachHandle:
         self._slots = slots
         self._opts = opts
         self.names: tuple[str, ...] = tuple(s.name for s in slots)
+        self.spec = opts.spec
         self.nog = opts.nog
         self.olr = opts.sets_lr
-        self.nog_method: str | None = None if opts.custom else opts.nog_method
+        self.nog_method: str | None = None if opts.custom else opts.spec.nog_method
         self.lr_mode = lr_mode
         self.ow_target = ow_target
         #: False for :meth:`inactive` handles, which act on nothing
@@ -115,7 +122,7 @@ class AttachHandle:
         :func:`orthofx.attach` returns when the config has no gradient treatment. ``names``: the
         model's Pre-SVD layers, listed by ``stats()["producers"]``; ``stats()`` has no NOG/OLR
         entries and ``steps`` stays 0."""
-        handle = cls(optimizer, [], parse_options(None, nog=False, olr=False), "float", named_chain())
+        handle = cls(optimizer, [], AttachOptions(GradientSpec()), "float", named_chain())
         handle.names = tuple(names)
         handle.active = False
         return handle
@@ -133,23 +140,13 @@ class AttachHandle:
         return self._removed
 
     @property
-    def chain_state(self) -> Any:
-        """The chain's own state (under ``ow_target="weight"`` the state of the wrapped chain)."""
-        st = self.state
-        return st.inner if isinstance(st, WeightTargetState) else st
-
-    @property
-    def chain_names(self) -> tuple[str, ...]:
-        """The names of the chain's members (``()`` for a chain that is not named)."""
-        st = self.chain_state
-        return st.names if isinstance(st, ChainState) else ()
-
-    @property
     def options(self) -> dict[str, Any]:
+        """The active options: ``nog``, ``olr``, ``nog_method``, ``lr_mode``, ``ow_target``, with
+        NOG also ``nog_scale``/``nog_deficient``, with a custom chain its member names."""
         out: dict[str, Any] = {"nog": self.nog, "olr": self.olr, "nog_method": self.nog_method, "lr_mode": self.lr_mode,
                                "ow_target": self.ow_target}
         if self.nog:  # NOG's two choices (orthofx.treatments.gradient.nog)
-            out.update(nog_scale=self._opts.nog_scale, nog_deficient=self._opts.nog_deficient)
+            out.update(nog_scale=self.spec.nog_scale, nog_deficient=self.spec.nog_deficient)
         if self._opts.custom:
             out["chain"] = self.chain_names
         return out
@@ -177,67 +174,6 @@ class AttachHandle:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
-
-    def _member(self, names: tuple[str, ...], cls: type) -> Any:
-        st = self.chain_state
-        if isinstance(st, ChainState):
-            for n in names:
-                v = st.get(n)
-                if isinstance(v, cls):
-                    return v
-            return next((v for v in st if isinstance(v, cls)), None)
-        return st if isinstance(st, cls) else None
-
-    @property
-    def guard_state(self) -> GuardState | None:
-        """The counters' state: the chain member named ``"nog"`` or ``"guard"`` (or the first
-        :class:`GuardState`); None for a custom chain without one."""
-        return self._member(("nog", "guard"), GuardState)
-
-    @property
-    def olr_state(self) -> OLRState | None:
-        """The chain member named ``"olr"`` (or the first :class:`OLRState`); None without OLR."""
-        return self._member(("olr",), OLRState)
-
-    def stats(self) -> dict[str, Any]:
-        """Host values (one sync): ``steps``, ``zero_grads``, ``nonfinite_grads`` (counted over
-        all producers and steps; absent for a custom chain without a guard), options, names
-        and, with OLR, the last ``eta``/``lr``/``base`` per producer name."""
-        out: dict[str, Any] = {"producers": list(self.names), **self.options, "steps": self._steps}
-        gs = self.guard_state
-        if gs is not None:
-            out["zero_grads"] = int(gs.zero)
-            out["nonfinite_grads"] = int(gs.nonfinite)
-        st = self.olr_state
-        if self._skipped is not None:
-            out["skipped_steps"] = int(self._skipped)
-        if st is not None and st.lr is not None:
-            for key in ("eta", "lr", "base"):
-                vals = getattr(st, key).tolist()
-                out[f"last_{key}"] = dict(zip(self.names, vals))
-        if isinstance(self.state, WeightTargetState) and self.state.residual is not None:
-            out["ow_residual"] = {n: v for n, v in zip(self.names, self.state.residual.tolist()) if v == v}
-        return out
-
-    def olr_history(self) -> dict[str, Tensor]:
-        """``{"eta", "lr", "base"}`` → (steps, producers) tensors: η*, the lr used and the
-        scheduled lr at every step (on the producers' device; empty without OLR/history)."""
-        st = self.olr_state
-        if st is None:
-            return {k: torch.empty(0, 0) for k in ("eta", "lr", "base")}
-        return st.read_history()
-
-    def reset_stats(self) -> None:
-        """Zero the counters and clear the OLR history."""
-        self._steps = 0
-        gs = self.guard_state
-        if gs is not None:
-            gs.zero.zero_()
-            gs.nonfinite.zero_()
-            gs.steps = 0
-        st = self.olr_state
-        if st is not None and st.history is not None:
-            st.history.clear()
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "attached" if self.active else "inactive"
@@ -385,20 +321,15 @@ class AttachHandle:
 def attach(
     optimizer: torch.optim.Optimizer,
     producers: "Mapping[str, Any] | Iterable[Any]",
-    config: Any = None,
+    spec: GradientSpec | None = None,
     *,
-    nog: bool | None = None,
-    olr: bool | None = None,
-    nog_method: str | None = None,
     lr_mode: LRMode = "auto",
     history: bool = True,
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
-    ow_target: str | None = None,
-    nog_scale: str | None = None,
-    nog_deficient: str | None = None,
     skip_nonfinite: str | None = None,
     _step_hooks: bool = True,
+    **fields: Any,
 ) -> AttachHandle:
     r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
     ``optimizer.step()``.
@@ -407,19 +338,22 @@ def attach(
         optimizer: a ``torch.optim.Optimizer`` that holds every producer parameter.
         producers: the Pre-SVD parameters (see :func:`resolve_producers`: tensors,
             ``(module, "weight")`` pairs, ``(name, tensor)`` pairs or a ``{name: spec}`` map).
-        config: anything with attributes (``OrthoConfig``) or keys ``nog``, ``olr``,
-            ``nog_method``; the explicit keyword arguments override it. (A preset name is
-            not accepted here: pass ``orthofx.config.resolve_config(name)``.)
-        nog: replace each producer gradient by the polar factor U Vᵀ of its flattened
-            gradient (:func:`orthofx.treatments.gradient.nog`; batched per shape).
-        olr: per-step lr ``η*`` if ``0 < η* < lr_sched`` else ``lr_sched``
-            (:func:`orthofx.treatments.gradient.olr`), computed on the NOG gradient when NOG
-            is on. ``lr_sched`` is the **current** lr of the producer's original param group,
-            read at every step, so LR schedulers keep working.
-        nog_method: ``orthofx.linalg.polar`` method (default ``"auto"``: sync-free Polar
-            Express on CUDA, float64 Gram eigh on the CPU; ``"svd"`` is the paper's literal one).
-        nog_scale, nog_deficient: NOG's step size (``"unit"`` | ``"frobenius"``) and its rank-deficient
-            case (``"partial"`` | ``"full"``), :func:`orthofx.treatments.gradient.nog`'s ``scale``/``deficient``.
+        spec: the :class:`~orthofx.specs.GradientSpec` to run (its fields are checked and
+            defaulted there, once; None: the defaults, i.e. only the guard). An ``OrthoConfig``
+            gives its ``.gradients``; a preset name is refused.
+        **fields: :class:`~orthofx.specs.GradientSpec` fields replacing ``spec``'s (``None`` =
+            not given), e.g. ``attach(opt, producers, nog=True, olr=True)``:
+
+            * ``nog``: replace each producer gradient by the polar factor U Vᵀ of its flattened
+              gradient (:func:`orthofx.treatments.gradient.nog`; batched per shape);
+            * ``olr``: per-step lr ``η*`` if ``0 < η* < lr_sched`` else ``lr_sched``
+              (:func:`orthofx.treatments.gradient.olr`), computed on the NOG gradient when NOG
+              is on. ``lr_sched`` is the **current** lr of the producer's original param group,
+              read at every step, so LR schedulers keep working;
+            * ``nog_method``, ``nog_scale``, ``nog_deficient``: NOG's polar method, step size and
+              rank-deficient case (:func:`orthofx.treatments.gradient.nog`'s ``method``/
+              ``scale``/``deficient``);
+            * ``ow_target``: what the chain acts on under OW (below).
         lr_mode: how the OLR lr reaches the optimizer (the η* computation itself never syncs):
 
             * ``"float"``: one host transfer per step for all producers
@@ -441,33 +375,32 @@ def attach(
         max_history: keep only the last ``max_history`` steps.
         chain: a :class:`~orthofx.treatments.gradient.GradientTransformation` to run instead
             of the default chain (:func:`~orthofx.treatments.gradient.default_chain` of the
-            config: ``("nog" | "guard", "olr")``), e.g. a
+            spec: ``("nog" | "guard", "olr")``), e.g. a
             :func:`~orthofx.treatments.gradient.named_chain` of orthofx's pieces and your own
             transforms. It gets ``ctx={"lrs": [scheduled lr per producer]}``; if its
             ``sets_lr`` is true the producers get their own param groups and ``Updates.lr`` is
-            delivered as with OLR (``lr_mode``). The config's ``nog``/``olr``/``nog_method``
-            are then not used (passing them as keywords as well raises ConfigError); the
+            delivered as with OLR (``lr_mode``). The spec's ``nog``/``olr``/``nog_*`` are then
+            not used (passing them as keywords as well raises ConfigError); the
             handle reads the state of members named ``"nog"``/``"guard"`` and ``"olr"`` (or
             of the first :class:`GuardState` / :class:`OLRState`) for ``stats()`` and
             ``olr_history()``. A custom chain gets no implicit guard: put ``guard()`` first
             to keep non-finite gradients out of the weights.
-        ow_target: what NOG/OLR act on for a producer with OW (given as a ``(module,
-            "weight")`` pair; the optimizer updates the generator A of W = Φ(A)):
+        skip_nonfinite: None (default: only the guard of the producers' gradients) or
+            ``"model"`` (below).
 
-            * ``"generator"`` (default): the chain acts on A and its gradient, as the
-              optimizer sees them (what the authors' released code does: NOG/OLR on the SOC
-              generator);
-            * ``"weight"``: the chain gets ∂L/∂W (tangent part from A's gradient, normal part
-              captured by a hook on the OW map) and the orthogonal W as its parameter; its
-              direction D is pulled back to A's gradient exactly, so SGD moves W along
-              ``P_T(D)`` (D projected on the tangent space at W). The map is re-based after
-              every step (Y₀ ← W, A ← 0; W unchanged), which makes the pull-back closed form
-              (:mod:`orthofx.treatments.ow_target`; a few small products per producer).
+    ``ow_target`` (a spec field) is what NOG/OLR act on for a producer with OW (given as a
+    ``(module, "weight")`` pair; the optimizer updates the generator A of W = Φ(A)):
 
-            SOC (``ow_method="soc"``) and normalised generators have no A = 0 point: their
-            producers always use the generator, and an explicit ``ow_target="weight"`` raises
-            ConfigError. Producers
-            without OW are not affected.
+    * ``"generator"`` (default): the chain acts on A and its gradient, as the optimizer sees
+      them (what the authors' released code does: NOG/OLR on the SOC generator);
+    * ``"weight"``: the chain gets ∂L/∂W (tangent part from A's gradient, normal part captured
+      by a hook on the OW map) and the orthogonal W as its parameter; its direction D is pulled
+      back to A's gradient exactly, so SGD moves W along ``P_T(D)`` (D projected on the tangent
+      space at W). The map is re-based after every step (Y₀ ← W, A ← 0; W unchanged), which
+      makes the pull-back closed form (:mod:`orthofx.treatments.ow_target`; a few small
+      products per producer). SOC (``ow_method="soc"``) and normalised generators have no
+      A = 0 point: ``"weight"`` raises ConfigError for them. Producers without OW are not
+      affected (``handle.ow_target`` is None when no producer carries OW).
 
     With OLR each producer moves into its **own param group**, a copy of its original group's
     hyperparameters (momentum, weight decay, nesterov, …, re-copied at every step so that
@@ -514,20 +447,24 @@ def attach(
         AttachError: not an optimizer, no producers, a producer not held by the optimizer,
             a producer that does not require grad, or a conflicting earlier attach.
         TreatmentError: a non-float producer, or a 1-D producer with NOG.
-        ConfigError: unknown ``nog_method`` or ``lr_mode``, ``lr_mode="fold"`` with a
-            non-SGD optimizer, OLR on an optimizer without an ``lr`` hyperparameter, a
-            preset name as ``config``, or ``chain=`` together with ``nog``/``olr``/``nog_method``.
+        ConfigError: a field value the spec refuses (naming the field), an unknown field or
+            ``lr_mode``, ``lr_mode="fold"`` with a non-SGD optimizer, OLR on an optimizer
+            without an ``lr`` hyperparameter, a preset name as ``spec``, or ``chain=``
+            together with ``nog``/``olr``/``nog_*``.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise AttachError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if skip_nonfinite not in (None, "model"):
         raise ConfigError(f"attach: skip_nonfinite={skip_nonfinite!r}; use None (guard the producers' gradients "
                           f"only) or 'model' (skip the whole step when any gradient is non-finite)")
-    opts = parse_options(
-        config, nog=nog, olr=olr, nog_method=nog_method, lr_mode=lr_mode,
-        history=history, max_history=max_history, chain=chain, ow_target=ow_target,
-        nog_scale=nog_scale, nog_deficient=nog_deficient,
-    )
+    if "config" in fields:  # the name of ``spec`` before 0.3
+        warnings.warn("orthofx.treatments.attach(config=...) is deprecated; use attach(spec=...) (a GradientSpec)",
+                      DeprecationWarning, stacklevel=2)
+        if spec is None:
+            spec = fields.pop("config")
+        else:
+            raise ConfigError("attach: pass spec= only (config= is its deprecated name)")
+    opts = parse_options(spec, lr_mode=lr_mode, history=history, max_history=max_history, chain=chain, **fields)
     items = resolve_producers(producers)
     check_producers(items, opts)
     slots = locate(optimizer, items)
@@ -571,8 +508,8 @@ def _target_transform(
     found = [ow.get(id(p)) for _, p in items]
     if not any(f is not None for f in found):
         return base, None, None
-    target = opts.target()
-    if opts.ow_target == "weight":
+    target = opts.spec.ow_target
+    if target == "weight":
         soc = [n for (n, _), f in zip(items, found) if f is not None and f[0] == "soc"]
         if soc:
             raise ConfigError(
@@ -595,13 +532,16 @@ def _target_transform(
 
 
 def _same(prev: AttachHandle, opts: AttachOptions) -> bool:
-    """An attach with ``opts`` repeats ``prev`` (so it returns ``prev``)."""
+    """An attach with ``opts`` repeats ``prev`` (so it returns ``prev``): the same chain (the
+    same object, or the same spec's NOG/OLR options), ``ow_target`` and ``lr_mode`` ("auto" matches any)."""
     p = prev._opts
-    if p.chain is not None or opts.chain is not None:
+    if p.custom or opts.custom:
         same = p.chain is opts.chain
     else:
-        same = (p.nog, p.olr) == (opts.nog, opts.olr) and (
-            not opts.nog or (p.nog_method, p.nog_scale, p.nog_deficient)
-            == (opts.nog_method, opts.nog_scale, opts.nog_deficient))
-    same = same and opts.ow_target in (None, prev._opts.ow_target)
-    return same and (opts.lr_mode == "auto" or prev.lr_mode == opts.lr_mode)
+        same = _chain_key(p.spec) == _chain_key(opts.spec)
+    return same and p.spec.ow_target == opts.spec.ow_target and opts.lr_mode in ("auto", prev.lr_mode)
+
+
+def _chain_key(spec: GradientSpec) -> tuple[Any, ...]:
+    """What of ``spec`` the default chain depends on (NOG's options only with NOG on)."""
+    return (spec.nog, spec.olr) + ((spec.nog_method, spec.nog_scale, spec.nog_deficient) if spec.nog else ())

@@ -2,10 +2,8 @@
 
 * :func:`resolve_producers` — tensors, ``(module, "weight")`` pairs, ``(name, tensor)`` pairs
   or a ``{name: spec}`` map → ``[(name, parameter)]``;
-* :func:`parse_options` — a config (any object with attributes ``nog``, ``olr``,
-  ``nog_method``, ``nog_scale``, ``nog_deficient``, ``ow_target``, e.g. an ``OrthoConfig``, or a mapping with those keys) and
-  the explicit keywords → :class:`AttachOptions` (plain values; this module imports no config
-  class);
+* :func:`parse_options` — a :class:`~orthofx.specs.GradientSpec` and the explicit keywords
+  (its field names) → :class:`AttachOptions` (the spec checks every value, once);
 * :func:`ow_producers` — which producers carry OW, and with which parametrization.
 """
 
@@ -18,11 +16,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
-from orthofx.treatments._common import POLAR_METHODS
-from orthofx.treatments.gradient import GradientTransformation, choice, default_chain
+from orthofx.specs import GradientSpec
+from orthofx.treatments.gradient import GradientTransformation, default_chain
 from orthofx.treatments.lr import LR_MODES
-from orthofx.vocab import NOG_DEFICIENT, NOG_SCALES
-from orthofx.treatments.ow_target import DEFAULT_TARGET, OW_TARGETS, is_soc, ow_parametrization
+from orthofx.treatments.ow_target import is_soc, ow_parametrization
 
 __all__ = ["AttachOptions", "parse_options", "resolve_producers", "check_producers", "ow_producers"]
 
@@ -113,131 +110,72 @@ def ow_producers(producers: "Mapping[str, Any] | Iterable[Any]") -> dict[int, tu
 # --------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class AttachOptions:
-    """The resolved options of one attach. ``chain`` is the user's chain, or None for the
-    default chain built from ``nog``/``olr``/``nog_method``/``nog_scale``/``nog_deficient``
-    (:meth:`transform`)."""
+    """The options of one attach: the :class:`~orthofx.specs.GradientSpec` (checked and
+    defaulted there), the user's ``chain`` (None: the spec's :func:`default_chain`) and how
+    the chain's lrs reach the optimizer (``lr_mode``, ``history``, ``max_history``)."""
 
-    nog: bool
-    olr: bool
-    nog_method: str
-    lr_mode: str
+    spec: GradientSpec
+    lr_mode: str = "auto"
     history: bool = True
     max_history: int | None = None
     chain: GradientTransformation | None = None
-    ow_target: str | None = None
-    nog_scale: str = "unit"
-    nog_deficient: str = "partial"
-
-    def target(self) -> str:
-        """What NOG/OLR act on for OW producers: the explicit ``ow_target``, else
-        ``"generator"`` (:data:`~orthofx.treatments.ow_target.DEFAULT_TARGET`, as the authors' code)."""
-        return self.ow_target if self.ow_target is not None else DEFAULT_TARGET
 
     @property
     def custom(self) -> bool:
         return self.chain is not None
 
     @property
+    def nog(self) -> bool:
+        """NOG of the default chain (False with a custom chain)."""
+        return self.spec.nog and not self.custom
+
+    @property
+    def olr(self) -> bool:
+        """OLR of the default chain (False with a custom chain)."""
+        return self.spec.olr and not self.custom
+
+    @property
     def sets_lr(self) -> bool:
         """Whether the chain may set a per-producer lr (producers then get their own groups)."""
-        return self.chain.sets_lr if self.chain is not None else self.olr
+        return self.chain.sets_lr if self.chain is not None else self.spec.olr
 
     def transform(self) -> GradientTransformation:
         if self.chain is not None:
             return self.chain
-        return default_chain(
-            nog=self.nog, olr=self.olr, nog_method=self.nog_method,
-            history=self.history, max_history=self.max_history,
-            nog_scale=self.nog_scale, nog_deficient=self.nog_deficient,
-        )
-
-
-def read_option(config: Any, key: str, explicit: Any, default: Any) -> Any:
-    """``explicit`` if given, else ``config[key]`` / ``config.key``, else ``default``."""
-    if explicit is not None:
-        return explicit
-    if config is None:
-        return default
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
+        return default_chain(self.spec, history=self.history, max_history=self.max_history)
 
 
 def parse_options(
-    config: Any = None,
+    spec: "GradientSpec | Mapping[str, Any] | None" = None,
     *,
-    nog: bool | None = None,
-    olr: bool | None = None,
-    nog_method: str | None = None,
     lr_mode: str = "auto",
     history: bool = True,
     max_history: int | None = None,
     chain: GradientTransformation | None = None,
-    ow_target: str | None = None,
-    nog_scale: str | None = None,
-    nog_deficient: str | None = None,
+    **fields: Any,
 ) -> AttachOptions:
-    """Validate and combine ``config`` with the explicit keywords (which win).
-
-    ``config`` is a plain-value source: ``None``, a mapping, or an object with attributes
-    (``OrthoConfig``). A preset *name* is not resolved here (that would tie the treatments to
-    the top-level config module): pass ``orthofx.config.resolve_config(name)``. With
-    ``chain=`` the config's ``nog``/``olr``/``nog_method``/``nog_scale``/``nog_deficient`` are
-    not used, and passing them explicitly as well is an error. ``nog_scale`` and
-    ``nog_deficient`` are checked here (ConfigError naming the field), with NOG on also
-    against ``nog_method`` (``"full"`` needs "svd" or "auto")."""
-    if isinstance(config, str):
-        raise ConfigError(
-            f"attach: config={config!r} is a preset name; pass the config itself "
-            f"(orthofx.config.resolve_config({config!r})), a mapping, or nog=/olr= keywords"
-        )
+    """``spec`` with the explicit ``fields`` (:class:`~orthofx.specs.GradientSpec` field names,
+    ``None`` = not given) applied: the one place attach's keywords meet a spec, which checks
+    them. ``spec``: a GradientSpec, a mapping of its fields, an object carrying one as
+    ``.gradients`` (``OrthoConfig``) or None (the defaults); a preset *name* is refused. With
+    ``chain=`` the spec's NOG/OLR options are not used, and passing them as well is an error."""
+    given = {k: v for k, v in fields.items() if v is not None}
     if chain is not None:
         if not isinstance(chain, GradientTransformation):
             raise ConfigError(f"attach: chain= must be a GradientTransformation, got {type(chain).__name__}")
-        given = [k for k, v in (("nog", nog), ("olr", olr), ("nog_method", nog_method), ("nog_scale", nog_scale),
-                                ("nog_deficient", nog_deficient)) if v is not None]
-        if given:
+        clash = [k for k in given if k != "ow_target"]
+        if clash:
             raise ConfigError(
-                f"attach: pass either chain= or {'/'.join(given)}= (the chain replaces the default "
+                f"attach: pass either chain= or {'/'.join(clash)}= (the chain replaces the default "
                 "NOG/OLR chain); build the chain with orthofx.treatments.default_chain(...) pieces instead"
             )
-        _check_lr_mode(lr_mode)
-        return AttachOptions(nog=False, olr=chain.sets_lr, nog_method="auto", lr_mode=lr_mode,
-                             history=history, max_history=max_history, chain=chain,
-                             ow_target=_check_target(ow_target))
-    use_nog = bool(read_option(config, "nog", nog, False))
-    use_olr = bool(read_option(config, "olr", olr, False))
-    method = read_option(config, "nog_method", nog_method, "auto")
-    if use_nog and method not in POLAR_METHODS:
-        raise ConfigError(f"nog_method={method!r}; use one of {POLAR_METHODS}")
-    scale = _check_choice(read_option(config, "nog_scale", nog_scale, "unit"), "nog_scale", NOG_SCALES)
-    deficient = _check_choice(read_option(config, "nog_deficient", nog_deficient, "partial"), "nog_deficient",
-                              NOG_DEFICIENT)
-    if use_nog and deficient == "full" and method not in ("auto", "svd"):
-        raise ConfigError(
-            f"nog_deficient='full' with nog_method={method!r}: only an SVD returns the null-space basis the "
-            "lift needs; use nog_method='svd' or 'auto' (runs the SVD: one host sync per step on CUDA), "
-            "or nog_deficient='partial'"
-        )
     _check_lr_mode(lr_mode)
-    target = _check_target(read_option(config, "ow_target", ow_target, None))
-    return AttachOptions(nog=use_nog, olr=use_olr, nog_method=method, lr_mode=lr_mode,
-                         history=history, max_history=max_history, ow_target=target,
-                         nog_scale=scale, nog_deficient=deficient)
-
-
-def _check_choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
-    return choice(value, field, allowed)
-
-
-def _check_target(target: Any) -> str | None:
-    if target is None:
-        return None
-    if hasattr(target, "value") and not isinstance(target, str):  # an Enum member
-        target = target.value
-    if target not in OW_TARGETS:
-        raise ConfigError(f"ow_target={target!r}; use one of {OW_TARGETS}")
-    return str(target)
+    try:
+        base = GradientSpec.coerce(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"attach: {exc}") from None
+    return AttachOptions(spec=base.replace(**given), lr_mode=lr_mode, history=history,
+                         max_history=max_history, chain=chain)
 
 
 def _check_lr_mode(lr_mode: Any) -> None:

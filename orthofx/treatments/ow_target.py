@@ -49,6 +49,7 @@ ConfigError).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -56,17 +57,29 @@ import torch
 from torch import Tensor, nn
 
 from orthofx.errors import ConfigError, TreatmentError
+from orthofx.specs import GradientSpec
 from orthofx.treatments.gradient import GradientTransformation, Updates, as_updates
+from orthofx import vocab
 
 __all__ = [
-    "OW_TARGETS", "DEFAULT_TARGET", "OWLinearization", "WeightGradCapture", "WeightTargetState", "weight_target",
+    "OWLinearization", "WeightGradCapture", "WeightTargetState", "weight_target",
     "ow_parametrization", "rebase", "tangent_project", "pullback", "tangent_from_generator_grad",
 ]
 
-#: the readings of "the gradient of the Pre-SVD weight" under OW
-OW_TARGETS: tuple[str, ...] = ("weight", "generator")
-#: what NOG/OLR act on under OW when nothing is chosen (the authors' code)
-DEFAULT_TARGET = "generator"
+#: earlier names of this module: their one definition lives elsewhere now (a DeprecationWarning names it)
+_MOVED: dict[str, tuple[str, Any]] = {
+    "OW_TARGETS": ("orthofx.vocab.OW_TARGETS", vocab.OW_TARGETS),
+    "DEFAULT_TARGET": ("orthofx.specs.GradientSpec.ow_target (the field's default)", GradientSpec.ow_target),
+}
+
+
+def __getattr__(name: str) -> Any:
+    moved = _MOVED.get(name)
+    if moved is None:
+        raise AttributeError(f"module 'orthofx.treatments.ow_target' has no attribute {name!r}")
+    warnings.warn(f"orthofx.treatments.ow_target.{name} is deprecated; use {moved[0]}", DeprecationWarning,
+                  stacklevel=2)
+    return moved[1]
 
 
 def ow_parametrization(module: nn.Module, name: str) -> nn.Module | None:
