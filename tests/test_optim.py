@@ -229,7 +229,6 @@ def test_orthosgd_follows_layer_configs() -> None:
     ref = copy.deepcopy(gm)
     lr = 0.05
     opt = OrthoSGD(gm, lr=lr, momentum=0.0)
-    assert opt.handle is not None and opt.handle.names == ("0.weight",) and opt.handle.nog
     F.cross_entropy(gm(x), y).backward()
     w0, w3 = gm[0].weight.detach().clone(), gm[3].weight.detach().clone()
     g0, g3 = gm[0].weight.grad.clone(), gm[3].weight.grad.clone()
@@ -239,6 +238,7 @@ def test_orthosgd_follows_layer_configs() -> None:
     # the rounding of SGD's in-place w.add_(g, alpha=-lr) against w - lr·g
     torch.testing.assert_close(gm[0].weight.detach(), w0 - lr * _uvt(g0), rtol=0, atol=1e-12)
     torch.testing.assert_close(gm[3].weight.detach(), w3 - lr * g3, rtol=0, atol=1e-15)
+    assert opt.handle.names == ("0.weight",) and opt.handle.nog
     # orthofx.attach on torch.optim.SGD takes the same step (the same road)
     sgd = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.0)
     h = orthofx.attach(sgd, ref)
