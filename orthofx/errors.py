@@ -65,9 +65,10 @@ class SolverError(OrthofxError, RuntimeError):
 
 
 class ScriptingError(OrthofxError, RuntimeError):
-    """``torch.jit.script`` was asked to compile an orthofx module that TorchScript cannot
-    express; the message names the module and the alternatives (``torch.jit.trace``,
-    ``torch.export``)."""
+    """``torch.jit.script`` was asked to compile an orthofx module without a TorchScript path
+    (``StableDecomposition``, a fused square root; DecorrelatedBatchNorm and CovariancePooling
+    script); the message names the module and the alternatives (``orthofx.strip``,
+    ``torch.jit.trace``, ``torch.export``)."""
 
 
 class OptionError(ConfigError):

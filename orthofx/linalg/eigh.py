@@ -152,31 +152,10 @@ def stable_k(lam: Tensor, taylor_degree: int | None = None) -> Tensor:
     return k * (1.0 - torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device))
 
 
-def stable_eigh_forward(a: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """``(L, U)`` of the symmetric ``a`` by the resolved ``backend`` ("svd" or "eigh"), no autograd."""
-    return eigh_via_svd(a) if backend == "svd" else robust_eigh(a)
-
-
-def stable_eigh_backward(
-    g_lam: Tensor | None, g_vec: Tensor | None, lam: Tensor, vec: Tensor, taylor_degree: int | None
-) -> Tensor:
-    """``sym(U ((Kᵀ ∘ (Uᵀ ∂L/∂U)) + diag(∂L/∂Λ)) Uᵀ)`` with the bounded K of :func:`stable_k`
-    (module doc); a missing gradient counts as zero. Counts non-finite results. Shared by the
-    autograd Function and the TorchScript op of :mod:`orthofx.nn._script`."""
-    inner = torch.zeros_like(vec)
-    if g_vec is not None:
-        inner = stable_k(lam, taylor_degree).mT * (vec.mT @ g_vec.to(vec.dtype))
-    if g_lam is not None:
-        inner = inner + torch.diag_embed(g_lam.to(lam.dtype))
-    grad = symmetrize(vec @ inner @ vec.mT)
-    solver_stats().record_nonfinite(grad, event_dims=2)
-    return grad
-
-
 class _StableEigh(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, taylor_degree: int | None, backend: str) -> tuple[Tensor, Tensor]:
-        lam, vec = stable_eigh_forward(a, backend)
+        lam, vec = eigh_via_svd(a) if backend == "svd" else robust_eigh(a)
         ctx.taylor_degree = taylor_degree
         ctx.save_for_backward(lam, vec)
         ctx.set_materialize_grads(False)
@@ -188,7 +167,15 @@ class _StableEigh(torch.autograd.Function):
         lam, vec = ctx.saved_tensors
         if g_lam is None and g_vec is None:
             return None, None, None
-        return stable_eigh_backward(g_lam, g_vec, lam, vec, ctx.taylor_degree), None, None
+        inner = torch.zeros_like(vec)
+        if g_vec is not None:
+            k = stable_k(lam, ctx.taylor_degree)
+            inner = k.mT * (vec.mT @ g_vec.to(vec.dtype))
+        if g_lam is not None:
+            inner = inner + torch.diag_embed(g_lam.to(lam.dtype))
+        grad = symmetrize(vec @ inner @ vec.mT)
+        solver_stats().record_nonfinite(grad, event_dims=2)
+        return grad, None, None
 
 
 def _guard(a: Tensor, on_nonfinite: str) -> FiniteGuard | None:

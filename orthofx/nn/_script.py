@@ -14,12 +14,10 @@ registered as a torch operator (``torch.library.custom_op``) with its autograd f
   ``iters`` steps);
 * ``gram_sqrtm(z, eps, inverse, solver) -> (Y, μ, V, H)``: :func:`orthofx.linalg.covariance_sqrtm`'s
   Gram route, backward its exact closed form (``gram_backward``);
-* ``stable_eigh(a, taylor_degree, solver) -> (L, U)``: :func:`orthofx.linalg.eigh` with the
-  bounded-K backward (``stable_eigh_backward``).
 
 The operators run the same Python functions as the autograd Functions of eager mode (solver
 choice, failure recovery, ``solver_stats`` counters included), so a scripted module computes the
-eager module's values and gradients. Outputs other than ``Y`` (``L``) are not differentiable;
+eager module's values and gradients. Outputs other than ``Y`` are not differentiable;
 there is no double backward. The operators exist once ``orthofx`` (or ``orthofx.nn``) is
 imported: ``torch.jit.load`` of a scripted model that holds orthofx modules needs
 ``import orthofx`` first (``Unknown builtin op: orthofx::...`` otherwise), and the C++ runtime
@@ -37,7 +35,6 @@ import torch
 from torch import Tensor
 
 from orthofx.linalg._checks import no_autocast
-from orthofx.linalg.eigh import stable_eigh_backward, stable_eigh_forward
 from orthofx.linalg.gram import gram_backward, gram_forward
 from orthofx.linalg.newton_schulz import ns_sqrtm
 from orthofx.linalg.spectral import spectral_backward, spectral_forward
@@ -142,38 +139,6 @@ def _gram_grad(ctx: Any, g_y: Tensor, *_: Tensor) -> Tuple[Tensor, None, None, N
 
 
 _gram_op.register_autograd(_gram_grad, setup_context=_gram_setup)
-
-
-# --- stable eigendecomposition ---------------------------------------------------------------
-
-@torch.library.custom_op(f"{_NS}::stable_eigh", mutates_args=())
-def _eigh_op(a: Tensor, taylor_degree: Optional[int], solver: str) -> Tuple[Tensor, Tensor]:
-    with no_autocast(a.device.type):
-        lam, vec = stable_eigh_forward(a, solver)
-    solver_stats().record_nonfinite(lam, event_dims=1)
-    return lam.contiguous(), vec.contiguous()
-
-
-@_eigh_op.register_fake
-def _(a: Tensor, taylor_degree: Optional[int], solver: str) -> Tuple[Tensor, Tensor]:
-    return a.new_empty(a.shape[:-1]), a.new_empty(a.shape)
-
-
-def _eigh_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
-    ctx.taylor_degree = inputs[1]
-    ctx.save_for_backward(*output)
-    ctx.set_materialize_grads(False)
-
-
-def _eigh_grad(ctx: Any, g_lam: Optional[Tensor], g_vec: Optional[Tensor]) -> Tuple[Optional[Tensor], None, None]:
-    lam, vec = ctx.saved_tensors
-    if g_lam is None and g_vec is None:
-        return None, None, None
-    with no_autocast(vec.device.type):
-        return stable_eigh_backward(g_lam, g_vec, lam, vec, ctx.taylor_degree), None, None
-
-
-_eigh_op.register_autograd(_eigh_grad, setup_context=_eigh_setup)
 
 
 # --- TorchScript-compatible callers ----------------------------------------------------------
