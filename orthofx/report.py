@@ -211,6 +211,8 @@ class MetaLayerEntry:
         name: the meta-layer's one name (:func:`meta_layer_name`: the module path where it
             runs), the same in the report, the monitor, its sinks and the CLI; ``node`` is
             the graph detail.
+        notes: what to know about this meta-layer (its decomposition's outputs are detached,
+            so a treatment cannot change its backward; the orthofx.nn module that replaces it).
     """
 
     node: str
@@ -225,13 +227,14 @@ class MetaLayerEntry:
     chain: tuple[ChainStep, ...] = ()
     graph: str = ""
     name: str = ""
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name or meta_layer_name(self.scope, self.kind), "node": self.node, "kind": self.kind, "usage": self.usage, "scope": self.scope,
             "target": self.target, "source": self.source, "input": self.input,
             "covariance": self.covariance.to_dict(), "producer": self.producer.to_dict(),
-            "chain": [s.to_dict() for s in self.chain], "graph": self.graph,
+            "chain": [s.to_dict() for s in self.chain], "graph": self.graph, "notes": list(self.notes),
         }
 
 
@@ -390,6 +393,9 @@ class AnalysisReport:
             lines.append("chains (producer -> meta-layer):")
             for i, e in enumerate(self.entries):
                 lines.append(f"  [{i}] " + " -> ".join(s.short() for s in e.chain))
+            said = dict.fromkeys((e.name, n) for e in self.entries for n in e.notes)  # once per meta-layer
+            if said:
+                lines += ["", "meta-layer notes:"] + [f"  - {name}: {n}" for name, n in said]
         if self.skipped:
             lines.append("")
             lines.append("skipped (producer not determined):")
@@ -412,48 +418,17 @@ class AnalysisReport:
     def to_networkx(self) -> Any:
         """A ``networkx.DiGraph`` of every chain: nodes ``"<entry>:<node>"`` with attributes
         ``label``, ``role``, ``entry``, ``column``; edges producer → … → meta-layer."""
-        import networkx as nx
+        from orthofx.report_draw import to_networkx
 
-        g = nx.DiGraph()
-        chains: list[tuple[str, Sequence[ChainStep], bool]] = [
-            (f"e{i}", e.chain, True) for i, e in enumerate(self.entries)
-        ] + [(f"s{i}", s.chain, False) for i, s in enumerate(self.skipped)]
-        for row, (tag, chain, ok) in enumerate(chains):
-            prev = None
-            for col, step in enumerate(chain):
-                key = f"{tag}:{step.graph + '/' if step.graph else ''}{step.node}"
-                g.add_node(key, label=_step_label(step), role=step.role, entry=tag,
-                           row=row, column=col, ok=ok)
-                if prev is not None:
-                    g.add_edge(prev, key)
-                prev = key
-        return g
+        return to_networkx(self)
 
     def to_dot(self) -> str:
         """Graphviz DOT text: one cluster per entry (producer → … → meta-layer) and per
         skipped meta-layer (stop node → … → meta-layer, in red)."""
+        from orthofx.report_draw import to_dot
+
         self.name_meta_layers()
-        out = ["digraph orthofx {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica", fontsize=10];']
-        blocks = [(f"e{i}", f"[{i}] {e.name}: {e.kind} / {e.usage} (node {e.node})",
-                   e.chain, True) for i, e in enumerate(self.entries)]
-        blocks += [(f"s{i}", f"skipped {s.name}: {s.reason}", s.chain, False)
-                   for i, s in enumerate(self.skipped)]
-        for tag, label, chain, ok in blocks:
-            out.append(f"  subgraph cluster_{tag} {{")
-            out.append(f"    label={_dot_str(label)};")
-            out.append(f"    color={'black' if ok else 'red'};")
-            keys = []
-            for step in chain:
-                key = f"{tag}:{step.graph + '/' if step.graph else ''}{step.node}"
-                keys.append(key)
-                color = _ROLE_COLORS.get(step.role, "#ffffff")
-                out.append(f"    {_dot_str(key)} [label={_dot_str(_step_label(step))}, "
-                           f'style=filled, fillcolor="{color}"];')
-            for a, b in zip(keys, keys[1:]):
-                out.append(f"    {_dot_str(a)} -> {_dot_str(b)};")
-            out.append("  }")
-        out.append("}")
-        return "\n".join(out) + "\n"
+        return to_dot(self)
 
     def to_png(self, path: str, *, dpi: int = 120) -> str:
         """Draw the chains with networkx + matplotlib into ``path``; returns ``path``.
@@ -461,54 +436,9 @@ class AnalysisReport:
         Builds a ``matplotlib.figure.Figure`` with an Agg canvas (no ``pyplot``: the global
         backend is left alone). Needs matplotlib (extra ``plot``): without it,
         :class:`~orthofx.errors.MissingExtraError`."""
-        import networkx as nx
+        from orthofx.report_draw import to_png
 
-        from orthofx._optional import require
-
-        mfig = require("matplotlib.figure", "plot", purpose="Report.to_png")
-        g = self.to_networkx()
-        n_rows = max((d["row"] for _, d in g.nodes(data=True)), default=0) + 1
-        n_cols = max((d["column"] for _, d in g.nodes(data=True)), default=0) + 1
-        fig = mfig.Figure(figsize=(max(4.0, 1.9 * n_cols), max(2.0, 1.3 * n_rows)))
-        ax = fig.subplots()
-        pos = {k: (d["column"], -d["row"]) for k, d in g.nodes(data=True)}
-        colors = [_ROLE_COLORS.get(d["role"], "#ffffff") for _, d in g.nodes(data=True)]
-        edge_colors = ["black" if g.nodes[u]["ok"] else "red" for u, _ in g.edges()]
-        if g.number_of_nodes():
-            nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colors, node_shape="s",
-                                   node_size=1800, edgecolors="black")
-            nx.draw_networkx_edges(g, pos, ax=ax, edge_color=edge_colors, arrows=True,
-                                   node_size=1800)
-            labels = {k: d["label"] for k, d in g.nodes(data=True)}
-            nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=6)
-        else:
-            ax.text(0.5, 0.5, "no meta-layers found", ha="center", va="center")
-        ax.set_title(f"orthofx: {self.model}", fontsize=9)
-        ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(path, dpi=dpi)
-        return path
-
-
-_ROLE_COLORS = {
-    "producer": "#ffd27f",
-    "covariance": "#9fd5ff",
-    "meta": "#c7a4ff",
-    "stop": "#ff9f9f",
-}
-
-
-def _step_label(step: ChainStep) -> str:
-    label = f"{step.node}\n{step.target}"
-    if step.role not in ("producer", "meta"):
-        label += f"\n[{step.role}]"
-    if step.shape is not None:
-        label += "\n" + "x".join(map(str, step.shape))
-    return label
-
-
-def _dot_str(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return to_png(self, path, dpi=dpi)
 
 
 def _table(rows: Iterable[Sequence[str]]) -> list[str]:

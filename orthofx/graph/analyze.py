@@ -23,6 +23,7 @@ from orthofx.graph.fx_covariance import covariance_info
 from orthofx.graph.fx_nodes import NodeGraph, describe_target
 from orthofx.graph.fx_usage import detect_usage
 from orthofx.graph.fx_walk import Step, Walker, WalkOutcome
+from orthofx.graph.gradflow import fx_cut
 from orthofx.graph.patterns import Patterns
 from orthofx.vocab import MetaSpec, Role, is_meta_layer, meta_spec_of
 from orthofx.graph.trace import (
@@ -156,6 +157,9 @@ def analyze_graph(
             f"is preserved)")
     for site in sites:
         entry = _analyze_site(site, ng, walker, inner_walkers, patterns, shapes)
+        cut = fx_cut(site.node, site.target) if isinstance(entry, MetaLayerEntry) else None
+        if cut:
+            entry = dataclasses.replace(entry, notes=(*entry.notes, cut))
         if site.module is not None:  # a meta-layer module: named by its path, its own usage
             usage = getattr(site.module, "orthofx_usage", None)
             entry = dataclasses.replace(entry, name=str(site.node.target),

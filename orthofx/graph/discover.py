@@ -15,6 +15,7 @@ from typing import Any
 
 from orthofx.graph.config import AnalysisConfig
 from orthofx.graph.covariances import Covariance, find_covariances
+from orthofx.graph.gradflow import recorded_cut
 from orthofx.graph.ops import CovForm, NodeKind
 from orthofx.vocab import MatFn, Role
 from orthofx.graph.producers import Producer, walk_producers, weighted
@@ -155,10 +156,11 @@ def discover_recording(rec: Recording, cfg: AnalysisConfig | None = None, *,
             report.skipped.append(SkippedEntry(
                 **common, reason=f"no Pre-SVD layer: the features {why}", chain=tuple(chain_tail)))
             continue
+        cut = recorded_cut(rec, site_index(m))
         for p in m.producers:
             report.entries.append(MetaLayerEntry(
                 **common, covariance=_cov_info(rec, m), producer=_producer_info(rec, p),
-                chain=tuple(_chain(rec, m, p) + chain_tail)))
+                chain=tuple(_chain(rec, m, p) + chain_tail), notes=(cut,) if cut else ()))
     if rec.functions:
         report.notes.append("autograd.Functions run (their forwards were recorded op by op; their "
                             "backwards are untouched): " + ", ".join(rec.functions))

@@ -69,6 +69,8 @@ class Node:
         symmetric: for a product with square output: whether it is symmetric (numerically;
             computed on demand by the covariance recognition, from ``value``).
         value: the output, kept for small square matrices (numeric checks of the analysis).
+        grad: gradient recording was enabled when the op ran (False under ``torch.no_grad()``
+            and inside an autograd.Function's forward).
     """
 
     index: int
@@ -85,6 +87,7 @@ class Node:
     symmetric: bool | None = None
     value: Tensor | None = field(default=None, repr=False)
     users: list[int] = field(default_factory=list, repr=False)
+    grad: bool = True
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -105,6 +108,8 @@ class Recording:
         module_types: qualified module name → class name.
         training: whether the run was in training mode.
         notes: anything that happened (eval-mode fallback, ...).
+        outputs: the nodes of the tensors the forward returned.
+        grad: gradient recording was enabled for the forward as a whole.
     """
 
     nodes: list[Node]
@@ -116,6 +121,8 @@ class Recording:
     functions: list[str] = field(default_factory=list)
     modules_run: set[str] = field(default_factory=set)
     module_classes: dict[str, type] = field(default_factory=dict, repr=False)
+    outputs: list[int] = field(default_factory=list)
+    grad: bool = True
 
     def node(self, ref: Ref | int) -> Node:
         return self.nodes[ref.node if isinstance(ref, Ref) else ref]
@@ -136,6 +143,7 @@ class _Recorder(TorchDispatchMode):
         self.leaf_buffers: dict[int, tuple[str, Tensor]] = {}
         self.protected: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.param_nodes: dict[int, str] = {}
+        self.outputs: list[int] = []
         self.kept = 0
         for name, p in model.named_parameters(remove_duplicate=False):
             self.leaf_params.setdefault(id(p), (name, p))
@@ -221,7 +229,7 @@ class _Recorder(TorchDispatchMode):
             len(nodes), NodeKind.OP, name, args=in_args, kwargs=in_kwargs, inputs=tuple(refs),
             shapes=tuple(tuple(o.shape) for o in tensors), module=self.module_stack[-1],
             function=self.function_stack[-1] if self.function_stack else None,
-            data=data, param=param,
+            data=data, param=param, grad=torch.is_grad_enabled(),
         )
         nodes.append(n)
         for r in refs:
@@ -452,7 +460,9 @@ def _run(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], trai
     model.train(training)
     try:
         with _named_functions(rec), _module_stack(model, rec), rec:
-            model(*inputs, **kwargs)
+            out = model(*inputs, **kwargs)
+        flat, _ = tree_flatten(out)
+        rec.outputs = [r.node for r in (rec._get(t) for t in flat if isinstance(t, Tensor)) if r is not None]
     finally:
         rec.restore_values()
     return rec
@@ -478,6 +488,7 @@ def record(model: nn.Module, example_inputs: Any, *, kwargs: dict[str, Any] | No
     inputs = _as_tuple(example_inputs)
     kwargs = dict(kwargs or {})
     notes: list[str] = []
+    grad = torch.is_grad_enabled()
     with kept_state(model), quiet_user_hooks(model):
         try:
             rec = _run(model, inputs, kwargs, training)
@@ -498,7 +509,7 @@ def record(model: nn.Module, example_inputs: Any, *, kwargs: dict[str, Any] | No
     types = {name: cls.__name__ for name, cls in classes.items()}
     return Recording(rec.nodes, params, param_tensors, types, training=used, notes=notes,
                      functions=list(rec.functions_seen), modules_run=set(rec.modules_run),
-                     module_classes=classes)
+                     module_classes=classes, outputs=rec.outputs, grad=grad)
 
 
 def _first_line(exc: BaseException) -> str:
