@@ -10,7 +10,7 @@ measured side by side are meaningful at all.
 **Recorded analysis** (the issue's target): ``orthofx.analyze(model, example_inputs)`` records
 one concrete forward at the ATen level and analyses the recording. For torchvision
 ``resnet50`` (``weights=None``, batch 2 × 3×224×224) and one model of each style of the
-real-code corpus (:mod:`orthofx.testing.realcode`), the median wall time of
+real-code corpus (``tests/corpora/realcode``), the median wall time of
 
 * ``analyze``: ``orthofx.analyze(model, inputs)``;
 * ``fwd+bwd``: one forward + backward in train mode on the same inputs
@@ -54,9 +54,11 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the real-code corpus is test data (tests/corpora/realcode), not library code: import it from tests/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from corpora.realcode import CASES  # noqa: E402
 from orthofx.graph import analyze, trace  # noqa: E402
-from orthofx.testing.realcode import CASES  # noqa: E402
 
 TARGET = 3.0          # recorded analyze / one forward+backward
 TARGET_SYMBOLIC = 2.0  # symbolic analyze / symbolic_trace
@@ -65,7 +67,7 @@ TARGET_SYMBOLIC = 2.0  # symbolic analyze / symbolic_trace
 # =========================================================================================
 # Recorded analysis: analyze(model, inputs) vs one forward+backward
 # =========================================================================================
-#: one real-code model per style (orthofx/testing/realcode.py)
+#: one real-code model per style (tests/corpora/realcode)
 STYLES: dict[str, str] = {
     "gcp_isqrt": "GCP, iSQRT-COV (Newton–Schulz Function)",
     "gcp_svd": "GCP, MPN-COV (svd)",

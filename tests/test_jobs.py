@@ -11,7 +11,7 @@ import pytest
 
 from orthofx.experiment import demo as demo_mod
 from orthofx.experiment.jobs import Task, default_jobs, run_tasks, usable_cores
-from tests.test_cli import _has_fashion_mnist
+from test_cli import _has_fashion_mnist  # tests/ is on sys.path (rootdir-less tests, pytest prepend mode)
 
 
 def test_run_tasks_in_workers_returns_every_result_by_key():

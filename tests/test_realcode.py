@@ -1,4 +1,4 @@
-"""The real-code corpus (orthofx.testing.realcode): the models themselves, and orthofx on them.
+"""The real-code corpus (tests/corpora/realcode): the models themselves, and orthofx on them.
 
 The first part checks the corpus without orthofx's analysis: every case builds
 deterministically, runs forward and backward in train and eval mode with finite results,
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck
 
-from orthofx.testing import realcode as rc
-from orthofx.testing.realcode import ALL_CASES, CASES, KINDS, NEGATIVE_CASES, RealCodeCase
+from corpora import realcode as rc
+from corpora.realcode import ALL_CASES, CASES, KINDS, NEGATIVE_CASES, RealCodeCase
 
 _ALL = sorted(ALL_CASES)
 _POS = sorted(CASES)
@@ -249,10 +249,14 @@ def test_custom_backward_gradcheck(name: str):
 
 
 def test_all_custom_functions_gradchecked():
+    import pkgutil
+
     from torch.autograd import Function
 
-    defined = {obj for obj in vars(rc).values()
-               if isinstance(obj, type) and issubclass(obj, Function) and obj.__module__ == rc.__name__}
+    # every module of the corpus package is listed in rc.MODULES, so none escapes the check
+    assert {m.__name__ for m in rc.MODULES} == {f"{rc.__name__}.{i.name}" for i in pkgutil.iter_modules(rc.__path__)}
+    defined = {obj for m in rc.MODULES for obj in vars(m).values()
+               if isinstance(obj, type) and issubclass(obj, Function) and obj.__module__ == m.__name__}
     checked = {entry[0] for entry in _GRADCHECKS.values()}
     assert defined == checked, {f.__name__ for f in defined ^ checked}
 

@@ -1,4 +1,4 @@
-"""orthofx on the held-out real-code corpus (orthofx.testing.realcode_extra).
+"""orthofx on the held-out real-code corpus (tests/corpora/realcode_extra).
 
 Same checks as tests/test_realcode.py — the corpus itself (runs, deterministic, hand-written
 backwards gradchecked), then ``analyze`` finds exactly the planted producers and leaves the
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck
 
-from orthofx.testing import realcode_extra as rx
-from orthofx.testing.realcode import KINDS, RealCodeCase
-from orthofx.testing.realcode_extra import ALL_EXTRA_CASES, EXTRA_CASES, EXTRA_NEGATIVE_CASES
+from corpora import realcode_extra as rx
+from corpora.case import KINDS, RealCodeCase
+from corpora.realcode_extra import ALL_EXTRA_CASES, EXTRA_CASES, EXTRA_NEGATIVE_CASES
 
 _ALL = sorted(ALL_EXTRA_CASES)
 
@@ -80,7 +80,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- the corpus
 def test_cases_present():
     assert len(EXTRA_CASES) >= 8 and len(EXTRA_NEGATIVE_CASES) >= 2
-    from orthofx.testing.realcode import ALL_CASES
+    from corpora.realcode import ALL_CASES
     assert not set(ALL_EXTRA_CASES) & set(ALL_CASES), "held-out names must not clash with the corpus"
 
 
@@ -129,10 +129,14 @@ def test_mpncov_function_gradcheck():
 
 
 def test_all_custom_functions_gradchecked():
+    import pkgutil
+
     from torch.autograd import Function
 
-    defined = {o for o in vars(rx).values()
-               if isinstance(o, type) and issubclass(o, Function) and o.__module__ == rx.__name__}
+    # every module of the held-out package is listed in rx.MODULES, so none escapes the check
+    assert {m.__name__ for m in rx.MODULES} == {f"{rx.__name__}.{i.name}" for i in pkgutil.iter_modules(rx.__path__)}
+    defined = {o for m in rx.MODULES for o in vars(m).values()
+               if isinstance(o, type) and issubclass(o, Function) and o.__module__ == m.__name__}
     assert defined == {rx.MPNCOVFunction}
 
 

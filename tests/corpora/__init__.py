@@ -1,0 +1,8 @@
+"""Test corpora: small models written in the style of public research code, each with its
+planted truth (:class:`corpora.case.RealCodeCase`). Test data, not library code: the tests
+import them as ``corpora.*`` (``tests/`` is on ``sys.path`` under pytest's default import mode;
+scripts such as ``benchmarks/analyze_bench.py`` insert it).
+
+* :mod:`corpora.realcode` — the corpus the discovery was developed against;
+* :mod:`corpora.realcode_extra` — a held-out corpus written afterwards.
+"""
