@@ -148,7 +148,7 @@ def _check_data_dir(path: str | None, option: str, download: bool) -> None:
 
 
 def _check_device(device: str | None, option: str = "--device") -> None:
-    from orthofx.experiment.train import DEVICES
+    from orthofx.experiment.config import DEVICES
 
     if device is None:
         return
@@ -263,7 +263,7 @@ def _cmd_study(a: argparse.Namespace) -> Callable[[], int]:
 
 
 def _cmd_train(a: argparse.Namespace) -> Callable[[], int]:
-    from orthofx.experiment.train import ExperimentConfig, load_config
+    from orthofx.experiment.config import ExperimentConfig, load_config
 
     overrides: dict[str, Any] = dict(
         treatment=a.treatment, epochs=a.epochs, seed=a.seed, out=a.out, data_dir=a.data,
@@ -335,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     import orthofx
     from orthofx.config import PRESETS
     from orthofx.experiment.demo import EXPERIMENT_CHOICES
-    from orthofx.experiment.train import BACKENDS, DATASETS, MODEL_NAMES
+    from orthofx.experiment.config import BACKENDS, DATASETS, MODEL_NAMES
 
     p = _Parser(prog="orthofx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"orthofx {orthofx.__version__}",
