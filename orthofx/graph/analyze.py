@@ -399,6 +399,14 @@ def check_example_inputs(example_inputs: Any) -> None:
 
 
 def _analyze(model: nn.Module, example_inputs: Any, cfg: AnalysisConfig) -> AnalysisReport:
+    from orthofx.graph.replacement import add_replacement_notes
+
+    report = _analyze_model(model, example_inputs, cfg)
+    add_replacement_notes(report, model)
+    return report
+
+
+def _analyze_model(model: nn.Module, example_inputs: Any, cfg: AnalysisConfig) -> AnalysisReport:
     note = None
     if example_inputs is not None:
         from orthofx.graph.discover import discover
