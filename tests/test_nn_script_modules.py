@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import orthofx  # noqa: F401  (registers the torch.ops.orthofx operators)
-from orthofx.nn import CovariancePooling, DecorrelatedBatchNorm
+import orthofx
+from orthofx.nn import CovariancePooling, DecorrelatedBatchNorm  # registers the torch.ops.orthofx operators
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPES = [torch.float64, torch.float32]
@@ -237,5 +237,40 @@ def test_stable_decomposition_refuses_script_and_names_strip() -> None:
     from orthofx.nn import StableDecomposition
 
     model = nn.Sequential(StableDecomposition.for_target(torch.linalg.eigvalsh))
-    with pytest.raises(ScriptingError, match=r"StableDecomposition cannot be compiled by torch\.jit\.script.*orthofx\.strip"):
+    with pytest.raises(ScriptingError,
+                       match=r"StableDecomposition cannot be compiled by torch\.jit\.script.*orthofx\.strip"):
         _script(model)
+
+
+def test_saved_script_loads_in_a_fresh_process_after_importing_orthofx_nn(tmp_path) -> None:
+    """The operators are registered by ``import orthofx.nn`` (``import orthofx`` alone is lazy):
+    without it torch.jit.load reports the unknown op; with it the loaded module gives the saved
+    module's output."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    module = _script(nn.Sequential(DecorrelatedBatchNorm(4), CovariancePooling(4)).double())
+    x = torch.randn(6, 4, 2, 2, dtype=torch.float64)
+    module(x)
+    module.eval()
+    torch.jit.save(module, str(tmp_path / "m.pt"))
+    torch.save({"x": x, "y": module(x)}, tmp_path / "io.pt")
+    code = (
+        "import sys, warnings, torch\n"
+        "warnings.simplefilter('ignore')\n"
+        "try:\n"
+        "    torch.jit.load(sys.argv[1])\n"
+        "    print('loaded without orthofx')\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'Unknown builtin op: orthofx::' in str(exc), exc\n"
+        "import orthofx.nn\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "io = torch.load(sys.argv[2])\n"
+        "torch.testing.assert_close(m(io['x']), io['y'], atol=1e-10, rtol=1e-10)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok"]

@@ -13,15 +13,15 @@ registered as a torch operator (``torch.library.custom_op``) with its autograd f
   autograd's through the same iteration (recomputed inside the backward: one more forward of
   ``iters`` steps);
 * ``gram_sqrtm(z, eps, inverse, solver) -> (Y, μ, V, H)``: :func:`orthofx.linalg.covariance_sqrtm`'s
-  Gram route, backward its exact closed form (``gram_backward``);
+  Gram route, backward its exact closed form (``gram_backward``).
 
 The operators run the same Python functions as the autograd Functions of eager mode (solver
 choice, failure recovery, ``solver_stats`` counters included), so a scripted module computes the
 eager module's values and gradients. Outputs other than ``Y`` are not differentiable;
-there is no double backward. The operators exist once ``orthofx`` (or ``orthofx.nn``) is
-imported: ``torch.jit.load`` of a scripted model that holds orthofx modules needs
-``import orthofx`` first (``Unknown builtin op: orthofx::...`` otherwise), and the C++ runtime
-(libtorch) cannot run them.
+there is no double backward. The operators exist once ``orthofx.nn`` is imported (``import
+orthofx`` alone is lazy and does not register them): ``torch.jit.load`` of a scripted model that
+holds orthofx modules needs ``import orthofx.nn`` first (``Unknown builtin op: orthofx::...``
+otherwise), and the C++ runtime (libtorch) cannot run them.
 
 The free functions below mirror :func:`orthofx.linalg.sqrtm`/``invsqrtm`` and
 ``covariance_sqrtm`` with ``validate=False`` (backend and dtype resolution, symmetrisation,
@@ -148,7 +148,8 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 or dtype == torch.bfloat16 else dtype
 
 
-def covariance_dtype(backend: str, compute_dtype: Optional[torch.dtype], dtype: torch.dtype, is_cuda: bool) -> torch.dtype:
+def covariance_dtype(backend: str, compute_dtype: Optional[torch.dtype], dtype: torch.dtype,
+                     is_cuda: bool) -> torch.dtype:
     """The dtype a module forms Σ in: that of the decomposition (``compute_dtype``; else float64
     for "eigh", "auto" meaning "eigh" off CUDA; else ``dtype``)."""
     if compute_dtype is not None:

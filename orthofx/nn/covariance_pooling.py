@@ -99,7 +99,7 @@ class CovariancePooling(MetaLayer):
     TorchScript: ``torch.jit.script`` compiles a forward that calls the ``torch.ops.orthofx``
     operators (:mod:`orthofx.nn._script`: the same solvers and exact backward as eager mode),
     with eager mode's outputs, gradients and reduction statistics; no eigenvalue recording;
-    ``import orthofx`` is needed before ``torch.jit.load``.
+    ``import orthofx.nn`` is needed before ``torch.jit.load``.
     """
 
     orthofx_meta = MetaSpec(kind="sqrtm", input="features")

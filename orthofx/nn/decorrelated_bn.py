@@ -80,7 +80,7 @@ class DecorrelatedBatchNorm(MetaLayer):
     operators (:mod:`orthofx.nn._script`), which run the same solvers and register the same
     exact Daleckii–Krein backward (Newton–Schulz: autograd's), so the scripted module gives
     eager mode's outputs, gradients and running statistics. It does not record eigenvalues for
-    the monitor, recomputes ``W_run`` on every eval call, and needs ``import orthofx`` before
+    the monitor, recomputes ``W_run`` on every eval call, and needs ``import orthofx.nn`` before
     ``torch.jit.load`` (the operators are registered from Python; libtorch cannot run them).
     """
 
