@@ -74,3 +74,18 @@ def test_str_enums_compare_as_their_values() -> None:
     assert vocab.POLAR_METHODS == ("auto", "svd", "eigh", "ns", "polar_express")
     assert vocab.SN_METHODS == ("exact", "power")
     assert vocab.OW_TARGETS == ("weight", "generator")
+
+
+def test_one_ow_method_enum() -> None:
+    """Issue 24: the OW method names have one enum (vocab.OWMethod, no second OWMethod in the
+    treatments), which register_orthogonal takes and stores as its plain value."""
+    import orthofx.treatments.weight as weight
+    from orthofx.treatments import register_orthogonal
+
+    assert weight.OWMethod is vocab.OWMethod
+    lin = nn.Linear(4, 3)
+    assert register_orthogonal(lin, method=vocab.OWMethod.CAYLEY)
+    assert lin.parametrizations.weight[0].method == "cayley"
+    assert type(lin.parametrizations.weight[0].method) is str
+    w = lin.weight.detach().double()  # a float32 orthogonal weight: W Wᵀ = I to float32 rounding
+    torch.testing.assert_close(w @ w.T, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-6)

@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from orthofx.config import check_float, check_int
+from orthofx.checks import check_float, check_int
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype
 from orthofx.treatments.serialize import make_picklable
-from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, OWGeneratorKind, OWMethod
+from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, OWGeneratorKind
 from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     SOC_EVAL_TERMS,
     SOC_RADIUS,
@@ -44,7 +44,7 @@ from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     soc_truncation_bound,
 )
 from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map, _stiefel_map_flagged  # noqa: F401
-from orthofx.vocab import SN_METHODS
+from orthofx.vocab import SN_METHODS, OWMethod
 
 __all__ = [
     "FlatOrthogonal",
@@ -193,7 +193,7 @@ def register_orthogonal(
     module: nn.Module,
     name: str = "weight",
     *,
-    method: OWMethod = "expm",
+    method: OWMethod | str = "expm",
     lowrank: bool | None = None,
     generator: OWGeneratorKind = "free",
     radius: float = 0.7,
@@ -203,7 +203,8 @@ def register_orthogonal(
 ) -> bool:
     """Register OW on ``module.<name>``. Idempotent.
 
-    ``method`` is a key of :data:`OW_METHODS`:
+    ``method`` is a key of :data:`OW_METHODS` (a string or an :class:`orthofx.vocab.OWMethod`,
+    the one enum of OW method names):
 
     * ``"expm"`` / ``"cayley"``: :class:`FlatOrthogonal` on the flattened weight. With
       ``generator="free"`` (default) ``module.<name>`` is afterwards the nearest orthogonal
@@ -228,6 +229,7 @@ def register_orthogonal(
     not integers in [1, 64]). ``qualname`` only improves messages.
     """
     label = _label(module, name, qualname)
+    method = str(method) if isinstance(method, str) else method  # an OWMethod member as its plain value
     spec = OW_METHODS.get(method) if isinstance(method, str) else None
     if spec is None:
         raise ConfigError(f"OW on {label}: method={method!r}; use one of {_OW_METHODS}")
