@@ -62,6 +62,12 @@ _PS_DEGREES = (1, 2, 4, 6, 9, 12, 16, 20, 25)
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
+def norm1(x: Tensor) -> Tensor:
+    """‖x‖₁ (largest column sum of |x|) per matrix of (..., m, n): ``|x|.sum(-2).amax(-1)``, the
+    value of ``torch.linalg.matrix_norm(x, ord=1)`` at ≈ 1/5 of its CPU time (measured, 512²)."""
+    return x.abs().sum(-2).amax(-1)
+
+
 def expm_degree(dtype: torch.dtype) -> int:
     """Largest Taylor degree used for ``dtype`` (16 for float32 and below, 25 for float64): the
     sync-free path's fixed degree."""
@@ -91,24 +97,48 @@ def _theta(m: int, u: float) -> float:
     return lo
 
 
+def _theta_normal(m: int, u: float) -> float:
+    """Largest θ with θ^{m+1}/(m+1)! ≤ u (bisection): for a normal X with purely imaginary
+    eigenvalues (X skew-symmetric, or similar to one on the range that matters) and ρ(X) ≤ θ,
+    ``‖T_m(X) − e^X‖₂ = max_λ |T_m(iλ) − e^{iλ}| ≤ θ^{m+1}/(m+1)!`` (Lagrange remainder of
+    ``e^{iy}``, whose derivatives have modulus 1): no ``e^{2θ}`` factor."""
+    lo, hi = 0.0, 16.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if (m + 1) * math.log(mid) - math.lgamma(m + 2) <= math.log(u) else (lo, mid)
+    return lo
+
+
 #: dtype -> ((degree, θ_degree), ...), increasing; the top degree's θ is EXPM_THETA (its bound
 #: holds there: 2.0e-8 in float32, 9e-18 in float64), so the scaling range is unchanged
 _THETAS = {
     dt: tuple((m, EXPM_THETA if m == _DEGREE[dt] else _theta(m, u)) for m in _PS_DEGREES if m <= _DEGREE[dt])
     for dt, u in _UNIT_ROUNDOFF.items()
 }
+#: the same for a bound η on the spectral radius of a matrix with imaginary spectrum
+#: (:func:`_theta_normal`; top degree: θ ≈ 2.7 in float32, 2.6 in float64, ≥ EXPM_THETA)
+_NORMAL_THETAS = {
+    dt: tuple((m, _theta_normal(m, u)) for m in _PS_DEGREES if m <= _DEGREE[dt]) for dt, u in _UNIT_ROUNDOFF.items()
+}
 
 
-def expm_plan(norm: float, dtype: torch.dtype, max_squarings: int = 14) -> tuple[int, int]:
+def expm_plan(norm: float, dtype: torch.dtype, max_squarings: int = 14, *, imaginary: bool = False,
+              min_degree: int = 1) -> tuple[int, int]:
     """(degree m, squarings s) for ‖X‖₁ = ``norm`` (a host float): the pair of least cost
     ``taylor_matmuls(m) + s`` (ties: fewer squarings, whose rounding errors double each step)
     with ``‖X‖₁/2^s ≤ θ_m`` (truncation below the unit roundoff of ``dtype``), s ≤ max_squarings.
-    NaN gives the top degree and s = 0 (NaN propagates); beyond the range, s = max_squarings."""
-    table = _THETAS[torch.float64 if dtype == torch.float64 else torch.float32]
+    NaN gives the top degree and s = 0 (NaN propagates); beyond the range, s = max_squarings.
+    ``imaginary=True``: ``norm`` bounds the spectral radius of a matrix whose spectrum is
+    imaginary and the truncation is measured there (θ_m of ``_NORMAL_THETAS``). Degrees below
+    ``min_degree`` are not used (2: the derivative of the approximant has the exact second
+    derivative of exp at 0, which degree 1, ``I + X``, has not)."""
+    table = (_NORMAL_THETAS if imaginary else _THETAS)[torch.float64 if dtype == torch.float64 else torch.float32]
     if not math.isfinite(norm):
         return table[-1][0], 0 if math.isnan(norm) else max_squarings
     best: tuple[int, int, int] | None = None
     for m, theta in table:
+        if m < min_degree:
+            continue
         s = max(0, math.ceil(math.log2(norm / theta))) if norm > theta else 0
         if s > max_squarings:
             continue
@@ -119,15 +149,16 @@ def expm_plan(norm: float, dtype: torch.dtype, max_squarings: int = 14) -> tuple
     return best[2], best[1]
 
 
-def _taylor(x: Tensor, m: int, x2: Tensor | None = None) -> Tensor:
+def _taylor(x: Tensor, m: int, x2: Tensor | None = None, identity: bool = True) -> Tensor:
     """Σ_{k=0}^{m} x^k/k! for x (B, n, n) by Paterson–Stockmeyer: blocks
     ``B_j = Σ_{i<q} x^i/(jq+i)!`` from the powers x..x^{q−1} (elementwise sums), then Horner in
     x^q; :func:`taylor_matmuls` products (one fewer when ``x2`` = x² is given), no in-place ops
-    (autograd goes through it)."""
+    (autograd goes through it). ``identity=False`` leaves out the k = 0 term (the sum from
+    k = 1: ``T − I``, which keeps the small part of T to full relative accuracy)."""
     n = x.shape[-1]
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     if m == 1:
-        return eye + x
+        return eye + x if identity else x
     q = _ps_block(m)
     powers: list[Tensor | None] = [None, x]  # x^0 = I is added as a diagonal
     for j in range(2, q + 1):
@@ -150,7 +181,8 @@ def _taylor(x: Tensor, m: int, x2: Tensor | None = None) -> Tensor:
     for j in range(top - 1, -1, -1):
         bj = block(j)
         out = out if bj is None else out + bj
-        out = out + (eye if j == 0 else eye * (1.0 / math.factorial(j * q)))
+        if j or identity:
+            out = out + (eye if j == 0 else eye * (1.0 / math.factorial(j * q)))
         if j:
             out = torch.matmul(powers[q], out)  # type: ignore[arg-type]
     return out
@@ -180,25 +212,27 @@ def expm_host(a: Tensor, max_squarings: int = 14, *, normal_spectrum: bool = Fal
     CPU); each element is scaled by its own 2^{−s_i}. Counts out-of-range matrices.
 
     η = ‖A‖₁, or with ``normal_spectrum=True`` (the caller's promise: the truncation error
-    only matters through a *normal* matrix N with A's nonzero eigenvalues — A skew, or the
-    low-rank M of the OW map, where L·p(M) = p(S)·L) η = min(‖A‖₁, ‖A‖_F, ‖A²‖_F^{1/2}): a bound
-    on ρ(A) = ‖N‖₂ (Gelfand), for which ``‖Σ_{k>m} N^k/k!‖₂ ≤ ρ^{m+1}/(m+1)!·e^ρ``. A² is the
-    Taylor's own first product, so the sharper bound costs nothing (measured in training a
-    512² OW layer: 4× below ‖A‖₁, so degree 2 or 4 instead of 4 or 6)."""
+    only matters through a *normal* matrix N with A's nonzero eigenvalues, all imaginary — A
+    skew, or the low-rank M of the OW map, where L·p(M) = p(S)·L) η = min(‖A‖₁, ‖A‖_F,
+    ‖A²‖_F^{1/2}, ‖A²‖₁^{1/2}): a bound on ρ(A) = ‖N‖₂ (Gelfand), for which
+    ``‖Σ_{k>m} N^k/k!‖₂ ≤ ρ^{m+1}/(m+1)!`` (the θ_m of ``expm_plan(..., imaginary=True)``). A²
+    is the Taylor's own first product, so the sharper bound costs nothing (measured in training
+    a 512² OW layer: 4× below ‖A‖₁, so degree 2 or 4 instead of 4 or 6)."""
     shape = a.shape
     a = a.reshape(-1, shape[-2], shape[-1])
-    table = _THETAS[torch.float64 if a.dtype == torch.float64 else torch.float32]
-    norm = torch.linalg.matrix_norm(a.detach(), ord=1)
+    table = (_NORMAL_THETAS if normal_spectrum else _THETAS)[torch.float64 if a.dtype == torch.float64 else torch.float32]
+    norm = norm1(a.detach())
     nan = bool(norm.isnan().any())
     eta = float(norm.nan_to_num(0.0).max()) if not nan else math.nan
     a2 = None
     if normal_spectrum and not nan and eta > table[0][1]:
-        # ρ(A) ≤ ‖A‖ and ‖A²‖^{1/2} in any submultiplicative norm; Frobenius is the cheap one
+        # ρ(A) ≤ ‖A‖ and ‖A²‖^{1/2} in any submultiplicative norm
         a2 = a @ a
-        rho = torch.minimum(torch.linalg.matrix_norm(a.detach()), torch.linalg.matrix_norm(a2.detach()).sqrt())
-        norm = torch.minimum(norm, rho)
+        a2d = a2.detach()
+        rho = torch.minimum(torch.linalg.matrix_norm(a2d), norm1(a2d)).sqrt()
+        norm = torch.minimum(norm, torch.minimum(torch.linalg.matrix_norm(a.detach()), rho))
         eta = min(eta, float(norm.max()))
-    m, top = expm_plan(eta, a.dtype, max_squarings)
+    m, top = expm_plan(eta, a.dtype, max_squarings, imaginary=normal_spectrum, min_degree=2 if normal_spectrum else 1)
     if top == max_squarings and max_squarings:
         over = int((torch.nan_to_num(norm, nan=0.0) > EXPM_THETA * 2.0**max_squarings).sum())
         if over:

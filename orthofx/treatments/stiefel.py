@@ -6,9 +6,13 @@ Two paths compute the same function (they differ by rounding only):
 
 * **host path** (a CPU tensor outside ``cuda_policy``/compile/export/trace: host reads are
   free, :func:`orthofx.linalg._checks.host_read_is_free`): the exponential's Taylor degree and
-  squarings follow ‖X‖₁ (:func:`orthofx.linalg.expm.expm_plan`: degree 4 at ‖X‖₁ ≤ 0.09 in
-  float32, 2 products instead of 6) and its derivative is autograd through those products;
-  the saturation ``c`` is skipped (exactly 1) when ‖X‖₁ ≤ OW_RANGE; the polish runs only after
+  squarings follow a bound η ≥ ρ(X) on the spectral radius (the spectrum of S, and of M, is
+  imaginary: :func:`orthofx.linalg.expm.expm_plan` with ``imaginary=True``; degree 2 for
+  η ≤ 0.0071, 4 for η ≤ 0.094 in float32, at least 2) and its derivative is autograd through
+  those products. The dense route evaluates ``Y₀ + N·Y₀`` with ``N = exp(S) − I`` from
+  :func:`orthofx.linalg.skew_expm.expm_skew_host` (one fused ``addmm``; ``S²``'s backward is
+  one product, :func:`~orthofx.linalg.skew_expm.skew_square`): 6 products per forward +
+  backward at degree 2, against 7 before (benchmarks/results/ow_shapes_cpu.md); the saturation ``c`` is skipped (exactly 1) when ‖X‖₁ ≤ OW_RANGE; the polish runs only after
   squarings (exp) or for ‖X‖₁ > 2 (Cayley), and then only until ``‖QᵀQ − I‖_F ≤ 4·u·√k``
   (u the unit roundoff: 2⁻²⁴ float32, 2⁻⁵³ float64), at most ``OW_MAX_POLISH`` steps;
 * **sync-free path** (CUDA, ``cuda_policy``, tracing): nothing is read on the host — the
@@ -29,8 +33,9 @@ import torch
 from torch import Tensor
 
 from orthofx.linalg._checks import host_read_is_free
-from orthofx.linalg.expm import EXPM_THETA, expm, expm_host, taylor_matmuls
+from orthofx.linalg.expm import EXPM_THETA, expm, expm_host, norm1, taylor_matmuls
 from orthofx.linalg.polar import POLISH_COEFFS
+from orthofx.linalg.skew_expm import expm_skew_host
 from orthofx.linalg.stats import solver_stats
 
 __all__ = ["OW_RANGE", "OW_POLISH", "OW_MAX_POLISH", "choose_lowrank", "route_cost", "stiefel_map",
@@ -85,7 +90,7 @@ def _saturation(x: Tensor, host: bool) -> tuple[Tensor, Tensor]:
         fro = torch.linalg.matrix_norm(xd) * math.sqrt(x.shape[-1])
         over = fro > OW_RANGE
         if bool(over.any()):
-            over = torch.linalg.matrix_norm(xd, ord=1) > OW_RANGE
+            over = norm1(xd) > OW_RANGE
         if not bool(over.any()):
             return x, over
     nu = torch.linalg.matrix_norm(x, ord=1)
@@ -170,7 +175,11 @@ def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> t
     else:
         P = a @ Y0.mT
         S, over = _saturation(P - P.mT, host)
-        if method == "expm":
+        if method == "expm" and host:
+            N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
+            Q = torch.addmm(Y0, N, Y0) if N.dim() == 2 else Y0 + N @ Y0  # Y₀ + N·Y₀, one fused product
+            polish = s != 0
+        elif method == "expm":
             E, s = _expm(S, host)
             Q = E @ Y0
             polish = s != 0
@@ -185,7 +194,7 @@ def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> t
 
 def _needs_polish_cayley(x: Tensor, host: bool) -> bool:
     """Host path: polish the Cayley result only for ‖X‖₁ > 2 (cond(I − X/2) grows with ‖X‖)."""
-    return not host or bool((torch.linalg.matrix_norm(x.detach(), ord=1) > EXPM_THETA).any())
+    return not host or bool((norm1(x.detach()) > EXPM_THETA).any())
 
 
 def _solve(A: Tensor, B: Tensor) -> Tensor:
