@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from orthofx.errors import AttachError, ConfigError
-from orthofx.specs import GRADIENT_KEYS, GradientSpec
+from orthofx.specs import CHAIN_KEYS, GRADIENT_KEYS, GradientSpec
 from orthofx.treatments.attach import AttachHandle, attach
 from orthofx.treatments.gradient import GradientTransformation
 
@@ -62,9 +62,9 @@ def _plan_choice(model: nn.Module, given: Mapping[str, Any], forced: bool
     plan = plan_of(model)
     if plan is None:
         return None
-    targets, spec = gradient_plan(plan, given, forced=forced)
-    live = sum(not p.ignored for p in plan.producers)
-    return producer_specs(unwrap(model), dataclasses.replace(plan, producers=targets)), spec, live
+    choice = gradient_plan(plan, given, forced=forced)
+    specs = producer_specs(unwrap(model), dataclasses.replace(plan, producers=choice.producers))
+    return specs, choice.spec, len(choice.live)
 
 
 def _sgd_step(opt: torch.optim.SGD) -> None:
@@ -132,14 +132,13 @@ class OrthoSGD(torch.optim.SGD):
             raise TypeError(f"OrthoSGD got an unexpected keyword argument {unknown[0]!r} (its gradient options are "
                             f"the GradientSpec fields: {', '.join(GRADIENT_KEYS)})")
         given = {k: v for k, v in fields.items() if v is not None}
-        if chain is not None and any(k != "ow_target" for k in given):
-            raise ConfigError("OrthoSGD: pass either chain= or nog/olr/nog_method/nog_scale/nog_deficient, not both")
-        forced = chain is not None or bool(given.get("nog")) or bool(given.get("olr"))
+        if chain is not None and any(k in CHAIN_KEYS for k in given):
+            raise ConfigError(f"OrthoSGD: pass either chain= or {'/'.join(CHAIN_KEYS)}, not both")
         quiet = "the model has no Pre-SVD layer"
         if isinstance(params, nn.Module):
             model = params
             params = list(model.parameters())
-            choice = _plan_choice(model, given, forced)
+            choice = _plan_choice(model, given, forced=chain is not None)
             if choice is None and producers is None:
                 raise AttachError(
                     f"OrthoSGD: {type(model).__name__} has no orthofx plan — pass a model returned by "

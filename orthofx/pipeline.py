@@ -523,18 +523,16 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
             f"{type(model).__name__})"
         )
     given = {k: overrides.pop(k) for k in GRADIENT_KEYS if k in overrides}
-    forced = bool(overrides.get("chain") is not None or given.get("nog") or given.get("olr")
-                  or overrides.get("skip_nonfinite"))
-    live = [p for p in plan.producers if not p.ignored]
-    if not live and (forced or plan.config.gradients.active):
+    choice = gradient_plan(plan, given, forced=overrides.get("chain") is not None
+                           or bool(overrides.get("skip_nonfinite")))
+    if not choice.live and (choice.forced or plan.config.gradients.active):
         warnings.warn("orthofx.attach: the model has no Pre-SVD layer, so the gradient chain has nothing to "
                       "act on", stacklevel=2)
         return AttachHandle.inactive(optimizer)
-    targets, spec = gradient_plan(plan, given, forced=forced)
-    if not targets:
-        return AttachHandle.inactive(optimizer, [p.param for p in live])
-    specs = producer_specs(unwrap(model), dataclasses.replace(plan, producers=targets))
-    return _attach_params(optimizer, specs, spec, **overrides)
+    if not choice.producers:
+        return AttachHandle.inactive(optimizer, [p.param for p in choice.live])
+    specs = producer_specs(unwrap(model), dataclasses.replace(plan, producers=choice.producers))
+    return _attach_params(optimizer, specs, choice.spec, **overrides)
 
 
 def orthogonality_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:

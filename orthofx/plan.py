@@ -12,14 +12,14 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from orthofx.config import OrthoConfig
 from orthofx.errors import ConfigError
 from orthofx.specs import GRADIENT_KEYS, GradientSpec
 
 __all__ = ["Plan", "ProducerPlan", "SwapRecord", "Action", "ActionKind", "make_plan", "layer_choice", "gradient_plan",
-           "PLAN_VERSION"]
+           "GradientChoice", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -220,17 +220,27 @@ def make_plan(analysis: Any, config: OrthoConfig, *, swaps: list[SwapRecord] | N
     return Plan(config, list(plans.values()), list(swaps or []))
 
 
-def gradient_plan(plan: Plan, given: Mapping[str, Any] | None = None, *, forced: bool = False
-                  ) -> tuple[list[ProducerPlan], GradientSpec]:
-    """What one gradient chain acts on, decided per producer: ``(producers, spec)``.
+class GradientChoice(NamedTuple):
+    """What :func:`gradient_plan` decided: the producers one chain acts on, the spec it runs,
+    the non-ignored producers and whether the caller forced a chain on them."""
+
+    producers: list[ProducerPlan]
+    spec: GradientSpec
+    live: list[ProducerPlan]
+    forced: bool
+
+
+def gradient_plan(plan: Plan, given: Mapping[str, Any] | None = None, *, forced: bool = False) -> GradientChoice:
+    """What one gradient chain acts on, decided per producer.
 
     The producers are the non-ignored ones whose plan entry asks for NOG or OLR (their layer
-    config's :class:`~orthofx.specs.GradientSpec`, so ``layer_configs`` decide), and ``spec``
+    config's :class:`~orthofx.specs.GradientSpec`, so ``layer_configs`` decide), and the spec
     is the one spec they share with ``given`` (GradientSpec fields; ``None`` = not given)
     applied — checked by the spec. When no entry asks for a treatment the producers are every
-    non-ignored one if ``forced`` (an explicit treatment, chain or skip; with the plan config's
-    spec), else none. Raises :class:`ConfigError` when the chosen entries' specs differ (one
-    optimizer hook runs one chain)."""
+    non-ignored one if the call is forced (``forced``: a chain or a skip; or ``given`` switched
+    a treatment on, e.g. ``nog=True``) with the plan config's spec, else none. Raises
+    :class:`ConfigError` when the chosen entries' specs differ (one optimizer hook runs one
+    chain)."""
     changes = {k: v for k, v in (given or {}).items() if v is not None}
     live = [p for p in plan.producers if not p.ignored]
     chosen = [p for p in live if p.gradients.active]
@@ -242,7 +252,9 @@ def gradient_plan(plan: Plan, given: Mapping[str, Any] | None = None, *, forced:
                               f"treatments ({diff}: {getattr(base, diff)!r} vs {getattr(p.gradients, diff)!r}); one "
                               f"optimizer hook runs one chain: give the layers with NOG/OLR the same gradient options, "
                               f"or attach your own chain= per layer")
-    return (chosen or (live if forced else [])), base.replace(**changes)
+    spec = base.replace(**changes)
+    forced = forced or spec.switched_on(changes)
+    return GradientChoice(chosen or (live if forced else []), spec, live, forced)
 
 
 # ------------------------------------------------------------------------------ actions

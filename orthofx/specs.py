@@ -24,7 +24,7 @@ from orthofx.vocab import (
     WEIGHT_TREATMENTS, NOGDeficient, OWTarget,
 )
 
-__all__ = ["WeightSpec", "GradientSpec", "GRADIENT_KEYS", "check_lift", "spec_keys"]
+__all__ = ["WeightSpec", "GradientSpec", "GRADIENT_KEYS", "TREATMENT_KEYS", "CHAIN_KEYS", "check_lift", "spec_keys"]
 
 
 def _put(obj: Any, name: str, value: Any) -> None:
@@ -174,8 +174,12 @@ class GradientSpec:
 
     @property
     def active(self) -> bool:
-        """Whether the spec asks for a treatment (NOG or OLR)."""
-        return self.nog or self.olr
+        """Whether the spec asks for a treatment (NOG or OLR: a :data:`TREATMENT_KEYS` field is on)."""
+        return any(getattr(self, k) for k in TREATMENT_KEYS)
+
+    def switched_on(self, given: Mapping[str, Any]) -> bool:
+        """Whether ``given`` (the field values this spec was made with) switched a treatment on."""
+        return any(getattr(self, k) for k in TREATMENT_KEYS if k in given)
 
     def replace(self, **changes: Any) -> "GradientSpec":
         """A copy with ``changes`` (fields) applied and checked; unknown names raise ConfigError."""
@@ -203,3 +207,8 @@ class GradientSpec:
 
 #: the fields of :class:`GradientSpec`: the gradient keywords of attach and OrthoSGD
 GRADIENT_KEYS: tuple[str, ...] = spec_keys(GradientSpec)
+#: the fields that switch a gradient treatment on
+TREATMENT_KEYS: tuple[str, ...] = ("nog", "olr")
+#: the fields that build the default chain: a custom ``chain=`` replaces them (``ow_target``,
+#: what any chain acts on under OW, is not among them)
+CHAIN_KEYS: tuple[str, ...] = tuple(k for k in GRADIENT_KEYS if k != "ow_target")

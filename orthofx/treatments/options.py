@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
-from orthofx.specs import GradientSpec
+from orthofx.specs import CHAIN_KEYS, GradientSpec
 from orthofx.treatments.gradient import GradientTransformation, default_chain
 from orthofx.treatments.lr import LR_MODES
 from orthofx.treatments.ow_target import is_soc, ow_parametrization
@@ -163,7 +163,7 @@ def parse_options(
     if chain is not None:
         if not isinstance(chain, GradientTransformation):
             raise ConfigError(f"attach: chain= must be a GradientTransformation, got {type(chain).__name__}")
-        clash = [k for k in given if k != "ow_target"]
+        clash = [k for k in given if k in CHAIN_KEYS]
         if clash:
             raise ConfigError(
                 f"attach: pass either chain= or {'/'.join(clash)}= (the chain replaces the default "
