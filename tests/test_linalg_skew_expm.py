@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthofx.linalg import solver_stats
 from orthofx.linalg.expm import _NORMAL_THETAS, _THETAS, expm_plan, norm1
-from orthofx.linalg.skew_expm import expm_skew_host, skew_eta, skew_square
+from orthofx.linalg.skew_expm import antisym, expm_skew_host, skew_rho_bounds, skew_square
 from orthofx.treatments.stiefel import stiefel_map
 
 F64 = torch.float64
@@ -91,7 +91,7 @@ def test_truncation_reaches_the_unit_roundoff(rho: float) -> None:
     """The degree chosen for float32 leaves a truncation error below u when evaluated in float64
     (the plan of a float32 S applied to the float64 S: only the truncation differs)."""
     s = _skew(16, rho, 3)
-    eta = float(skew_eta(s, s @ s))
+    eta = float(skew_rho_bounds(s @ s)[0])
     m, sq = expm_plan(eta, torch.float32, imaginary=True)
     x = s / 2**sq
     t = sum(torch.linalg.matrix_power(x, k) / math.factorial(k) for k in range(m + 1))
@@ -99,12 +99,23 @@ def test_truncation_reaches_the_unit_roundoff(rho: float) -> None:
     assert trunc <= 2.0**-24
 
 
-def test_eta_bounds_the_spectral_norm() -> None:
+def test_rho_bounds_enclose_the_spectral_norm() -> None:
     for seed in range(5):
         s = _skew(20, 0.7, seed)
         rho = torch.linalg.matrix_norm(s, 2)
-        assert rho <= skew_eta(s, None) * (1 + 1e-12)
-        assert rho <= skew_eta(s, s @ s) * (1 + 1e-12) <= skew_eta(s, None) * (1 + 1e-12)
+        eta, floor = skew_rho_bounds(s @ s)
+        assert floor * (1 - 1e-12) <= rho <= eta * (1 + 1e-12) <= torch.linalg.matrix_norm(s) * (1 + 1e-12)
+    q, _ = torch.linalg.qr(torch.randn(20, 2, generator=torch.Generator().manual_seed(9), dtype=F64))
+    s = 0.3 * (q[:, :1] @ q[:, 1:].T - q[:, 1:] @ q[:, :1].T)  # rank 2, ρ = 0.3: ‖S²‖_F^{1/2} = 2^{1/4}ρ
+    eta, floor = skew_rho_bounds(s @ s)
+    assert floor * (1 - 1e-12) <= 0.3 <= eta <= 2**0.25 * 0.3 * (1 + 1e-12)
+
+
+def test_antisym_and_its_gradient() -> None:
+    p = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(12), dtype=F64).requires_grad_()
+    torch.testing.assert_close(antisym(p), p - p.mT, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(antisym, (p,))
+    assert torch.autograd.gradgradcheck(antisym, (p,))
 
 
 def test_norm1_equals_matrix_norm() -> None:
@@ -203,3 +214,22 @@ def test_nan_input_gives_nan_and_is_counted() -> None:
     n, _ = expm_skew_host(s)
     assert torch.isnan(n).all()
     assert solver_stats().nonfinite == before + 1
+
+
+def test_fourth_power_bound_lowers_the_degree() -> None:
+    """Where ‖S²‖^{1/2} puts ρ above θ₂ but ‖S⁴‖^{1/4} does not, S⁴ is formed (one product, no
+    gradient) and degree 2 is used: products S², S⁴ forward, nothing else; still exp to u."""
+    s = _skew(40, 1.0, 13)
+    s2 = s @ s
+    eta2 = skew_rho_bounds(s2)[0].item()
+    s4 = s2 @ s2
+    eta4 = min(torch.linalg.matrix_norm(s4).item(), norm1(s4).item()) ** 0.25
+    theta2 = _NORMAL_THETAS[torch.float32][1][1]
+    rho = 0.99 * theta2 / eta4  # S scaled so that η₄ < θ₂ < η₂
+    x = (s * rho).float()
+    assert eta2 * rho > theta2
+    with _CountProducts() as count:
+        n, sq = expm_skew_host(x)
+    assert sq == 0 and count.calls == {"mm": 2}, count.calls
+    ref = torch.from_numpy(sl.expm((s * rho).numpy())) - torch.eye(40, dtype=F64)
+    assert (n.double() - ref).norm() / math.sqrt(40) <= 1e-7

@@ -42,6 +42,7 @@ computed in float32 with autocast off and returned in their dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -74,8 +75,10 @@ def expm_degree(dtype: torch.dtype) -> int:
     return _DEGREE[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
+@functools.lru_cache(maxsize=None)
 def _ps_block(m: int) -> int:
-    """Block size q of the Paterson–Stockmeyer scheme for degree m (the cheapest q)."""
+    """Block size q of the Paterson–Stockmeyer scheme for degree m (the cheapest q; cached: the
+    host path plans every call)."""
     return min(range(2, m + 1), key=lambda q: (q - 1 + m // q - (m % q == 0), q)) if m > 1 else 1
 
 
@@ -156,9 +159,9 @@ def _taylor(x: Tensor, m: int, x2: Tensor | None = None, identity: bool = True) 
     (autograd goes through it). ``identity=False`` leaves out the k = 0 term (the sum from
     k = 1: ``T − I``, which keeps the small part of T to full relative accuracy)."""
     n = x.shape[-1]
-    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device) if identity or m // _ps_block(m) > 1 else None
     if m == 1:
-        return eye + x if identity else x
+        return eye + x if eye is not None else x
     q = _ps_block(m)
     powers: list[Tensor | None] = [None, x]  # x^0 = I is added as a diagonal
     for j in range(2, q + 1):
@@ -182,7 +185,7 @@ def _taylor(x: Tensor, m: int, x2: Tensor | None = None, identity: bool = True) 
         bj = block(j)
         out = out if bj is None else out + bj
         if j or identity:
-            out = out + (eye if j == 0 else eye * (1.0 / math.factorial(j * q)))
+            out = out + (eye if j == 0 else eye * (1.0 / math.factorial(j * q)))  # type: ignore[operator]
         if j:
             out = torch.matmul(powers[q], out)  # type: ignore[arg-type]
     return out

@@ -8,6 +8,7 @@ Registered by :func:`orthofx.treatments.weight.register_orthogonal` (``ow_method
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Literal
@@ -32,6 +33,17 @@ OW_GENERATOR_KINDS = ("free", "normalized")
 #: carried vector, not written back); one per training forward
 POWER_INIT_ITERS = 200
 POWER_EVAL_ITERS = 100
+
+
+def _no_autocast_if_on(device_type: str) -> contextlib.AbstractContextManager[None]:
+    """``no_autocast(device_type)`` where autocast is on for that device, else a null context
+    (entering and leaving ``torch.autocast`` costs ≈ 40 µs a call on the CPU, measured: 4% of a
+    256² OW map's forward)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        on = True
+    return no_autocast(device_type) if on else contextlib.nullcontext()
 
 
 def _unit(v: Tensor, dim: int = -1) -> Tensor:
@@ -199,7 +211,7 @@ class FlatOrthogonal(nn.Module):
 
     def forward(self, A: Tensor) -> Tensor:
         cd = compute_dtype(A.dtype)
-        with no_autocast(A.device.type):  # matrix_exp/solve in ≥ float32, also under AMP
+        with _no_autocast_if_on(A.device.type):  # matrix_exp/solve in ≥ float32, also under AMP
             a = self._to_tall(A).to(cd)
             Y0 = self.base.to(cd)
             if self.generator == "normalized":

@@ -35,7 +35,7 @@ from torch import Tensor
 from orthofx.linalg._checks import host_read_is_free
 from orthofx.linalg.expm import EXPM_THETA, expm, expm_host, norm1, taylor_matmuls
 from orthofx.linalg.polar import POLISH_COEFFS
-from orthofx.linalg.skew_expm import expm_skew_host
+from orthofx.linalg.skew_expm import antisym, expm_skew_host
 from orthofx.linalg.stats import solver_stats
 
 __all__ = ["OW_RANGE", "OW_POLISH", "OW_MAX_POLISH", "choose_lowrank", "route_cost", "stiefel_map",
@@ -174,7 +174,7 @@ def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> t
         Q = (a / t) @ F[..., :k, :] + Y0 @ F[..., k:, :]
     else:
         P = a @ Y0.mT
-        S, over = _saturation(P - P.mT, host)
+        S, over = _saturation(antisym(P), host)
         if method == "expm" and host:
             N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
             Q = torch.addmm(Y0, N, Y0) if N.dim() == 2 else Y0 + N @ Y0  # Y₀ + N·Y₀, one fused product
