@@ -1,6 +1,11 @@
 # Two commands do everything on a fresh machine:
-#   make demo   -> creates .venv if missing, installs orthofx, runs the main job
-#   make test   -> creates .venv if missing, runs the test suite
+#   make demo      -> creates .venv if missing, installs orthofx, runs the main job
+#   make test      -> creates .venv if missing, runs the fast suite: every test not marked slow,
+#                     on TEST_WORKERS=2 pytest-xdist workers (under 5 minutes on 2 idle cores)
+# The full suite:
+#   make test-all  -> every test, the slow ones too (DDP, FSDP, Lightning, HF, the demo, the
+#                     end-to-end runs, the heavy corpora, the full Hypothesis examples); CI runs this
+#   make test-slow -> make test-all under the long Hypothesis profile (500 examples a property)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,8 +13,10 @@ STAMP := $(VENV)/.orthofx-installed
 # torch 2.14.1 + torchvision 0.29.1 is the pair that installs from local files here.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= out/demo
+# xdist workers of `make test` (each uses one torch thread, see tests/conftest.py)
+TEST_WORKERS ?= 2
 
-.PHONY: venv test test-slow demo data bench docs clean
+.PHONY: venv test test-all test-slow demo data bench docs clean
 
 venv: $(STAMP)
 
@@ -29,7 +36,10 @@ data:
 	    echo "note: could not install dataset-fashion-mnist; orthofx will try torchvision's download" )
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest

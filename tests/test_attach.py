@@ -439,6 +439,7 @@ def _ddp_worker(rank: int, world: int, port: int, init_state: dict, x: torch.Ten
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two DDP processes
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_ddp_hook_sees_the_all_reduced_gradient(tmp_path) -> None:
     """2 gloo ranks with half a batch each == one process with the whole batch: NOG/OLR act

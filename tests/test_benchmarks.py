@@ -24,6 +24,7 @@ def bench_modules():
         sys.path.remove(str(BENCH))
 
 
+@pytest.mark.slow  # times every audit workload: ~50 s of CPU
 def test_overhead_audit_and_report(tmp_path: Path, bench_modules) -> None:
     overhead, report = bench_modules
     out = tmp_path / "o.json"

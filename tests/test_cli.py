@@ -115,6 +115,7 @@ def test_read_idx_roundtrip(tmp_path):
         read_idx(tmp_path / "bad")
 
 
+@pytest.mark.slow  # torchrun, two processes
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun/gloo test runs on Linux")
 def test_train_under_torchrun_with_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -134,6 +135,7 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # the whole quick demo; test_quick_demo_one_experiment is the fast smoke
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
 def test_quick_demo_writes_png_and_json_within_its_limit(tmp_path):
     # the limit is 50 s of wall time on 2 idle cores; the CPU is shared while tests run, so the

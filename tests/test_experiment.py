@@ -168,6 +168,7 @@ def test_transform_false_needs_svd_treatment(tmp_path):
         _tiny_cfg(tmp_path, transform=False, treatment="nog")
 
 
+@pytest.mark.slow  # timed training rounds
 def test_interleaved_timing_ratios_are_per_round(tmp_path):
     cfgs = [_tiny_cfg(tmp_path, treatment=t) for t in ("svd", "nog", "ow")]
     times = demo_mod.interleaved_step_times(cfgs, ["SVD", "NOG", "OW"], rounds=2, steps=1)

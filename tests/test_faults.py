@@ -364,6 +364,7 @@ def _child(q, payload):
     q.put(pickle.dumps(gm(_x()).detach()))
 
 
+@pytest.mark.slow  # spawns a Python process
 def test_a_treated_model_travels_to_a_spawned_process():
     gm = _treated("nog+ow")
     gm.eval()

@@ -15,7 +15,8 @@ from torch import nn
 
 import orthofx
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.slow]  # two gloo processes
 
 STEPS = 3
 LR_MODES = ("float", "fold")

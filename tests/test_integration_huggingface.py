@@ -97,6 +97,7 @@ def test_plain_trainer_nog_and_olr_refusal(tmp_path: Any) -> None:
         trainer.train()
 
 
+@pytest.mark.slow  # three Trainer runs
 def test_trainer_resume_matches_uninterrupted(tmp_path: Any) -> None:
     full = Net()
     t_full, _ = make(tmp_path / "a", full, 6)
@@ -132,6 +133,7 @@ class HFStyleNet(Net):
     _keys_to_ignore_on_save = None
 
 
+@pytest.mark.slow  # two Trainer runs
 def test_plain_trainer_resume_with_another_plan_stops_training(tmp_path: Any) -> None:
     t1, _ = make(tmp_path / "b", HFStyleNet(), 3, save=True, config="nog+ow", cls=transformers.Trainer)
     t1.train()

@@ -123,6 +123,7 @@ def test_fit_transforms_attaches_and_logs(device: torch.device, tmp_path: Any) -
     assert "orthofx/kappa/1" in csv.splitlines()[0]
 
 
+@pytest.mark.slow  # three Lightning fits
 def test_resume_is_bit_identical(device: torch.device, tmp_path: Any) -> None:
     """Two epochs uninterrupted == one epoch, then a resume from the epoch-end checkpoint into a
     fresh module (other initial weights) and trainer: parameters, buffers, optimizer state."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("lightning.pytorch")
+pytestmark = pytest.mark.slow  # two Lightning processes under DDP
 
 ROOT = Path(__file__).resolve().parents[1]
 

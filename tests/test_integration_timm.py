@@ -42,6 +42,7 @@ def test_create_model_resnet18_gcp(device: torch.device) -> None:
     assert y.shape == (2, 5) and torch.isfinite(y).all()
 
 
+@pytest.mark.slow  # a full ResNet-50
 def test_create_model_resnet50_dbn_and_analysis() -> None:
     import orthofx.integrations.timm  # noqa: F401
 

@@ -47,6 +47,7 @@ def test_default_jobs():
     assert default_jobs("cuda") == default_jobs("cuda:1") == 1
 
 
+@pytest.mark.slow  # two quick demos end to end
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
 def test_demo_results_do_not_depend_on_jobs(tmp_path):
     """Every run is seeded and deterministic: two worker processes give the serial results."""

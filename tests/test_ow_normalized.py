@@ -97,7 +97,7 @@ def test_output_is_invariant_to_the_generator_scale(method, c):
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(512, 64)])
+@pytest.mark.parametrize("shape", SHAPES + [pytest.param((512, 64), marks=pytest.mark.slow)])  # 512 × 64: ~8 s
 def test_power_iteration_converges_to_the_largest_singular_value(shape):
     m = _normalized(shape)
     p = m.parametrizations.weight[0]

@@ -128,8 +128,19 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("mode", ["circular", "zeros"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+# the two 64-channel stems (dense Jacobians of 4096 columns) and the 16-channel circular case
+# take 6-10 s of CPU each: slow; the small shapes cover both paddings and both strides fast
+_HEAVY = {"dbn_stem_1to64_5x5_s2", "authors_stem_3to64_3x3"}
+
+
+def _slow_if(heavy: bool, *values, id: str | None = None):
+    """``pytest.param(*values)``, marked slow when ``heavy``."""
+    return pytest.param(*values, id=id, marks=[pytest.mark.slow] if heavy else [])
+
+
+@pytest.mark.parametrize("shape,mode", [
+    _slow_if(s in _HEAVY or (s, m) == ("square_16", "circular"), s, m, id=f"{s}-{m}")
+    for s in SHAPES for m in ("circular", "zeros")])
 def test_operator_is_orthogonal_in_eval_and_train(shape, mode):
     i, o, k, s, hw = SHAPES[shape]
     conv = _soc(i, o, k, s, mode).eval()
@@ -178,7 +189,8 @@ def test_output_shape_and_norm_preservation_over_shapes(i, o, k, s, h, w, mode):
 
 
 # ------------------------------------------------------------------ σ̂ and the normalisation
-@pytest.mark.parametrize("shape", ["dbn_stem_1to64_5x5_s2", "authors_stem_3to64_3x3", "square_16"])
+@pytest.mark.parametrize(
+    "shape", [_slow_if(s in _HEAVY, s) for s in ("dbn_stem_1to64_5x5_s2", "authors_stem_3to64_3x3", "square_16")])
 def test_eval_operator_norm_equals_radius(shape):
     i, o, k, s, _ = SHAPES[shape]
     conv = _soc(i, o, k, s, "circular")
@@ -291,7 +303,7 @@ def test_training_forward_backward_and_sgd_step():
     assert torch.isfinite(model(x)).all()
 
 
-@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize("s", [1, _slow_if(True, 2)])  # stride 2: ~13 s of CPU
 def test_gradcheck_wrt_generator(s):
     """float64 gradcheck of the eval output w.r.t. L (and x, bias). In eval σ̂ has converged,
     so the detached iteration vectors are stationary and the analytic gradient is exact."""

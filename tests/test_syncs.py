@@ -89,7 +89,9 @@ WORKLOADS = {
 }
 
 
-@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+# the ResNet-18 GCP workload takes ~10 s of CPU a config: slow; the DBN one covers every config fast
+@pytest.mark.parametrize(
+    "workload", [pytest.param(w, marks=pytest.mark.slow) if w == "gcp" else w for w in sorted(WORKLOADS)])
 @pytest.mark.parametrize(
     "config",
     ["nog", "olr", "nog+olr", "ow", "nog+ow+olr", "ol", "nog+ol", "sn-power", "ow-cayley", "ow+olr"],

@@ -346,6 +346,7 @@ def test_devices_training_stays_finite(device):
     assert all(torch.isfinite(p).all() for p in gm.parameters())
 
 
+@pytest.mark.slow  # torch.compile
 def test_torch_compile_gives_the_same_losses_as_eager():
     def losses(compiled: bool) -> list[float]:
         torch.manual_seed(0)

@@ -1,11 +1,15 @@
 """Property tests of the whole pass on generated models (orthofx.testing):
 transform + one training step keeps every parameter finite, a second transform is a no-op,
-and the model round-trips through strip and torch.export."""
+and the model round-trips through strip and torch.export.
+
+Each property runs twice: a ``_smoke`` test with a few examples in ``make test`` and the full
+profile (30 examples, ~15 s of CPU each) under the ``slow`` marker (``make test-all``)."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,11 +20,24 @@ from orthofx.config import PRESETS, OrthoConfig
 from orthofx.testing import GeneratedModel, generated_models
 
 _settings = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_smoke = settings(_settings, max_examples=8)
+_models = generated_models(max_heads=2, max_ops=3)
 
 
+@_smoke
+@given(_models, st.sampled_from(PRESETS))
+def test_transform_train_step_idempotence_and_round_trip_smoke(model: GeneratedModel, preset: str) -> None:
+    _check_train_step_idempotence_and_round_trip(model, preset)
+
+
+@pytest.mark.slow
 @_settings
-@given(generated_models(max_heads=2, max_ops=3), st.sampled_from(PRESETS))
+@given(_models, st.sampled_from(PRESETS))
 def test_transform_train_step_idempotence_and_round_trip(model: GeneratedModel, preset: str) -> None:
+    _check_train_step_idempotence_and_round_trip(model, preset)
+
+
+def _check_train_step_idempotence_and_round_trip(model: GeneratedModel, preset: str) -> None:
     cfg = OrthoConfig.from_preset(preset, analysis=model.analysis_config)
     (x,) = model.example_inputs
     gm, report = orthofx.transform(model, model.example_inputs, config=cfg)
@@ -104,9 +121,20 @@ def _outputs_buffers_grads(model: torch.nn.Module, x: torch.Tensor, training: bo
     return out.detach(), {n: b.clone() for n, b in model.named_buffers()}, grads
 
 
+@_smoke
+@given(_models)
+def test_svd_config_is_faithful_in_both_modes_smoke(model: GeneratedModel) -> None:
+    _check_svd_config_is_faithful(model)
+
+
+@pytest.mark.slow
 @_settings
-@given(generated_models(max_heads=2, max_ops=3))
+@given(_models)
 def test_svd_config_is_faithful_in_both_modes(model: GeneratedModel) -> None:
+    _check_svd_config_is_faithful(model)
+
+
+def _check_svd_config_is_faithful(model: GeneratedModel) -> None:
     """Under "svd" the emitted model equals the original: outputs in train and eval mode, the
     buffers after a training step, and every parameter's gradient (float64, where the
     original's gradient is finite); strip round-trips strictly into the original class."""
