@@ -189,3 +189,26 @@ def test_resume_loads_weights_only_and_refuses_other_checkpoints(tmp_path: Path)
     torch.save({"config": {"treatment": "svd", "model": cfg.model}}, ck)
     with pytest.raises(ConfigError, match="different run"):
         run(cfg, log=lambda s: None)
+
+
+def test_attach_takes_a_gradient_spec_and_renamed_names_warn() -> None:
+    """Issue 24: attach's third argument is a GradientSpec (``spec``); its old name ``config=``
+    and the second OW_TARGETS / the second ow_target default in treatments.ow_target still
+    resolve, with a DeprecationWarning naming the one definition."""
+    import orthofx.treatments.ow_target as ow_target
+    from orthofx import vocab
+    from orthofx.config import OrthoConfig
+    from orthofx.specs import GradientSpec
+
+    m = Net()
+    h = attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv1, "weight")], GradientSpec(nog=True, olr=True))
+    assert (h.nog, h.olr, h.spec) == (True, True, GradientSpec(nog=True, olr=True))
+    with pytest.warns(DeprecationWarning, match=r"attach\(config=\.\.\.\) is deprecated; use attach\(spec=\.\.\.\)"):
+        h2 = attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv1, "weight")], config=OrthoConfig(nog=True))
+    assert h2.nog and not h2.olr
+    with pytest.warns(DeprecationWarning, match=r"ow_target\.OW_TARGETS is deprecated; use orthofx\.vocab\.OW_TARGETS"):
+        assert ow_target.OW_TARGETS is vocab.OW_TARGETS
+    with pytest.warns(DeprecationWarning, match=r"DEFAULT_TARGET is deprecated; use orthofx\.specs\.GradientSpec"):
+        assert ow_target.DEFAULT_TARGET == GradientSpec().ow_target == "generator"
+    with pytest.raises(ConfigError, match="unknown GradientSpec field 'nogg'"):
+        attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv1, "weight")], nogg=True)
