@@ -32,7 +32,7 @@ from torch import nn
 
 from orthofx.errors import ConfigError
 from orthofx.fuse import ExactSpectral, emit_plain
-from orthofx.graph.trace import TRACE_META_KEY
+from orthofx.graph.symbolic.trace import TRACE_META_KEY
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan, unswap_calls
 from orthofx.pipeline import plan_of, replay, safe_deepcopy, unwrap

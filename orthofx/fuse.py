@@ -31,7 +31,7 @@ from torch import nn
 
 from orthofx.errors import ConfigError, InputError
 
-from orthofx.graph.record import quiet_user_hooks
+from orthofx.graph.state import quiet_user_hooks
 from orthofx.linalg import invsqrtm, sqrtm
 from orthofx.nn.meta import MetaLayer
 from orthofx.rewrite import STABLE_PREFIX, user_label

@@ -22,7 +22,7 @@ from orthofx._log import logger
 from orthofx.config import OrthoConfig, check_loss_weight, resolve_config
 from orthofx.errors import AttachError, ConfigError, InputError, TraceFailure
 from orthofx.graph import AnalysisReport, analyze, analyze_graph, trace
-from orthofx.graph.trace import traces_one_at_a_time
+from orthofx.graph.state import traces_one_at_a_time
 from orthofx.plan import Action, ActionKind, Plan, SwapRecord, gradient_plan, make_plan
 from orthofx.report import TransformReport
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, apply_plan, swap_meta_layers
@@ -127,7 +127,7 @@ def transform(
             DDP / DataParallel / ``torch.compile`` wrappers are refused: transform the inner
             model, then wrap.
         example_inputs: a tensor or a tuple of positional inputs. With them (the normal use)
-            the analysis records one concrete forward (:func:`orthofx.graph.discover`), so it
+            the analysis records one concrete forward (:func:`orthofx.graph.recorded.discover.discover`), so it
             sees inside autograd.Functions, loops, branches and any number of layers; the
             user's model is left exactly as it was. Without them, only symbolic fx tracing is
             used, and a note says so.
@@ -146,7 +146,7 @@ def transform(
 
     Raises :class:`InputError` when an example input holds NaN or Inf (it is named).
     Thread-safe: concurrent transforms (and analyses) of any models trace one at a time
-    (``orthofx.graph.trace.TRACE_LOCK``; torch.fx patches module calls process-wide while it traces).
+    (``orthofx.graph.state.TRACE_LOCK``; torch.fx patches module calls process-wide while it traces).
 
     Transforming an already transformed module with the same config returns it unchanged
     (``report.modified is False``); a different config raises :class:`ConfigError`.
@@ -328,7 +328,7 @@ def _inputs_of(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> tuple[A
     """The positional inputs of submodule ``scope``'s first call in one forward of a copy
     (None when it takes keyword arguments or is not called). The user's hooks stay silent
     (the copy shares their closures)."""
-    from orthofx.graph.record import quiet_user_hooks
+    from orthofx.graph.state import quiet_user_hooks
 
     twin = copy.deepcopy(model).train()
     seen: list[tuple[Any, ...]] = []

@@ -314,7 +314,7 @@ def probe_calls(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> list[l
     as ``for_target`` targets."""
     import copy
 
-    from orthofx.graph.record import quiet_user_hooks
+    from orthofx.graph.state import quiet_user_hooks
 
     twin = copy.deepcopy(model).train()
     sub = twin.get_submodule(scope) if scope else twin

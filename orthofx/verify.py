@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from orthofx.graph.record import quiet_user_hooks
+from orthofx.graph.state import quiet_user_hooks
 
 __all__ = ["verify_rewrite"]
 

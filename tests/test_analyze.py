@@ -1,4 +1,4 @@
-"""orthofx.graph.analyze: meta-layer forms, covariance forms, usages, producers, stops, report."""
+"""orthofx.graph.analyze (symbolic engine): meta-layer forms, covariance forms, usages, producers, stops, report."""
 
 from __future__ import annotations
 

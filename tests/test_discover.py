@@ -1,4 +1,4 @@
-"""Discovery grounded in one recorded forward (orthofx.graph.discover / analyze with inputs).
+"""Discovery grounded in one recorded forward (orthofx.graph.recorded.discover / analyze with inputs).
 
 Models here are written the way real projects write them: custom autograd.Functions with
 hand-written backwards, shape-built constants, ``self.training`` arguments and branches,
@@ -17,7 +17,7 @@ from torch import nn
 import orthofx
 from orthofx.errors import ConfigError, TraceFailure
 from orthofx.graph import AnalysisConfig
-from orthofx.graph.record import record
+from orthofx.graph.recorded.record import record
 
 
 # ----------------------------------------------------------------------------- real-style pieces

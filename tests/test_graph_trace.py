@@ -1,4 +1,4 @@
-"""orthofx.graph.trace: leaves, scopes, autograd.Function leaves, friendly failures."""
+"""orthofx.graph.symbolic.trace: leaves, scopes, autograd.Function leaves, friendly failures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from orthofx.errors import ConfigError, TraceFailure
 from orthofx.graph import AnalysisConfig, analyze, function_leaf, function_of, trace, trace_info
-from orthofx.graph.trace import FUNCTION_KEY, SCOPE_KEY, SCOPE_TYPE_KEY
+from orthofx.graph.symbolic.trace import FUNCTION_KEY, SCOPE_KEY, SCOPE_TYPE_KEY
 
 try:  # a module-level "from ... import" (fx autowrap patches module globals, not locals)
     from orthofx.linalg import sqrtm as ol_sqrtm
@@ -87,7 +87,7 @@ def test_function_leaf_is_cached_and_named() -> None:
     assert function_of(leaf) is TimesThree
     assert function_of(torch.relu) is None
     assert "TimesThree" in leaf.__name__
-    assert leaf.__module__ == "orthofx.graph.trace"
+    assert leaf.__module__ == "orthofx.graph.symbolic.trace"
 
 
 def test_function_leaf_survives_retrace_and_deepcopy() -> None:

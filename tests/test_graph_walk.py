@@ -1,4 +1,4 @@
-"""orthofx.graph.walk: the networkx node graph, data dependence, the walk graph, helpers."""
+"""orthofx.graph.symbolic (nodes, walk, covariance): the networkx node graph, data dependence, the walk graph, helpers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import torch
 from torch import nn
 
 from orthofx.graph import trace
-from orthofx.graph.patterns import Patterns
+from orthofx.graph.symbolic.covariance import einsum_is_gram as _einsum_is_gram
+from orthofx.graph.symbolic.nodes import NodeGraph
+from orthofx.graph.symbolic.nodes import is_batch_index as _is_batch_index
+from orthofx.graph.symbolic.nodes import swaps_last_two as _swaps_last_two
+from orthofx.graph.symbolic.patterns import Patterns
+from orthofx.graph.symbolic.walk import Walker
 from orthofx.vocab import Role
-from orthofx.graph.walk import NodeGraph, Walker, _einsum_is_gram, _is_batch_index, _swaps_last_two
 
 
 class Small(nn.Module):
@@ -65,7 +69,7 @@ def test_walk_graph_gives_one_path_per_meta_input() -> None:
                      Role.SCALE, Role.SHIFT]
     out = w.walk(by["add_1"], have_cov=False, need_cov=True)
     assert out.status == "producer" and out.producer.name == "conv"
-    assert w.steps[by["add_1"]].info["eps"] == pytest.approx(1e-3)
+    assert w.steps[by["add_1"]].eps == pytest.approx(1e-3)
 
 
 def test_walk_phase_rules() -> None:
@@ -102,3 +106,22 @@ def test_index_and_permute_helpers() -> None:
     assert not _is_batch_index((slice(None), 0))
     assert _swaps_last_two((0, 2, 1)) and _swaps_last_two((1, 0)) and _swaps_last_two((0, 1, -1, -2))
     assert not _swaps_last_two((1, 0, 2)) and not _swaps_last_two((0, 2, 3, 1))
+
+
+def test_step_fields_are_typed() -> None:
+    """A Step's role data are typed fields (not an untyped ``info`` dict), and the walk and the
+    covariance recognition share it from its own module."""
+    import typing
+
+    import torch.fx as fx
+
+    from orthofx.graph.result import ProducerInfo
+    from orthofx.graph.symbolic import covariance, walk
+    from orthofx.graph.symbolic.step import CovarianceOp, Step
+
+    assert walk.Step is Step and covariance.Step is Step
+    assert typing.get_type_hints(Step) == {
+        "node": fx.Node, "role": str, "source": fx.Node | None, "text": str, "reason": str,
+        "producer": ProducerInfo | None, "cov": CovarianceOp | None, "eps": float | bool | None,
+        "index": int | None,
+    }

@@ -1,4 +1,4 @@
-"""graph.record.kept_state: running the user's forward to analyse it leaves the model as it was,
+"""graph.state.kept_state: running the user's forward to analyse it leaves the model as it was,
 also when the forward rebinds a parameter's tensor (``self.weight.data = ...``, as
 spectral-norm GAN code renormalises a frozen weight), and ``transform``'s copy starts from the
 user's values, not from one more renormalisation."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import orthofx
-from orthofx.graph.trace import trace
+from orthofx.graph.symbolic.trace import trace
 
 
 class EyeGCP(nn.Module):

@@ -17,7 +17,7 @@ from orthofx.errors import ConfigError
 def test_every_module_reads_the_one_definition() -> None:
     import orthofx.config as config
     import orthofx.graph as graph
-    import orthofx.graph.ops as ops
+    import orthofx.graph.recorded.ops as ops
     import importlib
 
     polar = importlib.import_module("orthofx.linalg.polar")  # the module, not the function
@@ -26,7 +26,9 @@ def test_every_module_reads_the_one_definition() -> None:
     import orthofx.treatments._common as common
     from orthofx.treatments.weight import OW_METHODS
 
-    assert onn.MetaLayerInfo is graph.MetaSpec is vocab.MetaSpec
+    assert graph.MetaSpec is vocab.MetaSpec and not hasattr(importlib.import_module("orthofx.nn.meta"), "MetaLayerInfo")
+    with pytest.warns(DeprecationWarning, match=r"orthofx\.nn\.MetaLayerInfo is deprecated; use orthofx\.vocab\.MetaSpec"):
+        assert onn.MetaLayerInfo is vocab.MetaSpec
     assert ops.KINDS is vocab.KINDS and ops.MatFn is vocab.MatFn
     assert polar.POLAR_METHODS is common.POLAR_METHODS is vocab.POLAR_METHODS
     assert tuple(OW_METHODS) == vocab.OW_METHOD_NAMES

@@ -1,7 +1,7 @@
 """Options of the graph analysis: :class:`AnalysisConfig` (meta-layer specs are the shared
 :class:`orthofx.vocab.MetaSpec`).
 
-The analysis is driven by registries (``orthofx.graph.patterns``). This config extends them
+The analysis is driven by registries (``orthofx.graph.symbolic.patterns``). This config extends them
 per call: extra meta-layer functions, modules and ``torch.autograd.Function`` classes with
 their kind, extra ops that the walk may cross, modules traced as opaque leaves, and how
 strictly failures are handled.

@@ -1,4 +1,4 @@
-"""Pictures of an :class:`~orthofx.report.AnalysisReport`: its producer → meta-layer chains as
+"""Pictures of an :class:`~orthofx.graph.result.AnalysisReport`: its producer → meta-layer chains as
 a networkx graph, Graphviz DOT text and a PNG (networkx + matplotlib). The report's
 ``to_networkx`` / ``to_dot`` / ``to_png`` methods call these."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from orthofx.report import AnalysisReport, ChainStep
+    from orthofx.graph.result import AnalysisReport, ChainStep
 
 __all__ = ["to_networkx", "to_dot", "to_png"]
 

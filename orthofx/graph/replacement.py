@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from orthofx.report import AnalysisReport, MetaLayerEntry
+from orthofx.graph.result import AnalysisReport, MetaLayerEntry
 
 __all__: list[str] = []  # internal module: import what you need by name
 

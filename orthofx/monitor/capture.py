@@ -1,6 +1,6 @@
 """κ of meta-layers that are not orthofx modules: the covariance is captured where it is formed.
 
-The analysis (:func:`orthofx.graph.record.record` + :func:`orthofx.graph.discover.find`) runs
+The analysis (:func:`orthofx.graph.recorded.record.record` + :func:`orthofx.graph.recorded.discover.find`) runs
 the model once and names every meta-layer by the module path where it runs
 (:func:`orthofx.report.meta_layer_name`). For each one it knows the recorded op that forms
 its covariance ``P = c·Σ`` (``X Xᵀ``, ``X J Xᵀ``, ``q kᵀ``; ``c > 0`` the scale the layer
@@ -79,10 +79,10 @@ def find_capture_sites(model: nn.Module, example_inputs: Any, config: Any = None
     """Analyse one forward of ``model`` on ``example_inputs`` (and keyword inputs ``kwargs``;
     the model is left as it was) and return where each meta-layer's covariance can be captured."""
     from orthofx.graph.config import resolve_analysis_config
-    from orthofx.graph.ops import CovForm, NodeKind
-    from orthofx.graph.discover import discover_recording, find, meta_owner, site_index
-    from orthofx.graph.record import record
-    from orthofx.graph.trace import TRACE_LOCK
+    from orthofx.graph.recorded.ops import CovForm, NodeKind
+    from orthofx.graph.recorded.discover import discover_recording, find, meta_owner, site_index
+    from orthofx.graph.recorded.record import record
+    from orthofx.graph.state import TRACE_LOCK
 
     cfg = resolve_analysis_config(config)
     with TRACE_LOCK:

@@ -19,9 +19,6 @@ from orthofx.vocab import MetaSpec, is_meta_layer
 
 __all__ = ["MetaLayer", "is_meta_layer"]
 
-#: the marker's type: the shared :class:`orthofx.vocab.MetaSpec` (kind, input), under its nn name
-MetaLayerInfo = MetaSpec
-
 
 class MetaLayer(nn.Module):
     """Base class of orthofx meta-layer modules (the marker plus eigenvalue recording)."""

@@ -1,4 +1,4 @@
-"""Covariance recognition on a :class:`~orthofx.graph.record.Recording` (pure).
+"""Covariance recognition on a :class:`~orthofx.graph.recorded.record.Recording` (pure).
 
 A matrix product ``P = A·B`` (mm/bmm/matmul/baddbmm/addmm; einsum and ``@`` reach ATen as
 these) is covariance-like when
@@ -12,7 +12,7 @@ these) is covariance-like when
 * **congruence** ``Wᵀ S W``: both sides are the same bare parameter W around a data matrix S
   (SPD networks); the producer is W itself.
 
-Whether a covariance is a meta-layer is decided by :mod:`orthofx.graph.regions`.
+Whether a covariance is a meta-layer is decided by :mod:`orthofx.graph.recorded.regions`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Hashable
 
 import torch
 
-from orthofx.graph.ops import CONVOLUTIONS, CovForm, NodeKind, PRODUCTS, SCALES, SLICES, VIEWS
-from orthofx.graph.record import Node, Recording, Ref
+from orthofx.graph.recorded.ops import CONVOLUTIONS, CovForm, NodeKind, PRODUCTS, SCALES, SLICES, VIEWS
+from orthofx.graph.recorded.record import Node, Recording, Ref
 
 __all__: list[str] = []  # internal module: import what you need by name
 
@@ -34,7 +34,7 @@ class Covariance:
 
     Attributes:
         node: index of the product node.
-        form: :class:`~orthofx.graph.ops.CovForm`.
+        form: :class:`~orthofx.graph.recorded.ops.CovForm`.
         sources: the feature tensors it is formed from (walk starts of the producer search).
         param: for a congruence, the node index of the parameter W.
         centered: a centring matrix or a mean subtraction was seen.

@@ -1,10 +1,10 @@
 """Discovery grounded in what runs: record → covariances → regions → producers → report.
 
 :func:`discover` is what :func:`orthofx.analyze` does when example inputs are given. It runs
-the model once (:func:`~orthofx.graph.record.record`), finds the covariance-like products
-(:mod:`~orthofx.graph.covariances`), keeps those whose region reaches a matrix function
-(:mod:`~orthofx.graph.regions`) and walks back to their producers
-(:mod:`~orthofx.graph.producers`). Repeated calls of one meta-layer (a per-sample loop) are
+the model once (:func:`~orthofx.graph.recorded.record.record`), finds the covariance-like products
+(:mod:`~orthofx.graph.recorded.covariances`), keeps those whose region reaches a matrix function
+(:mod:`~orthofx.graph.recorded.regions`) and walks back to their producers
+(:mod:`~orthofx.graph.recorded.producers`). Repeated calls of one meta-layer (a per-sample loop) are
 reported once. Pure: the model is left as it was.
 """
 
@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orthofx.graph.config import AnalysisConfig
-from orthofx.graph.covariances import Covariance, find_covariances
-from orthofx.graph.gradflow import recorded_cut
-from orthofx.graph.ops import CovForm, NodeKind
+from orthofx.graph.recorded.covariances import Covariance, find_covariances
+from orthofx.graph.recorded.gradflow import recorded_cut
+from orthofx.graph.recorded.ops import CovForm, NodeKind
 from orthofx.vocab import MatFn, Role
-from orthofx.graph.producers import Producer, walk_producers, weighted
-from orthofx.graph.record import Recording, function_name, record
-from orthofx.graph.regions import Region, region_of
-from orthofx.report import (
+from orthofx.graph.recorded.producers import Producer, walk_producers, weighted
+from orthofx.graph.recorded.record import Recording, function_name, record
+from orthofx.graph.recorded.regions import Region, region_of
+from orthofx.graph.result import (
     AnalysisReport,
     ChainStep,
     CovarianceInfo,
@@ -202,7 +202,7 @@ def _where(rec: Recording, i: int) -> str:
 
 
 def _nothing_found(rec: Recording, plain: list[Covariance]) -> str:
-    from orthofx.graph.ops import DECOMPOSITIONS
+    from orthofx.graph.recorded.ops import DECOMPOSITIONS
 
     ops = [n for n in rec.nodes if n.kind is NodeKind.OP]
     decomps = sorted({f"{n.op} in {n.module or '<root>'}" for n in ops if n.op in DECOMPOSITIONS and n.data})

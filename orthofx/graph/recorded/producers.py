@@ -1,4 +1,4 @@
-"""The producer walk on a :class:`~orthofx.graph.record.Recording` (pure).
+"""The producer walk on a :class:`~orthofx.graph.recorded.record.Recording` (pure).
 
 From the features a covariance is formed from, walk back through every op (elementwise ops,
 normalisation, pooling, reshapes, casts, centring, attention, other meta-layers' outputs) to
@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from orthofx.graph.covariances import operands
-from orthofx.graph.ops import CONVOLUTIONS, NodeKind, TERMINALS, VIEWS
-from orthofx.graph.record import Node, Recording, Ref
+from orthofx.graph.recorded.covariances import operands
+from orthofx.graph.recorded.ops import CONVOLUTIONS, NodeKind, TERMINALS, VIEWS
+from orthofx.graph.recorded.record import Node, Recording, Ref
 
 __all__: list[str] = []  # internal module: import what you need by name
 

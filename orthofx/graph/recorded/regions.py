@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orthofx.graph.covariances import operands
-from orthofx.graph.ops import CONVOLUTIONS, DECOMPOSITIONS, NodeKind, NORMS, PRODUCTS, REGION_STOPS
+from orthofx.graph.recorded.covariances import operands
+from orthofx.graph.recorded.ops import CONVOLUTIONS, DECOMPOSITIONS, NodeKind, NORMS, PRODUCTS, REGION_STOPS
 from orthofx.vocab import MatFn
-from orthofx.graph.record import Node, Recording, Ref
+from orthofx.graph.recorded.record import Node, Recording, Ref
 
 __all__: list[str] = []  # internal module: import what you need by name
 

@@ -9,13 +9,14 @@ transposes and a constant centring matrix ``J``), a Gram ``einsum`` (``"bcm,bdm-
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from orthofx.graph import patterns as P
-from orthofx.graph.fx_nodes import (
+from orthofx.graph.result import CovarianceInfo
+from orthofx.graph.symbolic import patterns as P
+from orthofx.graph.symbolic.nodes import (
     NodeGraph,
     arg_of,
     cast_input,
@@ -25,20 +26,17 @@ from orthofx.graph.fx_nodes import (
     strip_casts,
     transpose_input,
 )
+from orthofx.graph.symbolic.step import CovarianceOp, Step
 from orthofx.vocab import Role
-from orthofx.report import CovarianceInfo
-
-if TYPE_CHECKING:
-    from orthofx.graph.fx_walk import Step
 
 __all__: list[str] = []  # internal module: import what you need by name
 
 
 # --------------------------------------------------------------------------- X Xᵀ
-def covariance_of_product(ng: NodeGraph, n: fx.Node, a: Any, b: Any) -> tuple[Any, dict] | None:
+def covariance_of_product(ng: NodeGraph, n: fx.Node, a: Any, b: Any) -> tuple[Any, CovarianceOp] | None:
     """``(source, cov)`` when the product ``a @ b`` at ``n`` is ``X Xᵀ`` / ``Xᵀ X`` (possibly
     centred, ``X J Xᵀ``) of one feature map; ``source`` is the factor the walk continues
-    through, ``cov`` has ``form``, ``expression`` and ``centered``. None otherwise."""
+    through. None otherwise."""
     if not (ng.is_data(a) and ng.is_data(b)):
         return None
     xa, pa, ja = strip_matrix(ng, a, "left")
@@ -51,7 +49,7 @@ def covariance_of_product(ng: NodeGraph, n: fx.Node, a: Any, b: Any) -> tuple[An
             torch.mm: "mm"}.get(n.target, str(n.target) if n.op == "call_method" else "matmul")
     # continue through the un-transposed factor (keeps its casts in the chain)
     src = strip_centring(ng, a, "left") if pa == 0 else strip_centring(ng, b, "right")
-    return src, {"form": form, "expression": expr, "centered": ja is not None or jb is not None}
+    return src, CovarianceOp(form=form, expression=expr, centered=ja is not None or jb is not None)
 
 
 def strip_matrix(ng: NodeGraph, n: Any, side: str) -> tuple[Any, int, Any]:
@@ -93,14 +91,14 @@ def strip_centring(ng: NodeGraph, n: Any, side: str) -> Any:
 
 
 # --------------------------------------------------------------------------- einsum
-def einsum_gram(ng: NodeGraph, eq: Any, ops: list[Any]) -> tuple[Any, dict] | None:
+def einsum_gram(ng: NodeGraph, eq: Any, ops: list[Any]) -> tuple[Any, CovarianceOp] | None:
     """``(source, cov)`` when ``einsum(eq, a, b)`` is the Gram matrix of one feature map."""
     if isinstance(eq, str) and len(ops) == 2:
         a, b = ops
         if ng.is_data(a) and ng.is_data(b):
             xa, xb = strip_casts(a), strip_casts(b)
             if same_computation(xa, xb) and einsum_is_gram(eq):
-                return a, {"form": "einsum", "expression": eq.replace(" ", ""), "centered": False}
+                return a, CovarianceOp(form="einsum", expression=eq.replace(" ", ""))
     return None
 
 
@@ -222,20 +220,20 @@ def covariance_info(steps: list[Step], *, form_if_none: str = "none") -> Covaria
             form=form_if_none, expression="X" if form_if_none == "none" else "",
             centered=any(s.role == Role.CENTER for s in steps),
             scaled=any(s.role == Role.SCALE for s in steps))
-    c = steps[cov_i].info.get("cov", {})
+    c = steps[cov_i].cov or CovarianceOp(form="matmul", expression="")
     before, after = steps[:cov_i], steps[cov_i + 1:]
-    centered = bool(c.get("centered")) or any(s.role == Role.CENTER for s in before)
-    scaled = bool(c.get("scaled")) or any(s.role == Role.SCALE for s in after)
-    eps: float | bool | None = c.get("eps")
+    centered = c.centered or any(s.role == Role.CENTER for s in before)
+    scaled = c.scaled or any(s.role == Role.SCALE for s in after)
+    eps: float | bool | None = c.eps
     for s in after:
         if s.role == Role.SHIFT:
-            v = s.info.get("eps", True)
+            v = True if s.eps is None else s.eps  # a shift whose ε was not read: a constant
             if isinstance(v, bool) or isinstance(eps, bool):
                 eps = True
             else:
                 eps = (eps or 0.0) + v
     return CovarianceInfo(
-        form=c.get("form", "matmul"), node=steps[cov_i].node.name,
-        expression=c.get("expression", ""), centered=centered, scaled=scaled, eps=eps,
+        form=c.form, node=steps[cov_i].node.name,
+        expression=c.expression, centered=centered, scaled=scaled, eps=eps,
         symmetrized=any(s.role == Role.SYMMETRIZE for s in after),
     )

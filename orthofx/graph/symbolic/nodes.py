@@ -20,8 +20,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from orthofx.graph import patterns as P
-from orthofx.graph.trace import TraceInfo, function_of, trace_info
+from orthofx.graph.symbolic import patterns as P
+from orthofx.graph.symbolic.trace import TraceInfo, function_of, trace_info
 
 __all__: list[str] = []  # internal module: import what you need by name
 

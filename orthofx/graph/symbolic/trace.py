@@ -26,10 +26,8 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import sys
-import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -42,9 +40,9 @@ from torch.fx.proxy import Proxy
 from torch.nn.utils import parametrize
 
 from orthofx.errors import ConfigError, InputError, TraceFailure
-from orthofx.graph.record import kept_state
 from orthofx.graph.config import AnalysisConfig, resolve_analysis_config
-from orthofx.graph.patterns import Patterns
+from orthofx.graph.symbolic.patterns import Patterns
+from orthofx.graph.state import kept_state, traces_one_at_a_time
 from orthofx.vocab import is_meta_layer
 
 __all__ = ["trace", "function_leaf", "function_of"]
@@ -57,25 +55,6 @@ TRACE_META_KEY = "orthofx_trace"
 
 # --------------------------------------------------------------------------- autograd.Function leaves
 _FUNCTION_LEAVES: "weakref.WeakKeyDictionary[type, Callable[..., Any]]" = weakref.WeakKeyDictionary()
-
-
-#: Held while orthofx traces or records a model. torch.fx patches ``nn.Module.__call__`` (and
-#: orthofx's recorder installs process-wide hooks) for the duration of a trace, so two traces in
-#: two threads would see each other's module calls; :func:`orthofx.transform`, :func:`analyze`
-#: and :func:`orthofx.pipeline.replay` take this (re-entrant) lock, so concurrent calls run one
-#: after the other.
-TRACE_LOCK = threading.RLock()
-
-
-def traces_one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run while holding :data:`TRACE_LOCK`."""
-
-    @functools.wraps(fn)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with TRACE_LOCK:
-            return fn(*args, **kwargs)
-
-    return locked
 
 
 def function_leaf(cls: type) -> Callable[..., Any]:

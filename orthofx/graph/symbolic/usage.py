@@ -16,8 +16,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from orthofx.graph import patterns as P
-from orthofx.graph.fx_nodes import NodeGraph, arg_of
+from orthofx.graph.symbolic import patterns as P
+from orthofx.graph.symbolic.nodes import NodeGraph, arg_of
 
 __all__: list[str] = []  # internal module: import what you need by name
 

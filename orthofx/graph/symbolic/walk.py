@@ -13,24 +13,26 @@ shifted, symmetrised) covariance.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from orthofx.graph import patterns as P
-from orthofx.graph.fx_covariance import (
+from orthofx.graph.result import ProducerInfo
+from orthofx.graph.symbolic import patterns as P
+from orthofx.graph.symbolic.covariance import (
     covariance_of_product,
     einsum_gram,
     eps_value,
     is_mean_of,
     symmetrized_source,
 )
-from orthofx.graph.fx_nodes import (
+from orthofx.graph.symbolic.nodes import (
     NodeGraph,
     arg_of,
     describe_target,
@@ -38,36 +40,12 @@ from orthofx.graph.fx_nodes import (
     fmt_index,
     is_batch_index,
 )
-from orthofx.graph.patterns import Patterns
+from orthofx.graph.symbolic.patterns import Patterns
+from orthofx.graph.symbolic.step import INPUT, CovarianceOp, Step
+from orthofx.graph.symbolic.trace import FUNCTION_KEY, function_of, user_class
 from orthofx.vocab import ROLES_AFTER_COV, ROLES_BEFORE_COV, Role
-from orthofx.graph.trace import FUNCTION_KEY, function_of, user_class
-from orthofx.report import ProducerInfo
 
 __all__: list[str] = []  # internal module: import what you need by name
-
-INPUT = "input"  # role of a placeholder
-
-
-# --------------------------------------------------------------------------- steps
-@dataclass
-class Step:
-    """How one node acts on a walk.
-
-    Attributes:
-        node: the fx node.
-        role: a :class:`~orthofx.vocab.Role` value, or ``"input"`` for a placeholder.
-        source: the input the walk continues through (None: the walk ends here).
-        text: readable description.
-        reason: why the walk stops here (role ``stop``).
-        info: details: ``producer`` (ProducerInfo), ``cov`` (dict), ``eps``, ``index``.
-    """
-
-    node: fx.Node
-    role: str
-    source: fx.Node | None = None
-    text: str = ""
-    reason: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,7 +71,7 @@ class WalkOutcome:
 
     @property
     def producer(self) -> ProducerInfo | None:
-        return self.steps[0].info.get("producer") if self.status == "producer" else None
+        return self.steps[0].producer if self.status == "producer" else None
 
     @property
     def stop_step(self) -> Step | None:
@@ -181,7 +159,7 @@ class Walker:
             if role == INPUT:
                 if self.ng.name:  # inside a Function's forward: continue outside
                     return WalkOutcome(list(reversed(crossed)), "input", have_cov=have_cov,
-                                       input_index=step.info["index"])
+                                       input_index=step.index)
                 return self._stop(crossed, step.reason)
             if role == Role.STOP:
                 return self._stop(crossed, step.reason)
@@ -211,7 +189,7 @@ class Walker:
         try:
             if n.op == "placeholder":
                 idx = self.ng.placeholders.index(n)
-                return Step(n, INPUT, text=f"input {n.target}", info={"index": idx},
+                return Step(n, INPUT, text=f"input {n.target}", index=idx,
                             reason=f"reached the model input {n.target!r} without a weighted layer")
             if n.op == "get_attr":
                 return Step(n, Role.STOP, text=f"self.{n.target}",
@@ -258,7 +236,7 @@ class Walker:
             if not self.ng.is_data(src):
                 return Step(n, Role.STOP, text=text, reason=f"{text} is applied to a constant")
             return Step(n, Role.PRODUCER, None, text,
-                        info={"producer": self._module_producer(n, mod)})
+                        producer=self._module_producer(n, mod))
         if rule.role == Role.STOP and (target in self.leaf_modules):
             how = ("made a leaf automatically because it cannot be traced"
                    if target in self.auto_leaves else "a leaf by AnalysisConfig.leaf_modules")
@@ -310,7 +288,7 @@ class Walker:
             eps = n.kwargs.get("eps")
             return self._cov_function(n, name, text, centered=name.startswith("orthofx"),
                                       scaled=name.startswith("orthofx"),
-                                      eps=eps if isinstance(eps, (int, float)) and eps else None)
+                                      eps=float(eps) if isinstance(eps, (int, float)) and eps else None)
         if t in P.ARITHMETIC_FUNCTIONS:
             return self._arith(n, P.ARITHMETIC_FUNCTIONS[t], arg_of(n, 0, "input"),
                                arg_of(n, 1, "other"), text)
@@ -372,14 +350,13 @@ class Walker:
             flat_shape=(shape[0], math.prod(shape[1:])), node=n.name, form="functional",
             op=f"F.{name}", groups=int(groups) if isinstance(groups, int) else 1,
         )
-        return Step(n, Role.PRODUCER, None, text, info={"producer": info})
+        return Step(n, Role.PRODUCER, None, text, producer=info)
 
     def _matmul(self, n: fx.Node, a: Any, b: Any, text: str) -> Step:
         cov = covariance_of_product(self.ng, n, a, b)
         if cov is not None:
-            src, info = cov
-            return Step(n, Role.COVARIANCE, src, f"{text} ({info['expression']})",
-                        info={"cov": info})
+            src, op = cov
+            return Step(n, Role.COVARIANCE, src, f"{text} ({op.expression})", cov=op)
         da, db = self.ng.is_data(a), self.ng.is_data(b)
         if da and db:
             return Step(n, Role.STOP, text=text, reason=(
@@ -410,7 +387,7 @@ class Walker:
             name=owner, type=self.ng.module_type(owner), param=qual, weight_shape=shape,
             flat_shape=flat, node=n.name, form="functional", op="matmul", transposed=transposed,
         )
-        return Step(n, Role.PRODUCER, None, text, info={"producer": info})
+        return Step(n, Role.PRODUCER, None, text, producer=info)
 
     def _einsum(self, n: fx.Node, text: str) -> Step:
         eq = n.args[0] if n.args else None
@@ -419,8 +396,8 @@ class Walker:
             ops = list(ops[0])
         gram = einsum_gram(self.ng, eq, ops)
         if gram is not None:
-            src, info = gram
-            return Step(n, Role.COVARIANCE, src, f"{text} ({eq})", info={"cov": info})
+            src, op = gram
+            return Step(n, Role.COVARIANCE, src, f"{text} ({eq})", cov=op)
         data_ops = [o for o in ops if self.ng.is_data(o)]
         if len(data_ops) == 1 and len(ops) == 2:
             return Step(n, Role.STOP, text=text, reason=(
@@ -430,12 +407,12 @@ class Walker:
             f"{text} ({eq!r}) is not recognised as X Xᵀ of one feature map"))
 
     def _cov_function(self, n: fx.Node, form: str, text: str, *, centered: bool,
-                      scaled: bool, eps: Any = None) -> Step:
+                      scaled: bool, eps: float | None = None) -> Step:
         src = first_arg(n)
         step = self._transparent(n, Role.COVARIANCE, src, text)
         if step.role == Role.COVARIANCE:
-            step.info["cov"] = {"form": form, "expression": f"{form}(X)", "centered": centered,
-                                "scaled": scaled, "eps": eps}
+            step = dataclasses.replace(step, cov=CovarianceOp(
+                form=form, expression=f"{form}(X)", centered=centered, scaled=scaled, eps=eps))
         return step
 
     # -- arithmetic ------------------------------------------------------------------
@@ -450,14 +427,14 @@ class Walker:
                     "pow": Role.POINTWISE}[op]
             step = self._transparent(n, role, a, text)
             if role == Role.SHIFT and step.role == Role.SHIFT:
-                step.info["eps"] = eps_value(b, negate=(op == "sub"), gm=self.ng.gm)
+                step = dataclasses.replace(step, eps=eps_value(b, negate=(op == "sub"), gm=self.ng.gm))
             return step
         if db and not da:
             role = {"add": Role.SHIFT, "sub": Role.SHIFT, "mul": Role.SCALE,
                     "div": Role.POINTWISE, "pow": Role.POINTWISE}[op]
             step = self._transparent(n, role, b, text)
             if role == Role.SHIFT and step.role == Role.SHIFT and op == "add":
-                step.info["eps"] = eps_value(a, gm=self.ng.gm)
+                step = dataclasses.replace(step, eps=eps_value(a, gm=self.ng.gm))
             return step
         if not da and not db:
             return Step(n, Role.STOP, text=text, reason=f"{text} of constants")
