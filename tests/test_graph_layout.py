@@ -73,48 +73,46 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
 
 def _graph_files() -> list[Path]:
     files = sorted(GRAPH.rglob("*.py"))
-    assert len(files) > 20
+    assert len(files) > 10  # the walk found the package
     return files
 
 
-def test_graph_imports_only_itself_and_the_lower_floor() -> None:
-    bad = {
-        f"{_module_name(f)} imports {m}"
-        for f in _graph_files() for m in _orthofx_imports(f)
-        if not _within(m, ("orthofx.graph", *LOWER_FLOOR))
-    }
-    assert not bad, sorted(bad)
+def _lower_floor_files() -> list[Path]:
+    out = []
+    for m in LOWER_FLOOR:
+        rel = ROOT / m.split(".", 1)[1]
+        out += sorted(rel.rglob("*.py")) if rel.is_dir() else [rel.with_suffix(".py")]
+    assert all(f.exists() for f in out)
+    return out
 
 
-def test_the_lower_floor_is_a_floor() -> None:
-    files = [p for m in LOWER_FLOOR for p in (
-        sorted((ROOT / m.split(".", 1)[1]).rglob("*.py")) if (ROOT / m.split(".", 1)[1]).is_dir()
-        else [ROOT / (m.split(".", 1)[1] + ".py")])]
-    assert all(f.exists() for f in files)
-    bad = {f"{_module_name(f)} imports {m}" for f in files for m in _orthofx_imports(f)
+def test_graph_imports_downward_only() -> None:
+    """Outside itself, orthofx.graph imports only the lower floor (which imports only itself);
+    inside, the shared level imports only itself and each engine only itself and the shared
+    level (analysis.py, the entry, and the package's lazy names sit on top)."""
+    bad = {f"{_module_name(f)} imports {m}" for f in _lower_floor_files() for m in _orthofx_imports(f)
            if not _within(m, LOWER_FLOOR)}
-    assert not bad, sorted(bad)
-
-
-def test_engines_and_shared_level_import_downward_only() -> None:
-    bad = set()
     for f in _graph_files():
         name = _module_name(f)
         for m in _orthofx_imports(f):
+            if not _within(m, ("orthofx.graph", *LOWER_FLOOR)):
+                bad.add(f"{name} imports {m}")
             if not _within(m, ("orthofx.graph",)):
                 continue
             if _within(name, SHARED) and not _within(m, SHARED):
                 bad.add(f"shared {name} imports {m}")
-            for engine, other in (ENGINES, ENGINES[::-1]):
+            for engine in ENGINES:
                 if _within(name, (engine,)) and not _within(m, (engine, *SHARED)):
                     bad.add(f"{name} ({engine.rsplit('.', 1)[1]}) imports {m}")
     assert not bad, sorted(bad)
 
 
-def test_graph_modules_form_no_import_cycle() -> None:
-    """Module-level imports (``if TYPE_CHECKING:`` ones too: a type import is a dependency) form
-    a DAG; an import deferred into a function (``AnalysisReport.to_dot`` → ``graph.draw``) is not
-    an edge."""
+def test_graph_modules_are_small_and_form_no_import_cycle() -> None:
+    """At most 600 lines a module; module-level imports (``if TYPE_CHECKING:`` ones too: a type
+    import is a dependency) form a DAG; an import deferred into a function
+    (``AnalysisReport.to_dot`` → ``graph.draw``) is not an edge."""
+    big = {_module_name(f): n for f in _graph_files() if (n := len(f.read_text().splitlines())) > 600}
+    assert not big, big
     g = nx.DiGraph()
     for f in _graph_files():
         name = _module_name(f)
@@ -124,11 +122,6 @@ def test_graph_modules_form_no_import_cycle() -> None:
                 g.add_edge(name, m)
     cycles = list(nx.simple_cycles(g))
     assert not cycles, cycles
-
-
-def test_graph_modules_are_small() -> None:
-    big = {_module_name(f): n for f in _graph_files() if (n := len(f.read_text().splitlines())) > 600}
-    assert not big, big
 
 
 def _run(code: str) -> str:
