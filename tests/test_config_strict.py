@@ -248,3 +248,27 @@ def test_ow_target_travels_as_one_typed_spec_checked_and_defaulted_once(monkeypa
     spec, kw = seen[-1]
     assert spec.ow_target == "generator" and kw == {"lr_mode": "float"}
 
+
+
+def test_the_spec_is_checked_where_it_is_made_not_again_on_the_road(monkeypatch):
+    """From the transformed model to the installed chain (orthofx.attach, OrthoSGD) the plan's
+    GradientSpec is handed on as it is: no option is checked or defaulted a second time."""
+    import torch
+
+    import orthofx
+    import orthofx.specs as specs
+    from orthofx.optim import OrthoSGD
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), orthofx.nn.DecorrelatedBatchNorm(4))
+    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    gm, _ = orthofx.transform(model, (x,), OrthoConfig.from_preset("nog+ow+olr", nog_method="svd"))
+    calls: list[str] = []
+    for name in ("check_bool", "check_choice"):
+        real = getattr(specs, name)
+        monkeypatch.setattr(specs, name, lambda v, n, *a, _real=real, **k: calls.append(n) or _real(v, n, *a, **k))
+    h = orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
+    opt = OrthoSGD(gm, lr=0.1)
+    assert calls == []
+    assert h.spec is opt.handle.spec is orthofx.pipeline.plan_of(gm).producers[0].config.gradients
+    orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm, nog_method="eigh")
+    assert "nog_method" in calls  # a field given on the way is checked, by the spec
