@@ -2,6 +2,7 @@
 
     python benchmarks/ow_shapes.py [--quick] [--threads N] [--device cpu|cuda] [--json PATH]
                                    [--shapes 256x784,256x256,...] [--clock wall|cpu]
+                                   [--rho 0,0.003,0.1,1]
 
 One ``nn.Linear`` (weight out×in, float32), batch 1024, loss ``mean((Wx + b − y)²)``, a
 training step = forward + backward + SGD (lr 1e-2, momentum 0.9). Rows:
@@ -21,7 +22,13 @@ interleaved rounds (the order rotates each round); ``x plain`` and ``x torch bes
 over rounds of the row's time over the same round's plain time / the same round's fastest torch
 map (min of the three). ``--quick`` uses 3 rounds of 1 step (instead of 7 rounds of 2 steps);
 the torch maps on 256×2048 dominate the run (≈ 11 s a round on 1 CPU thread).
-Absolute times mean something only on a quiet machine; on a shared CPU read the ratios.
+Absolute times mean something only on a quiet machine; on a shared CPU read the ratios
+(``--clock cpu`` with ``--threads 1`` leaves out the time spent waiting for a core).
+
+The training steps start at generator 0 and stay small (‖S‖₂ ≲ 0.01 after the 7 steps of
+``--rounds 3``), where the exponential needs a low Taylor degree. ``--rho`` times the map alone
+(forward + backward of the parametrized weight) at fixed generator norms instead, against
+torch's cayley map, whose cost does not depend on the norm.
 """
 
 from __future__ import annotations
@@ -114,6 +121,62 @@ def bench_shape(shape: tuple[int, int], device: torch.device, rounds: int, iters
     return rows
 
 
+def _map_step(row: str, shape: tuple[int, int], device: torch.device, rho: float) -> Callable[[], None]:
+    """Forward + backward of the parametrized weight alone (no layer, no optimizer) with its
+    generator set so that the skew-symmetric argument of the map has spectral norm ``rho``:
+    orthofx ``S = aY₀ᵀ − Y₀aᵀ`` (n'×n'), torch ``A = X̃ − X̃ᵀ`` (X̃ = tril(X) padded to n×n)."""
+    out, inp = shape
+    torch.manual_seed(1)
+    layer = nn.Linear(inp, out).to(device)
+    if row == "torch cayley":
+        nn.utils.parametrizations.orthogonal(layer, orthogonal_map="cayley")
+    else:
+        register_orthogonal(layer, method="expm", lowrank=choose_lowrank(min(shape), max(shape), "expm"))
+    par = layer.parametrizations.weight
+    with torch.no_grad():
+        x = torch.randn_like(par.original, dtype=torch.float64)
+        if row == "torch cayley":
+            t = x.mT if out < inp else x
+            t = torch.cat([t.tril(), t.new_zeros(t.shape[0], t.shape[0] - t.shape[1])], dim=-1)
+            skew = t - t.mT
+        else:
+            a, y0 = par[0]._to_tall(x), par[0].base.double()
+            skew = a @ y0.mT - y0 @ a.mT
+        x *= rho / torch.linalg.matrix_norm(skew, 2).clamp_min(1e-300)
+        par.original.copy_(x)
+    g = torch.randn(out, inp, device=device)
+
+    def step() -> None:
+        layer.weight.backward(g)
+
+    return step
+
+
+def bench_map(shape: tuple[int, int], device: torch.device, rhos: list[float], rounds: int,
+              iters: int) -> list[dict[str, Any]]:
+    """Map-only timings (:func:`_map_step`) of torch cayley and orthofx expm at fixed ‖S‖₂,
+    interleaved; ``x torch cayley`` = median of per-round ratios."""
+    rows = []
+    for rho in rhos:
+        steps = {r: _map_step(r, shape, device, rho) for r in ("torch cayley", "orthofx expm")}
+        for fn in steps.values():
+            fn()
+        samples: dict[str, list[float]] = {r: [] for r in steps}
+        order = list(steps)
+        for i in range(rounds):
+            for r in order[i % 2:] + order[: i % 2]:
+                samples[r].append(_time(steps[r], device, iters))
+        ratio = statistics.median(a / b for a, b in zip(samples["orthofx expm"], samples["torch cayley"]))
+        rows.append({"shape": f"{shape[0]}x{shape[1]}", "rho": rho,
+                     "torch_cayley_ms": round(statistics.median(samples["torch cayley"]), 3),
+                     "orthofx_expm_ms": round(statistics.median(samples["orthofx expm"]), 3),
+                     "x_torch_cayley": round(ratio, 3)})
+        print(f"| {rows[-1]['shape']} | {rho:g} | {rows[-1]['torch_cayley_ms']:.2f} | "
+              f"{rows[-1]['orthofx_expm_ms']:.2f} | {ratio:.2f} |")
+        sys.stdout.flush()
+    return rows
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print("| shape | row | ms | × plain | × torch best |")
     print("|---|---|---|---|---|")
@@ -129,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--shapes", default=None, help="comma-separated OUTxIN, default: the four of the issue")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rho", default=None,
+                   help="comma-separated ‖S‖₂ values: time the map alone (forward + backward of the weight) "
+                        "of torch cayley and orthofx expm at these generator norms instead of training steps")
     p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                    help="wall: perf_counter (default); cpu: process_time (use with --threads 1 on a loaded machine)")
     a = p.parse_args(argv)
@@ -147,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    if a.rho is not None:
+        print("| weight | ‖S‖₂ | torch cayley ms | orthofx expm ms | × torch cayley |\n|---|---|---|---|---|")
     for shape in shapes:
+        if a.rho is not None:
+            rows += bench_map(shape, device, [float(v) for v in a.rho.split(",")], rounds, iters)  # type: ignore[arg-type]
+            continue
         rows += bench_shape(shape, device, rounds, iters)  # type: ignore[arg-type]
         print_rows([r for r in rows if r["shape"] == f"{shape[0]}x{shape[1]}"])
         sys.stdout.flush()
@@ -157,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick, "batch": BATCH,
-                                      "rounds": rounds, "iters": iters, "clock": a.clock, "date": time.strftime("%Y-%m-%d"),
+                                      "rounds": rounds, "iters": iters, "clock": a.clock, "rho": a.rho, "date": time.strftime("%Y-%m-%d"),
                                       "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
         print(f"wrote {a.json}")
     return 0

@@ -171,7 +171,7 @@ def test_dense_ow_map_equals_the_float64_exponential(n_big: int, k: int, rho: fl
     assert (w32.T @ w32 - torch.eye(k, dtype=F64)).norm() <= 2e-6
 
 
-@pytest.mark.parametrize("rho", [1e-3, 0.05, 1.0, 20.0])
+@pytest.mark.parametrize("rho", [0.0, 1e-6, 3e-4, 1e-3, 0.05, 1.0, 20.0])  # float64: degree 2, 2, 4, 6, …
 @pytest.mark.parametrize("n_big,k", [(9, 9), (11, 4)])
 def test_dense_ow_map_gradcheck_float64(rho: float, n_big: int, k: int) -> None:
     Y0 = _base(n_big, k, 8)
@@ -179,6 +179,27 @@ def test_dense_ow_map_gradcheck_float64(rho: float, n_big: int, k: int) -> None:
     a = (a * rho / torch.linalg.matrix_norm(a @ Y0.T - Y0 @ a.T, 2)).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: stiefel_map(t, Y0, "expm", False), (a,))
     assert torch.autograd.gradgradcheck(lambda t: stiefel_map(t, Y0, "expm", False), (a,))
+
+
+@pytest.mark.parametrize("dtype,rho,tol", [
+    (torch.float32, 0.0, 5e-5), (torch.float32, 2e-3, 5e-5), (torch.float32, 0.03, 5e-5), (torch.float32, 0.3, 5e-5),
+    (F64, 0.0, 1e-9), (F64, 1e-6, 1e-9), (F64, 3e-4, 1e-9), (F64, 1e-3, 1e-9),  # degree 2, 2, 4, 4 (6+ in float32)
+])
+@pytest.mark.parametrize("n_big,k", [(24, 24), (30, 7)])
+def test_dense_ow_map_gradient_against_float64_matrix_exp(dtype: torch.dtype, rho: float, tol: float, n_big: int,
+                                                         k: int) -> None:
+    """The gradient of the dense map (closed-form backward at degree 2/4) against the float64
+    gradient through torch.linalg.matrix_exp: the difference is the truncated derivative
+    (≤ (m+1)·u/θ_m relative, module doc of skew_expm) plus rounding."""
+    Y0 = _base(n_big, k, 14)
+    a = torch.randn(n_big, k, generator=torch.Generator().manual_seed(15), dtype=F64)
+    a = a * rho / torch.linalg.matrix_norm(a @ Y0.T - Y0 @ a.T, 2).clamp_min(1e-300)
+    g = torch.randn(n_big, k, generator=torch.Generator().manual_seed(16), dtype=F64)
+    a64 = a.clone().requires_grad_()
+    (torch.linalg.matrix_exp(a64 @ Y0.T - Y0 @ a64.T) @ Y0).backward(g)
+    x = a.to(dtype).requires_grad_()
+    stiefel_map(x, Y0.to(dtype), "expm", False).backward(g.to(dtype))
+    assert (x.grad.double() - a64.grad).norm() <= tol * a64.grad.norm()
 
 
 class _CountProducts(TorchDispatchMode):

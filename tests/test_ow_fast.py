@@ -42,7 +42,7 @@ def test_route_chooser_flop_model(k: int, n_big: int, method: str, expected: boo
 
 
 def test_route_breakeven_near_twice_k() -> None:
-    """Low-rank wins for exp once n' > ≈ 2.05k (2k×2k against n'×n'), for Cayley > ≈ 2.3k."""
+    """Low-rank wins for exp once n' > ≈ 2.17k (2k×2k against n'×n'), for Cayley > ≈ 2.3k."""
     k = 100
     first = {m: next(n for n in range(k, 10 * k) if choose_lowrank(k, n, m)) for m in ("expm", "cayley")}
     assert 2.0 * k < first["expm"] <= 2.2 * k

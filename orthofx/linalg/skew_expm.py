@@ -42,7 +42,7 @@ from torch import Tensor
 from orthofx.linalg.expm import _NORMAL_THETAS, _taylor, expm_plan, norm1, taylor_matmuls
 from orthofx.linalg.stats import solver_stats
 
-__all__ = ["antisym", "skew_square", "expm_skew_host", "skew_rho_bounds"]
+__all__ = ["antisym", "skew_square", "expm_skew_host", "skew_plan", "skew_rho_bounds"]
 
 
 class _Antisym(torch.autograd.Function):
@@ -63,16 +63,16 @@ def antisym(P: Tensor) -> Tensor:
 
 class _SkewSquare(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, s: Tensor) -> Tensor:
+    def forward(ctx: Any, s: Tensor, value: Tensor | None) -> Tensor:
         ctx.save_for_backward(s)
-        return s @ s
+        return s @ s if value is None else value
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
         (s,) = ctx.saved_tensors
         h = g + g.mT  # 2H, H = sym(G)
         x = _half_product(s, h)  # S·H
-        return x.mT - x  # (SH)ᵀ − SH (differentiable: gradgradcheck works through it)
+        return x.mT - x, None  # (SH)ᵀ − SH (differentiable: gradgradcheck works through it)
 
 
 def _half_product(a: Tensor, b: Tensor) -> Tensor:
@@ -85,8 +85,9 @@ def _half_product(a: Tensor, b: Tensor) -> Tensor:
     return 0.5 * (a @ b)
 
 
-def skew_square(S: Tensor) -> Tensor:
-    """``S²`` for a skew-symmetric ``S`` (..., n, n), one product forward and one backward.
+def skew_square(S: Tensor, value: Tensor | None = None) -> Tensor:
+    """``S²`` for a skew-symmetric ``S`` (..., n, n), one product forward and one backward
+    (``value``: ``S²`` already formed without gradient, returned as the forward's result).
 
     Its backward returns the gradient on the skew-symmetric matrices (what the derivative of a
     function of ``S = P − Pᵀ`` can see): for ``d(S²) = dS·S + S·dS`` and ``H = (G + Gᵀ)/2``,
@@ -95,7 +96,7 @@ def skew_square(S: Tensor) -> Tensor:
     dropped, so the input must be confined to skew matrices (built as ``P − Pᵀ``) for the
     result to be the exact derivative; on such inputs it is (gradcheck, twice differentiable).
     """
-    return _SkewSquare.apply(S)
+    return _SkewSquare.apply(S, value)
 
 
 def skew_rho_bounds(S2: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,40 +116,53 @@ def _cost(m: int, s: int) -> int:
     return 3 * taylor_matmuls(m) - 1 + 3 * s
 
 
-def expm_skew_host(S: Tensor, max_squarings: int = 14) -> tuple[Tensor, int]:
-    """``(exp(S) − I, s)`` for skew-symmetric ``S`` (..., n, n), float32/float64, on the host
-    path (module doc): Taylor degree and squarings ``s`` from the bound η of the batch's largest
-    matrix (one plan for the batch), differentiable by autograd (with :func:`skew_square`).
+def skew_plan(S2: Tensor, max_squarings: int = 14) -> tuple[int, int, float]:
+    """(degree m ≥ 2, squarings s, η) for the exponential of a skew S given ``S2 = S²`` (no
+    grad; float32/float64; one plan for a batch: its largest η).
 
-    η: :func:`skew_rho_bounds` (from S², which the Taylor needs anyway); when the plan for its
-    lower bound λ would cost at least 2 products less (forward + backward),
-    ``S⁴ = (S²)²`` is formed without gradient (one product) and η lowered to
-    ``min(η, ‖S⁴‖_F^{1/4}, ‖S⁴‖₁^{1/4})`` (measured ≈ 1.4 ρ against ≈ 2.2 ρ for a trained 256²
-    generator: degree 2 instead of 4 for 0.003 ≲ ρ ≲ 0.005). Two host reads at most.
-
-    ``S`` must be exactly skew-symmetric and built so that its gradient is read on the skew
-    matrices only (``S = P − Pᵀ``), see :func:`skew_square`. η beyond ``θ·2^max_squarings`` is
-    counted in ``solver_stats().fallbacks["expm-range"]`` (the result is then inaccurate);
-    NaN/Inf input gives NaN, counted in ``solver_stats().nonfinite``. Cost:
-    ``taylor_matmuls(m)`` products (``S²`` among them) + s, and S⁴ where it pays."""
-    table = _NORMAL_THETAS[torch.float64 if S.dtype == torch.float64 else torch.float32]
-    S2 = skew_square(S)
+    η: :func:`skew_rho_bounds`; when the plan for its lower bound λ would cost at least 2
+    products less (forward + backward), ``S⁴ = (S²)²`` is formed (one product, no gradient) and
+    η lowered to ``min(η, ‖S⁴‖_F^{1/4}, ‖S⁴‖₁^{1/4})`` (measured ≈ 1.4 ρ against ≈ 2.2 ρ for a
+    trained 256² generator: degree 2 instead of 4 for 0.003 ≲ ρ ≲ 0.005). Two host reads at
+    most. η beyond ``θ·2^max_squarings`` is counted in ``solver_stats().fallbacks["expm-range"]``
+    (the result is then inaccurate); η is NaN for NaN/Inf input."""
+    dtype = S2.dtype
+    table = _NORMAL_THETAS[torch.float64 if dtype == torch.float64 else torch.float32]
     eta_t, floor_t = skew_rho_bounds(S2)
     eta, floor = torch.stack([eta_t.max(), floor_t.max()]).tolist()  # one host read (NaN propagates)
-    m, s = expm_plan(eta, S.dtype, max_squarings, imaginary=True, min_degree=2)
+    m, s = expm_plan(eta, dtype, max_squarings, imaginary=True, min_degree=2)
     if math.isfinite(eta) and (m, s) != (2, 0):
-        m_lo, s_lo = expm_plan(floor, S.dtype, max_squarings, imaginary=True, min_degree=2)
+        m_lo, s_lo = expm_plan(floor, dtype, max_squarings, imaginary=True, min_degree=2)
         if _cost(m_lo, s_lo) + 1 < _cost(m, s):
             s2 = S2.detach()
             s4 = s2 @ s2
             eta_t = torch.minimum(eta_t, torch.minimum(torch.linalg.matrix_norm(s4), norm1(s4)).pow(0.25))
             eta = float(eta_t.max())
-            m, s = expm_plan(eta, S.dtype, max_squarings, imaginary=True, min_degree=2)
+            m, s = expm_plan(eta, dtype, max_squarings, imaginary=True, min_degree=2)
     if s == max_squarings and max_squarings:
         over = int((eta_t.nan_to_num(0.0) > table[-1][1] * 2.0**max_squarings).sum())
         if over:
             solver_stats().record_fallback("expm-range", over)
-    x, x2 = (S, S2) if s == 0 else (S * 2.0**-s, S2 * 4.0**-s)
+    return m, s, eta
+
+
+def expm_skew_host(S: Tensor, max_squarings: int = 14, *, S2: Tensor | None = None,
+                   plan: tuple[int, int, float] | None = None) -> tuple[Tensor, int]:
+    """``(exp(S) − I, s)`` for skew-symmetric ``S`` (..., n, n), float32/float64, on the host
+    path (module doc): Taylor degree and squarings ``s`` from :func:`skew_plan`, differentiable
+    by autograd (with :func:`skew_square`). ``S2`` (``S²`` without gradient) and ``plan`` (its
+    :func:`skew_plan`) may be passed when the caller has them.
+
+    ``S`` must be exactly skew-symmetric and built so that its gradient is read on the skew
+    matrices only (``S = P − Pᵀ``), see :func:`skew_square`. NaN/Inf input gives NaN, counted
+    in ``solver_stats().nonfinite``. Cost: ``taylor_matmuls(m)`` products (``S²`` among them)
+    + s, and S⁴ where it pays."""
+    if S2 is None:
+        sd = S.detach()
+        S2 = sd @ sd
+    m, s, eta = skew_plan(S2, max_squarings) if plan is None else plan
+    S2g = skew_square(S, S2)
+    x, x2 = (S, S2g) if s == 0 else (S * 2.0**-s, S2g * 4.0**-s)
     n = _taylor(x, m, x2, identity=False)
     for _ in range(s):
         n = _square_step(n)

@@ -92,7 +92,7 @@ class FlatOrthogonal(nn.Module):
     weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve) — and is exact up
     to rounding (checked against the dense route in the tests). ``t = ‖a‖_F`` (detached) keeps
     the blocks of ``M`` of similar size. Auto (``lowrank=None``) takes the cheaper route by the
-    flop model of :func:`orthofx.treatments.stiefel.choose_lowrank` (low-rank once n' ≳ 2.05k
+    flop model of :func:`orthofx.treatments.stiefel.choose_lowrank` (low-rank once n' ≳ 2.17k
     for exp, 2.3k for Cayley); timings: benchmarks/results/ow_shapes_cpu.md.
 
     Large generators. exp of a skew matrix is computed to full accuracy only while the

@@ -36,6 +36,7 @@ from orthofx.linalg._checks import host_read_is_free
 from orthofx.linalg.expm import EXPM_THETA, expm, expm_host, norm1, taylor_matmuls
 from orthofx.linalg.polar import POLISH_COEFFS
 from orthofx.linalg.skew_expm import antisym, expm_skew_host
+from orthofx.linalg.skew_expm_apply import expm_skew_apply_host
 from orthofx.linalg.stats import solver_stats
 
 __all__ = ["OW_RANGE", "OW_POLISH", "OW_MAX_POLISH", "choose_lowrank", "route_cost", "stiefel_map",
@@ -60,7 +61,8 @@ def route_cost(k: int, n_big: int, method: str, lowrank: bool) -> float:
     of :func:`choose_lowrank`; a small generator, degree-4 Taylor = p = 2 products, each
     costing 3 with its backward):
 
-    * dense exp: ``3p·n'³ + 4n'²k`` (P = aY₀ᵀ, exp(S)·Y₀ and their gradients);
+    * dense exp: ``(3p − 1)·n'³ + 4n'²k`` (P = aY₀ᵀ, exp(S)·Y₀ and their gradients; S²'s
+      backward is one product, :func:`orthofx.linalg.skew_expm.skew_square`);
     * low-rank exp: ``3p·(2k)³ + 10n'k²`` (M's three blocks, L·F and their gradients);
     * dense Cayley: ``n'³/3 + 7n'²k`` (LU, two solves with k columns, S, S·Y₀, gradients);
     * low-rank Cayley: ``(2k)³/3 + 16k³ + 10n'k²``.
@@ -68,13 +70,13 @@ def route_cost(k: int, n_big: int, method: str, lowrank: bool) -> float:
     k, n = float(k), float(n_big)
     if method == "expm":
         p = 3 * taylor_matmuls(_MODEL_DEGREE)
-        return p * (2 * k) ** 3 + 10 * n * k * k if lowrank else p * n**3 + 4 * n * n * k
+        return p * (2 * k) ** 3 + 10 * n * k * k if lowrank else (p - 1) * n**3 + 4 * n * n * k
     return (2 * k) ** 3 / 3 + 16 * k**3 + 10 * n * k * k if lowrank else n**3 / 3 + 7 * n * n * k
 
 
 def choose_lowrank(k: int, n_big: int, method: str) -> bool:
     """True when the low-rank route (2k×2k) is cheaper than the dense one (n'×n') by
-    :func:`route_cost`: for exp when n' > ≈2.05k, for Cayley when n' > ≈2.3k."""
+    :func:`route_cost`: for exp when n' > ≈2.17k, for Cayley when n' > ≈2.3k."""
     return route_cost(k, n_big, method, True) < route_cost(k, n_big, method, False)
 
 
@@ -174,22 +176,37 @@ def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> t
         Q = (a / t) @ F[..., :k, :] + Y0 @ F[..., k:, :]
     else:
         P = a @ Y0.mT
-        S, over = _saturation(antisym(P), host)
         if method == "expm" and host:
-            N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
-            Q = torch.addmm(Y0, N, Y0) if N.dim() == 2 else Y0 + N @ Y0  # Y₀ + N·Y₀, one fused product
+            Q, s, over = _dense_expm_host(P, Y0)
             polish = s != 0
         elif method == "expm":
-            E, s = _expm(S, host)
-            Q = E @ Y0
-            polish = s != 0
+            S, over = _saturation(antisym(P), host)
+            Q = expm(S, max_squarings=_MAX_SQUARINGS, sync_free=True) @ Y0
+            polish = True
         else:
+            S, over = _saturation(antisym(P), host)
             eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
             Q = _solve(eye - 0.5 * S, Y0 + 0.5 * (S @ Y0))
             polish = _needs_polish_cayley(S, host)
     if not host:
         return _polish(Q), over
     return (_polish_checked(Q) if polish else Q), over
+
+
+def _dense_expm_host(P: Tensor, Y0: Tensor) -> tuple[Tensor, int, Tensor]:
+    """(exp(c·S)·Y₀, squarings, flag c < 1) with S = P − Pᵀ on the host path: in range (c = 1,
+    checked without gradient) :func:`orthofx.linalg.skew_expm_apply.expm_skew_apply_host`
+    (closed-form backward at degree 2/4), else the saturated S through
+    :func:`orthofx.linalg.skew_expm.expm_skew_host`."""
+    with torch.no_grad():
+        Sd = P - P.mT
+    _, over = _saturation(Sd, True)
+    if not bool(over.any()):
+        Q, s = expm_skew_apply_host(P, Y0, _MAX_SQUARINGS, S=Sd)
+        return Q, s, over
+    S, over = _saturation(antisym(P), True)
+    N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
+    return (torch.addmm(Y0, N, Y0) if N.dim() == 2 else Y0 + N @ Y0), s, over
 
 
 def _needs_polish_cayley(x: Tensor, host: bool) -> bool:
