@@ -3,12 +3,14 @@ its numerical range, the paper's convention), the Pre-SVD weights' ‖W‖_F and
 failure counts; records as CSV/JSONL, metrics to sinks (TensorBoard, CSV/JSONL, ``logging``,
 any callable), plots.
 
-Modules: :mod:`~orthofx.monitor.core` (:class:`ConditioningMonitor`),
-:mod:`~orthofx.monitor.spectrum` (κ conventions), :mod:`~orthofx.monitor.capture` (the
-covariance of a meta-layer that is not an orthofx module, captured where it is formed), :mod:`~orthofx.monitor.weights` (producer
-weights), :mod:`~orthofx.monitor.records` (schema, CSV/JSONL), :mod:`~orthofx.monitor.sinks`
-(logger protocol), :mod:`~orthofx.monitor.plotting` (:func:`plot`). docs/kappa.md states the
-κ conventions and how the paper's was inferred.
+Modules: :mod:`~orthofx.monitor.core` (:class:`ConditioningMonitor`: hooks, schedule,
+state), :mod:`~orthofx.monitor.spectrum` (κ conventions), :mod:`~orthofx.monitor.capture` (the
+covariance of a meta-layer that is not an orthofx module, captured where it is formed),
+:mod:`~orthofx.monitor.weights` (producer weights), :mod:`~orthofx.monitor.pending` (what a
+recorded step keeps on the device; the flush), :mod:`~orthofx.monitor.summary` (κ statistics
+per meta-layer), :mod:`~orthofx.monitor.records` (schema, CSV/JSONL),
+:mod:`~orthofx.monitor.sinks` (logger protocol), :mod:`~orthofx.monitor.plotting`
+(:func:`plot`). docs/kappa.md states the κ conventions and how the paper's was inferred.
 """
 
 from orthofx.monitor.core import ConditioningMonitor, MonitorWarning

@@ -46,8 +46,6 @@ fed at each flush. The monitor itself logs through ``logging.getLogger("orthofx.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -61,12 +59,13 @@ from orthofx._log import logger as _root_logger
 from orthofx.config import check_int
 from orthofx.errors import ConfigError, InputError
 from orthofx.linalg import solver_stats
-from orthofx.monitor.capture import (CaptureSite, CovarianceCapture, Discovery, covariance_eigenvalues,
-                                     discovery_from_plan, find_capture_sites)
-from orthofx.monitor.records import FIELDS, META, PRODUCER, write_csv, write_jsonl
+from orthofx.monitor.capture import CaptureSite, CovarianceCapture, Discovery, discovery_from_plan, find_capture_sites
+from orthofx.monitor.pending import Pending, formation_dtype, layer_eps, to_records, unit_roundoff
+from orthofx.monitor.records import META, PRODUCER, write_csv, write_jsonl
 from orthofx.monitor.sinks import CallableSink, MetricSink, TensorBoardSink, record_metrics
-from orthofx.monitor.spectrum import SPECTRUM_FIELDS, summarize_spectrum
-from orthofx.monitor.weights import WEIGHT_FIELDS, ProducerWeight, producer_weights, weight_summary
+from orthofx.monitor.spectrum import summarize_spectrum
+from orthofx.monitor.summary import summarize_records
+from orthofx.monitor.weights import ProducerWeight, producer_weights
 from orthofx.nn.meta import is_meta_layer
 
 __all__ = ["ConditioningMonitor", "MonitorWarning", "STATE_VERSION"]
@@ -83,78 +82,6 @@ PENDING_WEIGHT_BYTES = 64 * 2**20
 
 class MonitorWarning(UserWarning):
     """The monitor has nothing to monitor, or skipped a meta-layer (the message says why)."""
-
-
-@dataclass
-class _Pending:
-    step: int
-    kind: str
-    layer: str
-    summary: torch.Tensor | None  # float64 on the device: SPECTRUM_FIELDS or WEIGHT_FIELDS
-    solver: dict[str, int] | None = None  # solver counters at this step (host ints: no sync)
-    nonfinite: torch.Tensor | None = None  # running count of non-finite outputs (device tensor)
-    eps: float | None = None
-    size: int | None = None
-    weight: torch.Tensor | None = None  # producer: a detached copy of W, summarised at flush
-    matrix: torch.Tensor | None = None  # captured covariance copies (k, n, n), decomposed at flush
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[Any]:
-    """``[t.tolist() for t in tensors]`` with one device→host transfer per (device, shape)."""
-    out: list[Any] = [None] * len(tensors)
-    groups: dict[tuple[torch.device, tuple[int, ...]], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, tuple(t.shape)), []).append(i)
-    for idxs in groups.values():
-        for i, v in zip(idxs, torch.stack([tensors[i] for i in idxs]).tolist()):
-            out[i] = v
-    return out
-
-
-def _median(xs: list[float]) -> float:
-    """Median of ``xs`` (torch's convention: the lower of the two middle values; NaN if empty)."""
-    if not xs:
-        return math.nan
-    return float(torch.tensor(xs, dtype=torch.float64).median())
-
-
-def _record_order(r: Mapping[str, Any]) -> tuple[int, str]:
-    """Sort key of a record: its step, then its content (ties broken whatever the arrival order)."""
-    import json
-
-    return int(r["step"]), json.dumps(r, sort_keys=True, default=str)
-
-
-def _layer_eps(module: nn.Module) -> float | None:
-    """The ε a meta-layer adds to its covariance: ``orthofx_eps`` or ``eps`` when it is a real
-    number, else None (e.g. a swapped-in decomposition: any ε is inside the user's matrix)."""
-    for attr in ("orthofx_eps", "eps"):
-        v = getattr(module, attr, None)
-        if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)):
-            return float(v)
-    return None
-
-
-def _formation_dtype(module: nn.Module, spec_input: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype Σ was formed in: the input's for a covariance input; for a features input, the
-    layer's covariance dtype (``backend``/``compute_dtype``, as orthofx.nn forms it)."""
-    if spec_input == "covariance":
-        return dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    backend = getattr(module, "backend", None)
-    if not isinstance(backend, str):
-        return work
-    try:
-        from orthofx.nn.covariance_pooling import _covariance_dtype
-
-        return _covariance_dtype(backend, getattr(module, "compute_dtype", None), work, device)
-    except Exception:  # a layer outside orthofx.nn: assume it forms Σ in its working dtype
-        return work
-
-
-def _unit_roundoff(*dtypes: torch.dtype | None) -> float:
-    """``u`` of the coarsest floating dtype among ``dtypes``."""
-    return max(torch.finfo(d).eps for d in dtypes if d is not None and d.is_floating_point)
 
 
 @dataclass(eq=False, repr=False)
@@ -194,7 +121,7 @@ class ConditioningMonitor:
             forward, inside that call; the model is left as it was). Pass them when the model
             is compiled (the hooks must exist before ``torch.compile``).
         discover: find such meta-layers at all (default True); False monitors orthofx's
-            meta-layer modules only, as before.
+            meta-layer modules only.
     """
 
     model: nn.Module
@@ -264,7 +191,7 @@ class ConditioningMonitor:
         )
         self._step = 0
         self._armed = False
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._pending_weight_bytes = 0
         self._nonfinite_out: dict[str, torch.Tensor] = {}
         self._input: dict[str, tuple[torch.dtype, torch.device]] = {}
@@ -381,7 +308,7 @@ class ConditioningMonitor:
             # a parametrized weight runs ops: not counted by the covariance capture
             with torch.no_grad(), (self._capture.paused() if self._capture is not None else contextlib.nullcontext()):
                 w = getattr(pw.module, pw.attr).detach().clone()  # the optimizer updates W in place
-            self._pending.append(_Pending(self._step, PRODUCER, pw.label, None, weight=w))
+            self._pending.append(Pending(self._step, PRODUCER, pw.label, None, weight=w))
             self._pending_weight_bytes += w.numel() * w.element_size()
 
         return hook
@@ -443,14 +370,14 @@ class ConditioningMonitor:
                 lam = getattr(m, "orthofx_last_eigenvalues", None)
                 if lam is None:
                     continue
-                eps = _layer_eps(m)
+                eps = layer_eps(m)
                 spec = getattr(m, "orthofx_meta", None)
                 spec_input = getattr(spec, "input", "covariance")
                 dtype, device = self._input.get(name, (lam.dtype, lam.device))
-                u = _unit_roundoff(lam.dtype, _formation_dtype(m, spec_input, dtype, device))
+                u = unit_roundoff(lam.dtype, formation_dtype(m, spec_input, dtype, device))
                 summary = summarize_spectrum(lam, eps, u)
                 if summary is not None:
-                    self._pending.append(_Pending(self._step, META, name, summary, snap,
+                    self._pending.append(Pending(self._step, META, name, summary, snap,
                                                   self._nonfinite_out.get(name), eps, int(lam.shape[-1])))
             if self._capture is not None:
                 for site in self._sites:
@@ -458,7 +385,7 @@ class ConditioningMonitor:
                     if not mats:
                         continue
                     p = torch.cat([m.reshape(-1, site.size, site.size) for m in mats])
-                    self._pending.append(_Pending(self._step, META, site.name, None, snap, size=site.size, matrix=p))
+                    self._pending.append(Pending(self._step, META, site.name, None, snap, size=site.size, matrix=p))
                     self._pending_weight_bytes += p.numel() * p.element_size()
         if self._capture is not None:
             self._capture.reset()
@@ -479,44 +406,16 @@ class ConditioningMonitor:
     def flush(self) -> list[dict[str, Any]]:
         """Turn the pending device-side summaries into records (one host sync), send them to
         the sinks, and return them."""
-        new: list[dict[str, Any]] = []
         if not self._pending:
-            return new
+            return []
         if self._nonfinite_base is not None:  # since this monitor started, like failures/fallbacks
             host, accs = self._nonfinite_base
             self._nonfinite_base = None
             self._solver_base["nonfinite"] = host + sum(int(v.item()) for v in accs)
         solver_nonfinite = solver_stats().nonfinite - self._solver_base.get("nonfinite", 0)
-        for p in self._pending:
-            if p.summary is None and p.weight is not None:  # svdvals here, where we sync anyway
-                p.summary, p.weight = weight_summary(p.weight), None
-            elif p.summary is None and p.matrix is not None:  # float64 eigvalsh of Σ, ε unknown
-                lam = covariance_eigenvalues(p.matrix)
-                p.summary = summarize_spectrum(lam, None, _unit_roundoff(p.matrix.dtype, torch.float64))
-                p.matrix = None
+        new = to_records(self._pending, run=self.run, solver_base=self._solver_base,
+                         solver_nonfinite=solver_nonfinite, captured={s.name for s in self._sites})
         self._pending_weight_bytes = 0
-        values = _to_host([p.summary for p in self._pending])
-        zero = torch.zeros((), dtype=torch.int64)
-        nonfinite = _to_host([zero if p.nonfinite is None else p.nonfinite for p in self._pending])
-        captured = {s.name for s in self._sites}
-        for p, vals, nf in zip(self._pending, values, nonfinite):
-            rec: dict[str, Any] = {k: None for k in FIELDS}
-            rec.update(run=self.run, step=p.step, kind=p.kind, layer=p.layer)
-            if p.kind == META:
-                rec.update(zip(SPECTRUM_FIELDS, vals))
-                rank = rec["rank"]
-                rec["rank"] = int(rank) if math.isfinite(rank) else None
-                rec.update(
-                    eps=p.eps,
-                    size=p.size,
-                    nonfinite_outputs=None if p.layer in captured else int(nf),
-                    solver_failures=p.solver["failures"] - self._solver_base["failures"],
-                    solver_fallbacks=p.solver["fallbacks"] - self._solver_base["fallbacks"],
-                    solver_nonfinite=solver_nonfinite,
-                )
-            else:
-                rec.update(zip(WEIGHT_FIELDS, vals))
-            new.append(rec)
         self._pending.clear()
         self.records.extend(new)
         self._emit(new)
@@ -562,48 +461,10 @@ class ConditioningMonitor:
         "records": 0}``. Producer records are not summarised here.
         """
         self.flush()
-        out: dict[str, dict[str, Any]] = {}
-        captured = {s.name for s in self._sites}
-        for name in self.layer_names:
-            recs = [r for r in self.records if r["layer"] == name and r.get("kind", META) == META]
-            if not recs:
-                continue
-            recs.sort(key=_record_order)
-            ks = [float(r["kappa"]) for r in recs]
-            finite_or_inf = [k for k in ks if not math.isnan(k)]
-            last = recs[-1]
-            out[name] = {
-                "kappa_median": _median(finite_or_inf),
-                "kappa_final": ks[-1],
-                "kappa_max": max(finite_or_inf) if finite_or_inf else math.nan,
-                "solver_failures": last["solver_failures"],
-                "solver_fallbacks": last["solver_fallbacks"],
-                "nonfinite_outputs": last["nonfinite_outputs"],
-                "records": len(ks),
-                "nan_records": len(ks) - len(finite_or_inf),
-            }
-            for f in ("kappa_range", "kappa_paper"):  # the ε-free conventions (docs/kappa.md)
-                vals = [float(r[f]) for r in recs if r.get(f) is not None]
-                kept = [v for v in vals if not math.isnan(v)]
-                out[name][f"{f}_median"] = _median(kept)
-                out[name][f"{f}_final"] = float(recs[-1][f]) if recs[-1].get(f) is not None else math.nan
-            out[name]["rank_final"] = last.get("rank")
-            out[name]["eps"] = last.get("eps")
-            if name in captured:  # docs/monitor.md: a covariance captured where it is formed
-                out[name]["source"] = "captured covariance"
-                out[name]["kappa_of"] = "Σ (the layer's ε is unknown: kappa = κ(Σ), not κ(Σ + εI))"
-                out[name]["node"] = self._details.get(name, "")
-                mis = self._capture.mismatched.get(name, 0) if self._capture is not None else 0
-                if mis:
-                    out[name]["mismatched_calls"] = mis
-            else:
-                out[name]["source"] = "orthofx module"
-                out[name]["kappa_of"] = "Σ + εI" if last.get("eps") is not None else "the decomposed matrix (ε unknown)"
-            lead = {k: out[name][k] for k in ("kappa_median", "kappa_of")}
-            out[name] = {**lead, **out[name]}  # the κ to read and its convention first
-        for name, reason in self._skipped.items():
-            out[name] = {"skipped": reason, "records": 0}
-        return out
+        mismatched = self._capture.mismatched if self._capture is not None else {}
+        captured = {site.name: self._details.get(site.name, "") for site in self._sites}
+        return summarize_records(self.records, self.layer_names, captured=captured, mismatched=mismatched,
+                                 skipped=self._skipped)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write all records as CSV (columns: :data:`orthofx.monitor.records.FIELDS`)."""
