@@ -32,6 +32,7 @@ __all__ = [
     "SOC_TERMS",
     "SOC_EVAL_TERMS",
     "SOC_RADIUS",
+    "SOC_NOT_BAKEABLE",
     "soc_build",
     "soc_forward",
     "soc_grid",
@@ -44,6 +45,12 @@ SOC_TERMS = 5
 SOC_EVAL_TERMS = 10
 #: ρ = ‖M‖₂ of the normalised skew convolution (the authors' ``correction`` 0.7)
 SOC_RADIUS = 0.7
+#: why SOC cannot be baked into its conv (the refusal of ``bake``/``strip``/``plain_state_dict``)
+SOC_NOT_BAKEABLE = (
+    "The layer applies exp(M) x ≈ Σ_j M^j x / j!, a series of convolutions of the input; that is "
+    "no single kernel of the layer's shape (its receptive field grows to (k−1)·T+1, and the padding "
+    "of each term breaks translation invariance), so it cannot be baked into a plain Conv2d."
+)
 
 
 def soc_truncation_bound(terms: int = SOC_TERMS, radius: float = SOC_RADIUS) -> float:
@@ -97,7 +104,7 @@ class SOCOrthogonal(FlatOrthogonal):
 
     registered with ``unsafe=True``: ``module.weight`` reads M, shape (C, C, k, k), the
     generator of the operator, **not** a kernel the layer applies once; therefore SOC cannot
-    be baked (:func:`~orthofx.treatments.weight.bake`, ``orthofx.strip`` and
+    be baked (:func:`~orthofx.treatments.baking.bake`, ``orthofx.strip`` and
     ``plain_state_dict`` refuse it). For a stride-1 'same'-padded conv with odd k the adjoint
     of ``x ↦ conv(x, K)`` is exactly ``x ↦ conv(x, K*)`` with zero as well as circular
     padding, so ``x ↦ conv(x, M)`` is an exactly skew-symmetric operator. M does not change

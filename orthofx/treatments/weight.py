@@ -13,7 +13,9 @@ rows produce the channels of the covariance. This differs from
   The methods are the table :data:`OW_METHODS`; a new one is one entry there.
 * **SN** :class:`FlatSpectralNorm` / :func:`register_spectral_norm` — ``W / σ_max(W)``.
 * **OL** :func:`orthogonality_loss` — ``Σ ‖W Wᵀ − I‖_F``.
-* :func:`bake`, :func:`treatment_of`, :func:`plain_state_dict` — for strip/export.
+* :func:`treatment_of` — which of them a weight carries. Baking them into plain weights
+  (:func:`~orthofx.treatments.baking.bake`, ``bake_all``, ``plain_state_dict``, also importable
+  from here) is :mod:`orthofx.treatments.baking`.
 
 Registration functions return ``True`` when they registered something and ``False`` when the
 same treatment was already there (a second call never stacks a second parametrization).
@@ -36,6 +38,7 @@ from orthofx.treatments.serialize import make_picklable
 from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, OWGeneratorKind
 from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     SOC_EVAL_TERMS,
+    SOC_NOT_BAKEABLE,
     SOC_RADIUS,
     SOC_TERMS,
     SOCOrthogonal,
@@ -79,8 +82,9 @@ class OWMethodSpec:
         forward: replaces the module's forward after registration (set on the class
             ``parametrize`` made for this module, so ``remove_parametrizations`` drops it);
             ``None``: the module applies its parametrized weight as usual.
-        bakeable: whether :func:`bake` / ``orthofx.strip`` / :func:`plain_state_dict` can
-            replace it by a plain weight of the same module.
+        bakeable: whether :func:`~orthofx.treatments.baking.bake` / ``orthofx.strip`` /
+            ``plain_state_dict`` can replace it by a plain weight of the same module.
+        why_not_bakeable: with ``bakeable=False``, why (the refusal's message says it).
         unsafe: registered with ``parametrize``'s ``unsafe=True`` (the parametrized value
             may have another shape than the weight: SOC's M is (C, C, k, k)).
         summary: one line for messages and docs.
@@ -91,6 +95,7 @@ class OWMethodSpec:
     bakeable: bool = True
     unsafe: bool = False
     summary: str = ""
+    why_not_bakeable: str = ""
 
 
 def _flat_build(method: str) -> OWBuild:
@@ -109,23 +114,10 @@ OW_METHODS: dict[str, OWMethodSpec] = {
         soc_build, forward=soc_forward, bakeable=False, unsafe=True,
         summary="skew-orthogonal convolution: Conv2d with an odd square kernel, padding k//2, "
                 "groups 1, dilation 1 (stride by invertible downsampling)",
+        why_not_bakeable=SOC_NOT_BAKEABLE,
     ),
 }
 _OW_METHODS = tuple(OW_METHODS)
-
-
-def _unbakeable(module: nn.Module, name: str, label: str, what: str) -> None:
-    """Raise TreatmentError if ``module.<name>`` carries an OW method that cannot be baked."""
-    for p in _existing(module, name):
-        if isinstance(p, FlatOrthogonal) and not OW_METHODS[p.method].bakeable:
-            raise TreatmentError(
-                f"{what}: {label} carries OW method {p.method!r} ({OW_METHODS[p.method].summary}). "
-                "The layer applies exp(M) x ≈ Σ_j M^j x / j!, a series of convolutions of the input; "
-                "that is no single kernel of the layer's shape (its receptive field grows to "
-                "(k−1)·T+1, and the padding of each term breaks translation invariance), so it "
-                "cannot be baked into a plain Conv2d. Keep the transformed model (it runs, trains "
-                "and exports as it is) and use save_checkpoint/load_checkpoint to store it"
-            )
 
 
 # --------------------------------------------------------------------------- SN
@@ -357,10 +349,7 @@ def orthogonality_loss(
     return total * weight
 
 
-# --------------------------------------------------------------------------- baking
-_OURS = (FlatOrthogonal, FlatSpectralNorm)
-
-
+# --------------------------------------------------------------------------- which treatment
 def treatment_of(module: nn.Module, name: str = "weight") -> str | None:
     """Which weight treatment ``module.<name>`` carries: ``"ow"``, ``"sn"``, ``"other"`` (a
     parametrization orthofx did not make) or ``None``."""
@@ -376,81 +365,14 @@ def treatment_of(module: nn.Module, name: str = "weight") -> str | None:
     return "other"
 
 
-def bake(module: nn.Module, name: str = "weight", *, qualname: str | None = None) -> bool:
-    """Replace the parametrization of ``module.<name>`` by its current value.
-
-    ``parametrize.remove_parametrizations(module, name, leave_parametrized=True)``: the
-    Parameter object that was ``parametrizations.<name>.original`` becomes ``module.<name>``
-    again holding the parametrized value (so the state-dict key is ``<name>`` again and
-    optimizers still hold the same object). Returns ``False`` if there was nothing to bake.
-    Raises :class:`TreatmentError` (module unchanged) for an OW method that is not a weight
-    (``"soc"``: see :class:`~orthofx.treatments.soc.SOCOrthogonal`).
-    """
-    if not parametrize.is_parametrized(module, name):
-        return False
-    _unbakeable(module, name, _label(module, name, qualname), "bake")
-    _private_class(module)
-    with torch.no_grad():
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return True
+_BAKE_NAMES = ("bake", "bake_all", "plain_state_dict")
 
 
-def _private_class(module: nn.Module) -> None:
-    """Give ``module`` its own copy of its parametrized class.
+def __getattr__(name: str) -> object:
+    """``bake``, ``bake_all``, ``plain_state_dict`` live in :mod:`orthofx.treatments.baking`
+    (which imports this module, hence resolved on first use)."""
+    if name in _BAKE_NAMES:
+        from orthofx.treatments import baking
 
-    ``parametrize`` injects one class per module, but ``copy.deepcopy`` of a parametrized
-    module keeps that class object, so the original and the copy share it, and
-    ``remove_parametrizations`` deletes the tensor's property *from the class*: baking a deep
-    copy would break the original (torch behaviour, reproduced in tests/test_transform.py).
-    A sibling class with the same attributes makes the removal local to ``module``.
-    """
-    cls = type(module)
-    attrs = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, attrs)
-
-
-def bake_all(model: nn.Module, *, only_orthofx: bool = True) -> list[str]:
-    """:func:`bake` every parametrized tensor in ``model`` (by default only OW/SN made by
-    orthofx or torch's spectral norm); returns the qualified names baked. An OW that cannot
-    be baked (``"soc"``) raises :class:`TreatmentError` before anything is baked."""
-    todo: list[tuple[str, nn.Module, str]] = []
-    for qn, m in list(model.named_modules()):
-        if not parametrize.is_parametrized(m):
-            continue
-        for tname in list(m.parametrizations.keys()):
-            if only_orthofx and treatment_of(m, tname) not in ("ow", "sn"):
-                continue
-            todo.append((f"{qn}.{tname}" if qn else tname, m, tname))
-    for full, m, tname in todo:
-        _unbakeable(m, tname, full, "bake/strip")
-    for full, m, tname in todo:
-        bake(m, tname, qualname=full.rpartition(".")[0] or None)
-    return [full for full, _, _ in todo]
-
-
-def plain_state_dict(model: nn.Module, *, keep_vars: bool = False) -> dict[str, Tensor]:
-    """``model.state_dict()`` with every parametrized tensor replaced by its value under its
-    original key (``conv.weight``) and the ``parametrizations.*`` entries (``original``,
-    ``0.base``, SN's ``_u``/``_v``) dropped — what :func:`bake_all` would give, without
-    mutating ``model``. Note that ``original`` of OW is the generator A, not the weight, so
-    keys must never be renamed without computing the value. An OW that cannot be baked
-    (``"soc"``, whose ``weight`` is the generator of an operator) raises
-    :class:`TreatmentError`."""
-    for qn, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            for tname in m.parametrizations.keys():
-                _unbakeable(m, tname, f"{qn}.{tname}" if qn else tname, "plain_state_dict")
-    sd = model.state_dict(keep_vars=keep_vars)
-    out: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        if ".parametrizations." in f".{k}":
-            continue
-        out[k] = v
-    for qn, m in model.named_modules():
-        if not parametrize.is_parametrized(m):
-            continue
-        for tname in m.parametrizations.keys():
-            with torch.no_grad():
-                val = getattr(m, tname)
-            out[f"{qn}.{tname}" if qn else tname] = val if keep_vars else val.detach()
-    return out
+        return getattr(baking, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
