@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -198,12 +199,80 @@ def test_chain_member_that_sets_lr_must_say_so() -> None:
         bad.update([w], bad.init([w]), [w], {})
 
 
-def test_legacy_update_form_still_mutates_the_state() -> None:
+def test_legacy_update_form_still_mutates_the_state_and_warns() -> None:
+    """The mutating call form of orthofx 0.1 works until 0.3.0, with a DeprecationWarning
+    naming the form to write instead."""
+    from orthofx.treatments.gradient.legacy import NEW_FORM
+
     w, g = torch.randn(6, 4), torch.randn(6, 4)
     t = chain(nog("svd"), olr())
     s = t.init([w])
-    out = t.update([g], [w], s, lrs=[1.0])
+    with pytest.warns(DeprecationWarning, match="removed in orthofx 0.3.0") as rec:
+        out = t.update([g], [w], s, lrs=[1.0])
     assert isinstance(out, list) and s[0].steps == 1 and s[1].lr is not None
+    assert len(rec) == 1 and NEW_FORM in str(rec[0].message) and rec[0].filename == __file__
+
+
+class _Halve:
+    """A user's transform that halves every gradient and counts its steps, written twice: in the
+    mutating form of orthofx 0.1 (state mutated in place, gradients returned) and in the pure one."""
+
+    @staticmethod
+    def init(params):
+        return {"steps": 0}
+
+    @staticmethod
+    def old_update(grads, params, state, **ctx):
+        state["steps"] += 1
+        return [None if g is None else g / 2 for g in grads]
+
+    @staticmethod
+    def new_update(updates, state, params=None, ctx=None):
+        return Updates([None if g is None else g / 2 for g in updates.grads]), {"steps": state["steps"] + 1}
+
+
+def test_a_transform_written_in_the_mutating_form_is_adapted_with_a_warning() -> None:
+    """named_chain/chain and attach(chain=) take a transform written as update(grads, params,
+    state, **ctx) -> grads: DeprecationWarning (naming the new form, pointing at the caller),
+    then the same gradients and steps as the transform written in the pure form."""
+    from orthofx.treatments.gradient.legacy import NEW_FORM
+
+    old = GradientTransformation(_Halve.init, _Halve.old_update)
+    new = GradientTransformation(_Halve.init, _Halve.new_update)
+    w, g = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="removed in orthofx 0.3.0") as rec:
+        t_old = named_chain(("guard", guard()), ("halve", old))
+    assert NEW_FORM in str(rec[0].message) and "'halve'" in str(rec[0].message) and rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pure form is taken as it is
+        t_new = named_chain(("guard", guard()), ("halve", new))
+    s_old, s_new = t_old.init([w]), t_new.init([w])
+    for _ in range(2):
+        (u_old, s_old), (u_new, s_new) = t_old.update([g], s_old, [w], {}), t_new.update([g], s_new, [w], {})
+        assert torch.equal(u_old.grads[0], g / 2) and torch.equal(u_new.grads[0], g / 2)
+    assert s_old["halve"] == s_new["halve"] == {"steps": 2}
+
+    with pytest.warns(DeprecationWarning, match="chain member '0'"):
+        chain(old)
+
+    # attach(chain=) with the old form: the same training as with the new form
+    torch.manual_seed(1)
+    a = Two()
+    b = copy.deepcopy(a)
+    x, y = _data()
+    for m, tr in ((a, old), (b, new)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        if tr is old:
+            with pytest.warns(DeprecationWarning, match=r"attach\(chain=\)"):
+                attach(opt, [(m.up, "weight")], chain=tr)
+        else:
+            attach(opt, [(m.up, "weight")], chain=tr)
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
 
 
 # --------------------------------------------------------------------------- attach(chain=...)

@@ -178,16 +178,19 @@ def test_device_history_growth_and_ring() -> None:
 
 
 def test_earlier_update_form_mutates_the_state() -> None:
-    """update(grads, params, state, **ctx) -> grads (before issue 13) still works for the
-    built-in transforms: the state in third position is updated in place."""
+    """update(grads, params, state, **ctx) -> grads (orthofx 0.1) still works for the built-in
+    transforms until 0.3.0, with a DeprecationWarning: the state in third position is updated
+    in place."""
     w = torch.randn(6, 4)
     g = w.clone()
     t = olr()
     s = t.init([w])
-    out = t.update([g], [w], s, lrs=[1.0])
+    with pytest.warns(DeprecationWarning, match="0.3.0"):
+        out = t.update([g], [w], s, lrs=[1.0])
     assert isinstance(out, list) and out[0] is g
     assert s.steps == 1 and s.lr[0].item() == pytest.approx(1 / 3)
     n = nog()
     ns = n.init([w])
-    n.update([torch.zeros_like(w)], [w], ns)
+    with pytest.warns(DeprecationWarning, match="0.3.0"):
+        n.update([torch.zeros_like(w)], [w], ns)
     assert ns.steps == 1 and int(ns.zero) == 1

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.specs import CHAIN_KEYS, GradientSpec
-from orthofx.treatments.gradient import GradientTransformation, default_chain
+from orthofx.treatments.gradient import GradientTransformation, default_chain, legacy
 from orthofx.treatments.lr import LR_MODES
 from orthofx.treatments.ow_target import is_soc, ow_parametrization
 
@@ -163,6 +163,7 @@ def parse_options(
     if chain is not None:
         if not isinstance(chain, GradientTransformation):
             raise ConfigError(f"attach: chain= must be a GradientTransformation, got {type(chain).__name__}")
+        chain = legacy.adapt(chain, "attach(chain=)", stacklevel=3)  # the mutating form, until 0.3.0
         clash = [k for k in given if k in CHAIN_KEYS]
         if clash:
             raise ConfigError(

@@ -39,9 +39,9 @@ Transforms:
 
 ``orthofx.treatments.attach`` installs any chain as an optimizer step pre-hook.
 
-The earlier call form ``grads = t.update(grads, params, state, **ctx)`` of the built-in
-transforms and chains still works: it is recognised by the state in the third position,
-writes the new state back into ``state`` and returns only the gradient list.
+The mutating form of orthofx 0.1, ``grads = t.update(grads, params, state, **ctx)`` (called
+that way, or a transform written that way), is deprecated and removed in 0.3.0: it still runs,
+with a DeprecationWarning naming the form above (:mod:`~orthofx.treatments.gradient.legacy`).
 """
 
 from __future__ import annotations

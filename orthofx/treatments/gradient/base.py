@@ -9,12 +9,12 @@ r"""The protocol of a gradient transformation (as ``optax``'s ``base``): :class:
 * ``t.sets_lr`` — whether ``update`` may return a per-producer ``Updates.lr``.
 
 :func:`pure_update` wraps a transform's pure ``update`` so that it also accepts context as
-keywords and the earlier, mutating form ``grads = t.update(grads, params, state, **ctx)``.
+keywords and (deprecated, until 0.3.0: :mod:`~orthofx.treatments.gradient.legacy`) the
+mutating form ``grads = t.update(grads, params, state, **ctx)`` of orthofx 0.1.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from orthofx.errors import TreatmentError
+from orthofx.treatments.gradient.legacy import is_legacy_call, write_back
 
 __all__ = ["GradientTransformation", "Updates", "as_updates", "pure_update", "Grads"]
 
@@ -75,35 +76,18 @@ def _ctx(ctx: Mapping[str, Any] | None, kw: dict[str, Any]) -> dict[str, Any]:
     return {**(ctx or {}), **kw}
 
 
-def _assign(old: Any, new: Any) -> None:
-    """Write ``new`` into ``old`` in place (the earlier, mutating call form)."""
-    if old is new:
-        return
-    if isinstance(old, tuple) and hasattr(old, "names") and type(old) is type(new):  # a ChainState: per member
-        for a, b in zip(old, new):
-            _assign(a, b)
-    elif dataclasses.is_dataclass(old) and type(old) is type(new):
-        for f in dataclasses.fields(old):
-            setattr(old, f.name, getattr(new, f.name))
-    else:
-        raise TreatmentError(
-            f"update(grads, params, state): a state of type {type(old).__name__} cannot be updated in "
-            "place; use the pure form `updates, state = t.update(updates, state, params, ctx)`"
-        )
-
-
 def pure_update(state_types: type | tuple[type, ...]) -> Callable[[Callable[..., tuple[Updates, Any]]], Callable[..., Any]]:
     """Wrap a pure ``update(updates, state, params, ctx) -> (Updates, state)``: also accept
-    context as keywords and the earlier form ``update(grads, params, state, **ctx) -> grads``
-    (recognised by an instance of ``state_types`` in the third position)."""
+    context as keywords and, with a DeprecationWarning, the mutating form
+    ``update(grads, params, state, **ctx) -> grads`` (recognised by an instance of
+    ``state_types`` in the third position: :func:`~orthofx.treatments.gradient.legacy.is_legacy_call`)."""
 
     def wrap(fn: Callable[..., tuple[Updates, Any]]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def update(updates: Any, state: Any, params: Any = None, ctx: Mapping[str, Any] | None = None, **kw: Any) -> Any:
-            if isinstance(params, state_types) and not isinstance(state, state_types):
-                old = params
-                out, new = fn(as_updates(updates), old, state, _ctx(ctx, kw))
-                _assign(old, new)
+            if is_legacy_call(state, params, state_types):  # deprecated; removed in 0.3.0
+                out, new = fn(as_updates(updates), params, state, _ctx(ctx, kw))
+                write_back(params, new)
                 return out.grads
             return fn(as_updates(updates), state, params, _ctx(ctx, kw))
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.specs import GradientSpec
+from orthofx.treatments.gradient import legacy
 from orthofx.treatments.gradient.base import GradientTransformation, Updates, pure_update
 from orthofx.treatments.gradient.transforms import guard, nog_transform, olr
 
@@ -67,7 +68,13 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     transform gets the :class:`Updates` of the one before (gradients and lr so far), the
     parameters and the context; a transform built with ``sets_lr=False`` keeps the lr so far
     (it may return ``Updates(grads)`` or a plain gradient list; returning another lr raises
-    TreatmentError). ``sets_lr`` is true when any member sets an lr."""
+    TreatmentError). ``sets_lr`` is true when any member sets an lr. A member written in the
+    mutating form of orthofx 0.1 is adapted with a DeprecationWarning (until 0.3.0:
+    :mod:`~orthofx.treatments.gradient.legacy`)."""
+    return _named_chain(named, stacklevel=3)
+
+
+def _named_chain(named: Sequence[tuple[str, GradientTransformation]], *, stacklevel: int) -> GradientTransformation:
     names: list[str] = []
     transforms: list[GradientTransformation] = []
     for item in named:
@@ -79,7 +86,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
         if name in names:
             raise ConfigError(f"named_chain: the name {name!r} is used twice")
         names.append(name)
-        transforms.append(t)
+        transforms.append(legacy.adapt(t, f"named_chain member {name!r}", stacklevel=stacklevel))
     sets_lr = any(t.sets_lr for t in transforms)
 
     def init(params: Sequence[Tensor]) -> ChainState:
@@ -119,7 +126,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order: :func:`named_chain` with the names ``"0", "1", …`` (the
     state is read by position, ``state[1]``, or by those names)."""
-    return named_chain(*((str(i), t) for i, t in enumerate(transforms)))
+    return _named_chain([(str(i), t) for i, t in enumerate(transforms)], stacklevel=3)
 
 
 def default_chain(
