@@ -44,11 +44,11 @@ def _nog(g: torch.Tensor, method: str, cuda: bool) -> tuple[torch.Tensor, int, i
     state = t.init([g])
     if cuda:
         with cuda_policy(), sync_audit() as audit:
-            out = t.update([g], [g], state)[0]
+            upd, state = t.update([g], state, [g])
         assert audit.syncs == {}, audit.syncs
     else:
-        out = t.update([g], [g], state)[0]
-    return out, int(state.zero), int(state.nonfinite)
+        upd, state = t.update([g], state, [g])
+    return upd.grads[0], int(state.zero), int(state.nonfinite)
 
 
 @given(
@@ -108,7 +108,8 @@ def test_nog_counts_only_true_zeros_and_nonfinite() -> None:
     t = nog("auto")
     state = t.init([g[0]])
     with cuda_policy():
-        out = t.update(list(g), [g[0]] * 3, state)
+        upd, state = t.update(list(g), state, [g[0]] * 3)
+    out = upd.grads
     assert int(state.zero) == 1 and int(state.nonfinite) == 1
     assert not out[0].any() and not out[2].any() and torch.isfinite(out[1]).all() and out[1].any()
 
@@ -132,7 +133,7 @@ def test_olr_eta_is_scale_safe(log_a: float, log_b: float, seed: int) -> None:
     for dtype in (torch.float64, torch.float32):
         t = olr(dtype=dtype, history=False)
         state = t.init([wa])
-        t.update([lb], [wa], state, lrs=[1.0])
+        _, state = t.update([lb], state, [wa], {"lrs": [1.0]})
         eta = state.eta.item()
         if dtype == torch.float32 and not 1e-37 < abs(exact) < 3e38:
             continue  # η* itself is outside float32's range
