@@ -291,7 +291,7 @@ class CallbackOptions:
     def _make_monitor(self, net: nn.Module, every: int) -> ConditioningMonitor | None:
         """The user's monitor, a new one on ``net`` (with the callback's sinks), or None (no
         monitor wanted, or it cannot be built: a warning). The monitor finds every meta-layer at
-        the first training forward (orthofx modules and the user's own: issue 21) and warns
+        the first training forward (orthofx modules and the user's own) and warns
         itself (:class:`~orthofx.monitor.MonitorWarning`) when there is nothing to monitor."""
         mon = self._monitor_opt
         if isinstance(mon, ConditioningMonitor):

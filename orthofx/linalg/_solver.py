@@ -26,8 +26,8 @@ residual ``‖AV − VΛ‖_F/‖A‖_F`` or its loss of orthonormality ``‖V�
 (``λ_min < −tol·‖A‖_F``: for ``±λ`` pairs an SVD mixes eigenvectors), or when the SVD raises
 (gesvda raises ``LinAlgError`` on exactly singular matrices: measured on every rank-deficient
 covariance without ``+εI``);
-each such element counts as ``fallbacks["svd->eigh"]``. The fallback eigh runs in float64 (on
-an H200 cusolver's float64 eigh is faster than float32 at 256² and more accurate). That check
+each such element counts as ``fallbacks["svd->eigh"]``. The fallback eigh runs in float64
+(more accurate, and on CUDA not slower: benchmarks/results/sqrtm_backends_h200.md). That check
 costs one host sync.
 
 While traced by ``torch.compile`` or ``torch.export`` the check cannot be read on the host; the
@@ -171,8 +171,8 @@ def svd_residual_tol(n: int, dtype: torch.dtype) -> float:
     ``64·√n·max(eps(dtype), 1e-12)`` (float32, n=256: 1.2e-4; float64: 1e-9).
 
     The check catches failures (a mixed ``±λ`` pair leaves O(|λ|/‖A‖_F), a non-converged SVD
-    O(1)), not the last digits: measured on an H200, gesvda leaves residuals of 3e-7 in float32
-    and up to 4.5e-14 in float64 (20× LAPACK's gesdd), hence the 1e-12 floor for float64.
+    O(1)), not the last digits: gesvda's float64 residuals reach 4.5e-14, hence the 1e-12 floor
+    for float64 (benchmarks/results/sqrtm_backends_h200.md).
     """
     return 64.0 * math.sqrt(max(n, 1)) * max(torch.finfo(dtype).eps, 1e-12)
 

@@ -34,7 +34,7 @@ gradient ``torch.linalg.eigh`` computes. Write ``d_ij = λ_i − λ_j``,
   the eigenspace), and bounded: ``|K_ij| ≤ 1/φ_ij ≤ 1/(δ·s_ij)``. ``φ ≥ finfo.tiny``, so an
   all-zero spectrum gives ``K = 0``.
 
-**``taylor_degree=N`` (int ≥ 0): the stable-SVD "Taylor K"** (the default before issue 11).
+**``taylor_degree=N`` (int ≥ 0): the stable-SVD "Taylor K"**.
 
 * both eigenvalues **positive**: ``p_ij = min(λ_i/λ_j, λ_j/λ_i)``,
   ``a_ij = 1/λ_i if λ_i ≥ λ_j else −1/λ_j``, ``K_ij = a_ij · Σ_{k=0..N} p_ij^k``. Exact up to the

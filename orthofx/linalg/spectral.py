@@ -14,8 +14,7 @@ is exact and bounded for repeated eigenvalues (the εI block of a rank-deficient
 
 *Eigenvalue floor.* "eigh": ``λ = eig(A) + ε`` (ε is added to the computed eigenvalues, which
 equals decomposing ``A + εI`` and is more accurate than adding ε to the diagonal); "svd":
-``λ = eig(A + εI)`` (gesvda's vectors for the null space of a singular A are unreliable: on an
-H200 every GCP-like singular batch element failed the residual check). Then
+``λ = eig(A + εI)`` (gesvda's vectors for the null space of a singular A are unreliable). Then
 ``λ̃ = max(λ, floor)``, i.e. we compute ``g(λ) = f(max(λ, floor))``, with
 
     floor = n·eps(compute dtype)·λ_max          (numpy's matrix_rank tolerance)
@@ -34,42 +33,17 @@ through ``λ_max``). Zero eigenvalues with ``eps=0`` thus give finite gradients.
 Negative eigenvalues (non-PSD input) are clamped the same way.
 
 *Compute dtype.* ``compute_dtype=None`` means **float64** for "eigh" on every device (float32
-cannot resolve eigenvalues near ``1e-5·λ_max``: at GCP settings a float32 eigh gives 2.6 % (sqrt)
-and 8 % (inverse sqrt) gradient error; on an H200 cusolver's float64 eigh is *faster* than its
-float32 one at 256², 128 vs 340 ms for 64 matrices, and equal at 64²), and the input's working
-dtype (float32 for float32/half input) for "svd" and "ns": the SVD route exists for float32 speed;
-gesvda in float64 is only accurate to ~1e-9 and often rejected by the residual check.
+cannot resolve eigenvalues near ``1e-5·λ_max``), and the input's working dtype (float32 for
+float32/half input) for "svd" and "ns": the SVD route exists for float32 speed; gesvda in
+float64 is only accurate to ~1e-9 and often rejected by the residual check.
 
 ``"ns"``: coupled Newton–Schulz (:mod:`orthofx.linalg.newton_schulz`) on ``A + εI``, ``iters``
 steps, differentiable through autograd. Approximate: small eigen-directions converge slowly.
 
 ``"auto"``: "svd" on CUDA, "eigh" elsewhere.
 
-Measured (benchmarks/linalg_bench.py; float32 inputs, batch 64, forward + backward; errors are
-relative Frobenius errors against float64 results on the same float32 matrix; NVIDIA H200,
-torch 2.11; "err" columns are sqrt / inverse sqrt):
-
-=========================  ========  =================  =================
-GCP: 256², M = 49, ε=1e-5  time ms   forward err        gradient err
-=========================  ========  =================  =================
-"ns", 5 iterations         3.5       0.18 / 1.0         1.0 / 1.0
-"eigh" (float64)           131       2.5e-8 / 2.7e-8    3.6e-8 / 3.6e-8
-"eigh", float32            343       1.3e-4 / 3.7e-2    2.6e-2 / 8.3e-2
-"svd" (float32, gesvda)    12        4.9e-6 / 1.7e-3    1.3e-3 / 3.9e-3
-torch.linalg.eigh+autograd 343       1.3e-4 / 3.7e-2    0.11 / 0.12
-=========================  ========  =================  =================
-
-=========================  ========  =================  =================
-DBN: 64², rank 27, ε=1e-2  time ms   forward err        gradient err
-=========================  ========  =================  =================
-"ns", 5 iterations         3.2       0.13 / 0.90        0.80 / 1.0
-"eigh" (float64)           48        2.5e-8 / 2.3e-8    3.6e-8 / 3.6e-8
-"eigh", float32            53        1.5e-5 / 8.7e-6    1.6e-5 / 1.7e-5
-"svd" (float32, gesvda)    3.3       1.4e-7 / 1.4e-6    1.0e-6 / 3.1e-6
-torch.linalg.eigh+autograd 52        1.5e-5 / 8.7e-6    271 / 243
-=========================  ========  =================  =================
-
-(2.5e-8 is the float32 rounding of the output.) In float64 on the CPU, "eigh" is exact to
+Time and accuracy of each backend on GCP/DBN shapes, and why these defaults:
+benchmarks/results/sqrtm_backends_h200.md. In float64 on the CPU, "eigh" is exact to
 rounding: forward ≤ 1e-13 at κ ≤ 1e4 and ≤ 1e-7 (inverse sqrt) at κ = 1e8; the gradient matches
 an independent Sylvester-equation reference to ≤ 1e-7 on rank-deficient + εI covariances
 (tests/test_linalg_spectral.py).

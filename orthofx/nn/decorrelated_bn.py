@@ -35,7 +35,7 @@ class DecorrelatedBatchNorm(MetaLayer):
       forwards after the first run no decomposition, so add no host sync; while
       ``torch.compile``/``torch.export`` trace, W_run is computed in the graph instead).
 
-    ``running="whitening"`` (the default before issue 12, kept as an option) averages the
+    ``running="whitening"`` averages the
     whitening matrices instead, ``running_whitening ← (1 − m)·running_whitening + m·W``, and
     whitens with that average in eval mode: the classic DBN/IterNorm choice. When Σ is
     rank-deficient and its null space rotates from batch to batch (a 3×3 stem whose patches
