@@ -510,7 +510,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, **overrides: Any)
     neither NOG nor OLR, or the model has no Pre-SVD layer, with a warning) it is an inactive
     one (:meth:`AttachHandle.inactive <orthofx.treatments.attach.AttachHandle.inactive>`: no
     hook, ``stats()`` without NOG/OLR entries). The other ``overrides`` go to
-    :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``history``, ...).
+    :func:`orthofx.treatments.attach` (``chain``, ``lr_mode``, ``history``, ...; guide:
+    docs/attach.md).
 
     Raises :class:`AttachError` for an untransformed model or an optimizer that does not hold
     the producer parameters; :class:`ConfigError` when the layers with NOG/OLR ask for

@@ -332,116 +332,52 @@ def attach(
     **fields: Any,
 ) -> AttachHandle:
     r"""Apply NOG and/or OLR (or any gradient chain) to the producer parameters at every
-    ``optimizer.step()``.
+    ``optimizer.step()``, in a step pre-hook (the gradient the optimizer is about to use).
+
+    Per producer, flattened to ``W`` (out × n) with gradient ``G = U S Vᵀ``: NOG replaces ``G``
+    by ``U Vᵀ``; OLR sets the lr to ``η* = wᵀw·lᵀw / (wᵀw·lᵀl + 2(lᵀw)²)`` (``w = vec W``,
+    ``l`` the vectorised, NOG'd gradient) when ``0 < η* < lr_sched``, else ``lr_sched`` (the
+    group's current scheduled lr). Non-finite producer gradients are zeroed and counted.
+    With OLR (or a chain that sets lrs) each producer gets its own param group (a copy of its
+    group's hyperparameters; indices never shift). Guide: docs/attach.md.
+
+    Example::
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        handle = attach(opt, [(model.conv, "weight")], nog=True, olr=True)
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()  # NOG, OLR, then SGD
+        handle.stats(); handle.remove()
 
     Args:
-        optimizer: a ``torch.optim.Optimizer`` that holds every producer parameter.
-        producers: the Pre-SVD parameters (see :func:`resolve_producers`: tensors,
+        optimizer: holds every producer parameter (attach before ``load_state_dict``).
+        producers: the Pre-SVD parameters (:func:`resolve_producers`: tensors,
             ``(module, "weight")`` pairs, ``(name, tensor)`` pairs or a ``{name: spec}`` map).
-        spec: the :class:`~orthofx.specs.GradientSpec` to run (its fields are checked and
-            defaulted there, once; None: the defaults, i.e. only the guard). An ``OrthoConfig``
-            gives its ``.gradients``; a preset name is refused.
-        **fields: :class:`~orthofx.specs.GradientSpec` fields replacing ``spec``'s (``None`` =
-            not given), e.g. ``attach(opt, producers, nog=True, olr=True)``:
-
-            * ``nog``: replace each producer gradient by the polar factor U Vᵀ of its flattened
-              gradient (:func:`orthofx.treatments.gradient.nog`; batched per shape);
-            * ``olr``: per-step lr ``η*`` if ``0 < η* < lr_sched`` else ``lr_sched``
-              (:func:`orthofx.treatments.gradient.olr`), computed on the NOG gradient when NOG
-              is on. ``lr_sched`` is the **current** lr of the producer's original param group,
-              read at every step, so LR schedulers keep working;
-            * ``nog_method``, ``nog_scale``, ``nog_deficient``: NOG's polar method, step size and
-              rank-deficient case (:func:`orthofx.treatments.gradient.nog`'s ``method``/
-              ``scale``/``deficient``);
-            * ``ow_target``: what the chain acts on under OW (below).
-        lr_mode: how the OLR lr reaches the optimizer (the η* computation itself never syncs):
-
-            * ``"float"``: one host transfer per step for all producers
-              (``lrs.tolist()``), then plain float lrs — works with every optimizer;
-            * ``"tensor"``: a persistent 0-d float32 tensor (no grad) per producer group,
-              updated on the device. Sync-free when the optimizer consumes tensor lrs on the
-              device (``fused=True`` SGD/Adam, ``capturable=True`` Adam); torch's foreach/
-              for-loop SGD calls ``.item()`` on it (one sync per producer);
-            * ``"fold"`` (``torch.optim.SGD`` only): sync-free. The group keeps the float
-              scheduled lr and ``c = lr_olr / lr_sched`` is folded in on the device: before the
-              step ``grad ← c·(grad + wd·w)`` (the group's weight decay is set to 0) and the
-              momentum buffer ``← c·buf``; after the step ``buf ← buf / c``. Since SGD is
-              linear in (grad, buf), the update is exactly ``−lr_olr·(…)`` and the buffer is
-              the one plain SGD would hold (up to rounding; c is clamped at ≥ 1.1e-19);
-            * ``"auto"``: ``"tensor"`` for fused/capturable groups, ``"fold"`` for SGD with
-              CUDA parameters (or inside ``orthofx.syncs.cuda_policy()``), else ``"float"``
-              (free on the CPU; on CUDA it warns, since it costs one sync per step).
+        spec: the :class:`~orthofx.specs.GradientSpec` (None: the defaults, only the guard;
+            an ``OrthoConfig`` gives its ``.gradients``; a preset name is refused).
+        **fields: GradientSpec fields replacing ``spec``'s (``None`` = not given): ``nog``,
+            ``olr``, ``nog_method``, ``nog_scale``, ``nog_deficient``, ``ow_target``
+            (``"generator"``: act on OW's generator A; ``"weight"``: on W = Φ(A),
+            docs/gradient_treatments.md).
+        lr_mode: how OLR's lr reaches the optimizer: ``"float"`` (one host sync per step),
+            ``"tensor"`` (0-d device tensors), ``"fold"`` (SGD only, folded into the gradient
+            and momentum, sync-free) or ``"auto"``.
         history: keep every step's η*, lr and scheduled lr (device tensors).
         max_history: keep only the last ``max_history`` steps.
-        chain: a :class:`~orthofx.treatments.gradient.GradientTransformation` to run instead
-            of the default chain (:func:`~orthofx.treatments.gradient.default_chain` of the
-            spec: ``("nog" | "guard", "olr")``), e.g. a
-            :func:`~orthofx.treatments.gradient.named_chain` of orthofx's pieces and your own
-            transforms. It gets ``ctx={"lrs": [scheduled lr per producer]}``; if its
-            ``sets_lr`` is true the producers get their own param groups and ``Updates.lr`` is
-            delivered as with OLR (``lr_mode``). The spec's ``nog``/``olr``/``nog_*`` are then
-            not used (passing them as keywords as well raises ConfigError); the
-            handle reads the state of members named ``"nog"``/``"guard"`` and ``"olr"`` (or
-            of the first :class:`GuardState` / :class:`OLRState`) for ``stats()`` and
-            ``olr_history()``. A custom chain gets no implicit guard: put ``guard()`` first
-            to keep non-finite gradients out of the weights.
-        skip_nonfinite: None (default: only the guard of the producers' gradients) or
-            ``"model"`` (below).
+        chain: a :class:`~orthofx.treatments.gradient.GradientTransformation` run instead of
+            the spec's :func:`~orthofx.treatments.gradient.default_chain`; it gets
+            ``ctx={"lrs": [...]}`` and no implicit guard.
+        skip_nonfinite: None, or ``"model"``: undo the whole step (parameters and optimizer
+            state) when any gradient the optimizer holds is non-finite (no host sync).
 
-    ``ow_target`` (a spec field) is what NOG/OLR act on for a producer with OW (given as a
-    ``(module, "weight")`` pair; the optimizer updates the generator A of W = Φ(A)):
-
-    * ``"generator"`` (default): the chain acts on A and its gradient, as the optimizer sees
-      them (what the authors' released code does: NOG/OLR on the SOC generator);
-    * ``"weight"``: the chain gets ∂L/∂W (tangent part from A's gradient, normal part captured
-      by a hook on the OW map) and the orthogonal W as its parameter; its direction D is pulled
-      back to A's gradient exactly, so SGD moves W along ``P_T(D)`` (D projected on the tangent
-      space at W). The map is re-based after every step (Y₀ ← W, A ← 0; W unchanged), which
-      makes the pull-back closed form (:mod:`orthofx.treatments.ow_target`; a few small
-      products per producer). SOC (``ow_method="soc"``) and normalised generators have no
-      A = 0 point: ``"weight"`` raises ConfigError for them. Producers without OW are not
-      affected (``handle.ow_target`` is None when no producer carries OW).
-
-    With OLR each producer moves into its **own param group**, a copy of its original group's
-    hyperparameters (momentum, weight decay, nesterov, …, re-copied at every step so that
-    schedulers of e.g. momentum also apply); its optimizer state (momentum buffer) is kept.
-    LR schedulers may step the new groups: their lr is overwritten before every step. No
-    group is left empty: when every parameter of a group is a producer, the first of them
-    keeps that group (its lr holds the OLR value during ``step()`` only and is the scheduled
-    one again afterwards), so group indices never shift. Call ``handle.remove()`` before
-    editing the param groups.
-
-    Optimizer state dicts: the group count can change at attach, so **call attach before**
-    ``optimizer.load_state_dict(...)``. After attach, a state saved after attach loads as is,
-    a state saved before attach is split the way attach splits the groups, and any other
-    group count raises :class:`AttachError` explaining the counts. (A state saved after attach
-    cannot be loaded into an optimizer that was not attached yet: torch itself refuses it —
-    "different number of parameter groups" — before any orthofx code runs.)
-
-    Sharded training (FSDP2 ``fully_shard``): pass the optimizer over the sharded (DTensor)
-    parameters; NOG and OLR gather each producer's gradient (and weight, for OLR) and act on
-    the whole matrix, as a single process would.
-
-    Gradients holding NaN/Inf are replaced by zero and counted (``handle.stats()``); zero
-    gradients stay zero and are counted. Weights therefore stay finite.
-
-    ``skip_nonfinite="model"`` goes further: when any gradient of *any* parameter the optimizer
-    holds is non-finite, the whole step is undone — every parameter and optimizer state tensor
-    (momentum, Adam moments) is restored to its value before the step (so momentum and weight
-    decay do not move the weights either), state the step created is zeroed, and
-    ``stats()["skipped_steps"]`` counts it. No host sync: the decision is a device flag and the
-    restore a ``torch.where``; the cost is one copy of the parameters and their optimizer state
-    per step (memory and bandwidth) and an ``isfinite`` pass over the gradients. State held as
-    Python numbers, or on another device than the gradients (Adam's CPU ``step`` counter of a
-    CUDA model without ``capturable=True``), is not restored. Default None: only the guard above.
-
-    Attaching the same producers with the same options twice returns the existing handle;
-    anything else on an optimizer that already has a handle raises :class:`AttachError`.
+    Returns:
+        The :class:`AttachHandle` (``stats()``, ``olr_history()``, ``remove()``); the existing
+        one when the same producers are attached again with the same options.
 
     Warns:
-        AdaptiveOptimizerWarning: once per optimizer, when the config's NOG/OLR meet an
-            adaptive optimizer (Adam, AdamW, Adagrad, RMSprop, ..., or any optimizer whose
-            state holds a second-moment estimate), at attach.
+        AdaptiveOptimizerWarning: once per optimizer, when NOG/OLR meet an adaptive optimizer
+            (Adam, AdamW, Adagrad, RMSprop, ..., or any optimizer whose state holds a
+            second-moment estimate).
 
     Raises:
         AttachError: not an optimizer, no producers, a producer not held by the optimizer,
@@ -449,8 +385,9 @@ def attach(
         TreatmentError: a non-float producer, or a 1-D producer with NOG.
         ConfigError: a field value the spec refuses (naming the field), an unknown field or
             ``lr_mode``, ``lr_mode="fold"`` with a non-SGD optimizer, OLR on an optimizer
-            without an ``lr`` hyperparameter, a preset name as ``spec``, or ``chain=``
-            together with ``nog``/``olr``/``nog_*``.
+            without an ``lr`` hyperparameter, a preset name as ``spec``, ``ow_target="weight"``
+            on SOC or a normalised generator, or ``chain=`` together with
+            ``nog``/``olr``/``nog_*``.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise AttachError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
