@@ -1,46 +1,26 @@
 """ConditioningMonitor: κ of each meta-layer's covariance over training (in three conventions),
-the Pre-SVD weights' norm and conditioning, and failure counts.
+the Pre-SVD weights' norm and conditioning, and failure counts (guide: docs/monitor.md).
 
-κ conventions (:mod:`orthofx.monitor.spectrum`, docs/kappa.md): ``kappa`` = κ(Σ + εI), what
-the solver decomposes (the eigenvalues of exactly the decomposed matrix, εI included; a
-whitening layer with ε on a rank-deficient Σ has ``κ = (λ_max + ε)/ε``); ``rank`` and
-``kappa_range`` = λ_max/λ_r of Σ on its numerical range; ``kappa_paper`` = the paper's eq. 1 as
-inferred (Σ without ε, σ_min at the rounding floor of the layer's precision). Batches of
-covariances (GCP: one per image; grouped whitening: one per group) give the median over the
-batch (``kappa_max``: the batch maximum of ``kappa``). Producer weights
+κ (:mod:`orthofx.monitor.spectrum`, docs/kappa.md): ``kappa`` = κ(Σ + εI), the matrix the
+solver decomposes; ``kappa_range`` = λ_max/λ_r of Σ on its numerical range (rank r);
+``kappa_paper`` = the paper's eq. 1 as inferred (Σ without ε, σ_min at the rounding floor).
+A batch of covariances gives the median (``kappa_max``: the maximum). Producer weights
 (:mod:`orthofx.monitor.weights`): ``weight_norm`` = ‖W‖_F, ``weight_cond`` = σ_max/σ_min of
-the flattened weight. The record schema: :mod:`orthofx.monitor.records`.
+the flattened weight. Schema: :mod:`orthofx.monitor.records`.
 
-Cost: the meta-layer modules keep the eigenvalues they already computed
-(``orthofx_record``), so the monitor never decomposes a covariance again for the spectral
-backends ("ns" pays one extra float64 eigvalsh on the recorded steps only). Recording is
-switched on only for the forward of every ``every``-th step. Every summary stays on the device
-until :meth:`ConditioningMonitor.flush` (one host sync per flush, not per step). Producer
-weights are copied (detached, on the device) at the recorded step's forward and their float64
-``svdvals`` (a cuSOLVER call, which synchronises) runs at the flush; a flush also happens once
-those copies hold :data:`PENDING_WEIGHT_BYTES`. ``weights=False`` turns them off.
+Cost: no covariance is decomposed again (the meta-layers keep the eigenvalues they computed on
+recorded steps, every ``every``-th; backend "ns" pays one float64 eigvalsh there), and no host
+sync per step: summaries stay on the device until :meth:`ConditioningMonitor.flush` (one sync),
+which also runs the float64 ``svdvals`` of the producer weight copies
+(:mod:`orthofx.monitor.pending`). A flush also happens once those copies hold
+:data:`PENDING_WEIGHT_BYTES`.
 
-Meta-layers that are not orthofx modules (a raw ``torch.linalg.eigh`` ZCA, a Newton–Schulz
-loop, custom ``autograd.Function``s): the monitor runs the analysis once (on ``example_inputs``,
-or on the inputs of the first training-mode forward) and captures each one's covariance where
-it is formed, on recorded steps only (:mod:`orthofx.monitor.capture`; κ in float64 at the flush,
-``ε`` unknown: ``kappa`` = κ(Σ)). The lazy analysis is a one-time cost inside the first
-training forward: one extra recorded forward of the model (its ops, the meta-layers'
-decompositions included) and one host read per candidate covariance product (its symmetry
-check); steps after it add nothing. A model returned by ``orthofx.transform`` whose stored
-analysis provably saw every meta-layer and found only orthofx modules skips it (nothing to
-capture: :func:`~orthofx.monitor.capture.discovery_from_plan`), so its first step is like every
-other. A meta-layer that cannot be monitored is listed with the
-reason in :attr:`ConditioningMonitor.skipped` and :meth:`~ConditioningMonitor.summary`; a
-monitor with nothing to monitor says why in one line (a :class:`MonitorWarning`).
-
-Labels are the meta-layers' one name (:func:`orthofx.report.meta_layer_name`), the same as in
-the analysis report and the CLI: the module path where the meta-layer runs (a module that
-``orthofx.transform`` swapped in carries the path of what it replaced as ``orthofx_label``;
-the root's own forward: ``"<root>.forward:<kind>"``).
-Output: :meth:`~ConditioningMonitor.to_csv`/:meth:`~ConditioningMonitor.to_jsonl`, and
-``sinks=`` (:mod:`orthofx.monitor.sinks`: TensorBoard, CSV/JSONL, ``logging``, any callable)
-fed at each flush. The monitor itself logs through ``logging.getLogger("orthofx.monitor")``.
+Meta-layers that are not orthofx modules are found by one analysis (on ``example_inputs`` or
+inside the first training forward, skipped for a transformed model whose plan saw only
+orthofx modules) and their covariance is captured where it is formed
+(:mod:`orthofx.monitor.capture`; ε unknown: ``kappa`` = κ(Σ)). Labels are the meta-layers'
+names of the analysis report (:func:`orthofx.report.meta_layer_name`). Output: CSV/JSONL and
+``sinks=`` (:mod:`orthofx.monitor.sinks`) at each flush; logs go to ``orthofx.monitor``.
 """
 
 from __future__ import annotations
