@@ -13,6 +13,7 @@ cheapest pair with ``(η/2^s)^{m+1}/(m+1)! ≤ u`` (u = 2⁻²⁴ in float32, 2�
     η = min(‖S²‖_F, ‖S²‖₁)^{1/2} ≥ ρ     (‖S²‖ ≥ ρ(S²) = ρ² in any submultiplicative
                                           norm; measured ≈ 2.1–2.3 ρ for a trained 256²/512² S),
 
+lowered with ‖S⁴‖^{1/4} (≈ 1.4 ρ) where that can save products (:func:`skew_plan`), and
 read on the host (free on the CPU, so this module is for CPU tensors outside
 ``cuda_policy``/compile/export; CUDA uses :func:`orthofx.linalg.expm.expm`'s sync-free path).
 So the result is exp(S) to the unit roundoff of the dtype (truncation; the squarings multiply
@@ -29,6 +30,13 @@ and the first derivative differs from exp's Fréchet derivative by at most θ_m^
 (≈ (m+1)·u/θ_m: 2.5e-5 at degree 2, 3e-6 at degree 4 in float32 — the value, not the
 derivative, is what the degree is chosen for). Cost at ‖S‖₂ ≤ 0.007 (float32): forward 1
 product (degree 2), backward 1.
+
+Why Taylor and not the diagonal Padé approximants (exactly orthogonal for skew S: q_m(S) =
+p_m(S)ᵀ, so r_m = p_m^{−T}p_m, one LU): on one CPU thread (MKL, torch 2.14) an LU of a 256²
+matrix costs ≈ 1.3 products and a solve with 256 right-hand sides ≈ 3.5 (512²: 0.9 and 1.7),
+so [2/2] (S² + a solve, ρ ≤ 0.134) costs more than degree-4 Taylor (2 products, ρ ≤ 0.094)
+forward and backward; by this count [5/5]/[7/7] save ≈ 20–30% only for ρ ≳ 1 at n ≥ 512,
+still far from the one-LU Cayley map, and are not implemented.
 """
 
 from __future__ import annotations
@@ -104,11 +112,16 @@ def skew_rho_bounds(S2: Tensor) -> tuple[Tensor, Tensor]:
 
     * ``η = min(‖S²‖_F, ‖S²‖₁)^{1/2}`` (each norm ≥ ρ(S²) = ‖S‖₂²; η ≤ ‖S‖_F since
       ‖S²‖_F ≤ ‖S‖_F²);
-    * ``λ = max(‖S²‖_F/√n, ‖S²‖₁/√n, max_i |(S²)_ii|)^{1/2}`` (each ≤ ‖S²‖₂)."""
+    * ``λ = max(‖S²‖_F, ‖S²‖₁)^{1/2}/n^{1/4}`` (both norms are ≤ √n·‖S²‖₂)."""
     s2 = S2.detach()
     fro, one = torch.linalg.matrix_norm(s2), norm1(s2)
-    floor = torch.maximum(torch.maximum(fro, one) / math.sqrt(s2.shape[-1]), s2.diagonal(dim1=-2, dim2=-1).abs().amax(-1))
-    return torch.minimum(fro, one).sqrt(), floor.sqrt()
+    return torch.minimum(fro, one).sqrt(), torch.maximum(fro, one).sqrt() / s2.shape[-1] ** 0.25
+
+
+def _norm_pairs(x: Tensor) -> list[list[float]]:
+    """``[[‖x_i‖_F, ‖x_i‖₁], ...]`` per matrix of (..., n, n) as host floats (one host read)."""
+    x = x.detach().reshape(-1, x.shape[-2], x.shape[-1])
+    return torch.stack([torch.linalg.matrix_norm(x), norm1(x)], dim=-1).tolist()
 
 
 def _cost(m: int, s: int) -> int:
@@ -120,27 +133,31 @@ def skew_plan(S2: Tensor, max_squarings: int = 14) -> tuple[int, int, float]:
     """(degree m ≥ 2, squarings s, η) for the exponential of a skew S given ``S2 = S²`` (no
     grad; float32/float64; one plan for a batch: its largest η).
 
-    η: :func:`skew_rho_bounds`; when the plan for its lower bound λ would cost at least 2
-    products less (forward + backward), ``S⁴ = (S²)²`` is formed (one product, no gradient) and
-    η lowered to ``min(η, ‖S⁴‖_F^{1/4}, ‖S⁴‖₁^{1/4})`` (measured ≈ 1.4 ρ against ≈ 2.2 ρ for a
-    trained 256² generator: degree 2 instead of 4 for 0.003 ≲ ρ ≲ 0.005). Two host reads at
-    most. η beyond ``θ·2^max_squarings`` is counted in ``solver_stats().fallbacks["expm-range"]``
-    (the result is then inaccurate); η is NaN for NaN/Inf input."""
+    η, λ: :func:`skew_rho_bounds` (computed on the host from the two norms of each S², one
+    read); when the plan for λ would cost at least 2 products less (forward + backward),
+    ``S⁴ = (S²)²`` is formed (one product, no gradient) and η lowered to
+    ``min(η, ‖S⁴‖_F^{1/4}, ‖S⁴‖₁^{1/4})`` (measured ≈ 1.4 ρ against ≈ 2.2 ρ for a trained 256²
+    generator: degree 2 instead of 4 for 0.003 ≲ ρ ≲ 0.005). Two host reads at most. η beyond
+    ``θ·2^max_squarings`` is counted in ``solver_stats().fallbacks["expm-range"]`` (the result
+    is then inaccurate); η is NaN for NaN/Inf input."""
     dtype = S2.dtype
     table = _NORMAL_THETAS[torch.float64 if dtype == torch.float64 else torch.float32]
-    eta_t, floor_t = skew_rho_bounds(S2)
-    eta, floor = torch.stack([eta_t.max(), floor_t.max()]).tolist()  # one host read (NaN propagates)
+    pairs = _norm_pairs(S2)
+    if any(math.isnan(v) for pair in pairs for v in pair):
+        return expm_plan(math.nan, dtype, max_squarings, imaginary=True, min_degree=2) + (math.nan,)
+    etas = [math.sqrt(min(pair)) for pair in pairs]
+    eta = max(etas)
     m, s = expm_plan(eta, dtype, max_squarings, imaginary=True, min_degree=2)
     if math.isfinite(eta) and (m, s) != (2, 0):
+        floor = max(math.sqrt(max(pair)) for pair in pairs) / S2.shape[-1] ** 0.25
         m_lo, s_lo = expm_plan(floor, dtype, max_squarings, imaginary=True, min_degree=2)
         if _cost(m_lo, s_lo) + 1 < _cost(m, s):
             s2 = S2.detach()
-            s4 = s2 @ s2
-            eta_t = torch.minimum(eta_t, torch.minimum(torch.linalg.matrix_norm(s4), norm1(s4)).pow(0.25))
-            eta = float(eta_t.max())
+            etas = [min(e, min(pair) ** 0.25) for e, pair in zip(etas, _norm_pairs(s2 @ s2))]
+            eta = max(etas)
             m, s = expm_plan(eta, dtype, max_squarings, imaginary=True, min_degree=2)
     if s == max_squarings and max_squarings:
-        over = int((eta_t.nan_to_num(0.0) > table[-1][1] * 2.0**max_squarings).sum())
+        over = sum(e > table[-1][1] * 2.0**max_squarings for e in etas)
         if over:
             solver_stats().record_fallback("expm-range", over)
     return m, s, eta

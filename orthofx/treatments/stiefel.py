@@ -200,10 +200,10 @@ def _dense_expm_host(P: Tensor, Y0: Tensor) -> tuple[Tensor, int, Tensor]:
     :func:`orthofx.linalg.skew_expm.expm_skew_host`."""
     with torch.no_grad():
         Sd = P - P.mT
-    _, over = _saturation(Sd, True)
-    if not bool(over.any()):
+    if Sd.dim() == 2 and float(torch.linalg.matrix_norm(Sd)) * math.sqrt(Sd.shape[-1]) <= OW_RANGE:
+        # ‖S‖₁ ≤ √n‖S‖_F ≤ OW_RANGE: in range, c = 1 (one norm, one read)
         Q, s = expm_skew_apply_host(P, Y0, _MAX_SQUARINGS, S=Sd)
-        return Q, s, over
+        return Q, s, torch.zeros((), dtype=torch.bool, device=P.device)
     S, over = _saturation(antisym(P), True)
     N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
     return (torch.addmm(Y0, N, Y0) if N.dim() == 2 else Y0 + N @ Y0), s, over
