@@ -73,7 +73,7 @@ def test_orthosgd_equals_attach_on_sgd(device: torch.device, kw: dict) -> None:
 
 
 def test_transformed_model_uses_its_plan_and_ow_weight_target() -> None:
-    from tests.test_transform import RawGCP, _batch as gcp_batch
+    from test_transform import RawGCP, _batch as gcp_batch
 
     torch.manual_seed(0)
     cfg = orthofx.OrthoConfig.from_preset("nog+ow+olr", ow_target="weight")
