@@ -96,7 +96,7 @@ def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None and name in _COMPAT:
         mod = _COMPAT[name]
-        warnings.warn(f"orthofx.{name} is deprecated; use {mod}.{name}", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"orthofx.{name} is deprecated and will be removed in orthofx 0.3.0; use {mod}.{name}", DeprecationWarning, stacklevel=2)
     if mod is None:
         raise AttributeError(f"module 'orthofx' has no attribute {name!r}")
     return getattr(importlib.import_module(mod), name)

@@ -442,7 +442,7 @@ def __getattr__(name: str) -> Any:
     new = _DEPRECATED.get(name)
     if new is None:
         raise AttributeError(f"module 'orthofx.config' has no attribute {name!r}")
-    warnings.warn(f"orthofx.config.{name} is deprecated; use orthofx.config.{new} (a loss multiplier check; "
+    warnings.warn(f"orthofx.config.{name} is deprecated and will be removed in orthofx 0.3.0; use orthofx.config.{new} (a loss multiplier check; "
                   f"a weight tensor is checked by orthofx.treatments._common.check_weight)", DeprecationWarning,
                   stacklevel=2)
     return globals()[new]

@@ -203,12 +203,12 @@ def test_attach_takes_a_gradient_spec_and_renamed_names_warn() -> None:
     m = Net()
     h = attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv1, "weight")], GradientSpec(nog=True, olr=True))
     assert (h.nog, h.olr, h.spec) == (True, True, GradientSpec(nog=True, olr=True))
-    with pytest.warns(DeprecationWarning, match=r"attach\(config=\.\.\.\) is deprecated; use attach\(spec=\.\.\.\)"):
+    with pytest.warns(DeprecationWarning, match=r"attach\(config=\.\.\.\) is deprecated and will be removed in orthofx 0.3.0; use attach\(spec=\.\.\.\)"):
         h2 = attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv1, "weight")], config=OrthoConfig(nog=True))
     assert h2.nog and not h2.olr
-    with pytest.warns(DeprecationWarning, match=r"ow_target\.OW_TARGETS is deprecated; use orthofx\.vocab\.OW_TARGETS"):
+    with pytest.warns(DeprecationWarning, match=r"ow_target\.OW_TARGETS is deprecated and will be removed in orthofx 0.3.0; use orthofx\.vocab\.OW_TARGETS"):
         assert ow_target.OW_TARGETS is vocab.OW_TARGETS
-    with pytest.warns(DeprecationWarning, match=r"DEFAULT_TARGET is deprecated; use orthofx\.specs\.GradientSpec"):
+    with pytest.warns(DeprecationWarning, match=r"DEFAULT_TARGET is deprecated and will be removed in orthofx 0.3.0; use orthofx\.specs\.GradientSpec"):
         assert ow_target.DEFAULT_TARGET == GradientSpec().ow_target == "generator"
     with pytest.raises(ConfigError, match="unknown GradientSpec field 'nogg'"):
         attach(torch.optim.SGD(m.parameters(), lr=0.1), [(m.conv1, "weight")], nogg=True)

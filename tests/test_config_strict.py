@@ -77,7 +77,7 @@ def test_the_loss_weight_check_has_one_name_and_the_old_one_warns():
     import orthofx.config as config
     from orthofx.treatments._common import check_weight as tensor_check
 
-    with pytest.warns(DeprecationWarning, match=r"orthofx.config.check_weight is deprecated; use "
+    with pytest.warns(DeprecationWarning, match=r"orthofx.config.check_weight is deprecated and will be removed in orthofx 0.3.0; use "
                                                 r"orthofx.config.check_loss_weight"):
         old = config.check_weight
     assert old is check_loss_weight and old is not tensor_check

@@ -37,7 +37,7 @@ def test_older_names_and_hidden_submodules_still_resolve() -> None:
     from orthofx.errors import TraceFailure
     from orthofx.syncs import sync_audit
 
-    with pytest.warns(DeprecationWarning, match=r"orthofx.PRESETS is deprecated; use orthofx.config.PRESETS"):
+    with pytest.warns(DeprecationWarning, match=r"orthofx.PRESETS is deprecated and will be removed in orthofx 0\.3\.0; use orthofx.config.PRESETS"):
         assert orthofx.PRESETS is PRESETS
     with pytest.warns(DeprecationWarning, match=r"use orthofx.errors.TraceFailure"):
         assert orthofx.TraceFailure is TraceFailure
@@ -59,7 +59,7 @@ def test_every_older_name_warns_with_its_new_place_and_current_names_do_not() ->
     from orthofx import _COMPAT
 
     for name, mod in _COMPAT.items():
-        with pytest.warns(DeprecationWarning, match=rf"orthofx\.{name} is deprecated; use {mod}\.{name}$"):
+        with pytest.warns(DeprecationWarning, match=rf"orthofx\.{name} is deprecated and will be removed in orthofx 0.3.0; use {mod}\.{name}$"):
             obj = getattr(orthofx, name)
         assert obj is getattr(importlib.import_module(mod), name)
     with warnings.catch_warnings():

@@ -27,7 +27,7 @@ def test_every_module_reads_the_one_definition() -> None:
     from orthofx.treatments.weight import OW_METHODS
 
     assert graph.MetaSpec is vocab.MetaSpec and not hasattr(importlib.import_module("orthofx.nn.meta"), "MetaLayerInfo")
-    with pytest.warns(DeprecationWarning, match=r"orthofx\.nn\.MetaLayerInfo is deprecated; use orthofx\.vocab\.MetaSpec"):
+    with pytest.warns(DeprecationWarning, match=r"orthofx\.nn\.MetaLayerInfo is deprecated and will be removed in orthofx 0.3.0; use orthofx\.vocab\.MetaSpec"):
         assert onn.MetaLayerInfo is vocab.MetaSpec
     assert ops.KINDS is vocab.KINDS and ops.MatFn is vocab.MatFn
     assert polar.POLAR_METHODS is common.POLAR_METHODS is vocab.POLAR_METHODS

@@ -23,7 +23,7 @@ _COMPAT: dict[str, str] = {"MetaLayerInfo": "orthofx.vocab.MetaSpec"}
 
 def __getattr__(name: str) -> Any:
     if name in _COMPAT:
-        warnings.warn(f"orthofx.nn.{name} is deprecated; use {_COMPAT[name]}", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"orthofx.nn.{name} is deprecated and will be removed in orthofx 0.3.0; use {_COMPAT[name]}", DeprecationWarning, stacklevel=2)
         from orthofx.vocab import MetaSpec
 
         return MetaSpec

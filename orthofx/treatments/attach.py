@@ -395,7 +395,7 @@ def attach(
         raise ConfigError(f"attach: skip_nonfinite={skip_nonfinite!r}; use None (guard the producers' gradients "
                           f"only) or 'model' (skip the whole step when any gradient is non-finite)")
     if "config" in fields:  # the name of ``spec`` before 0.3
-        warnings.warn("orthofx.treatments.attach(config=...) is deprecated; use attach(spec=...) (a GradientSpec)",
+        warnings.warn("orthofx.treatments.attach(config=...) is deprecated and will be removed in orthofx 0.3.0; use attach(spec=...) (a GradientSpec)",
                       DeprecationWarning, stacklevel=2)
         if spec is None:
             spec = fields.pop("config")

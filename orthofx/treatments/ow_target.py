@@ -77,7 +77,7 @@ def __getattr__(name: str) -> Any:
     moved = _MOVED.get(name)
     if moved is None:
         raise AttributeError(f"module 'orthofx.treatments.ow_target' has no attribute {name!r}")
-    warnings.warn(f"orthofx.treatments.ow_target.{name} is deprecated; use {moved[0]}", DeprecationWarning,
+    warnings.warn(f"orthofx.treatments.ow_target.{name} is deprecated and will be removed in orthofx 0.3.0; use {moved[0]}", DeprecationWarning,
                   stacklevel=2)
     return moved[1]
 
