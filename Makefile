@@ -38,8 +38,9 @@ data:
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest
+# every test: the README's `make test` (the fast set, on xdist workers), then the slow set serially
+test-all: test
+	$(BIN)/python -m pytest -m slow
 
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest
