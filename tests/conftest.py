@@ -33,9 +33,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # other work was editing; move each marker into its file (and drop it here) when it is next touched.
 SLOW_ELSEWHERE = frozenset({
     "tests/test_linalg_expm.py::test_gradcheck[True]",
-    "tests/test_analyze_generated.py::test_analyze_leaves_model_untouched",
-    "tests/test_corpus.py::test_corpus_models_run_and_trace_faithfully[vgg11_svd_pooling]",
-    "tests/test_corpus.py::test_corpus_models_run_and_trace_faithfully[mobilenet_v3_gcp]",
+    "tests/test_graph_analysis_generated.py::test_analyze_leaves_model_untouched",
+    "tests/test_realcode_torchvision.py::test_corpus_models_run_and_trace_faithfully[vgg11_svd_pooling]",
+    "tests/test_realcode_torchvision.py::test_corpus_models_run_and_trace_faithfully[mobilenet_v3_gcp]",
     "tests/test_realcode_extra.py::test_transform_attach_train_strip[gw_mlp_deep]",
     "tests/test_realcode_extra.py::test_svd_config_keeps_outputs[gw_mlp_deep]",
     "tests/test_realcode_extra.py::test_export_stripped_model[gw_mlp_deep]",

@@ -55,7 +55,7 @@ max|G|, taken in G's own dtype (exact; a max never under- or overflows, unlike a
 squares), and the zero mask is ``max|G| == 0``. The Frobenius norms and Gram matrices are then
 formed from entries in [-1, 1], so any finite nonzero G — float32 or bfloat16 gradients from
 the smallest subnormal to ~3.4e38, float64 over its whole range — gives the same U Vᵀ as G
-itself (checked over scales 1e-30…1e30 against a float64 SVD in tests/test_nog_scale.py).
+itself (checked over scales 1e-30…1e30 against a float64 SVD in tests/test_gradient_scale.py).
 """
 
 from __future__ import annotations

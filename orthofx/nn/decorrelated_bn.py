@@ -42,7 +42,7 @@ class DecorrelatedBatchNorm(MetaLayer):
     span fewer dimensions than its output channels, or features near a low-dimensional
     subspace), each W carries gains up to ε^{-1/2} along *that batch's* null space, and their
     average applies stale gains of that size to directions that are live in the next batch:
-    measured in tests/test_dbn_eval.py (ε = 1e-5, rank 6–9 of 16, 30 batches),
+    measured in tests/test_nn_decorrelated_bn.py (ε = 1e-5, rank 6–9 of 16, 30 batches),
     ‖cov(eval output) − I‖_F ≈ 10³–10⁴ against 2.6–2.9 in training mode; averaging Σ gives
     2.8–3.6. The two modes keep different buffers (``running_covariance`` vs
     ``running_whitening``); a state_dict saved with the other choice (e.g. a checkpoint of the

@@ -153,7 +153,7 @@ def nog(
     * Scale-safe: the zero/non-finite masks use max|G| in G's dtype (never under/overflows)
       and polar divides G by max|G| before any norm, so every finite nonzero gradient —
       float32/bfloat16 from 1e-30 to 1e30 and beyond — gets its U Vᵀ, on the CPU and CUDA
-      paths alike (tests/test_nog_scale.py).
+      paths alike (tests/test_gradient_scale.py).
     * Sensitivity: U Vᵀ moves by O(‖ΔG‖/σ_min(G)) for a change ΔG of G (for square G at most
       2‖ΔG‖_F/(σ_min(G) + σ_min(G + ΔG)), R.-C. Li's bound), so near-rank-deficient
       gradients turn rounding-level differences (another polar method, another device) into

@@ -181,7 +181,7 @@ def test_a_malicious_checkpoint_names_the_blocked_global_and_does_not_run(tmp_pa
         msg = str(e.value)
         assert _RAN == []
         assert "corrupted" not in msg and "\n" not in msg
-        assert "safe load" in msg and "test_faults._record" in msg
+        assert "safe load" in msg and "test_pipeline_faults._record" in msg
 
 
 def test_a_text_file_as_a_checkpoint_is_a_config_error(tmp_path):
