@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "quick": a.quick, "batch": BATCH,
-                                      "rounds": rounds, "iters": iters, "clock": a.clock, "rho": a.rho, "date": time.strftime("%Y-%m-%d"),
-                                      "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
+                                      "rounds": rounds, "iters": iters, "clock": a.clock, "rho": a.rho,
+                                      "date": time.strftime("%Y-%m-%d"), "elapsed_s": round(elapsed, 1),
+                                      "rows": rows}, indent=1))
         print(f"wrote {a.json}")
     return 0
 

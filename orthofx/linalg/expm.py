@@ -223,7 +223,8 @@ def expm_host(a: Tensor, max_squarings: int = 14, *, normal_spectrum: bool = Fal
     a 512² OW layer: 4× below ‖A‖₁, so degree 2 or 4 instead of 4 or 6)."""
     shape = a.shape
     a = a.reshape(-1, shape[-2], shape[-1])
-    table = (_NORMAL_THETAS if normal_spectrum else _THETAS)[torch.float64 if a.dtype == torch.float64 else torch.float32]
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    table = (_NORMAL_THETAS if normal_spectrum else _THETAS)[dt]
     norm = norm1(a.detach())
     nan = bool(norm.isnan().any())
     eta = float(norm.nan_to_num(0.0).max()) if not nan else math.nan

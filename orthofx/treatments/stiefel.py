@@ -9,10 +9,13 @@ Two paths compute the same function (they differ by rounding only):
   squarings follow a bound η ≥ ρ(X) on the spectral radius (the spectrum of S, and of M, is
   imaginary: :func:`orthofx.linalg.expm.expm_plan` with ``imaginary=True``; degree 2 for
   η ≤ 0.0071, 4 for η ≤ 0.094 in float32, at least 2) and its derivative is autograd through
-  those products. The dense route evaluates ``Y₀ + N·Y₀`` with ``N = exp(S) − I`` from
-  :func:`orthofx.linalg.skew_expm.expm_skew_host` (one fused ``addmm``; ``S²``'s backward is
-  one product, :func:`~orthofx.linalg.skew_expm.skew_square`): 6 products per forward +
-  backward at degree 2, against 7 before (benchmarks/results/ow_shapes_cpu.md); the saturation ``c`` is skipped (exactly 1) when ‖X‖₁ ≤ OW_RANGE; the polish runs only after
+  those products. The dense route is
+  :func:`orthofx.linalg.skew_expm_apply.expm_skew_apply_host`: ``Y₀ + N·Y₀`` with
+  ``N = exp(S) − I`` (one fused ``addmm``), a closed-form backward at degree 2 and 4, autograd
+  with :func:`~orthofx.linalg.skew_expm.skew_square` (``S²``'s backward: one product) above:
+  6 products per forward + backward at degree 2, against 7 before
+  (benchmarks/results/ow_shapes_cpu.md); the saturation ``c`` is skipped (exactly 1) when
+  ‖X‖₁ ≤ OW_RANGE; the polish runs only after
   squarings (exp) or for ‖X‖₁ > 2 (Cayley), and then only until ``‖QᵀQ − I‖_F ≤ 4·u·√k``
   (u the unit roundoff: 2⁻²⁴ float32, 2⁻⁵³ float64), at most ``OW_MAX_POLISH`` steps;
 * **sync-free path** (CUDA, ``cuda_policy``, tracing): nothing is read on the host — the
