@@ -13,39 +13,7 @@ from torch import nn
 
 import orthofx
 
-
-class ZCA(nn.Module):
-    """ZCA whitening as projects write it: running statistics updated in place under no_grad
-    on ``self.training``; ``how`` says what the gradient sees of the whitening matrix."""
-
-    def __init__(self, c: int, how: str, eps: float = 1e-3, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.how, self.eps, self.momentum = how, eps, momentum
-        self.register_buffer("running_mean", torch.zeros(c, 1))
-        self.register_buffer("running_wm", torch.eye(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        xf = x.transpose(0, 1).reshape(c, -1)
-        if self.training:
-            mean = xf.mean(1, keepdim=True)
-            xc = xf - mean
-            cov = xc @ xc.t() / xc.shape[1] + self.eps * torch.eye(c, dtype=x.dtype)
-            if self.how == "no_grad":  # the whitening matrix as a constant of the step
-                with torch.no_grad():
-                    lam, u = torch.linalg.eigh(cov)
-                    wm = u @ torch.diag(lam.rsqrt()) @ u.t()
-            else:
-                lam, u = torch.linalg.eigh(cov)
-                wm = u @ torch.diag(lam.rsqrt()) @ u.t()
-                if self.how == "detach":
-                    wm = wm.detach()
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-                self.running_wm.mul_(1 - self.momentum).add_(self.momentum * wm.detach())
-        else:
-            xc, wm = xf - self.running_mean, self.running_wm
-        return (wm @ xc).reshape(c, n, h, w).transpose(0, 1)
+from corpora.zca import ZCA
 
 
 class EighSqrtInv(torch.autograd.Function):
@@ -101,7 +69,7 @@ def test_the_hand_written_backward_is_the_gradient() -> None:
 
 @pytest.mark.parametrize("how", ["detach", "no_grad"])
 def test_a_detached_decomposition_is_said_in_text_and_json(how: str) -> None:
-    model = _net(ZCA(6, how))
+    model = _net(ZCA(6, how=how))
     # the decomposition's backward really does not run: no gradient reaches the conv through it
     report = orthofx.analyze(model, _x())
     assert report.producers == ["0"], str(report)
@@ -113,7 +81,7 @@ def test_a_detached_decomposition_is_said_in_text_and_json(how: str) -> None:
     assert json.loads(report.to_json())["entries"][0]["notes"] == [note]
 
 
-@pytest.mark.parametrize("whiten", [lambda: ZCA(6, "live"), FunctionWhiten], ids=["running-stats-detached", "function"])
+@pytest.mark.parametrize("whiten", [lambda: ZCA(6, how="live"), FunctionWhiten], ids=["running-stats-detached", "function"])
 def test_a_live_decomposition_has_no_such_note(whiten) -> None:
     # the running buffer takes wm.detach(), the output uses wm: the backward runs; and inside a
     # user Function the hand-written backward runs whatever its forward detaches

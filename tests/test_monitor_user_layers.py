@@ -19,6 +19,8 @@ MonitorWarning = getattr(orthofx.monitor, "MonitorWarning", UserWarning)  # new 
 from orthofx.nn import DecorrelatedBatchNorm
 from orthofx.syncs import cuda_policy, sync_audit
 
+from corpora.zca import ZCA
+
 
 # --------------------------------------------------------------------------- iSQRT-COV, as projects write it
 class _CovPool(torch.autograd.Function):
@@ -98,36 +100,12 @@ class Head(nn.Module):
         return self.cov_pool(torch.relu(self.bn(self.reduce(x)))).flatten(1)
 
 
-# --------------------------------------------------------------------------- ZCA, as projects write it
-class ZCAWhitening(nn.Module):
-    def __init__(self, c: int, eps: float = 1e-3, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.register_buffer("running_mean", torch.zeros(c, 1))
-        self.register_buffer("running_wm", torch.eye(c))
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        xf = x.transpose(0, 1).reshape(c, -1)
-        if self.training:
-            mean = xf.mean(1, keepdim=True)
-            xc = xf - mean
-            sigma = xc @ xc.t() / xc.shape[1] + self.eps * torch.eye(c, device=x.device)
-            lam, u = torch.linalg.eigh(sigma)
-            wm = u @ torch.diag(lam.rsqrt()) @ u.t()
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-                self.running_wm.mul_(1 - self.momentum).add_(self.momentum * wm)
-        else:
-            xc, wm = xf - self.running_mean, self.running_wm
-        return (wm @ xc).reshape(c, n, h, w).transpose(0, 1)
-
-
+# --------------------------------------------------------------------------- ZCA, as projects write it (corpora.zca)
 class Block(nn.Module):
     def __init__(self, c_in: int, c: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
-        self.whiten = ZCAWhitening(c)
+        self.whiten = ZCA(c)
 
     def forward(self, x):
         return torch.relu(self.whiten(self.conv(x)))
@@ -283,7 +261,7 @@ class Mixed(nn.Module):
         super().__init__()
         self.align = CrossSVD()
         self.proj = nn.Linear(4, 5, bias=False)
-        self.whiten = ZCAWhitening(5)
+        self.whiten = ZCA(5)
 
     def forward(self, x):
         f = self.proj(self.align(x))

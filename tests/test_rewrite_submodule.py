@@ -12,44 +12,16 @@ from torch import nn
 import orthofx
 from orthofx.nn.stable import StableDecomposition
 
-
-class ZCA(nn.Module):
-    """ZCA whitening with running statistics updated in place under no_grad."""
-
-    def __init__(self, c: int, momentum: float = 0.1, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("running_mean", torch.zeros(c, 1))
-        self.register_buffer("running_wm", torch.eye(c))
-        self.register_buffer("unused_stat", torch.zeros(c))  # registered, never used
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        xf = x.transpose(0, 1).reshape(c, -1)
-        if self.training:
-            mean = xf.mean(1, keepdim=True)
-            xc = xf - mean
-            cov = xc @ xc.t() / xc.shape[1] + self.eps * torch.eye(c, dtype=x.dtype)
-            lam, u = torch.linalg.eigh(cov)
-            wm = u @ torch.diag(1.0 / torch.sqrt(lam)) @ u.t()
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-                self.running_wm.mul_(1 - self.momentum).add_(self.momentum * wm)
-        else:
-            xc, wm = xf - self.running_mean, self.running_wm
-        return (wm @ xc).reshape(c, n, h, w).transpose(0, 1)
+from corpora import zca
+from corpora.zca import Whiten
 
 
-class Whiten(nn.Module):
-    """Parameter-free, buffer-free whitening (a module holding no state)."""
+class ZCA(zca.ZCA):
+    """The shared running-statistics ZCA with one more buffer, registered and never used."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        xf = x.transpose(0, 1).reshape(c, -1)
-        xc = xf - xf.mean(1, keepdim=True)
-        cov = xc @ xc.t() / xc.shape[1] + 1e-3 * torch.eye(c, dtype=x.dtype)
-        lam, u = torch.linalg.eigh(cov)
-        return (u @ torch.diag(lam.rsqrt()) @ u.t() @ xc).reshape(c, n, h, w).transpose(0, 1)
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.register_buffer("unused_stat", torch.zeros(c))
 
 
 def _seq(whiten: nn.Module) -> nn.Sequential:

@@ -14,46 +14,7 @@ from torch import nn
 import orthofx
 from orthofx.verify import tolerance, verify_rewrite
 
-
-class Whiten(nn.Module):
-    """ZCA whitening written by hand: centre, Σ = X Xᵀ/M + εI, Σ^{-1/2} by eigh."""
-
-    def __init__(self, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        xf = x.transpose(0, 1).reshape(c, -1)
-        xc = xf - xf.mean(1, keepdim=True)
-        cov = xc @ xc.t() / xc.shape[1] + self.eps * torch.eye(c, dtype=x.dtype)
-        lam, u = torch.linalg.eigh(cov)
-        return (u @ torch.diag(lam.rsqrt()) @ u.t() @ xc).reshape(c, n, h, w).transpose(0, 1)
-
-
-class ZCA(nn.Module):
-    """ZCA with running statistics updated in place under no_grad on ``self.training``."""
-
-    def __init__(self, c: int, eps: float = 1e-3, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.register_buffer("running_mean", torch.zeros(c, 1))
-        self.register_buffer("running_wm", torch.eye(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        xf = x.transpose(0, 1).reshape(c, -1)
-        if self.training:
-            mean = xf.mean(1, keepdim=True)
-            xc = xf - mean
-            lam, u = torch.linalg.eigh(xc @ xc.t() / xc.shape[1] + self.eps * torch.eye(c, dtype=x.dtype))
-            wm = u @ torch.diag(lam.rsqrt()) @ u.t()
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-                self.running_wm.mul_(1 - self.momentum).add_(self.momentum * wm)
-        else:
-            xc, wm = xf - self.running_mean, self.running_wm
-        return (wm @ xc).reshape(c, n, h, w).transpose(0, 1)
+from corpora.zca import ZCA, Whiten
 
 
 def _model(whiten: nn.Module, dtype: torch.dtype, mix: float = 0.9) -> nn.Sequential:

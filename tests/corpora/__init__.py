@@ -5,4 +5,8 @@ scripts such as ``benchmarks/analyze_bench.py`` insert it).
 
 * :mod:`corpora.realcode` — the corpus the discovery was developed against;
 * :mod:`corpora.realcode_extra` — a held-out corpus written afterwards.
+
+Models several test files share, written once here (no planted truth):
+
+* :mod:`corpora.zca` — hand-written ZCA whitening (stateless, and with running statistics).
 """
