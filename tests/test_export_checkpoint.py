@@ -13,42 +13,13 @@ from torch import nn
 import orthofx
 from orthofx.errors import ConfigError
 
-_PWNED: list[str] = []
-
-
-def _pwn(msg: str) -> str:
-    _PWNED.append(msg)
-    return msg
-
-
-class _Evil:
-    def __reduce__(self):
-        return (_pwn, ("code ran while loading",))
-
-
-class Net(nn.Module):
-    """Conv → 1×1 reduction → covariance → raw eigh square root → linear."""
-
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.reduce = nn.Conv2d(8, 6, 1, bias=False)
-        self.fc = nn.Linear(36, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.reduce(torch.relu(self.conv1(x))))
-        n, c, h, w = x.shape
-        f = x.reshape(n, c, h * w)
-        f = f - f.mean(dim=-1, keepdim=True)
-        cov = f @ f.transpose(1, 2) / (h * w) + 1e-3 * torch.eye(c)
-        lam, u = torch.linalg.eigh(cov)
-        root = u @ torch.diag_embed(lam.clamp_min(1e-12).sqrt()) @ u.transpose(1, 2)
-        return self.fc(root.flatten(1))
+from corpora import unsafe
+from corpora.gcp import EighNet
 
 
 def _saved(config: str = "nog+ow") -> tuple[nn.Module, bytes]:
     torch.manual_seed(0)
-    gm, _ = orthofx.transform(Net(), config=config)
+    gm, _ = orthofx.transform(EighNet(), config=config)
     buf = io.BytesIO()
     orthofx.save_checkpoint(gm, buf, epoch=3)
     return gm, buf.getvalue()
@@ -77,7 +48,7 @@ def test_round_trip_loads_with_weights_only_and_a_plain_plan():
     assert _is_plain(d["orthofx_plan"]) and d["epoch"] == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a checksummed checkpoint loads without a warning
-        back = orthofx.load_checkpoint(Net(), io.BytesIO(raw))
+        back = orthofx.load_checkpoint(EighNet(), io.BytesIO(raw))
     x = torch.randn(2, 3, 4, 4)
     gm.eval(), back.eval()
     torch.testing.assert_close(back(x), gm(x))
@@ -86,11 +57,11 @@ def test_round_trip_loads_with_weights_only_and_a_plain_plan():
 def test_arbitrary_code_in_a_checkpoint_does_not_run():
     _, raw = _saved()
     d = torch.load(io.BytesIO(raw), weights_only=True)
-    d["payload"] = _Evil()
-    _PWNED.clear()
+    d["payload"] = unsafe.Payload()
+    unsafe.RAN.clear()
     with pytest.raises(ConfigError, match="weights_only"):
-        orthofx.load_checkpoint(Net(), _resave(d))
-    assert _PWNED == []
+        orthofx.load_checkpoint(EighNet(), _resave(d))
+    assert unsafe.RAN == []
 
 
 def test_missing_state_dict_is_named():
@@ -98,14 +69,14 @@ def test_missing_state_dict_is_named():
     d = torch.load(io.BytesIO(raw), weights_only=True)
     del d["state_dict"]
     with pytest.raises(ConfigError, match="'state_dict'"):
-        orthofx.load_checkpoint(Net(), _resave(d))
+        orthofx.load_checkpoint(EighNet(), _resave(d))
 
 
 def test_shape_mismatch_names_the_key_and_shapes():
     # same producers, different head: torch's RuntimeError used to leak
     _, raw = _saved()
     with pytest.raises(ConfigError, match=r"fc\.weight: shape \(4, 36\) in the checkpoint, \(5, 36\) in this model"):
-        orthofx.load_checkpoint(Net(classes=5), io.BytesIO(raw))
+        orthofx.load_checkpoint(EighNet(classes=5), io.BytesIO(raw))
 
 
 def test_missing_and_unexpected_keys_are_named():
@@ -116,7 +87,7 @@ def test_missing_and_unexpected_keys_are_named():
     d.pop("orthofx_checksum")
     with pytest.warns(UserWarning, match="no checksum"):
         with pytest.raises(ConfigError, match=r"missing keys \['fc\.bias'\].*unexpected keys \['head\.weight'\]"):
-            orthofx.load_checkpoint(Net(), _resave(d))
+            orthofx.load_checkpoint(EighNet(), _resave(d))
 
 
 def test_flipped_bytes_inside_a_tensor_are_detected():
@@ -129,7 +100,7 @@ def test_flipped_bytes_inside_a_tensor_are_detected():
     bad = bytearray(raw)
     bad[at + 9] ^= 0x40  # one bit of one float inside the stored tensor
     with pytest.raises(ConfigError, match="checkpoint is corrupted"):
-        orthofx.load_checkpoint(Net(), io.BytesIO(bytes(bad)))
+        orthofx.load_checkpoint(EighNet(), io.BytesIO(bytes(bad)))
 
 
 def test_old_checkpoint_without_checksum_loads_with_a_warning():
@@ -137,22 +108,22 @@ def test_old_checkpoint_without_checksum_loads_with_a_warning():
     d = torch.load(io.BytesIO(raw), weights_only=True)
     d.pop("orthofx_checksum")
     with pytest.warns(UserWarning, match="no checksum"):
-        back = orthofx.load_checkpoint(Net(), _resave(d))
+        back = orthofx.load_checkpoint(EighNet(), _resave(d))
     torch.testing.assert_close(back.state_dict()["fc.weight"], gm.state_dict()["fc.weight"])
 
 
 def test_unreadable_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        orthofx.load_checkpoint(Net(), tmp_path / "nope.pt")
+        orthofx.load_checkpoint(EighNet(), tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ConfigError, match="corrupted or not a torch checkpoint"):
-        orthofx.load_checkpoint(Net(), tmp_path / "junk.pt")
+        orthofx.load_checkpoint(EighNet(), tmp_path / "junk.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ConfigError, match="not an orthofx checkpoint"):
-        orthofx.load_checkpoint(Net(), tmp_path / "list.pt")
+        orthofx.load_checkpoint(EighNet(), tmp_path / "list.pt")
 
 
 def test_extra_entries_cannot_overwrite_orthofx_keys():
-    gm, _ = orthofx.transform(Net(), config="ow")
+    gm, _ = orthofx.transform(EighNet(), config="ow")
     with pytest.raises(ConfigError, match="state_dict"):
         orthofx.save_checkpoint(gm, io.BytesIO(), state_dict={})

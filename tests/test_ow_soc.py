@@ -36,6 +36,9 @@ from orthofx.treatments.weight import (
     treatment_of,
 )
 
+from corpora.gcp import cov_sqrt
+from ow_checks import assert_invariant_to_generator_scale
+
 F64 = torch.float64
 RHO = SOC_RADIUS
 
@@ -225,21 +228,10 @@ def test_eval_norm_from_the_dense_jacobian_on_the_grid():
 @pytest.mark.parametrize("c", [10.0, 1e-3])
 def test_output_is_invariant_to_the_generator_scale(c):
     conv = _soc(3, 8, 3, 1, "zeros", seed=1)
-    L = conv.parametrizations.weight.original
     x = torch.randn(2, 3, 6, 6, dtype=F64)
-    # training mode (one power iteration, buffer updated): the same buffers for both runs
-    ref_train = copy.deepcopy(conv)(x)
-    scaled = copy.deepcopy(conv)
-    with torch.no_grad():
-        scaled.parametrizations.weight.original.mul_(c)
-    torch.testing.assert_close(scaled(x), ref_train, rtol=0, atol=1e-12)
-    torch.testing.assert_close(scaled.parametrizations.weight[0]._v, _after_one_step(conv, x), rtol=0, atol=1e-12)
-    # eval mode (pure): the same module, L scaled in place
-    conv.eval()
-    ref = conv(x)
-    with torch.no_grad():
-        L.mul_(c)
-    torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-12)
+    v_after = _after_one_step(conv, x)  # the carried vectors after a training forward of the unscaled conv
+    scaled = assert_invariant_to_generator_scale(conv, x, c)
+    torch.testing.assert_close(scaled.parametrizations.weight[0]._v, v_after, rtol=0, atol=1e-12)
 
 
 def _after_one_step(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -458,14 +450,7 @@ class GCP(nn.Module):
         self.fc = nn.Linear(c * c, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mix(torch.relu(self.stem(x)))
-        n, c, h, w = x.shape
-        f = x.reshape(n, c, h * w)
-        f = f - f.mean(dim=-1, keepdim=True)
-        cov = f @ f.transpose(1, 2) / (h * w) + 1e-3 * torch.eye(c)
-        lam, u = torch.linalg.eigh(cov)
-        root = u @ torch.diag_embed(lam.clamp_min(1e-12).sqrt()) @ u.transpose(1, 2)
-        return self.fc(root.flatten(1))
+        return self.fc(cov_sqrt(self.mix(torch.relu(self.stem(x)))).flatten(1))
 
 
 def test_transform_reads_the_soc_config_trains_and_strip_refuses():

@@ -22,17 +22,7 @@ from orthofx.config import PRESETS, OrthoConfig
 from orthofx.errors import ConfigError, InputError
 from orthofx.pipeline import plan_of
 
-_RAN: list[str] = []
-
-
-def _record(msg: str) -> str:
-    _RAN.append(msg)
-    return msg
-
-
-class _Payload:
-    def __reduce__(self):
-        return (_record, ("code ran while loading",))
+from corpora import gcp, unsafe
 
 
 class _Scale(torch.autograd.Function):
@@ -68,25 +58,12 @@ class DBNNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
-class EighNet(nn.Module):
-    """Conv → 1×1 reduction → covariance → raw eigh square root → linear (swapped to a GraphModule)."""
+class EighNet(gcp.EighNet):
+    """Conv → 1×1 reduction → covariance → raw eigh square root → linear on its upper triangle
+    (swapped to a GraphModule)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.reduce = nn.Conv2d(8, 6, 1, bias=False)
-        self.fc = nn.Linear(21, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.reduce(torch.relu(self.conv1(x))))
-        n, c, h, w = x.shape
-        f = x.reshape(n, c, h * w)
-        f = f - f.mean(dim=-1, keepdim=True)
-        cov = f @ f.transpose(1, 2) / (h * w) + 1e-3 * torch.eye(c)
-        lam, u = torch.linalg.eigh(cov)
-        root = u @ torch.diag_embed(lam.clamp_min(1e-12).sqrt()) @ u.transpose(1, 2)
-        i, j = torch.triu_indices(c, c)
-        return self.fc(root[:, i, j])
+        super().__init__(triu=True)
 
 
 def _x(n: int = 4) -> torch.Tensor:
@@ -168,20 +145,20 @@ def test_a_malicious_checkpoint_names_the_blocked_global_and_does_not_run(tmp_pa
     buf = io.BytesIO()
     orthofx.save_checkpoint(gm, buf)
     d = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    d["payload"] = _Payload()
+    d["payload"] = unsafe.Payload()
     for name, raw in (("zip.pt", None), ("raw.pt", pickle.dumps(d, protocol=4))):
         path = tmp_path / name
         if raw is None:
             torch.save(d, path)
         else:
             path.write_bytes(raw)
-        _RAN.clear()
+        unsafe.RAN.clear()
         with pytest.raises(ConfigError) as e:
             orthofx.load_checkpoint(DBNNet(), path)
         msg = str(e.value)
-        assert _RAN == []
+        assert unsafe.RAN == []
         assert "corrupted" not in msg and "\n" not in msg
-        assert "safe load" in msg and "test_pipeline_faults._record" in msg
+        assert "safe load" in msg and "corpora.unsafe.record" in msg
 
 
 def test_a_text_file_as_a_checkpoint_is_a_config_error(tmp_path):

@@ -6,7 +6,11 @@ scripts such as ``benchmarks/analyze_bench.py`` insert it).
 * :mod:`corpora.realcode` — the corpus the discovery was developed against;
 * :mod:`corpora.realcode_extra` — a held-out corpus written afterwards.
 
-Models several test files share, written once here (no planted truth):
+Models and fixtures several test files share, written once here (no planted truth):
 
-* :mod:`corpora.zca` — hand-written ZCA whitening (stateless, and with running statistics).
+* :mod:`corpora.zca` — hand-written ZCA whitening (stateless, and with running statistics);
+* :mod:`corpora.gcp` — covariance pooling with a raw eigh square root (:func:`corpora.gcp.cov_sqrt`);
+* :mod:`corpora.unsafe` — a pickle payload that runs code when loaded (safe loads must refuse it).
+
+Checks the OW tests share are in ``tests/ow_checks.py``.
 """
