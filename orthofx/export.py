@@ -36,7 +36,7 @@ from orthofx.graph.symbolic.trace import TRACE_META_KEY
 from orthofx.nn.stable import StableDecomposition
 from orthofx.rewrite import META_KEY, STABLE_PREFIX, Plan, unswap_calls
 from orthofx.pipeline import plan_of, replay, safe_deepcopy, unwrap
-from orthofx.treatments.weight import bake_all
+from orthofx.treatments.baking import bake_all
 
 __all__ = ["strip", "save_checkpoint", "load_checkpoint", "checkpoint"]
 

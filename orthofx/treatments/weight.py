@@ -58,11 +58,8 @@ __all__ = [
     "register_orthogonal",
     "register_spectral_norm",
     "orthogonality_loss",
-    "bake",
-    "bake_all",
     "treatment_of",
-    "plain_state_dict",
-]
+]  # bake, bake_all, plain_state_dict: documented in orthofx.treatments.baking (served here lazily)
 
 # --------------------------------------------------------------------------- OW methods
 #: the builder of an OW method: ``(module, name, weight, label, *, lowrank, generator, radius,
