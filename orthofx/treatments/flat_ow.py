@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,15 +19,14 @@ from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import host_read_is_free, no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
 from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged, choose_lowrank
+from orthofx.vocab import OW_GENERATORS, OWGenerator, OWMethod
 
 __all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS"]
 
-OWMethod = Literal["expm", "cayley", "soc"]
-OWGeneratorKind = Literal["free", "normalized"]
 #: the methods of :class:`FlatOrthogonal` (matrix maps of the flattened weight)
 _FLAT_METHODS = ("expm", "cayley")
-#: the generator kinds of :class:`FlatOrthogonal` (``OrthoConfig.ow_generator``)
-OW_GENERATOR_KINDS = ("free", "normalized")
+#: the generator kinds of :class:`FlatOrthogonal` (``OrthoConfig.ow_generator``): vocab's one list
+OW_GENERATOR_KINDS = OW_GENERATORS
 #: power iterations at registration (from a random start) and in every eval forward (from the
 #: carried vector, not written back); one per training forward
 POWER_INIT_ITERS = 200
@@ -170,9 +168,9 @@ class FlatOrthogonal(nn.Module):
     def __init__(
         self,
         shape: torch.Size | tuple[int, ...],
-        method: OWMethod = "expm",
+        method: OWMethod | str = "expm",
         lowrank: bool | None = None,
-        generator: OWGeneratorKind = "free",
+        generator: OWGenerator | str = "free",
         radius: float = 0.7,
     ) -> None:
         super().__init__()

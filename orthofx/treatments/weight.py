@@ -35,7 +35,7 @@ from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype
 from orthofx.treatments.serialize import make_picklable
-from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, OWGeneratorKind
+from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal
 from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     SOC_EVAL_TERMS,
     SOC_NOT_BAKEABLE,
@@ -47,7 +47,7 @@ from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     soc_truncation_bound,
 )
 from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map, _stiefel_map_flagged  # noqa: F401
-from orthofx.vocab import SN_METHODS, OWMethod
+from orthofx.vocab import SN_METHODS, OWGenerator, OWMethod
 
 __all__ = [
     "FlatOrthogonal",
@@ -97,7 +97,7 @@ class OWMethodSpec:
 
 def _flat_build(method: str) -> OWBuild:
     def build(module: nn.Module, name: str, W: Tensor, label: str, *, lowrank: bool | None = None,
-              generator: OWGeneratorKind = "free", radius: float = 0.7, **_: object) -> FlatOrthogonal:
+              generator: OWGenerator | str = "free", radius: float = 0.7, **_: object) -> FlatOrthogonal:
         return FlatOrthogonal(W.shape, method, lowrank, generator=generator, radius=radius)
 
     return build
@@ -184,7 +184,7 @@ def register_orthogonal(
     *,
     method: OWMethod | str = "expm",
     lowrank: bool | None = None,
-    generator: OWGeneratorKind = "free",
+    generator: OWGenerator | str = "free",
     radius: float = 0.7,
     terms: int = 5,
     eval_terms: int = 10,
