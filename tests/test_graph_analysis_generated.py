@@ -79,6 +79,7 @@ def test_producers_equal_planted_set(model: GeneratedModel) -> None:
     assert str(report)
 
 
+@pytest.mark.slow
 @_settings
 @given(generated_models(max_heads=2))
 def test_analyze_leaves_model_untouched(model: GeneratedModel) -> None:

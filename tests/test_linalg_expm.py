@@ -84,7 +84,7 @@ def test_gradient_matches_frechet_derivative(scale: float, sync_free: bool, devi
         assert _rel(x.grad, torch.from_numpy(ref)) < tol * max(1.0, scale)
 
 
-@pytest.mark.parametrize("sync_free", [True, False])
+@pytest.mark.parametrize("sync_free", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_gradcheck(sync_free: bool) -> None:
     a = (_skew(5, 2.0, 8, batch=(2,)) + 0.2 * torch.randn(2, 5, 5, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: expm(x, sync_free=sync_free), (a,))

@@ -34,11 +34,17 @@ _ALL = sorted(ALL_EXTRA_CASES)
 _XFAIL: dict[tuple[str, str], str] = {}
 
 
+#: (check, case) pairs too heavy for `make test` (5-21 s of CPU each): marked slow, run by `make test-all`
+_SLOW = {("train", "gw_mlp_deep"), ("svd", "gw_mlp_deep"), ("export", "gw_mlp_deep"), ("buffers", "gw_mlp_deep")}
+
+
 def _params(check: str, names=None):
     out = []
     for name in (names if names is not None else _ALL):
         reason = _XFAIL.get((check, name))
         marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+        if (check, name) in _SLOW:
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 

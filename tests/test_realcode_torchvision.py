@@ -236,7 +236,7 @@ CORPUS = {
 #: 512² to 1280² covariances, ViT-B): their run check is marked slow; their analysis is
 #: always tested
 HEAVY = {"efficientnet_spectrum", "vit_whitening", "densenet_gcp_no_reduction",
-         "resnet18_gcp_no_reduction"}
+         "resnet18_gcp_no_reduction", "vgg11_svd_pooling", "mobilenet_v3_gcp"}
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
