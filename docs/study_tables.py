@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from scipy import stats
+from orthofx.experiment.study_stats import paired_p_value
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "study" / "results.json"
@@ -29,19 +29,6 @@ TITLES = {
     "dbn": "DBN (ZCA whitening after the 5×5 stride-2 1→64 stem)",
     "gcp": "GCP (covariance pooling of 64 channels at 7×7)",
 }
-
-
-def paired_p(diffs: list[float]) -> float:
-    """Two-sided paired t-test p-value of mean(diffs) = 0 (n ≥ 2); 1.0 when all diffs are equal."""
-    n = len(diffs)
-    if n < 2:
-        return math.nan
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    if sd == 0.0:
-        return 0.0 if mean != 0.0 else 1.0
-    t = mean / (sd / math.sqrt(n))
-    return float(2.0 * stats.t.sf(abs(t), n - 1))
 
 
 def holm(pvalues: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
@@ -77,9 +64,9 @@ def render(results: dict) -> str:
     for exp, block in analysis.items():
         for row in block["rows"]:
             if "vs_baseline" in row:
-                p_err[(exp, row["label"])] = paired_p(row["vs_baseline"]["diffs"])
+                p_err[(exp, row["label"])] = paired_p_value(row["vs_baseline"]["diffs"])
             if "kappa_vs_baseline" in row:
-                p_kap[(exp, row["label"])] = paired_p(row["kappa_vs_baseline"]["diffs"])
+                p_kap[(exp, row["label"])] = paired_p_value(row["kappa_vs_baseline"]["diffs"])
     h_err, h_kap = holm(p_err), holm(p_kap)
     out: list[str] = []
     for exp, block in analysis.items():

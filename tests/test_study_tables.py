@@ -1,6 +1,6 @@
 """docs/study_tables.py: the multiplicity adjustment and the page it writes.
 
-* ``paired_p`` equals scipy's ``ttest_rel`` on the paired values (float64).
+* ``study_stats.paired_p_value`` (which the script uses) equals scipy's ``ttest_rel`` on the paired values (float64).
 * ``holm`` equals the textbook definition: adjusted p_(i) = max_{j ≤ i} min(1, (m − j + 1) p_(j)),
   checked on random p-value families (Hypothesis); and it never lowers a p-value.
 * The tables in docs/results.md are the ones the script renders from the committed results.json.
@@ -17,6 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
+from orthofx.experiment.study_stats import paired_p_value
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("study_tables", ROOT / "docs" / "study_tables.py")
 assert _spec is not None and _spec.loader is not None
@@ -31,7 +33,7 @@ def test_paired_p_equals_scipy(a: list[float], shift: float) -> None:
     if len({round(d, 12) for d in diffs}) == 1:
         return  # zero variance: scipy returns nan, the script a documented 0/1
     ref = stats.ttest_rel(b, a).pvalue
-    assert math.isclose(study_tables.paired_p(diffs), ref, rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(paired_p_value(diffs), ref, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @given(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=30))

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from orthofx.experiment.catalog import KAPPA_FIELDS
 from orthofx.experiment.study_plan import BASELINE, STUDY_ROWS
 
-__all__ = ["final_kappa", "t_quantile", "verdict", "paired_comparison", "analyze"]
+__all__ = ["final_kappa", "t_quantile", "paired_p_value", "verdict", "paired_comparison", "analyze"]
 
 
 def _num(v: Any) -> float:
@@ -106,6 +106,18 @@ def verdict(n: int, ci_low: float, ci_high: float, mde: float, *, better: str = 
     if ci_low > 0:
         return worse
     return f"no difference detected (effects below ±{mde:.{digits}f} cannot be excluded)"
+
+
+def paired_p_value(diffs: Sequence[float]) -> float:
+    """Two-sided paired t-test p-value of mean(d) = 0: P(|T_{n−1}| ≥ |d̄|·√n/sd). NaN below 2
+    pairs; with sd = 0, 0.0 if d̄ ≠ 0 else 1.0."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0.0:
+        return 0.0 if mean != 0.0 else 1.0
+    return 1.0 - _t_abs_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1)
 
 
 def paired_comparison(row: Mapping[int, float], base: Mapping[int, float], **wording: Any) -> dict[str, Any]:
