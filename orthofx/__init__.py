@@ -15,8 +15,9 @@ naming their module (``orthofx.config.PRESETS``, ...).
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import TYPE_CHECKING, Any
+
+from orthofx._deprecation import warn_deprecated
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load lazily
     from orthofx.config import OrthoConfig  # noqa: F401
@@ -96,7 +97,7 @@ def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None and name in _COMPAT:
         mod = _COMPAT[name]
-        warnings.warn(f"orthofx.{name} is deprecated and will be removed in orthofx 0.3.0; use {mod}.{name}", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"orthofx.{name}", f"{mod}.{name}", stacklevel=2)
     if mod is None:
         raise AttributeError(f"module 'orthofx' has no attribute {name!r}")
     return getattr(importlib.import_module(mod), name)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
+from orthofx._deprecation import warn_deprecated
 from orthofx.checks import check_bool, check_choice, check_float, check_int, check_loss_weight  # noqa: F401
 from orthofx.errors import ConfigError, OptionError
 from orthofx.specs import GradientSpec, WeightSpec
@@ -442,7 +442,6 @@ def __getattr__(name: str) -> Any:
     new = _DEPRECATED.get(name)
     if new is None:
         raise AttributeError(f"module 'orthofx.config' has no attribute {name!r}")
-    warnings.warn(f"orthofx.config.{name} is deprecated and will be removed in orthofx 0.3.0; use orthofx.config.{new} (a loss multiplier check; "
-                  f"a weight tensor is checked by orthofx.treatments._common.check_weight)", DeprecationWarning,
-                  stacklevel=2)
+    warn_deprecated(f"orthofx.config.{name}", f"orthofx.config.{new} (a loss multiplier check; a weight tensor is "
+                    f"checked by orthofx.treatments._common.check_weight)", stacklevel=2)
     return globals()[new]

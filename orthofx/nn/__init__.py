@@ -7,9 +7,9 @@ traces it as a leaf and reports it as a meta-layer.
 :class:`orthofx.vocab.MetaSpec` with a ``DeprecationWarning``.
 """
 
-import warnings
 from typing import Any
 
+from orthofx._deprecation import warn_deprecated
 from orthofx.nn.covariance_pooling import CovariancePooling
 from orthofx.nn.decorrelated_bn import DecorrelatedBatchNorm
 from orthofx.nn.meta import MetaLayer, is_meta_layer
@@ -23,7 +23,7 @@ _COMPAT: dict[str, str] = {"MetaLayerInfo": "orthofx.vocab.MetaSpec"}
 
 def __getattr__(name: str) -> Any:
     if name in _COMPAT:
-        warnings.warn(f"orthofx.nn.{name} is deprecated and will be removed in orthofx 0.3.0; use {_COMPAT[name]}", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"orthofx.nn.{name}", _COMPAT[name], stacklevel=2)
         from orthofx.vocab import MetaSpec
 
         return MetaSpec

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from orthofx._deprecation import warn_deprecated
 from orthofx.errors import AttachError, ConfigError, TreatmentError
 from orthofx.specs import GradientSpec
 from orthofx.treatments.gradient import GradientTransformation, Updates, named_chain
@@ -395,8 +396,7 @@ def attach(
         raise ConfigError(f"attach: skip_nonfinite={skip_nonfinite!r}; use None (guard the producers' gradients "
                           f"only) or 'model' (skip the whole step when any gradient is non-finite)")
     if "config" in fields:  # the name of ``spec`` before 0.3
-        warnings.warn("orthofx.treatments.attach(config=...) is deprecated and will be removed in orthofx 0.3.0; use attach(spec=...) (a GradientSpec)",
-                      DeprecationWarning, stacklevel=2)
+        warn_deprecated("orthofx.treatments.attach(config=...)", "attach(spec=...) (a GradientSpec)", stacklevel=2)
         if spec is None:
             spec = fields.pop("config")
         else:

@@ -49,13 +49,13 @@ ConfigError).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from orthofx._deprecation import warn_deprecated
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.specs import GradientSpec
 from orthofx.treatments.gradient import GradientTransformation, Updates, as_updates
@@ -77,8 +77,7 @@ def __getattr__(name: str) -> Any:
     moved = _MOVED.get(name)
     if moved is None:
         raise AttributeError(f"module 'orthofx.treatments.ow_target' has no attribute {name!r}")
-    warnings.warn(f"orthofx.treatments.ow_target.{name} is deprecated and will be removed in orthofx 0.3.0; use {moved[0]}", DeprecationWarning,
-                  stacklevel=2)
+    warn_deprecated(f"orthofx.treatments.ow_target.{name}", moved[0], stacklevel=2)
     return moved[1]
 
 

@@ -28,12 +28,11 @@ import inspect
 import warnings
 from typing import Any, Mapping
 
+from orthofx._deprecation import REMOVED_IN
 from orthofx.errors import TreatmentError
 
 __all__ = ["REMOVED_IN", "NEW_FORM", "is_legacy_call", "write_back", "is_legacy_transform", "adapt"]
 
-#: the version that removes the mutating form
-REMOVED_IN = "0.3.0"
 #: the call form to write instead
 NEW_FORM = "updates, new_state = t.update(updates, state, params, ctx)"
 _OLD_FORM = "grads = t.update(grads, params, state, **ctx)"
