@@ -34,7 +34,8 @@ def _orth_err(w: torch.Tensor) -> float:
 
 
 def _S(p: FlatOrthogonal, A: torch.Tensor) -> torch.Tensor:
-    a, Y0 = p._to_tall(A.detach()).double(), p.base.double()
+    """The n'×n' skew argument ``aY₀ᵀ − Y₀aᵀ`` of the tall generator (``a = Y₀B`` for a square weight)."""
+    a, Y0 = p.tall_generator(A.detach()).double(), p.base.double()
     return a @ Y0.T - Y0 @ a.T
 
 

@@ -97,17 +97,29 @@ def test_ow_lowrank_route_equals_dense(method: str, shape: tuple[int, int]) -> N
         torch.testing.assert_close(low.T @ low, eye, atol=1e-11, rtol=0)
 
 
-def test_ow_square_is_paper_exponential() -> None:
-    """Square W: W = Y₀ exp(A' − A'ᵀ) with A' = Y₀ᵀ a (the paper's form, rotated by the base)."""
+@pytest.mark.parametrize("method", ["expm", "cayley"])
+def test_ow_square_is_paper_exponential(method: str) -> None:
+    """Square W: the generator is used in place, W = Y₀ f(A − Aᵀ) (the paper's exp(A − Aᵀ),
+    rotated by the base), which is the tall layout's f(aY₀ᵀ − Y₀aᵀ)Y₀ at a = Y₀A."""
     torch.manual_seed(2)
     m = nn.Linear(10, 10).double()
-    register_orthogonal(m)
-    Y0 = m.parametrizations.weight[0].base
+    register_orthogonal(m, method=method)
+    p = m.parametrizations.weight[0]
+    Y0 = p.base
+    assert p.square_direct and not p.lowrank
     with torch.no_grad():
         m.parametrizations.weight.original.copy_(0.2 * torch.randn(10, 10, dtype=torch.float64))
-    a = m.parametrizations.weight.original
-    Ap = Y0.T @ a
-    torch.testing.assert_close(m.weight, Y0 @ torch.linalg.matrix_exp(Ap - Ap.T), atol=1e-12, rtol=0)
+    A = m.parametrizations.weight.original
+    S = A - A.T
+    eye = torch.eye(10, dtype=torch.float64)
+    f = torch.linalg.matrix_exp(S) if method == "expm" else torch.linalg.solve(eye - S / 2, eye + S / 2)
+    torch.testing.assert_close(m.weight, Y0 @ f, atol=1e-12, rtol=0)
+    a = Y0 @ A
+    Sa = a @ Y0.T - Y0 @ a.T
+    fa = torch.linalg.matrix_exp(Sa) if method == "expm" else torch.linalg.solve(eye - Sa / 2, eye + Sa / 2)
+    torch.testing.assert_close(m.weight, fa @ Y0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(p.tall_generator(A.detach()), a.detach(), atol=1e-14, rtol=0)
+    torch.testing.assert_close(p.generator_from_tall(a.detach()), A.detach(), atol=1e-14, rtol=0)
 
 
 def test_ow_assignment_resets_to_nearest_orthogonal() -> None:

@@ -97,10 +97,9 @@ class StepLogger:
                     kind = "soc"
                     self.meta.setdefault(name, {"radius": getattr(p0, "radius", None), "terms": getattr(p0, "terms", None)})
                     vals[4] = W.shape[-1] * torch.linalg.matrix_norm(W.double().reshape(W.shape[0], -1), ord=2)
-                elif hasattr(p0, "base") and hasattr(p0, "_to_tall"):
+                elif hasattr(p0, "base") and hasattr(p0, "skew"):
                     kind = "flat-ow"
-                    a, y0 = p0._to_tall(A).double(), p0.base.double()
-                    vals[3] = torch.linalg.matrix_norm(a @ y0.T - y0 @ a.T, ord=2)
+                    vals[3] = torch.linalg.matrix_norm(p0.skew(A.double()), ord=2)
                 else:
                     kind = type(p0).__name__
             except Exception as e:  # a log must never end a run; say what failed

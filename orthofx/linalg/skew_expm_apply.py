@@ -1,14 +1,17 @@
-r"""``exp(P − Pᵀ)·Y`` on the host path, with a closed-form backward at the low Taylor degrees.
+r"""``exp(P − Pᵀ)·Y`` or ``Y·exp(P − Pᵀ)`` on the host path, with a closed-form backward at the
+low Taylor degrees.
 
-The dense route of the flat OW map is ``W = exp(S)·Y₀`` with ``S = P − Pᵀ``, ``P = a·Y₀ᵀ``.
+The dense routes of the flat OW map are ``W = exp(S)·Y₀`` with ``S = P − Pᵀ``, ``P = a·Y₀ᵀ``
+(``side="left"``: a non-square weight's tall generator) and ``W = Y₀·exp(S)`` with ``P = B``
+the square generator itself (``side="right"``).
 While the generator is small (‖S‖₂ ≲ 0.09 in float32: a young or slowly moving generator) the
 exponential is a Taylor polynomial of degree 2 or 4 (:func:`orthofx.linalg.skew_expm.skew_plan`:
 truncation below the unit roundoff), and the whole step ``P ↦ W`` is one autograd node whose
 backward is written out (:class:`_ExpSkewApply`):
 
 * degree 2, ``N = S + S²/2``;  degree 4, ``N = S + S²/2 + S²·T`` with ``T = S/6 + S²/24``;
-  ``W = Y + N·Y`` (one ``addmm``);
-* backward, with ``G_N = Ḡ·Yᵀ``: the gradient on S directly, ``D`` (degree 2: ``G_N``;
+  ``W = Y + N·Y`` (left) or ``Y + Y·N`` (right; one ``addmm``);
+* backward, with ``G_N = Ḡ·Yᵀ`` (left) or ``Yᵀ·Ḡ`` (right): the gradient on S directly, ``D`` (degree 2: ``G_N``;
   degree 4: ``G_N + S²G_N/6``) and on S², ``E`` (``G_N/2``; ``G_N/2 + G_N·Tᵀ + S²G_N/24``).
   ``S² = S·S`` gives S the skew part ``(SH)ᵀ − SH``, ``H = (E + Eᵀ)/2``, so
 
@@ -51,21 +54,21 @@ def _poly(S: Tensor, S2: Tensor, m: int) -> tuple[Tensor, Tensor | None]:
 
 class _ExpSkewApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, P: Tensor, Y: Tensor, S: Tensor, S2: Tensor, m: int) -> Tensor:
+    def forward(ctx: Any, P: Tensor, Y: Tensor, S: Tensor, S2: Tensor, m: int, right: bool) -> Tensor:
         N, T = _poly(S, S2, m)
-        ctx.m = m
+        ctx.m, ctx.right = m, right
         ctx.save_for_backward(P, Y, S, S2, T, N)
-        return torch.addmm(Y, N, Y)
+        return torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         P, Y, S, S2, T, N = ctx.saved_tensors
-        m = ctx.m
+        m, right = ctx.m, ctx.right
         if torch.is_grad_enabled():  # double backward: the intermediates as functions of P
             S = P - P.mT
             S2 = S @ S
             N, T = _poly(S, S2, m)
-        gN = g @ Y.mT
+        gN = Y.mT @ g if right else g @ Y.mT
         if m == 2:
             D, E = gN, 0.5 * gN
         else:
@@ -74,24 +77,32 @@ class _ExpSkewApply(torch.autograd.Function):
             E = torch.addmm(0.5 * gN + Y2 * (1.0 / 24.0), gN, T.mT)
         Z = torch.addmm(D, S, E + E.mT, alpha=-1.0)
         gP = Z - Z.mT if ctx.needs_input_grad[0] else None
-        gY = torch.addmm(g, N.mT, g) if ctx.needs_input_grad[1] else None  # (I + N)ᵀ·Ḡ
-        return gP, gY, None, None, None
+        if not ctx.needs_input_grad[1]:
+            gY = None
+        else:  # left: (I + N)ᵀ·Ḡ;  right: Ḡ·(I + N)ᵀ
+            gY = torch.addmm(g, g, N.mT) if right else torch.addmm(g, N.mT, g)
+        return gP, gY, None, None, None, None
 
 
 def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
-                         S: Tensor | None = None) -> tuple[Tensor, int]:
-    """``(exp(P − Pᵀ)·Y, s)`` for P (n, n), Y (n, k), float32/float64 CPU tensors on the host
-    path: the degree and squarings ``s`` of :func:`~orthofx.linalg.skew_expm.skew_plan`
-    (truncation below the unit roundoff), the closed-form backward of the module doc at degree
-    2 or 4 without squarings, autograd through
-    :func:`~orthofx.linalg.skew_expm.expm_skew_host` otherwise. ``S``: ``P − Pᵀ`` already
-    formed without gradient. Differentiable in P and Y (twice)."""
+                         S: Tensor | None = None, side: str = "left") -> tuple[Tensor, int]:
+    """``(exp(P − Pᵀ)·Y, s)`` (``side="left"``; P (n, n), Y (n, k)) or ``(Y·exp(P − Pᵀ), s)``
+    (``side="right"``; Y (k, n)) for float32/float64 CPU tensors on the host path: the degree
+    and squarings ``s`` of :func:`~orthofx.linalg.skew_expm.skew_plan` (truncation below the
+    unit roundoff), the closed-form backward of the module doc at degree 2 or 4 without
+    squarings, autograd through :func:`~orthofx.linalg.skew_expm.expm_skew_host` otherwise.
+    ``S``: ``P − Pᵀ`` already formed without gradient. Differentiable in P and Y (twice)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"expm_skew_apply_host: side={side!r}; use 'left' or 'right'")
+    right = side == "right"
     with torch.no_grad():
         if S is None:
             S = P.detach() - P.detach().mT
         S2 = S @ S
     m, s, eta = skew_plan(S2, max_squarings)
     if s == 0 and m in FUSED_DEGREES and P.dim() == 2 and Y.dim() == 2:
-        return _ExpSkewApply.apply(P, Y, S, S2, m), 0
+        return _ExpSkewApply.apply(P, Y, S, S2, m, right), 0
     N, s = expm_skew_host(antisym(P), max_squarings, S2=S2, plan=(m, s, eta))
-    return (torch.addmm(Y, N, Y) if N.dim() == 2 and Y.dim() == 2 else Y + N @ Y), s
+    if N.dim() == 2 and Y.dim() == 2:
+        return (torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)), s
+    return (Y + Y @ N if right else Y + N @ Y), s

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import host_read_is_free, no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
-from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged, choose_lowrank
+from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged, choose_lowrank, square_map_flagged
 from orthofx.vocab import OW_GENERATORS, OWGenerator, OWMethod
 
 __all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS"]
@@ -72,10 +72,20 @@ class FlatOrthogonal(nn.Module):
 
     ``f(S)`` is orthogonal, so ``W_tall`` has orthonormal columns: **for a wide weight
     (out ≤ n) the rows of W are orthonormal (W Wᵀ = I_out); for a tall weight (out > n) the
-    columns are (Wᵀ W = I_n)**. For a square weight this is the paper's ``exp(A' − A'ᵀ)``
-    rotated by the base: ``W = Y₀ exp(Y₀ᵀa − aᵀY₀)``. The generators ``a Y₀ᵀ − Y₀ aᵀ`` span the
-    whole tangent space of the Stiefel manifold at ``Y₀``, so every nearby orthonormal ``W``
-    is reachable.
+    columns are (Wᵀ W = I_n)**. The generators ``a Y₀ᵀ − Y₀ aᵀ`` span the whole tangent space
+    of the Stiefel manifold at ``Y₀``, so every nearby orthonormal ``W`` is reachable.
+
+    **Square weights** (out = n) use their generator in place: ``A``'s square form ``B`` gives
+
+        W = Y₀ f(B − Bᵀ)            (the paper's ``exp(A − Aᵀ)``, rotated by the base),
+
+    which is the map above at ``a = Y₀B`` (``Y₀ f(B − Bᵀ) = f(Y₀(B − Bᵀ)Y₀ᵀ)Y₀``) without the
+    products that form ``aY₀ᵀ`` and pull its gradient back (:func:`~orthofx.treatments.stiefel.
+    square_map`). SGD, momentum, weight decay, NOG and OLR follow the same ``W`` trajectory in
+    either coordinate (they commute with ``a = Y₀B``, an orthogonal change of coordinates);
+    elementwise optimizers (Adam) do not. :meth:`tall_generator` / :meth:`generator_from_tall`
+    convert. State saved before this layout is converted on load (``B = Y₀ᵀa``, with a warning:
+    optimizer state kept for ``A`` is not converted): :func:`install_state_migration`.
 
     ``base`` is set by :meth:`right_inverse`, which ``parametrize`` calls at registration (and
     on ``module.weight = value``): ``Y₀`` = the exact polar factor ``U Vᵀ`` of the given weight
@@ -164,6 +174,8 @@ class FlatOrthogonal(nn.Module):
     """
 
     base: Tensor
+    #: the square layout (set per instance; False for an instance pickled before it existed)
+    square_direct = False
 
     def __init__(
         self,
@@ -191,6 +203,7 @@ class FlatOrthogonal(nn.Module):
         self.wide = self.out < self.n
         self.method = method
         self.lowrank = choose_lowrank(self.k, self.n_big, method) if lowrank is None else bool(lowrank)
+        self.square_direct = self.out == self.n
         self.register_buffer("base", torch.zeros(self.n_big, self.k))
         if generator == "normalized":
             self.register_buffer("_v", torch.zeros(self.n_big))
@@ -213,6 +226,27 @@ class FlatOrthogonal(nn.Module):
     def _from_tall(self, T: Tensor) -> Tensor:
         return (T.mT if self.wide else T).reshape(self.shape)
 
+    # generator coordinates: the layout's own (B for a square weight) <-> the tall a = Y₀B
+    def tall_generator(self, A: Tensor) -> Tensor:
+        """The tall generator ``a`` (n'×k, ``S = aY₀ᵀ − Y₀aᵀ``) of ``A`` (or of a gradient on
+        ``A``: the change of coordinates is linear and orthogonal): ``Y₀B`` for a square weight,
+        ``A``'s tall form otherwise."""
+        T = self._to_tall(A)
+        return self.base.to(T.dtype) @ T if self.square_direct else T
+
+    def generator_from_tall(self, a: Tensor) -> Tensor:
+        """Inverse of :meth:`tall_generator`: ``A`` (weight-shaped) from a tall generator ``a``."""
+        return self._from_tall(self.base.to(a.dtype).mT @ a if self.square_direct else a)
+
+    def skew(self, A: Tensor) -> Tensor:
+        """The skew-symmetric argument of the map in the layout's coordinates: ``B − Bᵀ``
+        (square) or ``aY₀ᵀ − Y₀aᵀ`` — orthogonally similar to each other, so their norms agree."""
+        a = self._to_tall(A)
+        if self.square_direct:
+            return a - a.mT
+        Y0 = self.base.to(a.dtype)
+        return a @ Y0.mT - Y0 @ a.mT
+
     def forward(self, A: Tensor) -> Tensor:
         cd = compute_dtype(A.dtype)
         with _no_autocast_if_on(A.device.type):  # matrix_exp/solve in ≥ float32, also under AMP
@@ -221,7 +255,10 @@ class FlatOrthogonal(nn.Module):
             if self.generator == "normalized":
                 sig = self._sigma(a, Y0)
                 a = a * torch.where(sig > 0, self.radius / sig.clamp_min(torch.finfo(cd).tiny), 0.0)
-            Q, over = _stiefel_map_flagged(a, Y0, self.method, self.lowrank)
+            if self.square_direct and not self.lowrank:
+                Q, over = square_map_flagged(a, Y0, self.method)
+            else:
+                Q, over = _stiefel_map_flagged(Y0 @ a if self.square_direct else a, Y0, self.method, self.lowrank)
         if not getattr(self, "_warned", False) and host_read_is_free(over) and bool(over):
             self._warned = True  # once per parametrization; only where the read is free
             warnings.warn(
@@ -258,7 +295,7 @@ class FlatOrthogonal(nn.Module):
         v = _unit(torch.randn(self.n_big, dtype=cd, device=W.device))
         Y0 = self.base.to(cd)
         for _ in range(POWER_INIT_ITERS):
-            v = _power_step(v, -_skew_mv(a, Y0, _skew_mv(a, Y0, v)), dim=-1)
+            v = _power_step(v, -self._skew_mv(a, Y0, self._skew_mv(a, Y0, v)), dim=-1)
         self._v = v.to(W.dtype)
         return self._from_tall(a).to(W.dtype)
 
@@ -269,13 +306,63 @@ class FlatOrthogonal(nn.Module):
         with torch.no_grad():
             ad, v = a.detach(), self._v.to(a.dtype)
             for _ in range(1 if self.training else POWER_EVAL_ITERS):
-                v = _power_step(v, -_skew_mv(ad, Y0, _skew_mv(ad, Y0, v)), dim=-1)
+                v = _power_step(v, -self._skew_mv(ad, Y0, self._skew_mv(ad, Y0, v)), dim=-1)
             if self.training:
                 self._v.copy_(v)
-        return torch.linalg.vector_norm(_skew_mv(a, Y0, v))
+        return torch.linalg.vector_norm(self._skew_mv(a, Y0, v))
+
+    def _skew_mv(self, a: Tensor, Y0: Tensor, v: Tensor) -> Tensor:
+        """``S v`` for the layout's skew argument (:meth:`skew`), never formed: O(n'k)."""
+        return a @ v - a.mT @ v if self.square_direct else _skew_mv(a, Y0, v)
 
 
 def _skew_mv(a: Tensor, Y0: Tensor, v: Tensor) -> Tensor:
     """``S v`` with ``S = a Y₀ᵀ − Y₀ aᵀ`` (n'×n', never formed): ``a(Y₀ᵀv) − Y₀(aᵀv)``, O(n'k)."""
     return a @ (Y0.mT @ v) - Y0 @ (a.mT @ v)
 
+
+
+def install_state_migration(plist: nn.Module) -> None:
+    """Let ``plist`` (the ``ParametrizationList`` of a square :class:`FlatOrthogonal`) load state
+    saved before the square layout: its state-dict version becomes 2 (torch's default is 1,
+    what earlier orthofx wrote) and a ``load_state_dict`` pre-hook
+    (:func:`_migrate_square_state`) converts version-1 state."""
+    p = plist[0] if len(plist) else None  # type: ignore[arg-type]
+    if isinstance(p, FlatOrthogonal) and p.square_direct:
+        plist._version = SQUARE_LAYOUT_VERSION
+        plist.register_load_state_dict_pre_hook(_migrate_square_state)
+
+
+#: state-dict version of the ``ParametrizationList`` of a square FlatOrthogonal whose
+#: ``original`` holds ``B`` (``W = Y₀ f(B − Bᵀ)``); version 1 held the tall ``a``
+SQUARE_LAYOUT_VERSION = 2
+
+
+def _migrate_square_state(plist: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                          *_: object) -> None:
+    """``load_state_dict`` pre-hook: state of a square FlatOrthogonal saved at version 1
+    (``original`` held the tall ``a``, ``W = exp(aY₀ᵀ − Y₀aᵀ)Y₀``) is converted to the square
+    layout, ``B = Y₀ᵀa`` (and the normalised generator's power vector ``v ← Y₀ᵀv``), computed in
+    float64 from the saved ``base``, so the loaded module computes the same ``W``. A state dict
+    without version metadata (built by hand) is taken as current. Warns once per load."""
+    p = plist[0]  # type: ignore[index]
+    version = local_metadata.get("version")
+    key_a, key_y, key_v = prefix + "original", prefix + "0.base", prefix + "0._v"
+    if version is None or version >= SQUARE_LAYOUT_VERSION or key_a not in state_dict or key_y not in state_dict:
+        return
+    A, Y0 = state_dict[key_a], state_dict[key_y]
+    if tuple(A.shape) != tuple(p.shape) or tuple(Y0.shape) != (p.n_big, p.k):
+        return  # load_state_dict reports the mismatch itself
+    with torch.no_grad():
+        Yd = Y0.to(torch.float64)
+        state_dict[key_a] = p._from_tall(Yd.mT @ p._to_tall(A.to(torch.float64))).to(A.dtype)
+        if p.generator == "normalized" and key_v in state_dict:
+            state_dict[key_v] = (Yd.mT @ state_dict[key_v].to(torch.float64)).to(state_dict[key_v].dtype)
+    warnings.warn(
+        f"OW {prefix}0 ({p.extra_repr()}): converted a generator saved before the square layout "
+        "(state version 1, W = exp(aY₀ᵀ − Y₀aᵀ)Y₀) to the current one (B = Y₀ᵀa, "
+        "W = Y₀ exp(B − Bᵀ)); the weight is unchanged. Optimizer state kept for this generator "
+        "(momentum, Adam moments) is in the old coordinates and is not converted",
+        UserWarning,
+        stacklevel=2,
+    )

@@ -4,7 +4,10 @@ orthogonal weight ``W`` (a Riemannian step on W, pulled back to ``A`` exactly).
 With flat OW (:class:`~orthofx.treatments.weight.FlatOrthogonal`, free generator) the optimizer
 updates ``A`` and the layer uses ``W = Φ(A)``; in tall form (n'×k, orthonormal columns)
 
-    Q = W_tall = f(S) Y₀,    S = a Y₀ᵀ − Y₀ aᵀ,    f = exp  or  Cayley.
+    Q = W_tall = f(S) Y₀,    S = a Y₀ᵀ − Y₀ aᵀ,    f = exp  or  Cayley
+
+(a square weight stores ``B = Y₀ᵀa`` instead of ``a``; the closed forms below are written for
+``a`` and converted with ``FlatOrthogonal.tall_generator``/``generator_from_tall``).
 
 ``ow_target="generator"`` (default): the chain acts on ``A`` and its gradient as the optimizer
 holds them — what the authors' ``run.sh --nog --olr --ow`` does (their NOG/OLR act on the SOC
@@ -329,7 +332,7 @@ def weight_target(
             cd = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
             Y0 = po.base.to(device=g.device, dtype=cd)
             finite = g.abs().amax() < math.inf
-            G_A = po._to_tall(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)).to(cd))
+            G_A = po.tall_generator(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)).to(cd))
             gt = tangent_from_generator_grad(Y0, G_A)
             cap = captured[i] if i < len(captured) else None
             if cap is not None:  # the normal part, from the capture scaled to the optimizer's gradient
@@ -360,7 +363,7 @@ def weight_target(
             want = tangent_project(Y0, Dt)
             rr = _safe_div(torch.linalg.vector_norm(jacobian_at_zero(Y0, delta) - want), torch.linalg.vector_norm(want))
             delta = torch.where(torch.isfinite(delta), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-            grads_out[i] = po._from_tall(delta).to(grads[i].dtype)  # type: ignore[union-attr]
+            grads_out[i] = po.generator_from_tall(delta).to(grads[i].dtype)  # type: ignore[union-attr]
             residual[i] = rr.to(residual.dtype)  # type: ignore[index]
         return Updates(grads_out, res.lr), WeightTargetState(new_inner, residual)
 

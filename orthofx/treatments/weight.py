@@ -35,7 +35,7 @@ from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype
 from orthofx.treatments.serialize import make_picklable
-from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal
+from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, install_state_migration
 from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     SOC_EVAL_TERMS,
     SOC_NOT_BAKEABLE,
@@ -255,6 +255,7 @@ def register_orthogonal(
         eval_terms=eval_terms,
     )
     parametrize.register_parametrization(module, name, parametrization, unsafe=spec.unsafe)
+    install_state_migration(module.parametrizations[name])
     if spec.forward is not None:
         type(module).forward = spec.forward  # the class parametrize made for this module only
     make_picklable(module)
