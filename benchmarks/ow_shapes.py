@@ -124,7 +124,8 @@ def bench_shape(shape: tuple[int, int], device: torch.device, rounds: int, iters
 def _map_step(row: str, shape: tuple[int, int], device: torch.device, rho: float) -> Callable[[], None]:
     """Forward + backward of the parametrized weight alone (no layer, no optimizer) with its
     generator set so that the skew-symmetric argument of the map has spectral norm ``rho``:
-    orthofx ``S = aY₀ᵀ − Y₀aᵀ`` (n'×n'), torch ``A = X̃ − X̃ᵀ`` (X̃ = tril(X) padded to n×n)."""
+    orthofx ``S = B − Bᵀ`` (square) or ``aY₀ᵀ − Y₀aᵀ`` (n'×n'), torch ``A = X̃ − X̃ᵀ`` (X̃ = tril(X)
+    padded to n×n)."""
     out, inp = shape
     torch.manual_seed(1)
     layer = nn.Linear(inp, out).to(device)
@@ -140,8 +141,7 @@ def _map_step(row: str, shape: tuple[int, int], device: torch.device, rho: float
             t = torch.cat([t.tril(), t.new_zeros(t.shape[0], t.shape[0] - t.shape[1])], dim=-1)
             skew = t - t.mT
         else:
-            a, y0 = par[0]._to_tall(x), par[0].base.double()
-            skew = a @ y0.mT - y0 @ a.mT
+            skew = par[0].skew(x)  # B − Bᵀ (square) or aY₀ᵀ − Y₀aᵀ: the same spectral norm
         x *= rho / torch.linalg.matrix_norm(skew, 2).clamp_min(1e-300)
         par.original.copy_(x)
     g = torch.randn(out, inp, device=device)

@@ -64,7 +64,7 @@ class WeightSpec:
             groups 1 and dilation 1 (any channels; stride by invertible downsampling) —
             any other producer raises TreatmentError; ``strip`` refuses it).
         ow_generator: for ``"expm"``/``"cayley"``: ``"free"`` (W = f(S) Y₀ with S = a Y₀ᵀ − Y₀ aᵀ
-            unconstrained, a = 0 at registration) or ``"normalized"`` (W = f(ρ S/σ̂(S)) Y₀, the
+            unconstrained, a = 0 at registration; a square weight stores B = Y₀ᵀa, W = Y₀ f(B − Bᵀ)) or ``"normalized"`` (W = f(ρ S/σ̂(S)) Y₀, the
             authors' SOC normalisation applied to the flat map: a random nonzero start, and W
             does not depend on ‖a‖). SOC is always normalised.
         ow_radius: ρ of the normalised generators (SOC, ``ow_generator="normalized"``):

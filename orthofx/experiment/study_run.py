@@ -54,7 +54,8 @@ class StepLogger:
     :func:`orthofx.experiment.train.run`): ‖W‖_F of the effective weight, ‖ΔW‖_F/‖W_prev‖_F
     since the previous logged step, and under a weight parametrization ‖A‖_F of its trainable
     tensor (``parametrizations.weight.original``); for flat OW also ‖S‖₂ of the generator
-    S = aY₀ᵀ − Y₀aᵀ (a, Y₀ = ``base`` in tall form); for SOC ‖L‖_F of the kernel and
+    S = aY₀ᵀ − Y₀aᵀ (a, Y₀ = ``base`` in tall form; ``B − Bᵀ`` for a square weight, the same
+    norm: ``FlatOrthogonal.skew``); for SOC ‖L‖_F of the kernel and
     β(M) = k·σ_max(M flattened), the operator-norm bound of the scaled skew kernel M it applies
     (≤ its ``radius``; ``module.weight`` reads M there, so ‖W‖_F and ‖ΔW‖_F are of M). Values stay
     on the device until :meth:`records` (one host sync)."""

@@ -246,9 +246,11 @@ def _dense_expm_host(P: Tensor, Y0: Tensor, right: bool = False) -> tuple[Tensor
     2/4), else the saturated S through :func:`orthofx.linalg.skew_expm.expm_skew_host`."""
     with torch.no_grad():
         Sd = P - P.mT
-    if Sd.dim() == 2 and float(torch.linalg.matrix_norm(Sd)) * math.sqrt(Sd.shape[-1]) <= OW_RANGE:
-        # ‖S‖₁ ≤ √n‖S‖_F ≤ OW_RANGE: in range, c = 1 (one norm, one read)
-        Q, s = expm_skew_apply_host(P, Y0, _MAX_SQUARINGS, S=Sd, side="right" if right else "left")
+        S2 = Sd @ Sd if Sd.dim() == 2 else None
+    # ‖S‖₁ ≤ √n‖S‖_F ≤ OW_RANGE: in range, c = 1; ‖S‖_F² = −tr(S²) (S skew: SᵀS = −S²), so
+    # the check reads one sum of n numbers (NaN fails it: the saturated route below counts it)
+    if S2 is not None and math.sqrt(max(-float(S2.diagonal().sum()), 0.0) * Sd.shape[-1]) <= OW_RANGE:
+        Q, s = expm_skew_apply_host(P, Y0, _MAX_SQUARINGS, S=Sd, S2=S2, side="right" if right else "left")
         return Q, s, torch.zeros((), dtype=torch.bool, device=P.device)
     S, over = _saturation(antisym(P), True)
     N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
