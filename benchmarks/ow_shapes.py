@@ -27,8 +27,8 @@ Absolute times mean something only on a quiet machine; on a shared CPU read the 
 
 The training steps start at generator 0 and stay small (‖S‖₂ ≲ 0.01 after the 7 steps of
 ``--rounds 3``), where the exponential needs a low Taylor degree. ``--rho`` times the map alone
-(forward + backward of the parametrized weight) at fixed generator norms instead, against
-torch's cayley map, whose cost does not depend on the norm.
+(forward + backward of the parametrized weight) of orthofx's expm and cayley maps at fixed
+generator norms instead, against torch's cayley map, whose cost does not depend on the norm.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def _map_step(row: str, shape: tuple[int, int], device: torch.device, rho: float
     if row == "torch cayley":
         nn.utils.parametrizations.orthogonal(layer, orthogonal_map="cayley")
     else:
-        register_orthogonal(layer, method="expm", lowrank=choose_lowrank(min(shape), max(shape), "expm"))
+        method = row.split()[1]
+        register_orthogonal(layer, method=method, lowrank=choose_lowrank(min(shape), max(shape), method))
     par = layer.parametrizations.weight
     with torch.no_grad():
         x = torch.randn_like(par.original, dtype=torch.float64)
@@ -152,27 +153,35 @@ def _map_step(row: str, shape: tuple[int, int], device: torch.device, rho: float
     return step
 
 
+MAP_ROWS = ("torch cayley", "orthofx expm", "orthofx cayley")
+
+
 def bench_map(shape: tuple[int, int], device: torch.device, rhos: list[float], rounds: int,
               iters: int) -> list[dict[str, Any]]:
-    """Map-only timings (:func:`_map_step`) of torch cayley and orthofx expm at fixed ‖S‖₂,
-    interleaved; ``x torch cayley`` = median of per-round ratios."""
+    """Map-only timings (:func:`_map_step`) of torch cayley, orthofx expm and orthofx cayley at
+    fixed ‖S‖₂, interleaved; ``x torch cayley`` = median of per-round ratios."""
     rows = []
     for rho in rhos:
-        steps = {r: _map_step(r, shape, device, rho) for r in ("torch cayley", "orthofx expm")}
+        steps = {r: _map_step(r, shape, device, rho) for r in MAP_ROWS}
         for fn in steps.values():
             fn()
         samples: dict[str, list[float]] = {r: [] for r in steps}
         order = list(steps)
         for i in range(rounds):
-            for r in order[i % 2:] + order[: i % 2]:
+            for r in order[i % len(order):] + order[: i % len(order)]:
                 samples[r].append(_time(steps[r], device, iters))
-        ratio = statistics.median(a / b for a, b in zip(samples["orthofx expm"], samples["torch cayley"]))
-        rows.append({"shape": f"{shape[0]}x{shape[1]}", "rho": rho,
-                     "torch_cayley_ms": round(statistics.median(samples["torch cayley"]), 3),
-                     "orthofx_expm_ms": round(statistics.median(samples["orthofx expm"]), 3),
-                     "x_torch_cayley": round(ratio, 3)})
-        print(f"| {rows[-1]['shape']} | {rho:g} | {rows[-1]['torch_cayley_ms']:.2f} | "
-              f"{rows[-1]['orthofx_expm_ms']:.2f} | {ratio:.2f} |")
+        row: dict[str, Any] = {"shape": f"{shape[0]}x{shape[1]}", "rho": rho}
+        for r in MAP_ROWS:
+            key = r.replace(" ", "_")
+            row[f"{key}_ms"] = round(statistics.median(samples[r]), 3)
+            if r != "torch cayley":
+                row[f"{key}_x_torch_cayley"] = round(statistics.median(
+                    a / b for a, b in zip(samples[r], samples["torch cayley"])), 3)
+        row["x_torch_cayley"] = row["orthofx_expm_x_torch_cayley"]  # the column of earlier files
+        rows.append(row)
+        print(f"| {row['shape']} | {rho:g} | {row['torch_cayley_ms']:.2f} | {row['orthofx_expm_ms']:.2f} | "
+              f"{row['orthofx_expm_x_torch_cayley']:.2f} | {row['orthofx_cayley_ms']:.2f} | "
+              f"{row['orthofx_cayley_x_torch_cayley']:.2f} |")
         sys.stdout.flush()
     return rows
 
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--rho", default=None,
                    help="comma-separated ‖S‖₂ values: time the map alone (forward + backward of the weight) "
-                        "of torch cayley and orthofx expm at these generator norms instead of training steps")
+                        "of torch cayley, orthofx expm and orthofx cayley at these generator norms instead of training steps")
     p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                    help="wall: perf_counter (default); cpu: process_time (use with --threads 1 on a loaded machine)")
     a = p.parse_args(argv)
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if a.rho is not None:
-        print("| weight | ‖S‖₂ | torch cayley ms | orthofx expm ms | × torch cayley |\n|---|---|---|---|---|")
+        print("| weight | ‖S‖₂ | torch cayley ms | orthofx expm ms | × torch cayley | orthofx cayley ms | "
+              "× torch cayley |\n|---|---|---|---|---|---|---|")
     for shape in shapes:
         if a.rho is not None:
             rows += bench_map(shape, device, [float(v) for v in a.rho.split(",")], rounds, iters)  # type: ignore[arg-type]
