@@ -61,15 +61,19 @@ def test_square_map_is_the_float64_function(method: str, scale: float) -> None:
 @pytest.mark.parametrize("method", ["expm", "cayley"])
 @pytest.mark.parametrize("scale", [1e-3, 0.05, 0.7, 4.0])
 def test_square_map_gradients_are_exact(method: str, scale: float) -> None:
-    """gradcheck and gradgradcheck (float64) in B and Y₀, on the host path (fused degree-2/4
-    backward, autograd above) and the sync-free path."""
-    Y0 = _orthogonal(8, 3).requires_grad_()
+    """gradcheck and gradgradcheck (float64) in B, and in Y₀ where no polish can run (a
+    perturbation of Y₀ off the orthonormal matrices switches the checked polish on: the map
+    is then polish∘f, continuous only along orthonormal Y₀), on the host path (fused
+    degree-2/4 backward, autograd above) and the sync-free path (always polished)."""
+    Y0 = _orthogonal(8, 3)
     B = _generator(8, scale, 4).requires_grad_()
+    no_polish = method == "expm" and scale < 0.09 or method == "cayley" and torch.linalg.matrix_norm(B - B.T, 1) <= 2
     fn = lambda b, y: square_map(b, y, method)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (B, Y0))
-    assert torch.autograd.gradgradcheck(fn, (B, Y0))
+    inputs = (B, Y0.requires_grad_()) if no_polish else (B, Y0)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
     with cuda_policy():
-        assert torch.autograd.gradcheck(fn, (B, Y0))
+        assert torch.autograd.gradcheck(fn, (B, Y0.detach()))
 
 
 @pytest.mark.parametrize("scale", [1e-3, 0.05, 0.7])
