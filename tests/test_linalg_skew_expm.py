@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthofx.linalg import solver_stats
 from orthofx.linalg.expm import _NORMAL_THETAS, _THETAS, expm_plan, norm1
-from orthofx.linalg.skew_expm import antisym, expm_skew_host, skew_rho_bounds, skew_square
+from orthofx.linalg.skew_expm import _power_floor, antisym, expm_skew_host, skew_rho_bounds, skew_square
 from orthofx.treatments.stiefel import stiefel_map
 
 F64 = torch.float64
@@ -253,4 +253,34 @@ def test_fourth_power_bound_lowers_the_degree() -> None:
         n, sq = expm_skew_host(x)
     assert sq == 0 and count.calls == {"mm": 2}, count.calls
     ref = torch.from_numpy(sl.expm((s * rho).numpy())) - torch.eye(40, dtype=F64)
+    assert (n.double() - ref).norm() / math.sqrt(40) <= 1e-7
+
+
+@given(n=st.integers(2, 48), log_rho=st.floats(-6, 3), seed=st.integers(0, 2**16), rank=st.integers(1, 24))
+def test_power_floor_is_a_lower_bound_of_the_spectral_norm(n: int, log_rho: float, seed: int, rank: int) -> None:
+    """``_power_floor(S²) ≤ ‖S‖₂`` for any skew S (full or low rank, any scale), and above
+    the norm floor ``λ`` of skew_rho_bounds on a low-rank S (where that one is loose)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, min(rank, n), generator=g, dtype=F64) @ torch.randn(min(rank, n), n, generator=g, dtype=F64)
+    s = a - a.T
+    rho = torch.linalg.matrix_norm(s, 2)
+    if rho == 0:
+        assert _power_floor(s @ s) == 0.0
+        return
+    s = s * (10.0**log_rho / rho)
+    floor = _power_floor(s @ s)
+    assert floor <= 10.0**log_rho * (1 + 1e-9)
+    assert floor >= 0.0
+
+
+def test_fourth_power_is_not_formed_where_degree_two_is_out_of_reach() -> None:
+    """ρ just above θ₂ (so no bound can give degree 2): the power floor says so, and S⁴ (a
+    product) is not formed — S² and the degree-4 polynomial's product only."""
+    s = _skew(40, 1.0, 14)
+    theta2 = _NORMAL_THETAS[torch.float32][1][1]
+    x = (s * (1.5 * theta2)).float()
+    with _CountProducts() as count:
+        n, sq = expm_skew_host(x)
+    assert sq == 0 and count.calls == {"mm": 2}, count.calls  # S², S²·T (degree 4); no S⁴
+    ref = torch.from_numpy(sl.expm((s * 1.5 * theta2).numpy())) - torch.eye(40, dtype=F64)
     assert (n.double() - ref).norm() / math.sqrt(40) <= 1e-7
