@@ -26,18 +26,22 @@ backward is written out (:class:`_ExpSkewApply`):
 
 Twice differentiable: when the backward runs with grad mode on (``create_graph=True``) it
 recomputes S, S², T, N from the saved P with autograd, so its result is differentiable in P
-and Y. Higher degrees, squarings and batches go through
-:func:`~orthofx.linalg.skew_expm.expm_skew_host` (autograd).
+and Y. Beyond degree 4 (‖S‖₂ ≳ 0.09 in float32) the diagonal Padé approximants of
+:mod:`orthofx.linalg.skew_pade` take over (one LU, fewer products than the Taylor
+polynomial: 20–45 % less time from ‖S‖₂ = 0.3 on, measured at 256²/512²); batches and a
+NaN/Inf argument go through :func:`~orthofx.linalg.skew_expm.expm_skew_host` (autograd).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from orthofx.linalg.skew_expm import antisym, expm_skew_host, skew_plan
+from orthofx.linalg.skew_pade import pade_plan, skew_pade_apply
 
 __all__ = ["expm_skew_apply_host", "FUSED_DEGREES"]
 
@@ -109,6 +113,9 @@ def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
     m, s, eta = skew_plan(S2, max_squarings)
     if s == 0 and m in FUSED_DEGREES and P.dim() == 2 and Y.dim() == 2:
         return _ExpSkewApply.apply(P, Y, S, S2, m, right), 0
+    if P.dim() == 2 and Y.dim() == 2 and math.isfinite(eta):  # beyond the fused degrees: Padé
+        mp, sp = pade_plan(eta, S2.dtype, max_squarings)
+        return skew_pade_apply(antisym(P), S2, Y, mp, sp, right), sp
     N, s = expm_skew_host(antisym(P), max_squarings, S2=S2, plan=(m, s, eta))
     if N.dim() == 2 and Y.dim() == 2:
         return (torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)), s
