@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthofx.linalg import solver_stats
 from orthofx.linalg.expm import _NORMAL_THETAS, _THETAS, expm_plan, norm1
-from orthofx.linalg.skew_expm import _power_floor, antisym, expm_skew_host, skew_rho_bounds, skew_square
+from orthofx.linalg.skew_expm import _power_floor, antisym, expm_skew_host, refine_rho_bound, skew_rho_bounds, skew_square
 from orthofx.treatments.stiefel import stiefel_map
 
 F64 = torch.float64
@@ -284,3 +284,17 @@ def test_fourth_power_is_not_formed_where_degree_two_is_out_of_reach() -> None:
     assert sq == 0 and count.calls == {"mm": 2}, count.calls  # S², S²·T (degree 4); no S⁴
     ref = torch.from_numpy(sl.expm((s * 1.5 * theta2).numpy())) - torch.eye(40, dtype=F64)
     assert (n.double() - ref).norm() / math.sqrt(40) <= 1e-7
+
+
+@given(n=st.integers(2, 40), log_rho=st.floats(-3, 2), seed=st.integers(0, 2**16))
+def test_refined_bound_is_an_upper_bound_and_tighter(n: int, log_rho: float, seed: int) -> None:
+    """``refine_rho_bound``: ρ ≤ result ≤ η for any skew S, and at most 1.5ρ on a 40×40 random S
+    (where η = ‖S²‖^{1/2} is ≈ 1.7ρ)."""
+    s = _skew(n, 10.0**log_rho, seed) if n > 1 else torch.zeros(1, 1, dtype=F64)
+    s2 = s @ s
+    eta = float(skew_rho_bounds(s2)[0])
+    rho = float(torch.linalg.matrix_norm(s, 2))
+    out = refine_rho_bound(s2, eta)
+    assert rho * (1 - 1e-9) <= out <= eta * (1 + 1e-12)
+    if n == 40:
+        assert out <= 1.5 * rho

@@ -28,7 +28,9 @@ Twice differentiable: when the backward runs with grad mode on (``create_graph=T
 recomputes S, S², T, N from the saved P with autograd, so its result is differentiable in P
 and Y. Beyond degree 4 (‖S‖₂ ≳ 0.09 in float32) the diagonal Padé approximants of
 :mod:`orthofx.linalg.skew_pade` take over (one LU, fewer products than the Taylor
-polynomial: 20–45 % less time from ‖S‖₂ = 0.3 on, measured at 256²/512²); batches and a
+polynomial: 20–45 % less time from ‖S‖₂ = 0.3 on, measured at 256²/512²; where the bound η
+would cost a squaring, :func:`~orthofx.linalg.skew_expm.refine_rho_bound` tightens it first);
+batches and a
 NaN/Inf argument go through :func:`~orthofx.linalg.skew_expm.expm_skew_host` (autograd).
 """
 
@@ -40,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orthofx.linalg.skew_expm import antisym, expm_skew_host, skew_plan
-from orthofx.linalg.skew_pade import pade_plan, skew_pade_apply
+from orthofx.linalg.skew_expm import _power_floor, antisym, expm_skew_host, refine_rho_bound, skew_plan
+from orthofx.linalg.skew_pade import PADE_THETAS, pade_plan, skew_pade_apply
 
 __all__ = ["expm_skew_apply_host", "FUSED_DEGREES"]
 
@@ -92,6 +94,10 @@ class _ExpSkewApply(torch.autograd.Function):
         return gP, gY, None, None, None, None
 
 
+def _table_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
                          S: Tensor | None = None, S2: Tensor | None = None,
                          side: str = "left") -> tuple[Tensor, int]:
@@ -110,11 +116,15 @@ def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
             S, S2 = P.detach() - P.detach().mT, None
         if S2 is None:
             S2 = S @ S
-    m, s, eta = skew_plan(S2, max_squarings)
-    if s == 0 and m in FUSED_DEGREES and P.dim() == 2 and Y.dim() == 2:
+    fusable = P.dim() == 2 and Y.dim() == 2
+    m, s, eta = skew_plan(S2, max_squarings, refine_within=max(FUSED_DEGREES) if fusable else None)
+    if s == 0 and m in FUSED_DEGREES and fusable:
         return _ExpSkewApply.apply(P, Y, S, S2, m, right), 0
-    if P.dim() == 2 and Y.dim() == 2 and math.isfinite(eta):  # beyond the fused degrees: Padé
+    if fusable and math.isfinite(eta):  # beyond the fused degrees: Padé
         mp, sp = pade_plan(eta, S2.dtype, max_squarings)
+        if sp and _power_floor(S2) <= PADE_THETAS[_table_dtype(S2.dtype)][-1][1]:
+            # a squaring (and the polish after it) may be avoidable: a tighter bound first
+            mp, sp = pade_plan(refine_rho_bound(S2, eta), S2.dtype, max_squarings)
         return skew_pade_apply(antisym(P), S2, Y, mp, sp, right), sp
     N, s = expm_skew_host(antisym(P), max_squarings, S2=S2, plan=(m, s, eta))
     if N.dim() == 2 and Y.dim() == 2:

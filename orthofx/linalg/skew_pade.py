@@ -68,26 +68,33 @@ def pade_plan(eta: float, dtype: torch.dtype, max_squarings: int = 14) -> tuple[
     return m, min(max_squarings, max(0, math.ceil(math.log2(eta / theta))))
 
 
+def _combine(coef: tuple[float, ...], powers: list[Tensor]) -> Tensor:
+    """``Σ_i coef[i]·powers[i]`` (len(coef) ≤ len(powers), len(coef) ≥ 2) in one pass per term:
+    the scalars ride in ``mul``/``add``'s alpha."""
+    out = powers[0] * coef[0]
+    for c, p in zip(coef[1:], powers[1:]):
+        out = torch.add(out, p, alpha=c)
+    return out
+
+
 def _even_odd(S2: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """(V, O) with ``V = Σ c_{2i} S^{2i}`` and ``O = Σ c_{2i+1} S^{2i}`` (so ``U = S·O``), from
-    the powers of ``S2`` (``m − 1 ≤ 12``: S⁴, S⁶ products, and one more for each of V and O
-    at m = 13)."""
+    the powers of ``S2``: S⁴ and S⁶ as products, the identity terms on the diagonal, and for
+    m > 7 the terms beyond S⁶ as ``S⁶·(c S² + c' S⁴ + c'' S⁶)`` (one product each for V and O)."""
     c = pade_coefficients(m)
-    n = S2.shape[-1]
-    eye = torch.eye(n, dtype=S2.dtype, device=S2.device)
-    powers = [eye, S2]
+    powers = [S2]
     for _ in range(2, min(m // 2, 3) + 1):  # S⁴, S⁶
         powers.append(powers[-1] @ S2)
 
-    def poly(coef: list[float]) -> Tensor:
-        if len(coef) <= len(powers):
-            return sum((ci * p for ci, p in zip(coef, powers)), start=torch.zeros_like(S2))
-        # m = 13: the terms beyond S⁶ as S⁶·(c₈S² + c₁₀S⁴ + c₁₂S⁶)
-        low = sum((ci * p for ci, p in zip(coef[:4], powers)), start=torch.zeros_like(S2))
-        high = sum((ci * p for ci, p in zip(coef[4:], powers[1:])), start=torch.zeros_like(S2))
-        return low + powers[3] @ high
+    def poly(coef: tuple[float, ...]) -> Tensor:  # coef[0]·I + Σ_{i≥1} coef[i]·S^{2i}
+        low, high = coef[1:4], coef[4:]
+        out = _combine(low, powers) if len(low) > 1 else powers[0] * low[0]
+        if high:
+            out = out + powers[2] @ (_combine(high, powers) if len(high) > 1 else powers[0] * high[0])
+        out.diagonal(dim1=-2, dim2=-1).add_(coef[0])
+        return out
 
-    return poly(list(c[0::2])), poly(list(c[1::2]))
+    return poly(c[0::2]), poly(c[1::2])
 
 
 def skew_pade_apply(S: Tensor, S2: Tensor, Y: Tensor, m: int, s: int, right: bool) -> Tensor:
