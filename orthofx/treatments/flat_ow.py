@@ -125,8 +125,9 @@ class FlatOrthogonal(nn.Module):
       ``Q ← Q(1.875 I − 1.25 QᵀQ + 0.375 (QᵀQ)²)`` (identity on an orthonormal Q and on its
       tangent space, so the map and its gradient change only by rounding): on CUDA always
       ``OW_POLISH = 2`` (no host decision); on the CPU only after squarings (exp) or when
-      ‖X‖₁ > 2 (Cayley), until ``‖QᵀQ − I‖_F ≤ 4u√k`` (a square Cayley map: ≤ its floor 2u·n), at most 3
-      steps (one when the first check finds the error ≤ (eps/2.5)^{1/3}).
+      ‖X‖₁ > 2 (Cayley), until ``‖QᵀQ − I‖_F ≤ 4u√k`` (a square Cayley map: ≤ 8u·n, the
+      scale of its LU solve's rounding), at most 3 steps (one when the first check finds the
+      error ≤ (eps/2.5)^{1/3}).
 
     Measured (tests/test_ow_large.py, float32, shapes 8×8 … 64×27, both routes and methods):
     ``‖W Wᵀ − I‖_F`` ≤ 1e-6 for every ‖A‖_F from 1e-3 to 1e8 (before: 1.7 at 1e5, NaN at 1e6).

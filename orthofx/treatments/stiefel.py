@@ -298,11 +298,11 @@ def _dense_expm_host(P: Tensor, Y0: Tensor, right: bool = False) -> tuple[Tensor
 
 #: the square layout's Cayley result ``Y₀·C(S) = 2Y₀(I − S/2)⁻¹ − Y₀`` is polished (host path,
 #: ‖S‖₁ > 2) only where ``‖QᵀQ − I‖_F > max(4u√k, SQUARE_CAYLEY_FLOOR·u·n)`` (a probe estimate,
-#: :func:`_orth_error_estimate`, decides whether the full check is made): its rounding floor
-#: (measured, float32: 0.7·u·n at n = 256, 0.5·u·n at 512, for ‖S‖₂ from 0.3 to 10), which a
-#: polish step cannot lower; the error grows past it only with cond(I − S/2) (≈ 5e-5 at 256
-#: for ‖S‖₂ = 30, then one step)
-SQUARE_CAYLEY_FLOOR = 2.0
+#: :func:`_orth_error_estimate`, decides whether the full check is made): the scale n·u of an
+#: n×n LU solve's rounding, which a polish step cannot lower. Measured in float32: 0.5–0.7·u·n
+#: for ‖S‖₂ from 0.3 to 10 (n = 256, 512), at most 3.5·u·n at ‖S‖₂ = 30 and 1.4·u·n at 1000;
+#: torch's own Cayley map has no polish (its three-term form reaches 29·u·n at 512², ‖S‖₂ = 1000)
+SQUARE_CAYLEY_FLOOR = 8.0
 
 
 def _needs_polish_cayley(x: Tensor, host: bool) -> bool:
