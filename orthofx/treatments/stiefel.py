@@ -261,7 +261,7 @@ def _square_map_flagged(B: Tensor, Y0: Tensor, method: str) -> tuple[Tensor, Ten
         if host and polish:
             u = torch.finfo(Q.dtype).eps / 2
             tol = max(4.0 * u * math.sqrt(Q.shape[-1]), SQUARE_CAYLEY_FLOOR * u * Q.shape[-2])
-            return (_polish_checked(Q, tol) if _orth_error_estimate(Q) > tol / 2 else Q), over
+            return (_polish_checked(Q, tol) if _orth_error_estimate(Q) > 0.75 * tol else Q), over
     return _finish(Q, host, polish), over
 
 
