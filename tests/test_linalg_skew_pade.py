@@ -130,3 +130,23 @@ def test_host_path_uses_pade_beyond_the_fused_degrees(monkeypatch: pytest.Monkey
     P = _skew(16, 2.0, 5)
     ref = Y.double() @ torch.from_numpy(sl.expm((P - P.T).numpy()))
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.5, 5.0])
+def test_low_rank_route_uses_pade_columns_beyond_degree_four(scale: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flat map's low-rank route (2k×2k M, not skew) computes exp(M)[:, k:] by Padé beyond
+    the Taylor degree 4: the same W as the float64 dense exponential, exact gradients."""
+    from orthofx.treatments import stiefel
+
+    seen: list[tuple[int, int]] = []
+    real = stiefel.pade_columns
+    monkeypatch.setattr(stiefel, "pade_columns", lambda M, M2, j, m, s: seen.append((m, s)) or real(M, M2, j, m, s))
+    g = torch.Generator().manual_seed(7)
+    Y0 = torch.linalg.qr(torch.randn(30, 6, generator=g, dtype=F64))[0]
+    a = (scale * torch.randn(30, 6, generator=g, dtype=F64)).requires_grad_()
+    W = stiefel.stiefel_map(a, Y0, "expm", True)
+    S = (a @ Y0.T - Y0 @ a.T).detach()
+    ref = torch.from_numpy(sl.expm(S.numpy())) @ Y0
+    torch.testing.assert_close(W.detach(), ref, atol=1e-12 * max(1.0, scale), rtol=0)
+    assert bool(seen) == (float(torch.linalg.matrix_norm(S, 2)) > 0.1)
+    assert torch.autograd.gradcheck(lambda t: stiefel.stiefel_map(t, Y0, "expm", True), (a,))

@@ -24,6 +24,10 @@ measured 7× the rounding error of [7/7] at 256²). Beyond ``θ_max`` the argume
 ``max|p(iλ)|/min|p(iλ)| ≤ 1.14`` for [7/7] over ``|λ| ≤ θ₇`` (1.91 for [13/13]), so the solve
 adds no error beyond rounding, and no polish is needed without squarings.
 
+:func:`pade_columns` is the same approximant for the low-rank route's 2k×2k ``M = RᵀL`` of the
+flat OW map (not skew, but ``L·r(M) = r(S)·L``, so the θ table bounds what reaches W), solved
+for the k columns the map needs.
+
 Cost, forward: ``S²`` (given), the even powers up to ``S^{m−1}`` ((m − 3)/2 products), ``U``
 (one), ``X·U`` (one), one LU and one solve; the derivative is autograd's (twice
 differentiable), with ``S²`` from :func:`~orthofx.linalg.skew_expm.skew_square`. Measured on one
@@ -40,7 +44,7 @@ from torch import Tensor
 
 from orthofx.linalg.skew_expm import skew_square
 
-__all__ = ["PADE_THETAS", "pade_plan", "pade_coefficients", "skew_pade_apply"]
+__all__ = ["PADE_THETAS", "pade_plan", "pade_coefficients", "skew_pade_apply", "pade_columns"]
 
 #: (m, θ_m): [m/m] is exp to the unit roundoff for ‖S‖₂ ≤ θ_m (module doc)
 PADE_THETAS: dict[torch.dtype, tuple[tuple[int, float], ...]] = {
@@ -118,3 +122,23 @@ def skew_pade_apply(S: Tensor, S2: Tensor, Y: Tensor, m: int, s: int, right: boo
     for _ in range(s):
         N = torch.addmm(N, N, N, beta=2.0)
     return torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)
+
+
+def pade_columns(M: Tensor, M2: Tensor, j: int, m: int, s: int) -> Tensor:
+    """``exp(M)[:, j:]`` by the [m/m] Padé approximant with s squarings, for a matrix M whose
+    exponential acts through a normal matrix with imaginary spectrum (the low-rank M = RᵀL of
+    the flat OW map: ``L·r(M) = r(S)·L`` for every rational r, so the θ table of the module
+    doc bounds the error that reaches W). ``M2`` = ``M @ M`` *with* gradient (M is not skew).
+    Without squarings only the needed columns are solved for:
+    ``r(M)[:, j:] = I[:, j:] + 2(V − U)⁻¹U[:, j:]``. Differentiable by autograd (twice)."""
+    V, O = _even_odd(M2, m) if s == 0 else _even_odd(M2 * 4.0**-s, m)
+    U = (M if s == 0 else M * 2.0**-s) @ O
+    D = V - U
+    n = M.shape[-1]
+    eye_cols = torch.eye(n, dtype=M.dtype, device=M.device)[:, j:]
+    if s == 0:
+        return torch.add(eye_cols, torch.linalg.solve_ex(D, U[..., j:], check_errors=False)[0], alpha=2.0)
+    N = 2.0 * torch.linalg.solve_ex(D, U, check_errors=False)[0]
+    for _ in range(s - 1):
+        N = torch.addmm(N, N, N, beta=2.0)
+    return torch.add(eye_cols, torch.addmm(N[..., j:], N, N[..., j:], beta=2.0))  # last squaring on the columns

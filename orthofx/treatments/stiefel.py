@@ -38,10 +38,11 @@ import torch
 from torch import Tensor
 
 from orthofx.linalg._checks import host_read_is_free
-from orthofx.linalg.expm import EXPM_THETA, expm, expm_host, norm1, taylor_matmuls
+from orthofx.linalg.expm import _NORMAL_THETAS, EXPM_THETA, _taylor, expm, expm_host, expm_plan, norm1, taylor_matmuls
 from orthofx.linalg.polar import POLISH_COEFFS
-from orthofx.linalg.skew_expm import antisym, expm_skew_host
+from orthofx.linalg.skew_expm import antisym, expm_skew_host, refine_rho_bound
 from orthofx.linalg.skew_expm_apply import expm_skew_apply_host
+from orthofx.linalg.skew_pade import pade_columns, pade_plan
 from orthofx.linalg.stats import solver_stats
 
 __all__ = ["OW_RANGE", "OW_POLISH", "OW_MAX_POLISH", "choose_lowrank", "route_cost", "stiefel_map",
@@ -179,6 +180,36 @@ def _expm(x: Tensor, host: bool) -> tuple[Tensor, int]:
     return expm(x, max_squarings=_MAX_SQUARINGS, sync_free=True), -1
 
 
+def _lowrank_expm_host(M: Tensor, k: int) -> tuple[Tensor, int]:
+    """(``exp(M)[:, k:]``, squarings) for the low-rank route's 2k×2k M on the host path: the
+    Taylor polynomial of :func:`orthofx.linalg.expm.expm_host` up to degree 4, beyond it the
+    diagonal Padé approximant (:func:`orthofx.linalg.skew_pade.pade_columns`: one LU and a solve
+    for the k needed columns), both planned from the same bound η ≥ ρ(M)."""
+    Md = M.detach()
+    n1 = float(norm1(Md))
+    if not math.isfinite(n1) or n1 <= _NORMAL_THETAS[_table(M.dtype)][0][1]:
+        E, s = _expm(M, True)
+        return E[..., k:], s
+    M2 = M @ M
+    M2d = M2.detach()
+    eta = min(n1, float(torch.linalg.matrix_norm(Md)),
+              math.sqrt(min(float(torch.linalg.matrix_norm(M2d)), float(norm1(M2d)))))
+    m, s = expm_plan(eta, M.dtype, _MAX_SQUARINGS, imaginary=True, min_degree=2)
+    if s == 0 and m <= 4:
+        return _taylor(M, m, M2)[..., k:], 0
+    mp, sp = pade_plan(eta, M.dtype, _MAX_SQUARINGS)
+    if sp:  # ‖M^{2j}‖^{1/(2j)} ≥ ρ(M) for any matrix (Gelfand): tighter, and may save squarings
+        mp, sp = pade_plan(refine_rho_bound(M2d, eta), M.dtype, _MAX_SQUARINGS)
+    F = pade_columns(M, M2, k, mp, sp)
+    if not bool(torch.isfinite(F.detach().sum())):
+        solver_stats().record_nonfinite(F, event_dims=2)
+    return F, sp
+
+
+def _table(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _stiefel_map(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> Tensor:
     """f(c·S) Y₀, polished, with S = a Y₀ᵀ − Y₀ aᵀ, f = exp or the Cayley map, and
     c = min(1, OW_RANGE/‖X‖₁) for the argument X (S, or M = RᵀL) — see FlatOrthogonal."""
@@ -201,7 +232,10 @@ def _stiefel_map_flagged(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> t
             G0 = Y0.mT @ Y0  # = I for an orthonormal base; kept for exactness
         M = torch.cat([torch.cat([P, t * G0], dim=-1), torch.cat([-(a.mT @ a) / t, -P.mT], dim=-1)], dim=-2)
         M, over = _saturation(M, host)  # f(c L Rᵀ) L = L f(c M),  L = [a/t, Y₀]
-        if method == "expm":
+        if method == "expm" and host and M.dim() == 2:
+            F, s = _lowrank_expm_host(M, k)
+            polish = s != 0
+        elif method == "expm":
             E, s = _expm(M, host)
             F = E[..., k:]
             polish = s != 0
