@@ -1,32 +1,34 @@
-r"""The flat OW map on the Stiefel manifold: ``W_tall = f(c·S) Y₀`` with ``S = a Y₀ᵀ − Y₀ aᵀ``,
-``f = exp`` or the Cayley map, dense (n'×n') or low-rank (2k×2k), polished; see
-:class:`orthofx.treatments.weight.FlatOrthogonal` for the math and the accuracy contract.
+r"""The flat OW map on the Stiefel manifold: ``W_tall = f(c·S) Y₀`` with ``S = a Y₀ᵀ − Y₀ aᵀ``
+(a square weight: ``Y₀ f(c·(B − Bᵀ))``, :func:`square_map`), ``f = exp`` or the Cayley map,
+dense (n'×n') or low-rank (2k×2k), polished; see
+:class:`orthofx.treatments.flat_ow.FlatOrthogonal` for the math and the accuracy contract.
 
 Two paths compute the same function (they differ by rounding only):
 
 * **host path** (a CPU tensor outside ``cuda_policy``/compile/export/trace: host reads are
-  free, :func:`orthofx.linalg._checks.host_read_is_free`): the exponential's Taylor degree and
-  squarings follow a bound η ≥ ρ(X) on the spectral radius (the spectrum of S, and of M, is
-  imaginary: :func:`orthofx.linalg.expm.expm_plan` with ``imaginary=True``; degree 2 for
-  η ≤ 0.0071, 4 for η ≤ 0.094 in float32, at least 2) and its derivative is autograd through
-  those products. The dense route is
-  :func:`orthofx.linalg.skew_expm_apply.expm_skew_apply_host`: ``Y₀ + N·Y₀`` with
-  ``N = exp(S) − I`` (one fused ``addmm``), a closed-form backward at degree 2 and 4, autograd
-  with :func:`~orthofx.linalg.skew_expm.skew_square` (``S²``'s backward: one product) above:
-  6 products per forward + backward at degree 2, against 7 before
-  (benchmarks/results/ow_shapes_cpu.md); the saturation ``c`` is skipped (exactly 1) when
-  ‖X‖₁ ≤ OW_RANGE; the polish runs only after
-  squarings (exp) or for ‖X‖₁ > 2 (Cayley; on the square route only past its floor,
-  ``SQUARE_CAYLEY_FLOOR``), and then only until ``‖QᵀQ − I‖_F ≤ 4·u·√k``
-  (u the unit roundoff: 2⁻²⁴ float32, 2⁻⁵³ float64), at most ``OW_MAX_POLISH`` steps;
+  free, :func:`orthofx.linalg._checks.host_read_is_free`): the exponential follows a bound
+  η ≥ ρ(X) on the spectral radius (the spectrum of S, and of M, is imaginary). Up to Taylor
+  degree 4 (η ≤ 0.094 in float32) it is the Taylor polynomial — on the dense routes
+  :func:`orthofx.linalg.skew_expm_apply.expm_skew_apply_host` (``Y₀ + N·Y₀`` or ``Y₀ + Y₀·N``,
+  one fused ``addmm``, a closed-form backward: 4 products per forward + backward at degree 2
+  and 7 at degree 4 for a square weight); beyond it the diagonal Padé approximant of
+  :mod:`orthofx.linalg.skew_pade` (one LU; on the low-rank route only the k needed columns),
+  with a tighter bound (:func:`~orthofx.linalg.skew_expm.refine_rho_bound`) where the first
+  would cost a squaring. Derivatives are closed-form or autograd through those products. The
+  saturation ``c`` is skipped (exactly 1) when ‖X‖₁ ≤ OW_RANGE; the polish runs only after
+  squarings (exp) or for ‖X‖₁ > 2 (Cayley; on the square route only past the rounding scale
+  of its solve, ``SQUARE_CAYLEY_FLOOR``), and then only until ``‖QᵀQ − I‖_F ≤ 4·u·√k``
+  (u the unit roundoff: 2⁻²⁴ float32, 2⁻⁵³ float64), at most ``OW_MAX_POLISH`` steps, one
+  when the first check already finds the error small (benchmarks/results/ow_shapes_cpu.md);
 * **sync-free path** (CUDA, ``cuda_policy``, tracing): nothing is read on the host — the
   exponential's fixed degree and masked squarings with its block-exponential backward,
   ``c`` always applied, ``OW_POLISH`` polish steps always.
 
 Both build the small matrices from their structure: ``S = P − Pᵀ`` with ``P = a Y₀ᵀ`` (one
-n'²k product) and ``M = [[Y₀ᵀa, t·Y₀ᵀY₀], [−aᵀa/t, −aᵀY₀]]`` (three n'k² products, one of them
-without gradient) with ``t = max(‖a‖_F, eps)`` (detached), which keeps ‖M‖ of the order of
-‖S‖ (so a small generator gets a small Taylor degree) — the function does not depend on t.
+n'²k product; ``P = B`` for a square weight) and ``M = [[Y₀ᵀa, t·Y₀ᵀY₀], [−aᵀa/t, −aᵀY₀]]``
+(three n'k² products, one of them without gradient) with ``t = max(‖a‖_F, eps)`` (detached),
+which keeps ‖M‖ of the order of ‖S‖ (so a small generator gets a small degree) — the function
+does not depend on t.
 """
 
 from __future__ import annotations
