@@ -102,12 +102,13 @@ class FlatOrthogonal(nn.Module):
     the blocks of ``M`` of similar size. Auto (``lowrank=None``) takes the cheaper route by the
     flop model of :func:`orthofx.treatments.stiefel.choose_lowrank` (low-rank once n' ≳ 2.17k
     for exp, 2.3k for Cayley); timings: benchmarks/results/ow_shapes_cpu.md. On the CPU
-    (host path) the dense exp route is :func:`orthofx.linalg.skew_expm_apply.expm_skew_apply_host`:
-    a Taylor degree from a bound on ‖S‖₂ (exp to the unit roundoff), 6 products per forward +
-    backward while ‖S‖₂ ≲ 0.007 (float32), 9 to ≈ 0.09, more beyond, whereas torch's one-LU
-    Cayley map takes the time of ≈ 13 (256²) / 7.5 (512²) products whatever the norm (measured
-    on one CPU thread): exp is the cheaper map only while the generator is small
-    (``benchmarks/ow_shapes.py --rho``).
+    (host path) the exponential's degree follows a bound on ‖S‖₂ (exp to the unit roundoff):
+    a Taylor polynomial up to degree 4 (‖S‖₂ ≲ 0.09 in float32; a square weight: 4 products per
+    forward + backward at degree 2, 7 at degree 4), a diagonal Padé approximant beyond (one LU).
+    The Cayley map costs one LU whatever the norm, so it is the cheaper map once the generator
+    has grown: ``ow_method="cayley"`` is at or below torch's fastest orthogonal map on every
+    shape and norm measured, ``"expm"`` only early in training on square weights (2–3× it at
+    ‖S‖₂ = 0.3–3; ``benchmarks/ow_shapes.py --rho``).
 
     Large generators. exp of a skew matrix is computed to full accuracy only while the
     argument ``X`` (``S``, or ``M`` on the low-rank route) has ``‖X‖₁ ≤ OW_RANGE = θ·2^14 =
