@@ -62,9 +62,9 @@ def test_nog_olr_update_replays_in_a_cuda_graph() -> None:
     state = t.init([w])
     out: dict[str, torch.Tensor] = {}
 
-    def update() -> None:
-        out["g"] = t.update([g], [w], state, lrs=[0.1])[0]
-        out["lr"] = state[1].lr
+    def update() -> None:  # the pure form: (updates, new_state) = t.update(updates, state, params, ctx)
+        ups, _ = t.update([g], state, [w], {"lrs": [0.1]})
+        out["g"], out["lr"] = ups.grads[0], ups.lr
 
     graph = _warm_then_capture(update)
     for seed in (2, 3):
@@ -72,7 +72,6 @@ def test_nog_olr_update_replays_in_a_cuda_graph() -> None:
             g.copy_(torch.randn(64, 3, 3, 3, generator=torch.Generator().manual_seed(seed)).cuda())
         graph.replay()
         ref_t = chain(nog("auto"), olr(history=False))
-        ref_state = ref_t.init([w])
-        ref = ref_t.update([g], [w], ref_state, lrs=[0.1])[0]
-        torch.testing.assert_close(out["g"], ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out["lr"], ref_state[1].lr)
+        ref, _ = ref_t.update([g], ref_t.init([w]), [w], {"lrs": [0.1]})
+        torch.testing.assert_close(out["g"], ref.grads[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["lr"], ref.lr)
