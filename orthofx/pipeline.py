@@ -324,6 +324,16 @@ REPLACEMENTS = ("orthofx.nn.DecorrelatedBatchNorm(num_features, groups=, eps=, m
                 "pooling (iterNum -> iters, dimension_reduction -> reduced)")
 
 
+def _replacements(entries: Sequence[Any], model: nn.Module) -> str:
+    """What to use instead of raw decompositions that stay: the orthofx.nn module with the
+    arguments read from the user's module (:func:`orthofx.graph.replacement.replacement_for`)
+    for each entry that has one, else the generic :data:`REPLACEMENTS`."""
+    from orthofx.graph.replacement import replacement_for
+
+    specific = sorted({t for e in entries if (t := replacement_for(e, model))})
+    return "; ".join(specific) if specific else REPLACEMENTS
+
+
 def _inputs_of(model: nn.Module, scope: str, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """The positional inputs of submodule ``scope``'s first call in one forward of a copy
     (None when it takes keyword arguments or is not called). The user's hooks stay silent
@@ -436,17 +446,19 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
     swaps: list[SwapRecord] = []
     notes: list[str] = []
     for scope, nodes in scopes.items():
-        where = f"{', '.join(sorted({e.kind for e in raw if (e.scope or '') == scope}))} in {scope or '<root>'}"
+        here = [e for e in raw if (e.scope or "") == scope]
+        where = f"{', '.join(sorted({e.kind for e in here}))} in {scope or '<root>'}"
         inner = [o for o in scopes if o != scope and (not scope or o.startswith(scope + "."))]
         try:
             if scope:
                 work.get_submodule(scope)
         except AttributeError:
-            notes.append(f"raw decompositions kept as they are ({where}): not a submodule path; use {REPLACEMENTS}")
+            notes.append(f"raw decompositions kept as they are ({where}): not a submodule path; "
+                         f"use {_replacements(here, work)}")
             continue
         if inner:
             notes.append(f"raw decompositions kept as they are ({where}): its submodule {inner[0]} has its own; "
-                         f"use {REPLACEMENTS}")
+                         f"use {_replacements(here, work)}")
             continue
         treated_here = any(
             layer_choice(cfg, e.producer.param.rpartition(".")[0], e.producer.param)[0].weight in ("ow", "sn")
@@ -479,7 +491,7 @@ def _stable_rewrite(work: nn.Module, analysis: AnalysisReport, cfg: OrthoConfig,
             break
         else:
             notes.append(f"raw decompositions kept as they are ({where}): {'; '.join(reasons)}; the original "
-                         f"module is kept; use {REPLACEMENTS}")
+                         f"module is kept; use {_replacements(here, work)}")
     return (swaps or None), notes
 
 

@@ -21,6 +21,7 @@ from orthofx.vocab import MatFn, Role
 from orthofx.graph.recorded.producers import Producer, walk_producers, weighted
 from orthofx.graph.recorded.record import Recording, function_name, record
 from orthofx.graph.recorded.regions import Region, region_of
+from orthofx.graph.recorded.usage import detect_usage
 from orthofx.graph.result import (
     AnalysisReport,
     ChainStep,
@@ -232,10 +233,10 @@ def _common(rec: Recording, m: MetaLayer) -> dict[str, Any]:
     usage = getattr(owner, "orthofx_usage", None)  # a meta-layer module states its own use
     if _is_meta_class(owner):
         source = "orthofx"
+    if not isinstance(usage, str):
+        usage = _USAGE.get(m.region.kind) or detect_usage(rec, site.index)  # type: ignore[call-overload]
     return dict(node=_node_name(rec, site.index), kind=kind, scope=scope, target=target,
-                source=source, input="covariance",
-                usage=str(usage) if isinstance(usage, str) else _USAGE.get(m.region.kind, "unknown"),  # type: ignore[arg-type]
-                graph=GRAPH)
+                source=source, input="covariance", usage=str(usage), graph=GRAPH)
 
 
 def _cov_info(rec: Recording, m: MetaLayer) -> CovarianceInfo:
