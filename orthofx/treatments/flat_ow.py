@@ -93,77 +93,29 @@ class FlatOrthogonal(nn.Module):
     parametrized weight right after registration is therefore the nearest orthogonal matrix
     to the original weight (its Frobenius norm becomes √k).
 
-    Cost. ``S`` has rank ≤ 2k: with ``L = [a/t, Y₀]``, ``R = [t·Y₀, −a]`` (``S = L Rᵀ``, ``t``
-    a balancing scalar) every analytic/rational ``f`` obeys ``f(L Rᵀ) L = L f(Rᵀ L)``, and
-    ``Y₀`` is the second block of ``L``, so ``W_tall = L · f(M)[:, k:]`` with the 2k×2k matrix
-    ``M = Rᵀ L``. This low-rank route costs O(n'k² + k³) instead of O(n'³) — for a 512×4608
-    weight a 1024² instead of a 4608² exponential (Cayley: one 1024² solve) — and is exact up
-    to rounding (checked against the dense route in the tests). ``t = ‖a‖_F`` (detached) keeps
-    the blocks of ``M`` of similar size. Auto (``lowrank=None``) takes the cheaper route by the
-    flop model of :func:`orthofx.treatments.stiefel.choose_lowrank` (low-rank once n' ≳ 2.17k
-    for exp, 2.3k for Cayley); timings: benchmarks/results/ow_shapes_cpu.md. On the CPU
-    (host path) the exponential's degree follows a bound on ‖S‖₂ (exp to the unit roundoff):
-    a Taylor polynomial up to degree 4 (‖S‖₂ ≲ 0.09 in float32; a square weight: 4 products per
-    forward + backward at degree 2, 7 at degree 4), a diagonal Padé approximant beyond (one LU).
-    The Cayley map costs one LU whatever the norm, so it is the cheaper map once the generator
-    has grown: ``ow_method="cayley"`` is at or below torch's fastest orthogonal map on every
-    shape and norm measured, ``"expm"`` only early in training on square weights (2–3× it at
-    ‖S‖₂ = 0.3–3; ``benchmarks/ow_shapes.py --rho``).
-
-    Large generators. exp of a skew matrix is computed to full accuracy only while the
-    argument ``X`` (``S``, or ``M`` on the low-rank route) has ``‖X‖₁ ≤ OW_RANGE = θ·2^14 =
-    32768`` (expm's scaling range; beyond it the result was inaccurate from ‖A‖ ≈ 1e5 and NaN
-    from 1e6), and each squaring doubles the rounding error. So, without any host sync:
-
-    * the argument is scaled to the range, ``X ← c·X`` with ``c = min(1, OW_RANGE/‖X‖₁)``
-      (differentiable; ``W = f(c·S) Y₀`` since ``f(c L Rᵀ) L = L f(c M)``). For ‖X‖₁ beyond the
-      range W stays orthogonal but no longer follows A — there float32 could not resolve the
-      rotation angles anyway (error ≈ ‖S‖·2⁻²⁴ ≥ 2e-3 rad). The two routes measure different
-      X, so they may saturate at slightly different ‖A‖. On the host path (CPU, outside
-      ``cuda_policy``/compile/export) a RuntimeWarning is issued once per parametrization;
-      on CUDA it is silent;
-    * the tall result is re-orthonormalised by polish steps
-      ``Q ← Q(1.875 I − 1.25 QᵀQ + 0.375 (QᵀQ)²)`` (identity on an orthonormal Q and on its
-      tangent space, so the map and its gradient change only by rounding): on CUDA always
-      ``OW_POLISH = 2`` (no host decision); on the CPU only after squarings (exp) or when
-      ‖X‖₁ > 2 (Cayley), until ``‖QᵀQ − I‖_F ≤ 4u√k`` (a square Cayley map: ≤ 8u·n, the
-      scale of its LU solve's rounding), at most 3 steps (one when the first check finds the
-      error ≤ (eps/2.5)^{1/3}).
-
-    Measured (tests/test_ow_large.py, float32, shapes 8×8 … 64×27, both routes and methods):
-    ``‖W Wᵀ − I‖_F`` ≤ 1e-6 for every ‖A‖_F from 1e-3 to 1e8 (before: 1.7 at 1e5, NaN at 1e6).
+    Routes and accuracy (details: docs/internals.md, "Flat OW"): ``S`` has rank ≤ 2k, so a
+    wide or tall weight far from square takes the **low-rank route**, ``W_tall = L·f(M)[:, k:]``
+    with the 2k×2k ``M = RᵀL`` (``S = LRᵀ``, ``L = [a/t, Y₀]``), chosen by
+    :func:`orthofx.treatments.stiefel.choose_lowrank`. exp is computed to the unit roundoff (a
+    Taylor polynomial up to degree 4, a diagonal Padé approximant beyond); the argument is
+    scaled into exp's range ``‖X‖₁ ≤ OW_RANGE`` (beyond it W stays orthogonal but no longer
+    follows A; a RuntimeWarning once on the CPU), and the result is re-orthonormalised by
+    polish steps after squarings (always ``OW_POLISH`` on CUDA). Measured: ``‖W Wᵀ − I‖_F ≤
+    1e-6`` (float32, shapes 8×8 … 64×27) for every ‖A‖_F from 1e-3 to 1e8. The Cayley map
+    costs one LU whatever the norm: at or below torch's fastest orthogonal map on every shape
+    and norm measured; exp is that only early in training on square weights
+    (benchmarks/results/ow_shapes_cpu.md). The map runs once per forward, no host sync on CUDA.
 
     dtype: float16/bfloat16 weights are computed in float32; float32/float64 in their own
     dtype. The output has the weight's dtype. No ε is involved.
 
-    Per step the map runs once per forward (and its backward once): no host sync on CUDA (the
-    exponential's squarings are decided on the device, Cayley uses ``solve_ex``). A forward
-    that reads the weight several times can share one evaluation with
-    ``torch.nn.utils.parametrize.cached()``.
-
-    Normalised generator (``generator="normalized"``, the authors' SOC normalisation applied
-    to the flat map; ``OrthoConfig.ow_generator``). The map uses ``a·ρ/σ̂`` instead of ``a``:
-
-        W_tall = f(ρ·S/σ̂) Y₀,   σ̂ ≈ ‖S‖₂,   ρ = ``radius`` (default 0.7),
-
-    (``S`` is linear in ``a``, so ``S(a·c) = c·S(a)``). ``W`` therefore does not change when
-    ``a`` is scaled by any ``c > 0`` (up to rounding, with the same iteration vector), and
-    ``‖ρS/σ̂‖₂ = ρ`` once the iteration has converged: an optimizer step can turn ``W`` but
-    never push it further than ρ radians (per eigen-plane) from ``Y₀``. ``σ̂ = ‖S v‖₂`` for a
-    unit vector ``v`` (buffer ``_v``, shape (n',), no gradient through it, as in torch's
-    ``spectral_norm``) carried across steps by power iteration on ``SᵀS = −S²`` with the
-    factored products ``S v = a(Y₀ᵀv) − Y₀(aᵀv)`` (O(n'k) per product, S is never formed):
-    one iteration per training forward (before σ̂ is read; the buffer is updated), and
-    ``POWER_EVAL_ITERS = 100`` from the carried vector in eval (not written back, so eval
-    forwards are pure); ``POWER_INIT_ITERS = 200`` from a random start at registration. Any
-    unit ``v`` gives ``σ̂ ≤ ‖S‖₂``. The trainable ``A`` starts **random and nonzero**:
-    ``a ~ N(0, 1/n')`` entrywise (variance 1/n'), so right after registration ``W`` is ``Y₀``
-    turned by ``exp(ρS/σ̂)``, not ``Y₀`` itself. ``a = 0`` (no direction; also S ≡ 0 for a 1×1
-    weight) gives ``σ̂ = 0`` and ``W = Y₀`` (the scale is 0 there). A zero iterate keeps the previous
-    vector. Measured accuracy: tests/test_ow_normalized.py.
-
-    dtype (normalised generator): σ̂ and the scaling are computed in the compute dtype
-    (float16/bfloat16 in float32); ``_v`` is stored in the weight's dtype.
+    **Normalised generator** (``generator="normalized"``, the authors' SOC normalisation on the
+    flat map): ``W_tall = f(ρ·S/σ̂) Y₀`` with ``σ̂ ≈ ‖S‖₂`` from a power iteration carried in
+    the buffer ``_v`` (one step per training forward, ``POWER_EVAL_ITERS`` from the carried
+    vector in eval, not written back; ``POWER_INIT_ITERS`` at registration) and ``ρ = radius``
+    (0.7): W does not change when A is scaled, and an optimizer step never turns W further
+    than ρ radians from ``Y₀``. ``A`` starts random, ``a ~ N(0, 1/n')``; ``a = 0`` gives
+    ``W = Y₀``. σ̂ in the compute dtype, ``_v`` in the weight's.
 
     Args:
         shape: shape of the weight (out, in, *kernel).
