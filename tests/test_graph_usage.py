@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import orthofx
+import test_graph_analysis as symbolic_cases
 from corpora.zca import Whiten
 
 
@@ -112,3 +113,14 @@ def test_kept_raw_decomposition_names_its_replacement_with_the_users_arguments()
     kept = [n for n in report.notes if n.startswith("raw decompositions kept")]
     assert len(kept) == 1 and "its submodule 1.inner has its own" in kept[0], report.notes
     assert kept[0].endswith("use orthofx.nn.DecorrelatedBatchNorm(8, eps=0.01)"), kept[0]
+
+
+_SYMBOLIC = next(m for m in symbolic_cases.test_usage_of_the_decomposition.pytestmark if m.name == "parametrize")
+
+
+@pytest.mark.parametrize("body, usage", _SYMBOLIC.args[1])
+def test_recorded_usage_matches_the_symbolic_path(body: Callable, usage: str) -> None:
+    """The symbolic path's usage cases (tests/test_graph_analysis.py), analysed from a recorded
+    run instead: the same label."""
+    report = orthofx.analyze(symbolic_cases.Net(body), (torch.randn(2, 3, 6, 6),))
+    assert [e.usage for e in report.entries] == [usage]

@@ -5,8 +5,9 @@ values of one ``eigh``/``svd`` op through the ops that ran, one consumer at a ti
 where they meet the vectors again (``U diag(f(λ)) Uᵀ``: ``mm``/``bmm``/``mul``/``div``), and
 reads the power ``f`` applies to them (``sqrt`` ½, ``rsqrt`` −½, ``pow(x, p)`` p, ``1/x``
 −1; clamps, casts, views, ``diag_embed`` and scalar ``+ − × ÷`` leave it). A power of ±½
-makes the meta-layer a matrix square root / inverse square root; anything else (the values
-used twice, an unknown op, an exponent other than ±½) is ``"unknown"``. Autograd's own
+makes the meta-layer a matrix square root / inverse square root, values alone are
+``"eigenvalues"``; anything else (the values used twice, an unknown op, an exponent other than
+±½) is ``"unknown"`` — the labels of the symbolic path, checked on the same models. Autograd's own
 ``detach`` consumers are not uses.
 """
 
@@ -76,12 +77,15 @@ def _power(node: Any, cur: Ref, vec_desc: set[int]) -> float | None:
 
 def detect_usage(rec: Recording, site: int) -> str:
     """``"sqrtm"`` / ``"invsqrtm"`` when the values of the decomposition at node ``site`` are
-    raised to ±½ and recombined with its vectors, else ``"unknown"`` (module doc)."""
+    raised to ±½ and recombined with its vectors, ``"eigenvalues"`` when only the values are
+    used, else ``"unknown"`` (module doc)."""
     node = rec.nodes[site]
     outs = _OUTPUTS.get(node.op)
     if outs is None:
         return "unknown"
     users = _consumers(rec)
+    if not any(users.get(Ref(site, o)) for o in outs[1]):  # the vectors are not used
+        return "eigenvalues" if users.get(Ref(site, outs[0])) else "unknown"
     vec_desc = _descendants(rec, users, [Ref(site, o) for o in outs[1]])
     cur, exponent = Ref(site, outs[0]), 1.0
     for _ in range(len(rec.nodes)):
