@@ -24,7 +24,7 @@ CPU profile (``--profile cpu``, the default; one single-threaded worker per core
 * treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 3×
   (SOC applies its Taylor series of 3×3 convolutions 64→64 to the zero-padded, 2×-downsampled
   stem input; 5.8× before the stride kernel became ⌈k/s⌉).
-* whole study (13 rows × 2 experiments × 6 seeds = 156 runs) on 2 workers: ≈ 1.5 h on idle
+* whole study (14 rows × 2 experiments × 6 seeds = 168 runs) on 2 workers: ≈ 1.6 h on idle
   cores, ≈ 3–4 h when the cores are shared (the start-up line prints the estimate).
 
 GPU profile (``--profile gpu``; ``benchmarks/gpu_study.sh``): the same meta-layers in larger
@@ -64,6 +64,7 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("SN", "sn"),
     DemoRow("OL", "ol"),
     DemoRow("OW(expm)", "ow"),
+    DemoRow("OW(cayley)", "ow", ortho=(("ow_method", "cayley"),)),
     DemoRow("OW(soc)", "ow", ortho=_SOC),
     DemoRow("NOG+OW(soc)", "nog+ow", ortho=_SOC_A),
     DemoRow("NOG+OW+OLR(soc)", "nog+ow+olr", ortho=_SOC_A),
@@ -75,9 +76,9 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
 #: wall time of a row relative to the experiment's SVD row (measured on this machine, one thread;
 #: absent = 1.0), for the estimate and to run the longest rows of a seed first
 ROW_COSTS: dict[str, dict[str, float]] = {
-    "dbn": {"OW(expm)": 1.2, "OW(soc)": 3.0, "NOG+OW(soc)": 3.0, "NOG+OW+OLR(soc)": 3.1, "NOG+OW(expm, A)": 1.3,
+    "dbn": {"OW(expm)": 1.2, "OW(cayley)": 1.2, "OW(soc)": 3.0, "NOG+OW(soc)": 3.0, "NOG+OW+OLR(soc)": 3.1, "NOG+OW(expm, A)": 1.3,
             "NOG+OW(expm, W)": 2.05},
-    "gcp": {"OW(expm)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
+    "gcp": {"OW(expm)": 1.0, "OW(cayley)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
             "NOG+OW(expm, W)": 1.16},
 }
 
