@@ -63,6 +63,12 @@ _PS_DEGREES = (1, 2, 4, 6, 9, 12, 16, 20, 25)
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
+def table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The key of the θ tables (Taylor here, Padé in :mod:`orthofx.linalg.skew_pade`) for
+    ``dtype``: float64, or float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def norm1(x: Tensor) -> Tensor:
     """‖x‖₁ (largest column sum of |x|) per matrix of (..., m, n): ``|x|.sum(-2).amax(-1)``, the
     value of ``torch.linalg.matrix_norm(x, ord=1)`` at ≈ 1/5 of its CPU time (measured, 512²)."""
@@ -72,7 +78,7 @@ def norm1(x: Tensor) -> Tensor:
 def expm_degree(dtype: torch.dtype) -> int:
     """Largest Taylor degree used for ``dtype`` (16 for float32 and below, 25 for float64): the
     sync-free path's fixed degree."""
-    return _DEGREE[torch.float64 if dtype == torch.float64 else torch.float32]
+    return _DEGREE[table_dtype(dtype)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +141,7 @@ def expm_plan(norm: float, dtype: torch.dtype, max_squarings: int = 14, *, imagi
     imaginary and the truncation is measured there (θ_m of ``_NORMAL_THETAS``). Degrees below
     ``min_degree`` are not used (2: the derivative of the approximant has the exact second
     derivative of exp at 0, which degree 1, ``I + X``, has not)."""
-    table = (_NORMAL_THETAS if imaginary else _THETAS)[torch.float64 if dtype == torch.float64 else torch.float32]
+    table = (_NORMAL_THETAS if imaginary else _THETAS)[table_dtype(dtype)]
     if not math.isfinite(norm):
         return table[-1][0], 0 if math.isnan(norm) else max_squarings
     best: tuple[int, int, int] | None = None
@@ -223,7 +229,7 @@ def expm_host(a: Tensor, max_squarings: int = 14, *, normal_spectrum: bool = Fal
     a 512² OW layer: 4× below ‖A‖₁, so degree 2 or 4 instead of 4 or 6)."""
     shape = a.shape
     a = a.reshape(-1, shape[-2], shape[-1])
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    dt = table_dtype(a.dtype)
     table = (_NORMAL_THETAS if normal_spectrum else _THETAS)[dt]
     norm = norm1(a.detach())
     nan = bool(norm.isnan().any())

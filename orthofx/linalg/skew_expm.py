@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orthofx.linalg.expm import _NORMAL_THETAS, _taylor, expm_plan, norm1, taylor_matmuls
+from orthofx.linalg.expm import _NORMAL_THETAS, _taylor, expm_plan, norm1, table_dtype, taylor_matmuls
 from orthofx.linalg.stats import solver_stats
 
 __all__ = ["antisym", "skew_square", "expm_skew_host", "skew_plan", "skew_rho_bounds", "refine_rho_bound"]
@@ -170,7 +170,7 @@ def skew_plan(S2: Tensor, max_squarings: int = 14, *, refine_within: int | None 
     ``θ·2^max_squarings`` is counted in ``solver_stats().fallbacks["expm-range"]`` (the result
     is then inaccurate); η is NaN for NaN/Inf input."""
     dtype = S2.dtype
-    table = _NORMAL_THETAS[torch.float64 if dtype == torch.float64 else torch.float32]
+    table = _NORMAL_THETAS[table_dtype(dtype)]
     pairs = _norm_pairs(S2)
     if any(math.isnan(v) for pair in pairs for v in pair):
         return expm_plan(math.nan, dtype, max_squarings, imaginary=True, min_degree=2) + (math.nan,)

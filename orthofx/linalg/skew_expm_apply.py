@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from orthofx.linalg.skew_expm import _power_floor, antisym, expm_skew_host, refine_rho_bound, skew_plan
+from orthofx.linalg.expm import table_dtype
 from orthofx.linalg.skew_pade import PADE_THETAS, pade_plan, skew_pade_apply
 
 __all__ = ["expm_skew_apply_host", "FUSED_DEGREES"]
@@ -94,10 +95,6 @@ class _ExpSkewApply(torch.autograd.Function):
         return gP, gY, None, None, None, None
 
 
-def _table_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
                          S: Tensor | None = None, S2: Tensor | None = None,
                          side: str = "left") -> tuple[Tensor, int]:
@@ -122,7 +119,7 @@ def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
         return _ExpSkewApply.apply(P, Y, S, S2, m, right), 0
     if fusable and math.isfinite(eta):  # beyond the fused degrees: Padé
         mp, sp = pade_plan(eta, S2.dtype, max_squarings)
-        if sp and _power_floor(S2) <= PADE_THETAS[_table_dtype(S2.dtype)][-1][1]:
+        if sp and _power_floor(S2) <= PADE_THETAS[table_dtype(S2.dtype)][-1][1]:
             # a squaring (and the polish after it) may be avoidable: a tighter bound first
             mp, sp = pade_plan(refine_rho_bound(S2, eta), S2.dtype, max_squarings)
         return skew_pade_apply(antisym(P), S2, Y, mp, sp, right), sp

@@ -42,6 +42,7 @@ import math
 import torch
 from torch import Tensor
 
+from orthofx.linalg.expm import table_dtype
 from orthofx.linalg.skew_expm import skew_square
 
 __all__ = ["PADE_THETAS", "pade_plan", "pade_coefficients", "skew_pade_apply", "pade_columns"]
@@ -62,7 +63,7 @@ def pade_coefficients(m: int) -> tuple[float, ...]:
 def pade_plan(eta: float, dtype: torch.dtype, max_squarings: int = 14) -> tuple[int, int]:
     """(m, s): the lowest Padé degree of the table with ``η ≤ θ_m``, else the highest degree and
     the fewest squarings with ``η/2ˢ ≤ θ_m`` (at most ``max_squarings``). NaN: (top, 0)."""
-    table = PADE_THETAS[torch.float64 if dtype == torch.float64 else torch.float32]
+    table = PADE_THETAS[table_dtype(dtype)]
     for m, theta in table:
         if eta <= theta:
             return m, 0

@@ -40,7 +40,9 @@ import torch
 from torch import Tensor
 
 from orthofx.linalg._checks import host_read_is_free
-from orthofx.linalg.expm import _NORMAL_THETAS, EXPM_THETA, _taylor, expm, expm_host, expm_plan, norm1, taylor_matmuls
+from orthofx.linalg.expm import (
+    _NORMAL_THETAS, EXPM_THETA, _taylor, expm, expm_host, expm_plan, norm1, table_dtype, taylor_matmuls,
+)
 from orthofx.linalg.polar import POLISH_COEFFS
 from orthofx.linalg.skew_expm import antisym, expm_skew_host, refine_rho_bound
 from orthofx.linalg.skew_expm_apply import expm_skew_apply_host
@@ -189,7 +191,7 @@ def _lowrank_expm_host(M: Tensor, k: int) -> tuple[Tensor, int]:
     for the k needed columns), both planned from the same bound η ≥ ρ(M)."""
     Md = M.detach()
     n1 = float(norm1(Md))
-    if not math.isfinite(n1) or n1 <= _NORMAL_THETAS[_table(M.dtype)][0][1]:
+    if not math.isfinite(n1) or n1 <= _NORMAL_THETAS[table_dtype(M.dtype)][0][1]:
         E, s = _expm(M, True)
         return E[..., k:], s
     M2 = M @ M
@@ -206,10 +208,6 @@ def _lowrank_expm_host(M: Tensor, k: int) -> tuple[Tensor, int]:
     if not bool(torch.isfinite(F.detach().sum())):
         solver_stats().record_nonfinite(F, event_dims=2)
     return F, sp
-
-
-def _table(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _stiefel_map(a: Tensor, Y0: Tensor, method: str, lowrank: bool) -> Tensor:
