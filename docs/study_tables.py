@@ -5,9 +5,9 @@
 
 The per-row statistics (paired Δ, 95 % CI, MDE, verdicts) are the ones ``orthofx study --report``
 computed; this script adds one thing the per-row verdicts cannot see: the multiplicity of the
-family. 13 rows × 2 experiments = 26 paired t-tests per metric; with α = 0.05 about one "detected"
+family. 14 rows × 2 experiments = 28 paired t-tests per metric; with α = 0.05 about one "detected"
 difference is expected by chance alone. The Holm–Bonferroni step-down adjustment (family-wise
-error ≤ 0.05 over the 26 tests of a metric) gives the column ``Holm p``; a verdict that holds
+error ≤ 0.05 over the 28 tests of a metric) gives the column ``Holm p``; a verdict that holds
 only before the adjustment is marked "(not after Holm)".
 """
 

@@ -114,9 +114,9 @@ def test_final_kappa_tail_median_and_smallest_rank():
 # ---------------------------------------------------------------------------- plan, resume, atomic
 def test_rows_slugs_unique_and_plan_is_seed_major_longest_first(tmp_path):
     slugs = [st.row_slug(r.label) for r in st.STUDY_ROWS]
-    assert len(set(slugs)) == len(st.STUDY_ROWS) == 14 and st.row_slug("NOG+OW(expm, A)") == "nog-ow-expm-a"
+    assert len(set(slugs)) == len(st.STUDY_ROWS) == 15 and st.row_slug("NOG+OW(expm, A)") == "nog-ow-expm-a"
     specs = st.plan_study(tmp_path, seeds=3)
-    assert len(specs) == 14 * 2 * 3
+    assert len(specs) == 15 * 2 * 3
     assert [s.seed for s in specs] == sorted(s.seed for s in specs)
     for k in range(3):
         costs = [s.est_seconds for s in specs if s.seed == k]

@@ -24,7 +24,7 @@ CPU profile (``--profile cpu``, the default; one single-threaded worker per core
 * treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 3×
   (SOC applies its Taylor series of 3×3 convolutions 64→64 to the zero-padded, 2×-downsampled
   stem input; 5.8× before the stride kernel became ⌈k/s⌉).
-* whole study (14 rows × 2 experiments × 6 seeds = 168 runs) on 2 workers: ≈ 1.6 h on idle
+* whole study (15 rows × 2 experiments × 6 seeds = 180 runs) on 2 workers: ≈ 1.7 h on idle
   cores, ≈ 3–4 h when the cores are shared (the start-up line prints the estimate).
 
 GPU profile (``--profile gpu``; ``benchmarks/gpu_study.sh``): the same meta-layers in larger
@@ -70,6 +70,7 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("NOG+OW+OLR(soc)", "nog+ow+olr", ortho=_SOC_A),
     DemoRow("NOG+OW(expm, A)", "nog+ow", ortho=(("ow_target", "generator"),)),
     DemoRow("NOG+OW(expm, W)", "nog+ow", ortho=(("ow_target", "weight"),)),
+    DemoRow("NOG+OW(cayley, A)", "nog+ow", ortho=(("ow_method", "cayley"), ("ow_target", "generator"))),
     DemoRow("NOG(‖G‖)", "nog", ortho=(("nog_scale", "frobenius"),)),
 )
 
@@ -77,7 +78,7 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
 #: absent = 1.0), for the estimate and to run the longest rows of a seed first
 ROW_COSTS: dict[str, dict[str, float]] = {
     "dbn": {"OW(expm)": 1.2, "OW(cayley)": 1.2, "OW(soc)": 3.0, "NOG+OW(soc)": 3.0, "NOG+OW+OLR(soc)": 3.1, "NOG+OW(expm, A)": 1.3,
-            "NOG+OW(expm, W)": 2.05},
+            "NOG+OW(expm, W)": 2.05, "NOG+OW(cayley, A)": 1.3},
     "gcp": {"OW(expm)": 1.0, "OW(cayley)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
             "NOG+OW(expm, W)": 1.16},
 }
