@@ -35,25 +35,23 @@ _NEUTRAL = frozenset({
 _REASSEMBLY = frozenset({"mm", "bmm", "mul", "matmul", "div", "einsum"})
 
 
-def _consumers(rec: Recording) -> dict[Ref, list[int]]:
-    users: dict[Ref, list[int]] = {}
-    for n in rec.nodes:
-        for r in n.inputs:
-            if n.op != "detach":
-                users.setdefault(Ref(r.node, r.out), []).append(n.index)
-    return users
+def _users_of(rec: Recording, ref: Ref) -> list[int]:
+    """The nodes that read output ``ref`` (``Node.users`` narrowed to that output), once per
+    argument that reads it, autograd's ``detach`` left out."""
+    return [u for u in rec.nodes[ref.node].users if rec.nodes[u].op != "detach"
+            for r in rec.nodes[u].inputs if r == ref]
 
 
-def _descendants(rec: Recording, users: dict[Ref, list[int]], starts: list[Ref]) -> set[int]:
+def _descendants(rec: Recording, starts: list[Ref]) -> set[int]:
+    """Every node downstream of the outputs ``starts`` (``Node.users``, ``detach`` left out)."""
     seen: set[int] = set()
-    stack = [i for r in starts for i in users.get(r, [])]
+    stack = [i for r in starts for i in _users_of(rec, r)]
     while stack:
         i = stack.pop()
         if i in seen:
             continue
         seen.add(i)
-        for out in range(max(1, len(rec.nodes[i].shapes))):
-            stack += users.get(Ref(i, out), [])
+        stack += [u for u in rec.nodes[i].users if rec.nodes[u].op != "detach"]
     return seen
 
 
@@ -83,13 +81,12 @@ def detect_usage(rec: Recording, site: int) -> str:
     outs = _OUTPUTS.get(node.op)
     if outs is None:
         return "unknown"
-    users = _consumers(rec)
-    if not any(users.get(Ref(site, o)) for o in outs[1]):  # the vectors are not used
-        return "eigenvalues" if users.get(Ref(site, outs[0])) else "unknown"
-    vec_desc = _descendants(rec, users, [Ref(site, o) for o in outs[1]])
+    if not any(_users_of(rec, Ref(site, o)) for o in outs[1]):  # the vectors are not used
+        return "eigenvalues" if _users_of(rec, Ref(site, outs[0])) else "unknown"
+    vec_desc = _descendants(rec, [Ref(site, o) for o in outs[1]])
     cur, exponent = Ref(site, outs[0]), 1.0
     for _ in range(len(rec.nodes)):
-        nxt = users.get(cur, [])
+        nxt = _users_of(rec, cur)
         if len(nxt) != 1:
             return "unknown"
         u = rec.nodes[nxt[0]]
