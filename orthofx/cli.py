@@ -384,7 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, ~20 steps, tiny data (not evidence)")
     st.add_argument("--experiment", choices=["both", "dbn", "gcp"], default="both", help="which experiment (default both)")
     st.add_argument("--rows", nargs="+", metavar="ROW",
-                    help="only these rows, by label or slug (e.g. SVD 'NOG+OW(expm, A)' nog-ow-expm-a); default all 15")
+                    help="only these rows, by label or slug (e.g. SVD 'NOG+OW(expm, A)' nog-ow-expm-a); default every row")
     st.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 6; --quick 2)")
     st.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the profile's, cpu 2000)")
     st.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",

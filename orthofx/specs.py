@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from orthofx.checks import check_bool, check_choice, check_float, check_int, check_loss_weight
 from orthofx.errors import ConfigError, OptionError
 from orthofx.vocab import (
-    NOG_DEFICIENT, NOG_SCALES, OW_GENERATORS, OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS,
+    DEFAULT_OW_METHOD, NOG_DEFICIENT, NOG_SCALES, OW_GENERATORS, OW_METHOD_NAMES, OW_TARGETS, POLAR_METHODS, SN_METHODS,
     WEIGHT_TREATMENTS, NOGDeficient, OWTarget,
 )
 
@@ -57,8 +57,10 @@ class WeightSpec:
         kind: ``None``, ``"ow"`` (orthogonal weight W = exp(A − Aᵀ) on the flattened
             (out, in·k·k) weight), ``"sn"`` (W / σ_max(W)) or ``"ol"`` (loss ‖WWᵀ − I‖_F).
             Its flat name (``OrthoConfig(weight=...)``, ``cfg.weight``) is ``weight``.
-        ow_method: ``"expm"`` (the paper's matrix exponential), ``"cayley"``
-            ((I − S/2)⁻¹(I + S/2), cheaper for wide weights) or ``"soc"`` (the authors' code:
+        ow_method: ``"cayley"`` (the default, :data:`orthofx.vocab.DEFAULT_OW_METHOD`:
+            (I − S/2)⁻¹(I + S/2), the degree-(1,1) Padé approximant of exp; one LU and solve at
+            any ‖S‖, at or below torch's own orthogonal maps on every shape measured), ``"expm"``
+            (the paper's exp(A − Aᵀ); the default until 2026-12-07) or ``"soc"`` (the authors' code:
             skew-orthogonal convolution, an orthogonal conv operator with a new random
             generator; only Conv2d producers with an odd square kernel, padding k//2,
             groups 1 and dilation 1 (any channels; stride by invertible downsampling) —
@@ -82,7 +84,7 @@ class WeightSpec:
     """
 
     kind: str | None = field(default=None, metadata={"flat": "weight"})
-    ow_method: str = "expm"
+    ow_method: str = DEFAULT_OW_METHOD
     ow_generator: str = "free"
     ow_radius: float = 0.7
     soc_terms: int = 5

@@ -41,6 +41,7 @@ __all__ = [
     "POLAR_METHODS",
     "OWMethod",
     "OW_METHOD_NAMES",
+    "DEFAULT_OW_METHOD",
     "SNMethod",
     "SN_METHODS",
     "OWTarget",
@@ -250,6 +251,13 @@ class OWMethod(_StrEnum):
 
 
 OW_METHOD_NAMES: tuple[str, ...] = _values(OWMethod)
+
+#: the flat OW map used when none is named (``WeightSpec.ow_method``, ``register_orthogonal``,
+#: ``FlatOrthogonal``): the Cayley map, the degree-(1,1) Padé approximant of exp. It turns each
+#: eigen-plane of the generator by 2·atan(λ/2) < π, costs one LU and one solve at every
+#: ‖S‖, and the study found it equal to the exponential alone and far better under NOG
+#: (docs/results.md). ``"expm"`` (the paper's exp(A − Aᵀ)) until 2026-12-07.
+DEFAULT_OW_METHOD: str = OWMethod.CAYLEY.value
 
 
 class SNMethod(_StrEnum):

@@ -171,7 +171,8 @@ def test_composed_flat_and_preset_forms_are_one_config():
         flat.nog = False  # type: ignore[misc]
     assert OrthoConfig.from_dict(flat.to_dict()) == flat
     assert set(flat.to_dict()) == {"weights", "gradients", "analysis", "stabilize", "inplace", "preset"}
-    assert flat.replace(ow_method="expm", olr=False) == OrthoConfig(weight="ow", nog=True)
+    assert flat.replace(olr=False) == OrthoConfig(weight="ow", nog=True)  # cayley: the default map (vocab)
+    assert flat.replace(ow_method="expm") != flat
 
 
 def test_from_dict_reads_the_flat_form_of_older_plans():
@@ -179,7 +180,8 @@ def test_from_dict_reads_the_flat_form_of_older_plans():
            "nog": True, "nog_method": "svd", "olr": False, "stabilize": True, "inplace": False, "analysis": None,
            "preset": "nog+sn"}
     cfg = OrthoConfig.from_dict(old)
-    assert cfg == OrthoConfig.from_preset("nog+sn", sn_method="power", sn_power_iterations=2, nog_method="svd")
+    assert cfg == OrthoConfig.from_preset("nog+sn", sn_method="power", sn_power_iterations=2, nog_method="svd",
+                                        ow_method="expm")  # a stored plan keeps the map it named
 
 
 @pytest.mark.parametrize("bad, key", [({"nogg": True}, "nogg"), ({"weights": {"kind": "ow", "method": "x"}}, "method"),

@@ -259,6 +259,7 @@ def test_concepts_page_is_linked_and_covers_every_option() -> None:
                  '"generator"', '"weight"', "kappa_median", "(kappa.md)"):
         assert word in text, word
     # the defaults it states are the code's
-    assert WeightSpec().ow_method == "expm" and WeightSpec().ow_generator == "free"
+    assert WeightSpec().ow_method == "cayley" and WeightSpec().ow_generator == "free"
+    assert '`ow_method="cayley"` (the default' in text
     assert (GradientSpec().nog_scale, GradientSpec().nog_deficient) == ("unit", "partial")
     assert 'ow_generator="free"` (default)' in text and 'nog_scale="unit"` (the paper)' in text

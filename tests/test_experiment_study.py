@@ -114,9 +114,9 @@ def test_final_kappa_tail_median_and_smallest_rank():
 # ---------------------------------------------------------------------------- plan, resume, atomic
 def test_rows_slugs_unique_and_plan_is_seed_major_longest_first(tmp_path):
     slugs = [st.row_slug(r.label) for r in st.STUDY_ROWS]
-    assert len(set(slugs)) == len(st.STUDY_ROWS) == 15 and st.row_slug("NOG+OW(expm, A)") == "nog-ow-expm-a"
+    assert len(set(slugs)) == len(st.STUDY_ROWS) == 16 and st.row_slug("NOG+OW(expm, A)") == "nog-ow-expm-a"
     specs = st.plan_study(tmp_path, seeds=3)
-    assert len(specs) == 15 * 2 * 3
+    assert len(specs) == len(st.STUDY_ROWS) * 2 * 3
     assert [s.seed for s in specs] == sorted(s.seed for s in specs)
     for k in range(3):
         costs = [s.est_seconds for s in specs if s.seed == k]
@@ -291,3 +291,32 @@ def test_study_quick_end_to_end(tmp_path):
     again = st.study(out, quick=True, experiment="dbn", rows=["SVD", "OW(expm)"], dataset="synthetic", jobs=1,
                      progress=False, log=lambda s: None)
     assert os.path.getmtime(out / "dbn" / "svd" / "seed0.json") == mtime and len(again["runs"]) == 4
+
+
+def test_committed_runs_still_match_the_plan_after_the_default_map_changed():
+    """The OW(expm) rows pin ``ow_method="expm"`` (the default until the Cayley map became it);
+    the hash leaves that pin out, so the runs on disk, hashed when expm was implicit, still match
+    and ``orthofx study`` does not rerun them."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "study"
+    specs = st.plan_study(root)
+    on_disk = [s for s in specs if Path(s.path).exists()]
+    assert {s.row.label for s in on_disk} >= {"OW(expm)", "NOG+OW(expm, A)", "NOG+OW(expm, W)", "OW(cayley)"}
+    assert [s.path for s in on_disk if st.needs_run(s) is not None] == []
+    rec = json.loads(Path(next(s.path for s in on_disk if s.row.label == "OW(expm)")).read_text())
+    assert rec["hash"] == next(s.hash for s in on_disk if s.row.label == "OW(expm)")
+
+
+def test_a_row_using_ow_must_name_its_map(tmp_path, monkeypatch):
+    import orthofx.experiment.study_plan as sp
+    from orthofx.errors import ConfigError
+    from orthofx.experiment.catalog import DemoRow
+
+    monkeypatch.setattr(sp, "STUDY_ROWS", sp.STUDY_ROWS + (DemoRow("OW(default)", "nog+ow"),))
+    with pytest.raises(ConfigError, match="OW\\(default\\).*ow_method"):
+        sp.plan_study(tmp_path, seeds=1, experiments=["dbn"])
+    pinned = DemoRow("X", "ow", ortho=(("ow_method", "expm"),))
+    implicit = DemoRow("X", "ow")  # how the OW(expm) runs on disk were hashed
+    cfg = sp.plan_study(tmp_path, rows=["OW(expm)"], seeds=1, experiments=["dbn"])[0].config
+    assert sp.config_hash("dbn", pinned, cfg, 10, False) == sp.config_hash("dbn", implicit, cfg, 10, False)
+    cay = DemoRow("X", "ow", ortho=(("ow_method", "cayley"),))
+    assert sp.config_hash("dbn", cay, cfg, 10, False) != sp.config_hash("dbn", pinned, cfg, 10, False)

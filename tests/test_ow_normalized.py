@@ -144,11 +144,13 @@ def test_registration_options_are_validated_and_idempotent():
             register_orthogonal(m, **bad)
         assert not hasattr(m, "parametrizations")
     m = _normalized((4, 4))
-    assert register_orthogonal(m, generator="normalized") is False
+    assert register_orthogonal(m, method="expm", generator="normalized") is False
     with pytest.raises(TreatmentError, match="other options"):
-        register_orthogonal(m, generator="free")
+        register_orthogonal(m, method="expm", generator="free")
     with pytest.raises(TreatmentError, match="other options"):
-        register_orthogonal(m, generator="normalized", radius=0.5)
+        register_orthogonal(m, method="expm", generator="normalized", radius=0.5)
+    with pytest.raises(TreatmentError, match="method='expm'"):
+        register_orthogonal(m, generator="normalized")  # the default map (cayley) is another method
     f = nn.Linear(4, 4)
     register_orthogonal(f)
     assert register_orthogonal(f, generator="free", radius=0.3) is False  # radius unused by "free"
@@ -237,5 +239,5 @@ def test_transform_reads_the_generator_config():
     gm, report = orthofx.transform(GCP(), (x,), config=cfg)
     p = gm.get_submodule("mix").parametrizations.weight[0]
     assert p.generator == "normalized" and p.radius == 0.4
-    assert any("ow(expm, normalized) mix.weight" in str(a) for a in report.actions)
+    assert any("ow(cayley, normalized) mix.weight" in str(a) for a in report.actions)
     gm(x).sum().backward()

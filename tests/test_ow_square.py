@@ -157,7 +157,7 @@ def test_version1_state_is_converted_on_load(method: str) -> None:
 def test_version1_normalised_generator_is_converted() -> None:
     torch.manual_seed(4)
     m = nn.Linear(9, 9).double()
-    register_orthogonal(m, generator="normalized")
+    register_orthogonal(m, method="expm", generator="normalized")  # version 1 predates the Cayley default
     p = m.parametrizations.weight[0]
     m.eval()
     a = torch.randn(9, 9, dtype=F64, generator=torch.Generator().manual_seed(12))
@@ -169,7 +169,7 @@ def test_version1_normalised_generator_is_converted() -> None:
     W_old = torch.linalg.matrix_exp(0.7 * S / torch.linalg.matrix_norm(S, 2)) @ p.base
     torch.manual_seed(5)
     fresh = nn.Linear(9, 9).double()
-    register_orthogonal(fresh, generator="normalized")
+    register_orthogonal(fresh, method="expm", generator="normalized")
     fresh.eval()
     with pytest.warns(UserWarning, match="square layout"):
         fresh.load_state_dict(state)
@@ -196,7 +196,8 @@ def test_version1_checkpoint_loads_through_orthofx() -> None:
     """``orthofx.load_checkpoint`` of a checkpoint written before the layout (its state dict at
     version 1) gives the weights that checkpoint meant."""
     torch.manual_seed(6)
-    gm, report = orthofx.transform(_SquareHead(), (torch.randn(32, 8),), config="ow")
+    cfg = orthofx.OrthoConfig.from_preset("ow", ow_method="expm")  # the map of checkpoints of that time
+    gm, report = orthofx.transform(_SquareHead(), (torch.randn(32, 8),), config=cfg)
     ck = orthofx.export.checkpoint(gm)
     state = ck["state_dict"]
     key = "fc.parametrizations.weight.original"

@@ -24,7 +24,7 @@ CPU profile (``--profile cpu``, the default; one single-threaded worker per core
 * treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 3×
   (SOC applies its Taylor series of 3×3 convolutions 64→64 to the zero-padded, 2×-downsampled
   stem input; 5.8× before the stride kernel became ⌈k/s⌉).
-* whole study (15 rows × 2 experiments × 6 seeds = 180 runs) on 2 workers: ≈ 1.7 h on idle
+* whole study (16 rows × 2 experiments × 6 seeds = 192 runs) on 2 workers: ≈ 1.8 h on idle
   cores, ≈ 3–4 h when the cores are shared (the start-up line prints the estimate).
 
 GPU profile (``--profile gpu``; ``benchmarks/gpu_study.sh``): the same meta-layers in larger
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from orthofx.errors import OptionError
+from orthofx.errors import ConfigError, OptionError
 from orthofx.experiment.catalog import EXPERIMENTS, DemoRow
 from orthofx.experiment.train import ExperimentConfig, _jsonable
 
@@ -54,6 +54,8 @@ SCHEMA = 1
 BASELINE = "SVD"
 _SOC = (("ow_method", "soc"),)
 _SOC_A = (("ow_method", "soc"), ("ow_target", "generator"))
+_EXPM = ("ow_method", "expm")
+_CAYLEY = ("ow_method", "cayley")
 
 #: the study's rows (both experiments): label, preset, backend, OrthoConfig overrides
 STUDY_ROWS: tuple[DemoRow, ...] = (
@@ -63,14 +65,15 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("OLR", "olr"),
     DemoRow("SN", "sn"),
     DemoRow("OL", "ol"),
-    DemoRow("OW(expm)", "ow"),
-    DemoRow("OW(cayley)", "ow", ortho=(("ow_method", "cayley"),)),
+    DemoRow("OW(expm)", "ow", ortho=(_EXPM,)),
+    DemoRow("OW(cayley)", "ow", ortho=(_CAYLEY,)),
     DemoRow("OW(soc)", "ow", ortho=_SOC),
     DemoRow("NOG+OW(soc)", "nog+ow", ortho=_SOC_A),
     DemoRow("NOG+OW+OLR(soc)", "nog+ow+olr", ortho=_SOC_A),
-    DemoRow("NOG+OW(expm, A)", "nog+ow", ortho=(("ow_target", "generator"),)),
-    DemoRow("NOG+OW(expm, W)", "nog+ow", ortho=(("ow_target", "weight"),)),
-    DemoRow("NOG+OW(cayley, A)", "nog+ow", ortho=(("ow_method", "cayley"), ("ow_target", "generator"))),
+    DemoRow("NOG+OW(expm, A)", "nog+ow", ortho=(_EXPM, ("ow_target", "generator"))),
+    DemoRow("NOG+OW(expm, W)", "nog+ow", ortho=(_EXPM, ("ow_target", "weight"))),
+    DemoRow("NOG+OW(cayley, A)", "nog+ow", ortho=(_CAYLEY, ("ow_target", "generator"))),
+    DemoRow("NOG+OW+OLR(cayley, A)", "nog+ow+olr", ortho=(_CAYLEY, ("ow_target", "generator"))),
     DemoRow("NOG(‖G‖)", "nog", ortho=(("nog_scale", "frobenius"),)),
 )
 
@@ -78,7 +81,7 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
 #: absent = 1.0), for the estimate and to run the longest rows of a seed first
 ROW_COSTS: dict[str, dict[str, float]] = {
     "dbn": {"OW(expm)": 1.2, "OW(cayley)": 1.2, "OW(soc)": 3.0, "NOG+OW(soc)": 3.0, "NOG+OW+OLR(soc)": 3.1, "NOG+OW(expm, A)": 1.3,
-            "NOG+OW(expm, W)": 2.05, "NOG+OW(cayley, A)": 1.3},
+            "NOG+OW(expm, W)": 2.05, "NOG+OW(cayley, A)": 1.3, "NOG+OW+OLR(cayley, A)": 1.35},
     "gcp": {"OW(expm)": 1.0, "OW(cayley)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
             "NOG+OW(expm, W)": 1.16},
 }
@@ -148,15 +151,39 @@ class RunSpec:
     est_seconds: float
 
 
+_NO_VALUE = object()
+#: overrides that were defaults when the runs on disk were hashed, left out of the hash so that
+#: pinning them keeps those runs: OW's map was ``"expm"`` until 2026-12-07 (now
+#: :data:`orthofx.vocab.DEFAULT_OW_METHOD`), so the OW(expm) rows pin it and still match. A row
+#: that uses OW must therefore name its ``ow_method`` (checked by :func:`plan_study`).
+_IMPLICIT_WHEN_HASHED: dict[str, Any] = {"ow_method": "expm"}
+
+
+def _hashed_overrides(items: Any) -> dict[str, Any]:
+    return {k: v for k, v in items if _IMPLICIT_WHEN_HASHED.get(k, _NO_VALUE) != v}
+
+
+def _check_pinned(row: DemoRow) -> None:
+    """A study row that uses OW names its map (the hash leaves ``ow_method="expm"`` out, so a row
+    relying on the default would share a hash with one that pins the old default)."""
+    from orthofx.config import resolve_config
+
+    if resolve_config(row.treatment).weight == "ow" and "ow_method" not in dict(row.ortho):
+        raise ConfigError(f"study row {row.label!r} uses OW without naming ow_method; pin it in its overrides")
+
+
 def config_hash(experiment: str, row: DemoRow, cfg: ExperimentConfig, log_every: int, smoke: bool) -> str:
     """16 hex digits of SHA-256 over everything that determines a run's result (the row, the
     full :class:`ExperimentConfig` except its output directory/progress/name, the log cadence)."""
     c = cfg.to_dict()
     for k in ("out", "progress", "name"):
         c.pop(k, None)
+    ortho = _hashed_overrides(row.ortho)
+    if isinstance(c.get("ortho"), Mapping):
+        c["ortho"] = _hashed_overrides(c["ortho"].items())
     key = {"schema": SCHEMA, "experiment": experiment, "smoke": smoke, "log_every": log_every,
            "row": {"label": row.label, "treatment": row.treatment, "backend": row.backend,
-                   "ortho": dict(row.ortho), "model_kwargs": dict(row.model_kwargs), "transform": row.transform},
+                   "ortho": ortho, "model_kwargs": dict(row.model_kwargs), "transform": row.transform},
            "config": c}
     blob = json.dumps(_jsonable(key), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -203,6 +230,7 @@ def plan_study(
             per_chunk = math.ceil(steps / chunks)
             bs = prof.batch_size[key]
             for row in chosen:
+                _check_pinned(row)
                 slug = row_slug(row.label)
                 cfg = ExperimentConfig(
                     dataset=dataset, data_dir=data_dir, model=exp.model,

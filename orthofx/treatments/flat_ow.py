@@ -19,7 +19,7 @@ from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import host_read_is_free, no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
 from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged, choose_lowrank, square_map_flagged
-from orthofx.vocab import OW_GENERATORS, OWGenerator, OWMethod
+from orthofx.vocab import DEFAULT_OW_METHOD, OW_GENERATORS, OWGenerator, OWMethod
 
 __all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS"]
 
@@ -119,9 +119,10 @@ class FlatOrthogonal(nn.Module):
 
     Args:
         shape: shape of the weight (out, in, *kernel).
-        method: ``"expm"`` (the paper; :func:`orthofx.linalg.expm.expm`, scaling and
-            squaring decided on the device, so no host sync on CUDA) or ``"cayley"``
-            (``torch.linalg.solve_ex`` without the info check; cheaper, also orthogonal).
+        method: ``"cayley"`` (default; ``torch.linalg.solve_ex`` without the info check:
+            one LU and solve at any ‖S‖) or ``"expm"`` (the paper;
+            :func:`orthofx.linalg.expm.expm`, scaling and squaring decided on the device, so
+            no host sync on CUDA; its cost grows with ‖S‖).
         lowrank: force (``True``) or forbid (``False``) the low-rank route; ``None`` = auto.
         generator: ``"free"`` (default: ``a`` unconstrained, zero at registration; exactly the
             map above without scaling) or ``"normalized"``.
@@ -135,7 +136,7 @@ class FlatOrthogonal(nn.Module):
     def __init__(
         self,
         shape: torch.Size | tuple[int, ...],
-        method: OWMethod | str = "expm",
+        method: OWMethod | str = DEFAULT_OW_METHOD,
         lowrank: bool | None = None,
         generator: OWGenerator | str = "free",
         radius: float = 0.7,

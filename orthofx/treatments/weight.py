@@ -47,7 +47,7 @@ from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     soc_truncation_bound,
 )
 from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map, _stiefel_map_flagged  # noqa: F401
-from orthofx.vocab import SN_METHODS, OWGenerator, OWMethod
+from orthofx.vocab import DEFAULT_OW_METHOD, SN_METHODS, OWGenerator, OWMethod
 
 __all__ = [
     "FlatOrthogonal",
@@ -182,7 +182,7 @@ def register_orthogonal(
     module: nn.Module,
     name: str = "weight",
     *,
-    method: OWMethod | str = "expm",
+    method: OWMethod | str = DEFAULT_OW_METHOD,
     lowrank: bool | None = None,
     generator: OWGenerator | str = "free",
     radius: float = 0.7,
@@ -195,7 +195,7 @@ def register_orthogonal(
     ``method`` is a key of :data:`OW_METHODS` (a string or an :class:`orthofx.vocab.OWMethod`,
     the one enum of OW method names):
 
-    * ``"expm"`` / ``"cayley"``: :class:`FlatOrthogonal` on the flattened weight. With
+    * ``"cayley"`` (default) / ``"expm"``: :class:`FlatOrthogonal` on the flattened weight. With
       ``generator="free"`` (default) ``module.<name>`` is afterwards the nearest orthogonal
       matrix to the old weight (rows orthonormal if out ≤ in·k·k, else columns), the
       trainable tensor is ``module.parametrizations.<name>.original`` (same Parameter object,
