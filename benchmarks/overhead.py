@@ -21,7 +21,8 @@ Sections (all in one run, so ratios compare like with like):
    reducing to 32 channels, the MLP at batch 256); the step section finishes in well under a
    minute on 2 CPU cores.
    Next to the presets: ``nog(svd)`` (the paper's literal SVD polar factor, which synchronises
-   on CUDA) and ``ow(cayley)``.
+   on CUDA), ``ow(expm)`` and ``nog+ow+olr(expm)`` (the paper's exponential; ``ow``
+   is the default Cayley map) and ``nog+ow+olr(W)``.
 2. ``hook``: the NOG/OLR optimizer hooks alone on fixed gradients, as a share of the plain
    training step (low noise on a shared CPU).
 3. ``audit``: per step, the synchronising ops and the kernel-launching ops each preset
@@ -62,7 +63,9 @@ from orthofx.models.resnet import cifar_resnet50_dbn, resnet18_gcp  # noqa: E402
 
 PRESETS = ("svd", "nog", "olr", "nog+olr", "ow", "nog+ow+olr")
 # variants timed next to the presets: the paper's literal SVD polar factor, the Cayley map
-VARIANTS = {"nog(svd)": ("nog", {"nog_method": "svd"}), "ow(cayley)": ("ow", {"ow_method": "cayley"}),
+VARIANTS = {"nog(svd)": ("nog", {"nog_method": "svd"}),
+            # the paper's exponential beside the default Cayley map (orthofx.vocab.DEFAULT_OW_METHOD)
+            "ow(expm)": ("ow", {"ow_method": "expm"}), "nog+ow+olr(expm)": ("nog+ow+olr", {"ow_method": "expm"}),
             # NOG/OLR on the orthogonal weight (re-based every step) instead of the generator
             "nog+ow+olr(W)": ("nog+ow+olr", {"ow_target": "weight"})}
 ROWS = PRESETS + tuple(VARIANTS)

@@ -36,7 +36,7 @@ def test_overhead_audit_and_report(tmp_path: Path, bench_modules) -> None:
     assert all(r["err"] < 1e-5 and r["orth"] < 1e-4 for r in ex), ex
     rows = {(r["workload"], r["treatment"]): r for r in data["rows"] if r["group"] == "audit"}
     for wl in ("dbn", "gcp"):
-        for t in ("nog", "olr", "nog+olr", "ow", "nog+ow+olr", "ow(cayley)"):
+        for t in ("nog", "olr", "nog+olr", "ow", "nog+ow+olr", "ow(expm)", "nog+ow+olr(expm)"):
             assert rows[(wl, t)]["extra_sync_ops"] == 0, rows[(wl, t)]
             assert rows[(wl, t)]["extra_kernel_ops"] > 0
         assert rows[(wl, "nog(svd)")]["extra_sync_ops"] == 1

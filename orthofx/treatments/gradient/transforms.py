@@ -346,6 +346,33 @@ def _eta_scaled(X: Tensor, dtype: torch.dtype) -> Tensor:
     return _eta_from_dots(ww, lw, ll) * (s_w / s_l)
 
 
+#: source dtypes whose dot products float64 holds without scaling: every product of two entries
+#: lies in [2e-90, 1.2e77] (float32's extremes squared) and a sum of up to 2⁵³ of them, and the
+#: products of such sums in η*'s formula, in [4e-180, 1e170], inside float64's normal range
+_FLOAT64_HOLDS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _eta_rows(pairs: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
+    """η* of each (w, l) pair (same numel and device), dot products in ``dtype``: (len(pairs),).
+
+    Where ``dtype`` is float64 and the entries are float32/float16/bfloat16 the pairs are copied
+    straight into one float64 (P, 2, N) block (one pass each) and need no scaling
+    (:data:`_FLOAT64_HOLDS`); otherwise :func:`_eta_scaled` divides by max|·| first."""
+    src = pairs[0][0].dtype
+    for w, l in pairs:
+        src = torch.promote_types(torch.promote_types(src, w.dtype), l.dtype)
+    if dtype == torch.float64 and src in _FLOAT64_HOLDS:
+        w0 = pairs[0][0]
+        X = torch.empty(len(pairs), 2, w0.numel(), dtype=dtype, device=w0.device)
+        for j, (w, l) in enumerate(pairs):
+            X[j, 0].copy_(w.reshape(-1))
+            X[j, 1].copy_(l.reshape(-1))
+        gram = X @ X.mT
+        return _eta_from_dots(gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1])
+    X = torch.stack([t.reshape(-1) for pair in pairs for t in pair]).reshape(len(pairs), 2, -1)
+    return _eta_scaled(X, dtype)
+
+
 def _eta_from_dots(ww: Tensor, lw: Tensor, ll: Tensor) -> Tensor:
     """η* from the dot products wᵀw, lᵀw, lᵀl (eq. 20)."""
     return ww * lw / (ww * ll + 2.0 * lw * lw)
@@ -419,10 +446,7 @@ def olr(
                 groups.setdefault((g.numel(), g.device), []).append(i)
         for (_, gdev), idxs in groups.items():
             # (P, 2, N) rows [w; l] -> one batched Gram [[wᵀw, wᵀl], [lᵀw, lᵀl]] in dtype cd
-            X = torch.stack(
-                [t for i in idxs for t in (params[i].detach().reshape(-1), grads[i].reshape(-1))]  # type: ignore[union-attr]
-            ).reshape(len(idxs), 2, -1)
-            e = _eta_scaled(X, cd).to(dev)
+            e = _eta_rows([(params[i].detach(), grads[i]) for i in idxs], cd).to(dev)  # type: ignore[misc]
             if len(idxs) == P and idxs == list(range(P)):
                 eta = e
             else:
