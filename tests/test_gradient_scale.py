@@ -138,3 +138,52 @@ def test_olr_eta_is_scale_safe(log_a: float, log_b: float, seed: int) -> None:
         if dtype == torch.float32 and not 1e-37 < abs(exact) < 3e38:
             continue  # η* itself is outside float32's range
         assert math.isclose(eta, exact, rel_tol=1e-4), (dtype, eta, exact)
+
+
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_scale, l_scale", [("max", "sub"), ("sub", "max"), ("max", "max"), ("sub", "sub")])
+def test_olr_at_the_dtype_extremes_matches_exact_arithmetic(src, w_scale, l_scale) -> None:
+    """OLR's float64 dot products of float32/bfloat16/float16 entries (unscaled: float64 holds
+    their squares and sums) give η* of the rounded inputs to float64 accuracy, with entries near
+    the source dtype's largest magnitude ("max") and in its subnormal range ("sub")."""
+    from fractions import Fraction
+
+    info = torch.finfo(src)
+    scale = {"max": info.max / 2, "sub": info.tiny * info.eps * 64}
+    gen = torch.Generator().manual_seed(7)
+    w = ((torch.rand(64, 9, generator=gen, dtype=torch.float64) + 0.5) * scale[w_scale]).to(src)
+    l = ((torch.rand(64, 9, generator=gen, dtype=torch.float64) - 0.3) * scale[l_scale]).to(src)
+    assert torch.isfinite(w).all() and (w != 0).all() and (l != 0).any()
+    W = [Fraction(float(x)) for x in w.double().flatten()]
+    L = [Fraction(float(x)) for x in l.double().flatten()]
+    ww, lw, ll = sum(a * a for a in W), sum(a * b for a, b in zip(W, L)), sum(b * b for b in L)
+    exact = float(ww * lw / (ww * ll + 2 * lw * lw))
+    t = olr(history=False)
+    state = t.init([w])
+    _, state = t.update([l], state, [w], {"lrs": [math.inf]})
+    assert state.eta.dtype == torch.float64
+    assert math.isclose(float(state.eta), exact, rel_tol=1e-12), (float(state.eta), exact)
+
+
+def test_olr_reads_float32_pairs_without_a_scaling_pass() -> None:
+    """The float64 route for float32 pairs runs no max-abs scaling (abs, amax, div) and no
+    float32 stack: one float64 copy per tensor and one batched Gram (cost: benchmarks/overhead.py)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ws = [torch.randn(8, 5), torch.randn(8, 5)]
+    ls = [torch.randn(8, 5), torch.randn(8, 5)]
+    t = olr(history=False)
+    state = t.init(ws)
+    with Ops() as ops:
+        t.update(ls, state, ws, {"lrs": [0.1, 0.1]})
+    assert not {"abs", "amax", "stack", "cat"} & set(ops.names), ops.names
+    assert ops.names.count("copy_") == 4
