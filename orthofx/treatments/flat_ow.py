@@ -21,10 +21,12 @@ from orthofx.treatments._common import check_weight, compute_dtype, flat_shape
 from orthofx.treatments.stiefel import OW_RANGE, _stiefel_map_flagged, choose_lowrank, square_map_flagged
 from orthofx.vocab import DEFAULT_OW_METHOD, OW_GENERATORS, OWGenerator, OWMethod
 
-__all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS"]
+__all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS", "MAP_IDS"]
 
 #: the methods of :class:`FlatOrthogonal` (matrix maps of the flattened weight)
 _FLAT_METHODS = ("expm", "cayley")
+#: the ``map_id`` buffer's code of each method (0: not recorded, state saved before 2026-12-07)
+MAP_IDS: dict[str, int] = {"expm": 1, "cayley": 2}
 #: the generator kinds of :class:`FlatOrthogonal` (``OrthoConfig.ow_generator``): vocab's one list
 OW_GENERATOR_KINDS = OW_GENERATORS
 #: power iterations at registration (from a random start) and in every eval forward (from the
@@ -85,7 +87,8 @@ class FlatOrthogonal(nn.Module):
     either coordinate (they commute with ``a = Y₀B``, an orthogonal change of coordinates);
     elementwise optimizers (Adam) do not. :meth:`tall_generator` / :meth:`generator_from_tall`
     convert. State saved before this layout is converted on load (``B = Y₀ᵀa``, with a warning:
-    optimizer state kept for ``A`` is not converted): :func:`install_state_migration`.
+    optimizer state kept for ``A`` is not converted), and state saved with the other map is
+    refused: :mod:`orthofx.treatments.ow_state`.
 
     ``base`` is set by :meth:`right_inverse`, which ``parametrize`` calls at registration (and
     on ``module.weight = value``): ``Y₀`` = the exact polar factor ``U Vᵀ`` of the given weight
@@ -161,6 +164,9 @@ class FlatOrthogonal(nn.Module):
         self.lowrank = choose_lowrank(self.k, self.n_big, method) if lowrank is None else bool(lowrank)
         self.square_direct = self.out == self.n
         self.register_buffer("base", torch.zeros(self.n_big, self.k))
+        # which map made W from A, saved with the state (orthofx.treatments.ow_state): the same
+        # generator gives another weight under the other map
+        self.register_buffer("map_id", torch.tensor(MAP_IDS[str(method)], dtype=torch.uint8))
         if generator == "normalized":
             self.register_buffer("_v", torch.zeros(self.n_big))
         self._warned = False
@@ -275,50 +281,3 @@ class FlatOrthogonal(nn.Module):
 def _skew_mv(a: Tensor, Y0: Tensor, v: Tensor) -> Tensor:
     """``S v`` with ``S = a Y₀ᵀ − Y₀ aᵀ`` (n'×n', never formed): ``a(Y₀ᵀv) − Y₀(aᵀv)``, O(n'k)."""
     return a @ (Y0.mT @ v) - Y0 @ (a.mT @ v)
-
-
-
-def install_state_migration(plist: nn.Module) -> None:
-    """Let ``plist`` (the ``ParametrizationList`` of a square :class:`FlatOrthogonal`) load state
-    saved before the square layout: its state-dict version becomes 2 (torch's default is 1,
-    what earlier orthofx wrote) and a ``load_state_dict`` pre-hook
-    (:func:`_migrate_square_state`) converts version-1 state."""
-    p = plist[0] if len(plist) else None  # type: ignore[arg-type]
-    if isinstance(p, FlatOrthogonal) and p.square_direct:
-        plist._version = SQUARE_LAYOUT_VERSION
-        plist.register_load_state_dict_pre_hook(_migrate_square_state)
-
-
-#: state-dict version of the ``ParametrizationList`` of a square FlatOrthogonal whose
-#: ``original`` holds ``B`` (``W = Y₀ f(B − Bᵀ)``); version 1 held the tall ``a``
-SQUARE_LAYOUT_VERSION = 2
-
-
-def _migrate_square_state(plist: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
-                          *_: object) -> None:
-    """``load_state_dict`` pre-hook: state of a square FlatOrthogonal saved at version 1
-    (``original`` held the tall ``a``, ``W = exp(aY₀ᵀ − Y₀aᵀ)Y₀``) is converted to the square
-    layout, ``B = Y₀ᵀa`` (and the normalised generator's power vector ``v ← Y₀ᵀv``), computed in
-    float64 from the saved ``base``, so the loaded module computes the same ``W``. A state dict
-    without version metadata (built by hand) is taken as current. Warns once per load."""
-    p = plist[0]  # type: ignore[index]
-    version = local_metadata.get("version")
-    key_a, key_y, key_v = prefix + "original", prefix + "0.base", prefix + "0._v"
-    if version is None or version >= SQUARE_LAYOUT_VERSION or key_a not in state_dict or key_y not in state_dict:
-        return
-    A, Y0 = state_dict[key_a], state_dict[key_y]
-    if tuple(A.shape) != tuple(p.shape) or tuple(Y0.shape) != (p.n_big, p.k):
-        return  # load_state_dict reports the mismatch itself
-    with torch.no_grad():
-        Yd = Y0.to(torch.float64)
-        state_dict[key_a] = p._from_tall(Yd.mT @ p._to_tall(A.to(torch.float64))).to(A.dtype)
-        if p.generator == "normalized" and key_v in state_dict:
-            state_dict[key_v] = (Yd.mT @ state_dict[key_v].to(torch.float64)).to(state_dict[key_v].dtype)
-    warnings.warn(
-        f"OW {prefix}0 ({p.extra_repr()}): converted a generator saved before the square layout "
-        "(state version 1, W = exp(aY₀ᵀ − Y₀aᵀ)Y₀) to the current one (B = Y₀ᵀa, "
-        "W = Y₀ exp(B − Bᵀ)); the weight is unchanged. Optimizer state kept for this generator "
-        "(momentum, Adam moments) is in the old coordinates and is not converted",
-        UserWarning,
-        stacklevel=2,
-    )

@@ -35,7 +35,8 @@ from orthofx.errors import ConfigError, TreatmentError
 from orthofx.linalg._checks import no_autocast
 from orthofx.treatments._common import check_weight, compute_dtype
 from orthofx.treatments.serialize import make_picklable
-from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal, install_state_migration
+from orthofx.treatments.flat_ow import OW_GENERATOR_KINDS, FlatOrthogonal
+from orthofx.treatments.ow_state import install_state_migration
 from orthofx.treatments.soc import (  # noqa: F401  (re-exported)
     SOC_EVAL_TERMS,
     SOC_NOT_BAKEABLE,
