@@ -54,7 +54,7 @@ class WeightSpec:
     """The weight treatment of a config: at most one of OW, SN, OL, with its parameters.
 
     Attributes:
-        kind: ``None``, ``"ow"`` (orthogonal weight W = exp(A − Aᵀ) on the flattened
+        kind: ``None``, ``"ow"`` (orthogonal weight W = f(A − Aᵀ) on the flattened
             (out, in·k·k) weight), ``"sn"`` (W / σ_max(W)) or ``"ol"`` (loss ‖WWᵀ − I‖_F).
             Its flat name (``OrthoConfig(weight=...)``, ``cfg.weight``) is ``weight``.
         ow_method: ``"cayley"`` (the default, :data:`orthofx.vocab.DEFAULT_OW_METHOD`:

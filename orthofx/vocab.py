@@ -221,7 +221,7 @@ ROLES_AFTER_COV: frozenset[Role] = frozenset({
 class WeightTreatment(_StrEnum):
     """The weight treatment of a config (at most one per model)."""
 
-    OW = "ow"    # orthogonal weight W = exp(A − Aᵀ) (or Cayley / SOC)
+    OW = "ow"    # orthogonal weight W = f(A − Aᵀ): Cayley (default), exp (the paper's) or SOC
     SN = "sn"    # spectral norm W / σ_max(W)
     OL = "ol"    # orthogonality loss λ‖WWᵀ − I‖_F
 
@@ -274,7 +274,7 @@ class OWTarget(_StrEnum):
     """What NOG/OLR act on when OW re-parametrizes a producer weight."""
 
     WEIGHT = "weight"        # the orthogonal weight W the layer uses
-    GENERATOR = "generator"  # the trained parameter A of W = exp(A − Aᵀ)
+    GENERATOR = "generator"  # the trained parameter A of W = f(A − Aᵀ)
 
 
 OW_TARGETS: tuple[str, ...] = _values(OWTarget)

@@ -1,6 +1,6 @@
 """Statistics of the Pre-SVD (producer) weights, as the treatments see them.
 
-For a producer weight W (``getattr(module, attr)``: the effective weight, e.g. ``exp(A − Aᵀ)``
+For a producer weight W (``getattr(module, attr)``: the effective weight, e.g. ``f(A − Aᵀ)``
 under OW, ``W/σ_max`` under SN) flattened to ``(out, in·k·k)``, with float64 singular values
 ``σ_1 ≥ … ≥ σ_p`` (``p = min(out, in·k·k)``):
 
