@@ -5,9 +5,9 @@
 
 The per-row statistics (paired Δ, 95 % CI, MDE, verdicts) are the ones ``orthofx study --report``
 computed; this script adds one thing the per-row verdicts cannot see: the multiplicity of the
-family. 14 rows × 2 experiments = 28 paired t-tests per metric; with α = 0.05 about one "detected"
+family. 15 rows × 2 experiments = 30 paired t-tests per metric; with α = 0.05 about one "detected"
 difference is expected by chance alone. The Holm–Bonferroni step-down adjustment (family-wise
-error ≤ 0.05 over the 28 tests of a metric) gives the column ``Holm p``; a verdict that holds
+error ≤ 0.05 over the 30 tests of a metric) gives the column ``Holm p``; a verdict that holds
 only before the adjustment is marked "(not after Holm)".
 """
 
@@ -50,6 +50,8 @@ def _ci(cmp: dict) -> str:
 def _verdict(cmp: dict, p_holm: float) -> str:
     v = cmp["verdict"]
     short = v.split(" (effects")[0]
+    if short.startswith("equal in every pair"):
+        return short
     if short.startswith("no difference"):
         return f"none detected (MDE {cmp['mde']:.2f})"
     if not math.isnan(p_holm) and p_holm >= 0.05:
@@ -91,7 +93,41 @@ def render(results: dict) -> str:
                 f"| {kap} | {_ci(k)} | {h_kap[key]:.3f} | {_verdict(k, h_kap[key])} |"
             )
         out.append("")
+    out += _contrast_tables(analysis)
     return "\n".join(out)
+
+
+def _contrast_tables(analysis: dict) -> list[str]:
+    """The planned contrasts between rows (``orthofx.experiment.study_plan.CONTRASTS``), with
+    Holm over their own family (contrasts × experiments per metric)."""
+    p_err, p_kap = {}, {}
+    for exp, block in analysis.items():
+        for c in block.get("contrasts", []):
+            key = (exp, f"{c['row']} − {c['reference']}")
+            p_err[key], p_kap[key] = paired_p_value(c["error"]["diffs"]), paired_p_value(c["kappa"]["diffs"])
+    if not p_err:
+        return []
+    h_err, h_kap = holm(p_err), holm(p_kap)
+    out = ["### Planned contrasts between rows", "",
+           f"Δ = row − reference per seed (paired), the same statistics as above; Holm over the {len(p_err)} contrasts "
+           "of a metric (its own family, separate from the comparisons with SVD).", ""]
+    for exp, block in analysis.items():
+        if not block.get("contrasts"):
+            continue
+        out += [f"**{exp.upper()}**", "",
+                "| row − reference | question | n | Δ error [95 % CI] | Holm p | verdict (error) "
+                "| Δ log10 κ [95 % CI] | Holm p | verdict (κ) |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in block["contrasts"]:
+            key = (exp, f"{c['row']} − {c['reference']}")
+            e, k = c["error"], c["kappa"]
+            out.append(f"| {key[1]} | {c['question']} | {e['n']} | {_ci(e)} | {_p(h_err[key])} | {_verdict(e, h_err[key])} "
+                       f"| {_ci(k)} | {_p(h_kap[key])} | {_verdict(k, h_kap[key])} |")
+        out.append("")
+    return out
+
+
+def _p(p: float) -> str:
+    return "—" if math.isnan(p) else f"{p:.3f}"
 
 
 def main() -> None:

@@ -320,3 +320,39 @@ def test_a_row_using_ow_must_name_its_map(tmp_path, monkeypatch):
     assert sp.config_hash("dbn", pinned, cfg, 10, False) == sp.config_hash("dbn", implicit, cfg, 10, False)
     cay = DemoRow("X", "ow", ortho=(("ow_method", "cayley"),))
     assert sp.config_hash("dbn", cay, cfg, 10, False) != sp.config_hash("dbn", pinned, cfg, 10, False)
+
+
+def test_planned_contrasts_pair_rows_with_their_reference():
+    """Each planned contrast is the paired difference row − reference over the seeds both
+    finished; a contrast whose rows have not run is left out; identical values (κ logged to 5
+    digits, the same in every pair) read "equal in every pair", not "no difference detected"."""
+    import orthofx.experiment.study_plan as sp
+
+    assert all(r in {x.label for x in sp.STUDY_ROWS} and ref in {x.label for x in sp.STUDY_ROWS}
+               for r, ref, _ in sp.CONTRASTS)
+    runs = [_rec("SVD", k, 12.0, 1e4) for k in range(4)]
+    runs += [_rec("OW(expm)", k, 13.0 + 0.1 * k, 1e3) for k in range(4)]
+    runs += [_rec("OW(cayley)", k, 12.5 + 0.1 * k + 0.01 * (k % 2), 1e3) for k in range(3)]
+    a = st.analyze(runs)["dbn"]
+    (c,) = a["contrasts"]  # OW(cayley) − OW(expm); the other contrasts have no runs
+    assert (c["row"], c["reference"]) == ("OW(cayley)", "OW(expm)")
+    assert c["error"]["n"] == 3 and c["error"]["diffs"] == pytest.approx([-0.5, -0.49, -0.5])
+    assert c["error"]["verdict"] == "better than OW(expm)"
+    assert c["kappa"]["verdict"] == "equal in every pair (to the precision logged)"
+    md = st.format_results_md({"dbn": a}, {})
+    assert "| OW(cayley) − OW(expm) | the flat map alone" in md and "better than OW(expm)" in md
+    assert st.verdict(4, 0.0, 0.0, 0.0) == "equal in every pair (to the precision logged)"
+
+
+def test_docs_study_tables_render_the_contrasts_with_their_own_holm_family():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "study_tables.py"
+    spec = importlib.util.spec_from_file_location("study_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    text = mod.render(json.loads((path.parent / "results" / "study" / "results.json").read_text()))
+    assert "### Planned contrasts between rows" in text and "Holm over the 16 contrasts" in text
+    assert "| NOG+OW(cayley, A) − NOG+OW(expm, A) | the flat map under NOG | 6 | -1.30 [-1.63, -0.97]" in text
+    page = (path.parent / "results.md").read_text()
+    assert text.strip() in page  # the page holds what the script renders now

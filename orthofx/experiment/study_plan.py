@@ -46,7 +46,7 @@ from orthofx.experiment.catalog import EXPERIMENTS, DemoRow
 from orthofx.experiment.train import ExperimentConfig, _jsonable
 
 __all__ = [
-    "SCHEMA", "STUDY_ROWS", "BASELINE", "ROW_COSTS", "SCHEDULES", "Profile", "PROFILES", "RunSpec", "config_hash",
+    "SCHEMA", "STUDY_ROWS", "CONTRASTS", "BASELINE", "ROW_COSTS", "SCHEDULES", "Profile", "PROFILES", "RunSpec", "config_hash",
     "row_slug", "plan_study", "needs_run",
 ]
 
@@ -75,6 +75,19 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("NOG+OW(cayley, A)", "nog+ow", ortho=(_CAYLEY, ("ow_target", "generator"))),
     DemoRow("NOG+OW+OLR(cayley, A)", "nog+ow+olr", ortho=(_CAYLEY, ("ow_target", "generator"))),
     DemoRow("NOG(‖G‖)", "nog", ortho=(("nog_scale", "frobenius"),)),
+)
+
+#: planned paired contrasts between rows (row, reference, what the contrast asks), reported by
+#: ``orthofx study --report`` beside the comparisons with SVD: Δ = row − reference per seed
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("OW(cayley)", "OW(expm)", "the flat map alone: Cayley against the exponential"),
+    ("OW(soc)", "OW(expm)", "OW alone: the authors' SOC against the flat exponential"),
+    ("NOG+OW(cayley, A)", "NOG+OW(expm, A)", "the flat map under NOG"),
+    ("NOG+OW(expm, W)", "NOG+OW(expm, A)", "NOG's target under the exponential: the weight against the generator"),
+    ("NOG+OW+OLR(cayley, A)", "NOG+OW(cayley, A)", "OLR's share with the Cayley map"),
+    ("NOG+OW+OLR(soc)", "NOG+OW(soc)", "OLR's share with SOC"),
+    ("NOG+OW+OLR(cayley, A)", "NOG+OW+OLR(soc)", "the paper's best row: the flat Cayley map against the authors' SOC"),
+    ("NOG(‖G‖)", "NOG", "NOG's step: the gradient's norm kept against unit singular values"),
 )
 
 #: wall time of a row relative to the experiment's SVD row (measured on this machine, one thread;

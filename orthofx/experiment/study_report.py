@@ -1,5 +1,5 @@
-"""``results.md`` of ``orthofx study``: its settings, then one table per experiment of every row
-against SVD (:func:`format_results_md`)."""
+"""``results.md`` of ``orthofx study``: its settings, then per experiment one table of every row
+against SVD and one of the planned contrasts between rows (:func:`format_results_md`)."""
 
 from __future__ import annotations
 
@@ -58,4 +58,23 @@ def format_results_md(analysis: Mapping[str, Any], settings: Mapping[str, Any]) 
                 notes.append(f"- {r['label']}: {vs['n'] - r['same_init_pairs']} of {vs['n']} pairs started from "
                              "different initial weights than SVD (different architecture)")
         lines += [""] + (["Notes:", ""] + notes + [""] if notes else [])
+        lines += _contrast_lines(a.get("contrasts", []))
     return "\n".join(lines) + "\n"
+
+
+def _ci(c: Mapping[str, Any]) -> str:
+    return f"{_f(c['mean'], sign=True)} [{_f(c['ci_low'], sign=True)}, {_f(c['ci_high'], sign=True)}]"
+
+
+def _contrast_lines(contrasts: Any) -> list[str]:
+    """The planned contrasts of one experiment: row − reference per seed, error and log10 κ."""
+    if not contrasts:
+        return []
+    lines = ["Planned contrasts (Δ = row − reference per seed, paired):", "",
+             "| row − reference | question | n | Δ error [95 % CI] | MDE | verdict (error) "
+             "| Δ log10 κ [95 % CI] | verdict (κ) |", "|" + "---|" * 8]
+    for c in contrasts:
+        e, k = c["error"], c["kappa"]
+        lines.append(f"| {c['row']} − {c['reference']} | {c['question']} | {e['n']} | {_ci(e)} | {_f(e['mde'])} "
+                     f"| {e['verdict']} | {_ci(k)} | {k['verdict']} |")
+    return lines + [""]

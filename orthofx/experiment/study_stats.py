@@ -17,7 +17,7 @@ import statistics
 from typing import Any, Mapping, Sequence
 
 from orthofx.experiment.catalog import KAPPA_FIELDS
-from orthofx.experiment.study_plan import BASELINE, STUDY_ROWS
+from orthofx.experiment.study_plan import BASELINE, CONTRASTS, STUDY_ROWS
 
 __all__ = ["final_kappa", "t_quantile", "paired_p_value", "verdict", "paired_comparison", "analyze"]
 
@@ -98,9 +98,12 @@ def t_quantile(p: float, df: int) -> float:
 def verdict(n: int, ci_low: float, ci_high: float, mde: float, *, better: str = "better than SVD",
             worse: str = "worse than SVD", digits: int = 2) -> str:
     """Wording for a paired difference (row − SVD, lower is better): ``better``/``worse`` only
-    when the 95 % CI excludes 0; "too few seeds" below 3 pairs; else no difference detected."""
+    when the 95 % CI excludes 0; "too few seeds" below 3 pairs; "equal in every pair" when every
+    difference is 0; else no difference detected."""
     if n < 3:
         return f"too few seeds ({n} pair{'s' if n != 1 else ''} < 3)"
+    if ci_low == ci_high == 0.0:
+        return "equal in every pair (to the precision logged)"
     if ci_high < 0:
         return better
     if ci_low > 0:
@@ -152,11 +155,14 @@ def _log10(x: Any) -> float:
     return math.log10(v) if v > 0 and math.isfinite(v) else math.nan
 
 
-def analyze(runs: Sequence[Mapping[str, Any]], baseline: str = BASELINE) -> dict[str, Any]:
+def analyze(runs: Sequence[Mapping[str, Any]], baseline: str = BASELINE,
+            contrasts_of: Sequence[tuple[str, str, str]] = CONTRASTS) -> dict[str, Any]:
     """Per experiment and row: test error mean ± SD over the finished seeds and the paired
     comparison with ``baseline`` (:func:`paired_comparison`), the same for log10 of the final
     κ_range (lower = better conditioned), failures with their first error line, non-finite steps,
-    solver exceptions, and whether the paired seeds shared the initial weights. Pure."""
+    solver exceptions, and whether the paired seeds shared the initial weights; and per
+    experiment the planned contrasts ``contrasts_of`` (row, reference, question) whose two rows
+    have finished runs, each a paired comparison of the row with its reference. Pure."""
     order = {r.label: i for i, r in enumerate(STUDY_ROWS)}
     result: dict[str, Any] = {}
     for exp in sorted({r["experiment"] for r in runs}):
@@ -191,5 +197,14 @@ def analyze(runs: Sequence[Mapping[str, Any]], baseline: str = BASELINE) -> dict
                 entry["same_init_pairs"] = sum(
                     1 for s in pairs if digest.get((label, s)) and digest.get((label, s)) == digest.get((baseline, s)))
             rows.append(entry)
-        result[exp] = {"rows": rows, "runs_ok": len(ok), "runs_failed": len(rs) - len(ok)}
+        labels = {r["label"] for r in ok}
+        contrasts = [
+            {"row": row, "reference": ref, "question": q,
+             "error": paired_comparison(err(row), err(ref), better=f"better than {ref}", worse=f"worse than {ref}"),
+             "kappa": paired_comparison(kap(row), kap(ref), better=f"better conditioned than {ref}",
+                                        worse=f"worse conditioned than {ref}")}
+            for row, ref, q in contrasts_of
+            if row in labels and ref in labels
+        ]
+        result[exp] = {"rows": rows, "contrasts": contrasts, "runs_ok": len(ok), "runs_failed": len(rs) - len(ok)}
     return result
