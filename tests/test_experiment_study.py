@@ -114,7 +114,7 @@ def test_final_kappa_tail_median_and_smallest_rank():
 # ---------------------------------------------------------------------------- plan, resume, atomic
 def test_rows_slugs_unique_and_plan_is_seed_major_longest_first(tmp_path):
     slugs = [st.row_slug(r.label) for r in st.STUDY_ROWS]
-    assert len(set(slugs)) == len(st.STUDY_ROWS) == 16 and st.row_slug("NOG+OW(expm, A)") == "nog-ow-expm-a"
+    assert len(set(slugs)) == len(st.STUDY_ROWS) == 17 and st.row_slug("NOG+OW(expm, A)") == "nog-ow-expm-a"
     specs = st.plan_study(tmp_path, seeds=3)
     assert len(specs) == len(st.STUDY_ROWS) * 2 * 3
     assert [s.seed for s in specs] == sorted(s.seed for s in specs)
@@ -352,7 +352,7 @@ def test_docs_study_tables_render_the_contrasts_with_their_own_holm_family():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     text = mod.render(json.loads((path.parent / "results" / "study" / "results.json").read_text()))
-    assert "### Planned contrasts between rows" in text and "Holm over the 16 contrasts" in text
+    assert "### Planned contrasts between rows" in text and "Holm over the 18 contrasts" in text
     assert "| NOG+OW(cayley, A) − NOG+OW(expm, A) | the flat map under NOG | 6 | -1.30 [-1.63, -0.97]" in text
     page = (path.parent / "results.md").read_text()
     assert text.strip() in page  # the page holds what the script renders now

@@ -24,7 +24,7 @@ CPU profile (``--profile cpu``, the default; one single-threaded worker per core
 * treated rows cost 1–2.3× SVD (:data:`ROW_COSTS`), except the three SOC rows on DBN: ≈ 3×
   (SOC applies its Taylor series of 3×3 convolutions 64→64 to the zero-padded, 2×-downsampled
   stem input; 5.8× before the stride kernel became ⌈k/s⌉).
-* whole study (16 rows × 2 experiments × 6 seeds = 192 runs) on 2 workers: ≈ 1.8 h on idle
+* whole study (17 rows × 2 experiments × 6 seeds = 204 runs) on 2 workers: ≈ 1.9 h on idle
   cores, ≈ 3–4 h when the cores are shared (the start-up line prints the estimate).
 
 GPU profile (``--profile gpu``; ``benchmarks/gpu_study.sh``): the same meta-layers in larger
@@ -74,6 +74,7 @@ STUDY_ROWS: tuple[DemoRow, ...] = (
     DemoRow("NOG+OW(expm, W)", "nog+ow", ortho=(_EXPM, ("ow_target", "weight"))),
     DemoRow("NOG+OW(cayley, A)", "nog+ow", ortho=(_CAYLEY, ("ow_target", "generator"))),
     DemoRow("NOG+OW+OLR(cayley, A)", "nog+ow+olr", ortho=(_CAYLEY, ("ow_target", "generator"))),
+    DemoRow("NOG+OW(cayley, W)", "nog+ow", ortho=(_CAYLEY, ("ow_target", "weight"))),
     DemoRow("NOG(‖G‖)", "nog", ortho=(("nog_scale", "frobenius"),)),
 )
 
@@ -84,6 +85,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("OW(soc)", "OW(expm)", "OW alone: the authors' SOC against the flat exponential"),
     ("NOG+OW(cayley, A)", "NOG+OW(expm, A)", "the flat map under NOG"),
     ("NOG+OW(expm, W)", "NOG+OW(expm, A)", "NOG's target under the exponential: the weight against the generator"),
+    ("NOG+OW(cayley, W)", "NOG+OW(cayley, A)", "NOG's target under the Cayley map: the weight against the generator"),
     ("NOG+OW+OLR(cayley, A)", "NOG+OW(cayley, A)", "OLR's share with the Cayley map"),
     ("NOG+OW+OLR(soc)", "NOG+OW(soc)", "OLR's share with SOC"),
     ("NOG+OW+OLR(cayley, A)", "NOG+OW+OLR(soc)", "the paper's best row: the flat Cayley map against the authors' SOC"),
@@ -94,7 +96,8 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
 #: absent = 1.0), for the estimate and to run the longest rows of a seed first
 ROW_COSTS: dict[str, dict[str, float]] = {
     "dbn": {"OW(expm)": 1.2, "OW(cayley)": 1.2, "OW(soc)": 3.0, "NOG+OW(soc)": 3.0, "NOG+OW+OLR(soc)": 3.1, "NOG+OW(expm, A)": 1.3,
-            "NOG+OW(expm, W)": 2.05, "NOG+OW(cayley, A)": 1.3, "NOG+OW+OLR(cayley, A)": 1.35},
+            "NOG+OW(expm, W)": 2.05, "NOG+OW(cayley, A)": 1.3, "NOG+OW+OLR(cayley, A)": 1.35,
+            "NOG+OW(cayley, W)": 1.6},
     "gcp": {"OW(expm)": 1.0, "OW(cayley)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
             "NOG+OW(expm, W)": 1.16},
 }
