@@ -356,3 +356,21 @@ def test_docs_study_tables_render_the_contrasts_with_their_own_holm_family():
     assert "| NOG+OW(cayley, A) − NOG+OW(expm, A) | the flat map under NOG | 6 | -1.30 [-1.63, -0.97]" in text
     page = (path.parent / "results.md").read_text()
     assert text.strip() in page  # the page holds what the script renders now
+
+
+def test_where_the_data_lives_does_not_change_a_runs_hash(tmp_path):
+    """``--data DIR`` names a folder, not a dataset: a study resumed with another data folder
+    (or the default one) skips the runs it has."""
+    a = st.plan_study(tmp_path, rows=["SVD"], seeds=1, experiments=["gcp"])
+    b = st.plan_study(tmp_path, rows=["SVD"], seeds=1, experiments=["gcp"], data_dir="/usr/share/datasets/fashion-mnist")
+    assert a[0].config.data_dir is None and b[0].config.data_dir is not None
+    assert a[0].hash == b[0].hash
+    c = st.plan_study(tmp_path, rows=["SVD"], seeds=1, experiments=["gcp"], dataset="synthetic")
+    assert c[0].hash != a[0].hash
+    # an image folder *is* its data: there the folder stays in the hash
+    import dataclasses
+
+    spec = a[0]
+    f1 = dataclasses.replace(spec.config, dataset="imagefolder", data_dir="/data/one")
+    f2 = dataclasses.replace(spec.config, dataset="imagefolder", data_dir="/data/two")
+    assert st.config_hash("gcp", spec.row, f1, 10, False) != st.config_hash("gcp", spec.row, f2, 10, False)

@@ -99,7 +99,7 @@ ROW_COSTS: dict[str, dict[str, float]] = {
             "NOG+OW(expm, W)": 2.05, "NOG+OW(cayley, A)": 1.3, "NOG+OW+OLR(cayley, A)": 1.35,
             "NOG+OW(cayley, W)": 1.6},
     "gcp": {"OW(expm)": 1.0, "OW(cayley)": 1.0, "OW(soc)": 2.1, "NOG+OW(soc)": 2.2, "NOG+OW+OLR(soc)": 2.3, "NOG+OW(expm, A)": 1.1,
-            "NOG+OW(expm, W)": 1.16},
+            "NOG+OW(expm, W)": 1.16, "NOG+OW(cayley, A)": 1.1, "NOG+OW+OLR(cayley, A)": 1.15, "NOG+OW(cayley, W)": 1.15},
 }
 
 #: lr schedule per experiment: (chunks of the run, chunks after which lr ÷ 10) — see module doc
@@ -190,10 +190,14 @@ def _check_pinned(row: DemoRow) -> None:
 
 def config_hash(experiment: str, row: DemoRow, cfg: ExperimentConfig, log_every: int, smoke: bool) -> str:
     """16 hex digits of SHA-256 over everything that determines a run's result (the row, the
-    full :class:`ExperimentConfig` except its output directory/progress/name, the log cadence)."""
+    full :class:`ExperimentConfig` except its output directory/progress/name and the folder of a
+    named dataset, the log cadence), less the overrides that were implicit when the runs on disk
+    were hashed (:data:`_IMPLICIT_WHEN_HASHED`)."""
     c = cfg.to_dict()
     for k in ("out", "progress", "name"):
         c.pop(k, None)
+    if c.get("dataset") != "imagefolder":  # a named dataset: its folder is not part of the result
+        c["data_dir"] = None
     ortho = _hashed_overrides(row.ortho)
     if isinstance(c.get("ortho"), Mapping):
         c["ortho"] = _hashed_overrides(c["ortho"].items())
