@@ -125,3 +125,32 @@ def test_a_model_trained_with_the_exponential_is_not_loaded_into_the_new_default
     same, _ = orthofx.transform(WhiteningHead(), (x,), config=cfg)
     same.load_state_dict(sd)
     torch.testing.assert_close(same(x), gm(x), atol=1e-6, rtol=0)
+
+
+def test_a_module_pickled_with_the_hook_under_its_first_name_still_loads_version1_state() -> None:
+    """``torch.save(model)`` pickles load-state hooks by name; a square OW module saved while the
+    version-1 hook lived in ``flat_ow`` must unpickle and still convert version-1 state."""
+    from torch.nn.utils import parametrize
+
+    from orthofx.treatments import flat_ow
+
+    m = _trained("expm", (6, 6))
+    plist = m.parametrizations.weight
+    plist._load_state_dict_pre_hooks.clear()
+    plist._version = 2
+    plist.register_load_state_dict_pre_hook(flat_ow._migrate_square_state)  # as pickled then
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert parametrize.is_parametrized(back, "weight")
+    p = back.parametrizations.weight[0]
+    a = 0.1 * torch.randn(6, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    state = back.state_dict()
+    state["parametrizations.weight.original"] = a
+    state._metadata["parametrizations.weight"]["version"] = 1  # type: ignore[attr-defined]
+    Y0 = p.base
+    W_old = torch.linalg.matrix_exp(a @ Y0.T - Y0 @ a.T) @ Y0
+    with pytest.warns(UserWarning, match="square layout"):
+        back.load_state_dict(state)
+    torch.testing.assert_close(back.weight, W_old, atol=1e-10, rtol=0)

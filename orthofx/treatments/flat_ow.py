@@ -281,3 +281,11 @@ class FlatOrthogonal(nn.Module):
 def _skew_mv(a: Tensor, Y0: Tensor, v: Tensor) -> Tensor:
     """``S v`` with ``S = a Y₀ᵀ − Y₀ aᵀ`` (n'×n', never formed): ``a(Y₀ᵀv) − Y₀(aᵀv)``, O(n'k)."""
     return a @ (Y0.mT @ v) - Y0 @ (a.mT @ v)
+
+
+def _migrate_square_state(*args: object, **kwargs: object) -> None:
+    """The version-1 migration hook under its first home: modules pickled whole (``torch.save(model)``)
+    between the square layout and :mod:`orthofx.treatments.ow_state` hold their hook by this name."""
+    from orthofx.treatments.ow_state import _migrate_square_state as hook
+
+    hook(*args, **kwargs)  # type: ignore[arg-type]
