@@ -355,18 +355,17 @@ _FLOAT64_HOLDS = (torch.float32, torch.float16, torch.bfloat16)
 def _eta_rows(pairs: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
     """η* of each (w, l) pair (same numel and device), dot products in ``dtype``: (len(pairs),).
 
-    Where ``dtype`` is float64 and the entries are float32/float16/bfloat16 the pairs are copied
-    straight into one float64 (P, 2, N) block (one pass each) and need no scaling
+    Where ``dtype`` is float64 and the entries are float32/float16/bfloat16 the pairs are stacked
+    straight into one float64 (P, 2, N) block (one kernel, cast on write) and need no scaling
     (:data:`_FLOAT64_HOLDS`); otherwise :func:`_eta_scaled` divides by max|·| first."""
     src = pairs[0][0].dtype
     for w, l in pairs:
         src = torch.promote_types(torch.promote_types(src, w.dtype), l.dtype)
     if dtype == torch.float64 and src in _FLOAT64_HOLDS:
         w0 = pairs[0][0]
-        X = torch.empty(len(pairs), 2, w0.numel(), dtype=dtype, device=w0.device)
-        for j, (w, l) in enumerate(pairs):
-            X[j, 0].copy_(w.reshape(-1))
-            X[j, 1].copy_(l.reshape(-1))
+        X = torch.empty(2 * len(pairs), w0.numel(), dtype=dtype, device=w0.device)
+        torch.stack([t.reshape(-1) for pair in pairs for t in pair], out=X)  # one kernel, cast on write
+        X = X.reshape(len(pairs), 2, -1)
         gram = X @ X.mT
         return _eta_from_dots(gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1])
     X = torch.stack([t.reshape(-1) for pair in pairs for t in pair]).reshape(len(pairs), 2, -1)
