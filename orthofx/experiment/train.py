@@ -9,6 +9,7 @@ checkpoint, and runs unchanged under ``torchrun`` (DDP; gloo on CPU, nccl on GPU
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -111,8 +112,9 @@ def run(cfg: ExperimentConfig, *, log: Any = print, observer: Any = None) -> dic
     entry), e.g. :class:`orthofx.experiment.study.StepLogger`. None (default) changes nothing.
 
     Under torchrun, a process group that ``run`` created is torn down before it returns (a
-    barrier, then ``destroy_process_group``): a gloo group left to interpreter exit can abort a
-    rank ("terminate called without an active exception")."""
+    barrier, then a garbage collection and ``destroy_process_group``): a gloo group, or gloo work
+    held by cyclic garbage, left to interpreter exit can abort a rank ("terminate called without
+    an active exception")."""
     device_kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     owned = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     d = _init_distributed(device_kind)
@@ -123,6 +125,10 @@ def run(cfg: ExperimentConfig, *, log: Any = print, observer: Any = None) -> dic
         return results
     finally:
         if owned and dist.is_initialized():
+            # the training objects (DDP's reducer, optimizer hooks) sit in reference cycles; freed
+            # at interpreter exit, gloo work they hold can abort the rank (SIGABRT while acquiring
+            # the GIL of a finalising interpreter), so free them while it is alive
+            gc.collect()
             dist.destroy_process_group()
 
 
