@@ -50,7 +50,8 @@ from torch import Tensor
 from orthofx.linalg.expm import _NORMAL_THETAS, _taylor, expm_plan, norm1, table_dtype, taylor_matmuls
 from orthofx.linalg.stats import solver_stats
 
-__all__ = ["antisym", "skew_square", "expm_skew_host", "skew_plan", "skew_rho_bounds", "refine_rho_bound"]
+__all__ = ["antisym", "skew_square", "expm_skew_host", "skew_plan", "skew_rho_bounds", "refine_rho_bound",
+           "identity_plus_apply"]
 
 
 class _Antisym(torch.autograd.Function):
@@ -122,6 +123,14 @@ def _norm_pairs(x: Tensor) -> list[list[float]]:
     """``[[‖x_i‖_F, ‖x_i‖₁], ...]`` per matrix of (..., n, n) as host floats (one host read)."""
     x = x.detach().reshape(-1, x.shape[-2], x.shape[-1])
     return torch.stack([torch.linalg.matrix_norm(x), norm1(x)], dim=-1).tolist()
+
+
+def identity_plus_apply(Y: Tensor, N: Tensor, right: bool) -> Tensor:
+    """``Y·(I + N)`` (``right``) or ``(I + N)·Y`` without forming ``I + N``: one fused ``addmm``
+    for matrices, broadcasting products for batches."""
+    if N.dim() == 2 and Y.dim() == 2:
+        return torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)
+    return Y + Y @ N if right else Y + N @ Y
 
 
 def _power_floor(S2: Tensor) -> float:

@@ -42,8 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orthofx.linalg.skew_expm import _power_floor, antisym, expm_skew_host, refine_rho_bound, skew_plan
 from orthofx.linalg.expm import table_dtype
+from orthofx.linalg.skew_expm import (
+    _power_floor, antisym, expm_skew_host, identity_plus_apply, refine_rho_bound, skew_plan,
+)
 from orthofx.linalg.skew_pade import PADE_THETAS, pade_plan, skew_pade_apply
 
 __all__ = ["expm_skew_apply_host", "FUSED_DEGREES"]
@@ -69,7 +71,7 @@ class _ExpSkewApply(torch.autograd.Function):
         N, U = _poly(S, S2, m)
         ctx.m, ctx.right = m, right
         ctx.save_for_backward(P, Y, S, S2, U, N)
-        return torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)
+        return identity_plus_apply(Y, N, right)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
@@ -91,7 +93,7 @@ class _ExpSkewApply(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             gY = None
         else:  # left: (I + N)ᵀ·Ḡ;  right: Ḡ·(I + N)ᵀ
-            gY = torch.addmm(g, g, N.mT) if right else torch.addmm(g, N.mT, g)
+            gY = identity_plus_apply(g, N.mT, right)
         return gP, gY, None, None, None, None
 
 
@@ -124,6 +126,4 @@ def expm_skew_apply_host(P: Tensor, Y: Tensor, max_squarings: int = 14, *,
             mp, sp = pade_plan(refine_rho_bound(S2, eta), S2.dtype, max_squarings)
         return skew_pade_apply(antisym(P), S2, Y, mp, sp, right), sp
     N, s = expm_skew_host(antisym(P), max_squarings, S2=S2, plan=(m, s, eta))
-    if N.dim() == 2 and Y.dim() == 2:
-        return (torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)), s
-    return (Y + Y @ N if right else Y + N @ Y), s
+    return identity_plus_apply(Y, N, right), s

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from orthofx.linalg.expm import table_dtype
-from orthofx.linalg.skew_expm import skew_square
+from orthofx.linalg.skew_expm import identity_plus_apply, skew_square
 
 __all__ = ["PADE_THETAS", "pade_plan", "pade_coefficients", "skew_pade_apply", "pade_columns"]
 
@@ -74,7 +74,7 @@ def pade_plan(eta: float, dtype: torch.dtype, max_squarings: int = 14) -> tuple[
 
 
 def _combine(coef: tuple[float, ...], powers: list[Tensor]) -> Tensor:
-    """``Σ_i coef[i]·powers[i]`` (len(coef) ≤ len(powers), len(coef) ≥ 2) in one pass per term:
+    """``Σ_i coef[i]·powers[i]`` (1 ≤ len(coef) ≤ len(powers)) in one pass per term:
     the scalars ride in ``mul``/``add``'s alpha."""
     out = powers[0] * coef[0]
     for c, p in zip(coef[1:], powers[1:]):
@@ -93,9 +93,9 @@ def _even_odd(S2: Tensor, m: int) -> tuple[Tensor, Tensor]:
 
     def poly(coef: tuple[float, ...]) -> Tensor:  # coef[0]·I + Σ_{i≥1} coef[i]·S^{2i}
         low, high = coef[1:4], coef[4:]
-        out = _combine(low, powers) if len(low) > 1 else powers[0] * low[0]
+        out = _combine(low, powers)
         if high:
-            out = out + powers[2] @ (_combine(high, powers) if len(high) > 1 else powers[0] * high[0])
+            out = out + powers[2] @ _combine(high, powers)
         out.diagonal(dim1=-2, dim2=-1).add_(coef[0])
         return out
 
@@ -122,7 +122,7 @@ def skew_pade_apply(S: Tensor, S2: Tensor, Y: Tensor, m: int, s: int, right: boo
     N = 2.0 * torch.linalg.solve_ex(D, U, check_errors=False)[0]  # r − I
     for _ in range(s):
         N = torch.addmm(N, N, N, beta=2.0)
-    return torch.addmm(Y, Y, N) if right else torch.addmm(Y, N, Y)
+    return identity_plus_apply(Y, N, right)
 
 
 def pade_columns(M: Tensor, M2: Tensor, j: int, m: int, s: int) -> Tensor:

@@ -44,7 +44,7 @@ from orthofx.linalg.expm import (
     _NORMAL_THETAS, EXPM_THETA, _taylor, expm, expm_host, expm_plan, norm1, table_dtype, taylor_matmuls,
 )
 from orthofx.linalg.polar import POLISH_COEFFS
-from orthofx.linalg.skew_expm import antisym, expm_skew_host, refine_rho_bound
+from orthofx.linalg.skew_expm import antisym, expm_skew_host, identity_plus_apply, refine_rho_bound
 from orthofx.linalg.skew_expm_apply import expm_skew_apply_host
 from orthofx.linalg.skew_pade import pade_columns, pade_plan
 from orthofx.linalg.stats import solver_stats
@@ -325,9 +325,7 @@ def _dense_expm_host(P: Tensor, Y0: Tensor, right: bool = False) -> tuple[Tensor
         return Q, s, torch.zeros((), dtype=torch.bool, device=P.device)
     S, over = _saturation(antisym(P), True)
     N, s = expm_skew_host(S, _MAX_SQUARINGS)  # exp(S) − I, skew-aware derivative
-    if N.dim() == 2:
-        return (torch.addmm(Y0, Y0, N) if right else torch.addmm(Y0, N, Y0)), s, over
-    return (Y0 + Y0 @ N if right else Y0 + N @ Y0), s, over
+    return identity_plus_apply(Y0, N, right), s, over
 
 
 #: the square layout's Cayley result ``Y₀·C(S) = 2Y₀(I − S/2)⁻¹ − Y₀`` is polished (host path,
