@@ -240,6 +240,8 @@ def plan_study(
     steps = prof.steps if steps is None else steps
     chosen = list(STUDY_ROWS) if rows is None else [_row_by_name(r) for r in rows]
     chosen = list(dict.fromkeys(chosen))
+    for row in chosen:
+        _check_pinned(row)
     out = Path(out)
     specs: list[RunSpec] = []
     for seed in range(seeds):
@@ -250,7 +252,6 @@ def plan_study(
             per_chunk = math.ceil(steps / chunks)
             bs = prof.batch_size[key]
             for row in chosen:
-                _check_pinned(row)
                 slug = row_slug(row.label)
                 cfg = ExperimentConfig(
                     dataset=dataset, data_dir=data_dir, model=exp.model,

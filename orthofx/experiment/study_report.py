@@ -43,8 +43,7 @@ def format_results_md(analysis: Mapping[str, Any], settings: Mapping[str, Any]) 
             vs, kv = r.get("vs_baseline"), r.get("kappa_vs_baseline")
             err = f"{_f(r['test_error_mean'])} ± {_f(r['test_error_sd'])}"
             if vs:
-                d = f"{_f(vs['mean'], sign=True)} [{_f(vs['ci_low'], sign=True)}, {_f(vs['ci_high'], sign=True)}]"
-                dk = f"{_f(kv['mean'], sign=True)} [{_f(kv['ci_low'], sign=True)}, {_f(kv['ci_high'], sign=True)}]"
+                d, dk = _ci(vs), _ci(kv)
                 n, mde, v, vk = vs["n"], _f(vs["mde"]), vs["verdict"], kv["verdict"]
             else:
                 d = dk = "—"

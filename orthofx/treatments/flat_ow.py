@@ -23,10 +23,10 @@ from orthofx.vocab import DEFAULT_OW_METHOD, OW_GENERATORS, OWGenerator, OWMetho
 
 __all__ = ["FlatOrthogonal", "OW_GENERATOR_KINDS", "POWER_INIT_ITERS", "POWER_EVAL_ITERS", "MAP_IDS"]
 
-#: the methods of :class:`FlatOrthogonal` (matrix maps of the flattened weight)
-_FLAT_METHODS = ("expm", "cayley")
-#: the ``map_id`` buffer's code of each method (0: not recorded, state saved before 2026-12-07)
+#: the methods of :class:`FlatOrthogonal` (matrix maps of the flattened weight) and the code
+#: of each in its ``map_id`` buffer (0: not recorded, state saved before 2026-12-07)
 MAP_IDS: dict[str, int] = {"expm": 1, "cayley": 2}
+_FLAT_METHODS = tuple(MAP_IDS)
 #: the generator kinds of :class:`FlatOrthogonal` (``OrthoConfig.ow_generator``): vocab's one list
 OW_GENERATOR_KINDS = OW_GENERATORS
 #: power iterations at registration (from a random start) and in every eval forward (from the
